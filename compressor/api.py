@@ -1,0 +1,300 @@
+"""The Python API behind the CLI: fetch assets, quantize, evaluate, inspect, verify."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from compressor import __version__
+from compressor.calib.data import calibration_set, evaluation_set
+from compressor.errors import CompressorError
+from compressor.formats import artifact as artifacts
+from compressor.formats import compressed_tensors
+from compressor.formats.manifest import read_manifest
+from compressor.formats.manifest import verify as verify_artifact
+from compressor.methods import METHODS, Method
+from compressor.models import assets
+from compressor.models.adapters import adapter_for_config, count_parameters
+from compressor.models.loading import LoadedModel, build_model, load_model, load_tokenizer, resolve_model_path
+from compressor.pipeline.checkpoint import RunDirectory
+from compressor.pipeline.progress import Progress
+from compressor.pipeline.sequential import SequentialPipeline
+from compressor.safetensors_file import read_header
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ---------------------------------------------------------------- assets
+
+def fetch_assets(names: list[str], progress: Progress | None = None) -> list[dict]:
+    progress = progress or Progress()
+    out = []
+    for name in names or ["smollm2-135m", "wiki"]:
+        path = assets.fetch(name, progress.log)
+        out.append({"name": name, "path": str(path)})
+    return out
+
+
+# ---------------------------------------------------------------- loading
+
+def load(ref: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
+         progress: Progress | None = None) -> LoadedModel:
+    """A checkpoint, GGUF file, reference name or compressor artifact, as a float model."""
+    progress = progress or Progress()
+    path = resolve_model_path(ref, progress.log)
+    if path.is_dir() and artifacts.is_quantized(path):
+        from transformers import AutoConfig
+
+        config_dict, state = artifacts.load_quantized_state(path, dtype)
+        config_dict = {k: v for k, v in config_dict.items() if k not in ("transformers_version",)}
+        model_type = config_dict.pop("model_type", None)
+        config = AutoConfig.for_model(model_type, **config_dict)
+        adapter = adapter_for_config(config)
+        model = build_model(config, state, dtype)
+        manifest = read_manifest(path) if (path / "manifest.json").exists() else {}
+        source = manifest.get("source", {}).get("sha256", "")
+        return LoadedModel(model, load_tokenizer(path), adapter, path, source, str(ref), {"manifest": manifest})
+    return load_model(path, dtype=dtype, allow_pickle=allow_pickle, log=progress.log)
+
+
+def _checkpoint_dtype(config) -> torch.dtype:
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+# ---------------------------------------------------------------- quantize
+
+def make_method(name: str, options: dict[str, Any]) -> Method:
+    cls = METHODS.get(name)
+    try:
+        return cls.from_options(**{k: v for k, v in options.items() if v is not None})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"])
+        raise CompressorError(f"invalid {name} setting {field}: {err['msg']} (got {err.get('input')!r})",
+                              f"see `compress quantize --help` for valid values") from None
+
+
+def _fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def run_directory_for(out: Path) -> Path:
+    return out.with_name(f".{out.name}.run")
+
+
+def quantize(model: str, method: str, out: str | Path, options: dict[str, Any] | None = None, *,
+             calib: str = "wiki", samples: int = 128, seq_len: int = 512, seed: int = 0,
+             text_field: str = "text", chat_template: bool = False, device: str = "cpu", batch_size: int = 8,
+             dtype: torch.dtype = torch.float32, overwrite: bool = False, resume: bool = False,
+             restart: bool = False, allow_pickle: bool = False, progress: Progress | None = None) -> dict:
+    """Quantize a model with a registered method and write a compressed-tensors artifact."""
+    progress = progress or Progress()
+    started = time.perf_counter()
+    out = Path(out)
+    quantizer = make_method(method, options or {})
+    run_path = run_directory_for(out)
+    interrupted = (run_path / "run.json").is_file()
+    if resume and not interrupted:
+        raise CompressorError(f"no interrupted run to resume at {run_path}", "drop --resume to start a new run")
+    if interrupted and not (resume or restart):
+        raise CompressorError(f"an interrupted run of this output exists at {run_path}",
+                              "pass --resume to continue it or --restart to discard it")
+    if not resume:
+        artifacts.check_output(out, overwrite)
+
+    loaded = load(model, dtype=dtype, allow_pickle=allow_pickle, progress=progress)
+    quantizer.check(loaded.model, loaded.adapter)
+    tokens = None
+    if quantizer.needs:
+        tokens = calibration_set(calib, loaded.tokenizer, samples, seq_len, seed, text_field, chat_template,
+                                 progress.log)
+    blocks = loaded.adapter.blocks(loaded.model)
+    fingerprint = _fingerprint(__version__, loaded.source_hash, quantizer.describe(),
+                               tokens.sha256 if tokens else None, str(dtype))
+    run = RunDirectory(run_path, fingerprint, len(blocks))
+    if restart and run_path.exists():
+        shutil.rmtree(run_path)
+    SequentialPipeline(loaded.model, loaded.adapter, quantizer, run, tokens, device=device,
+                       batch_size=batch_size, progress=progress).execute(resume=resume)
+
+    tensors, metrics = _quantized_tensors(loaded, quantizer, run)
+    config = loaded.model.config.to_dict()
+    config.pop("quantization_config", None)
+    export = quantizer.export()
+    ignore = ["lm_head"]
+    config["quantization_config"] = compressed_tensors.quantization_config(export["scheme"], ignore,
+                                                                           export.get("actorder"))
+    wall = time.perf_counter() - started
+    artifacts.write_artifact(
+        out, config=config, tensors=tensors, tokenizer=loaded.tokenizer,
+        generation_config=getattr(loaded.model, "generation_config", None), kind="quantized",
+        source={"ref": loaded.name, "sha256": loaded.source_hash}, method=quantizer.describe(),
+        calibration=tokens.describe() | {"seed": seed} if tokens else None, metrics=metrics,
+        overwrite=overwrite or resume, build={"wall_s": wall, "device": device})
+    shutil.rmtree(run_path, ignore_errors=True)
+    return {"output": str(out), "method": quantizer.describe(), **metrics,
+            "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+
+
+def _quantized_tensors(loaded: LoadedModel, method: Method, run: RunDirectory) -> tuple[dict, dict]:
+    """The artifact's tensors: packed quantized linears from the run directory, the rest as is."""
+    model, adapter = loaded.model, loaded.adapter
+    scheme = method.export()["scheme"]
+    keep_dtype = _checkpoint_dtype(model.config)
+    state = model.state_dict()
+    if adapter.tied_embeddings(model):
+        state.pop("lm_head.weight", None)
+    tensors: dict[str, torch.Tensor] = {}
+    quantized_params = quantized_bytes = error_num = error_den = 0
+    for index in range(len(adapter.blocks(model))):
+        prefix = adapter.block_prefix(model, index)
+        _, records = run.load_block(index)
+        for name, record in records.items():
+            module = prefix + name
+            original = state.pop(module + ".weight")
+            encoded = compressed_tensors.encode(module, record, scheme)
+            tensors.update(encoded)
+            quantized_params += original.numel()
+            quantized_bytes += sum(t.numel() * t.element_size() for k, t in encoded.items()
+                                   if not k.endswith("weight_shape"))
+    for name, value in state.items():
+        tensors[name] = value.to(keep_dtype) if value.is_floating_point() else value
+    metrics = {
+        "quantized_params": quantized_params,
+        "params": count_parameters(model),
+        "bits_per_weight": round(8 * quantized_bytes / max(quantized_params, 1), 4),
+    }
+    return dict(sorted(tensors.items())), metrics
+
+
+# ---------------------------------------------------------------- evaluate
+
+def evaluate(model: str, base: str | None = None, data: str = "wiki", windows: int = 64, window_len: int = 512,
+             batch_size: int = 4, device: str = "cpu", text_field: str = "text", allow_pickle: bool = False,
+             progress: Progress | None = None) -> dict:
+    """Perplexity (and KL to `base`) on the held-out windows of the protocol."""
+    from compressor.evaluation.perplexity import evaluate_models
+
+    progress = progress or Progress()
+    started = time.perf_counter()
+    candidate = load(model, allow_pickle=allow_pickle, progress=progress)
+    reference = load(base, allow_pickle=allow_pickle, progress=progress) if base else None
+    tokenizer = candidate.tokenizer or (reference.tokenizer if reference else None)
+    if reference is not None and candidate.model.config.vocab_size != reference.model.config.vocab_size:
+        raise CompressorError(
+            f"{model} and {base} have different vocabularies ({candidate.model.config.vocab_size} vs "
+            f"{reference.model.config.vocab_size})", "KL needs a base model with the same tokenizer")
+    tokens = evaluation_set(data, tokenizer, windows, window_len, text_field, progress.log)
+    for m in (candidate, reference):
+        if m is not None:
+            m.model.to(device)
+    results = evaluate_models({"model": candidate.model}, tokens,
+                              reference.model if reference else None, batch_size, device, progress)
+    row = results["model"]
+    out = {
+        "model": str(model), "base": base, "data": tokens.describe(), "windows": tokens.samples,
+        "window_len": tokens.seq_len, "ppl": row["ppl"], "nll": row["nll"], "tokens": row["tokens"],
+        "size_bytes": _size_on_disk(candidate.path),
+        "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb(),
+    }
+    if reference is not None:
+        out.update({"kl": row["kl"], "base_ppl": results["base"]["ppl"]})
+    return out
+
+
+def _size_on_disk(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return artifacts.weights_size(path) or sum(f.stat().st_size for f in path.iterdir() if f.is_file())
+
+
+# ---------------------------------------------------------------- inspect / verify
+
+def inspect(ref: str) -> dict:
+    """Architecture, parameter count, bits per weight and size of a checkpoint or artifact."""
+    path = resolve_model_path(ref)
+    if path.is_file():
+        loaded = load(path)
+        config = loaded.model.config.to_dict()
+        params = count_parameters(loaded.model)
+        return {"path": str(path), "kind": "gguf", "architecture": (config.get("architectures") or ["?"])[0],
+                "model_type": config.get("model_type"), "layers": config.get("num_hidden_layers"),
+                "hidden_size": config.get("hidden_size"), "params": params,
+                "size_bytes": path.stat().st_size, "bits_per_weight": round(8 * path.stat().st_size / params, 3)}
+    config = artifacts.read_config(path)
+    adapter = None
+    try:
+        from compressor.models.loading import read_config as read_hf_config
+
+        adapter = adapter_for_config(read_hf_config(path)).__class__.__name__
+    except CompressorError:
+        pass
+    params = 0
+    weight_bits = 0
+    for f in sorted(path.glob("*.safetensors")):
+        entries, _ = read_header(f)
+        for name, e in entries.items():
+            numel = 1
+            for d in e.shape:
+                numel *= d
+            weight_bits += 8 * (e.end - e.start)
+            if name.endswith(".weight_packed"):
+                shape_name = name[: -len("packed")] + "shape"
+                numel = _packed_numel(f, entries, shape_name, e)
+            elif name.rsplit(".", 1)[-1] in compressed_tensors.SUFFIXES:
+                continue
+            params += numel
+    manifest = read_manifest(path) if (path / "manifest.json").exists() else None
+    qconfig = config.get("quantization_config")
+    return {
+        "path": str(path), "kind": manifest["kind"] if manifest else "checkpoint",
+        "architecture": (config.get("architectures") or ["?"])[0], "model_type": config.get("model_type"),
+        "adapter": adapter, "layers": config.get("num_hidden_layers"), "hidden_size": config.get("hidden_size"),
+        "params": params, "size_bytes": artifacts.weights_size(path),
+        "bits_per_weight": round(weight_bits / max(params, 1), 3),
+        "quantized_bits_per_weight": manifest["metrics"].get("bits_per_weight") if manifest else None,
+        "quantization": qconfig["config_groups"]["group_0"]["weights"] if qconfig else None,
+        "method": manifest.get("method") if manifest else None,
+        "source": manifest.get("source") if manifest else None,
+    }
+
+
+def _packed_numel(f: Path, entries: dict, shape_name: str, packed_entry) -> int:
+    from compressor.safetensors_file import tensor_bytes
+
+    if shape_name in entries:
+        raw = tensor_bytes(f, entries[shape_name])
+        import numpy as np
+
+        dims = np.frombuffer(raw, dtype="<i8" if entries[shape_name].dtype == "I64" else "<i4")
+        n = 1
+        for d in dims:
+            n *= int(d)
+        return n
+    return packed_entry.shape[0] * packed_entry.shape[1] * 8
+
+
+def verify(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_dir():
+        raise CompressorError(f"artifact {path} does not exist", "pass the directory written by compress")
+    problems = verify_artifact(path)
+    if problems:
+        raise CompressorError(f"{path} failed verification: {'; '.join(problems)}",
+                              "rebuild the artifact or restore it from a good copy")
+    manifest = read_manifest(path)
+    count = sum(len(v) for v in manifest["tensors"].values())
+    return {"path": str(path), "ok": True, "tensors": count, "files": len(manifest["files"])}

@@ -1,0 +1,193 @@
+"""Text data for calibration and evaluation: local files or reference names, tokenized.
+
+Sources: .txt, .jsonl, .parquet files, or a `datasets` dataset saved with save_to_disk.
+Reference names ('wiki', 'wiki:calib', 'wiki:eval') resolve to the fetched reference text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from compressor.errors import CompressorError
+from compressor.models import assets
+
+TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
+
+
+def resolve_data(ref: str | Path, split: str, log: Callable[[str], None] = lambda _: None) -> Path:
+    """A data reference as a path: a reference text name (split 'calib' or 'eval') or a local path."""
+    named = assets.resolve_text(str(ref), split, log)
+    if named is not None:
+        return named
+    path = Path(ref).expanduser()
+    if not path.exists():
+        raise CompressorError(
+            f"data path {ref} does not exist",
+            f"pass a .txt/.jsonl/.parquet file, a dataset saved with save_to_disk, or {', '.join(assets.TEXT_ASSETS)}",
+        )
+    if path.is_file() and path.suffix not in TEXT_SUFFIXES:
+        raise CompressorError(f"unsupported data file {path.name}", f"use one of {', '.join(TEXT_SUFFIXES)}")
+    return path
+
+
+def _field(record: dict, text_field: str, where: str):
+    if text_field in record:
+        return record[text_field]
+    if "messages" in record:
+        return record["messages"]
+    raise CompressorError(f"{where} has no field {text_field!r} (fields: {', '.join(record)})",
+                          "pass --text-field with the name of the text column")
+
+
+def read_documents(path: Path, text_field: str = "text") -> list:
+    """Documents of a data source: strings, or chat message lists where a record has 'messages'."""
+    if path.is_dir():
+        return _read_saved_dataset(path, text_field)
+    if path.suffix == ".txt":
+        text = path.read_text(encoding="utf-8", errors="replace")
+        return [text] if text.strip() else []
+    if path.suffix == ".jsonl":
+        docs = []
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    raise CompressorError(f"{path}:{lineno} is not valid JSON", "fix or remove that line") from None
+                if not isinstance(record, dict):
+                    raise CompressorError(f"{path}:{lineno} is not a JSON object", "each line must be an object")
+                docs.append(_field(record, text_field, f"{path}:{lineno}"))
+        return docs
+    if path.suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path)
+        if text_field not in table.column_names:
+            raise CompressorError(f"{path} has no column {text_field!r} (columns: {', '.join(table.column_names)})",
+                                  "pass --text-field with the name of the text column")
+        return [t for t in table.column(text_field).to_pylist() if t]
+    raise CompressorError(f"unsupported data file {path.name}", f"use one of {', '.join(TEXT_SUFFIXES)}")
+
+
+def _read_saved_dataset(path: Path, text_field: str) -> list:
+    try:
+        from datasets import DatasetDict, load_from_disk
+    except ImportError:
+        raise CompressorError("reading a saved dataset needs the datasets package", "pip install datasets") from None
+    try:
+        ds = load_from_disk(str(path))
+    except (FileNotFoundError, ValueError) as exc:
+        raise CompressorError(f"{path} is not a dataset saved with save_to_disk ({exc})",
+                              "pass a .txt/.jsonl/.parquet file or a save_to_disk directory") from None
+    if isinstance(ds, DatasetDict):
+        split = "train" if "train" in ds else sorted(ds)[0]
+        ds = ds[split]
+    if text_field not in ds.column_names:
+        raise CompressorError(f"{path} has no column {text_field!r} (columns: {', '.join(ds.column_names)})",
+                              "pass --text-field with the name of the text column")
+    return [t for t in ds[text_field] if t]
+
+
+def render(docs: list, tokenizer, chat_template: bool) -> str:
+    """Documents as one text; with chat_template each becomes a chat rendered by the tokenizer."""
+    if not chat_template:
+        return "\n\n".join(d if isinstance(d, str) else _flatten_messages(d) for d in docs)
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise CompressorError("the tokenizer has no chat template", "drop --chat-template")
+    rendered = []
+    for d in docs:
+        messages = d if isinstance(d, list) else [{"role": "user", "content": d}]
+        rendered.append(tokenizer.apply_chat_template(messages, tokenize=False))
+    return "".join(rendered)
+
+
+def _flatten_messages(messages) -> str:
+    return "\n".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in messages)
+
+
+def token_stream(path: Path, tokenizer, text_field: str = "text", chat_template: bool = False) -> torch.Tensor:
+    docs = read_documents(path, text_field)
+    text = render(docs, tokenizer, chat_template)
+    if not text.strip():
+        raise CompressorError(f"{path} contains no text", "pass a data source with at least some documents")
+    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def tensor_hash(t: torch.Tensor) -> str:
+    h = hashlib.sha256()
+    h.update(str(tuple(t.shape)).encode())
+    h.update(t.contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class TokenSet:
+    """Token windows of fixed length, with what they came from."""
+
+    input_ids: torch.Tensor  # [samples, seq_len] int64
+    source: str
+    sha256: str
+
+    @property
+    def samples(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def seq_len(self) -> int:
+        return self.input_ids.shape[1]
+
+    def describe(self) -> dict:
+        return {"source": self.source, "samples": self.samples, "seq_len": self.seq_len, "sha256": self.sha256}
+
+
+def _windows(stream: torch.Tensor, count: int, length: int, path: Path, what: str, fix: str) -> torch.Tensor:
+    available = stream.numel() // length
+    if available < count:
+        raise CompressorError(
+            f"{path} yields {stream.numel()} tokens, {available} windows of {length}; {what} needs {count} "
+            f"({count * length} tokens)", fix)
+    return stream[: available * length].view(available, length)
+
+
+def calibration_set(
+    ref: str | Path, tokenizer, samples: int = 128, seq_len: int = 512, seed: int = 0,
+    text_field: str = "text", chat_template: bool = False, log: Callable[[str], None] = lambda _: None,
+) -> TokenSet:
+    """`samples` windows of `seq_len` tokens drawn without overlap from the data, chosen by `seed`."""
+    if samples < 1 or seq_len < 2:
+        raise CompressorError(f"calibration needs samples >= 1 and seq_len >= 2 (got {samples}, {seq_len})",
+                              "raise --samples/--seq-len")
+    if tokenizer is None:
+        raise CompressorError("calibration needs a tokenizer but the model has none",
+                              "add the tokenizer files to the model directory")
+    path = resolve_data(ref, "calib", log)
+    stream = token_stream(path, tokenizer, text_field, chat_template)
+    windows = _windows(stream, samples, seq_len, path, "calibration",
+                       "add calibration text or lower --samples/--seq-len")
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(windows.shape[0], generator=generator)[:samples].sort().values
+    ids = windows[chosen].clone()
+    return TokenSet(ids, str(ref), tensor_hash(ids))
+
+
+def evaluation_set(
+    ref: str | Path, tokenizer, windows: int = 64, window_len: int = 512, text_field: str = "text",
+    log: Callable[[str], None] = lambda _: None,
+) -> TokenSet:
+    """The first `windows` non-overlapping windows of the held-out text (no BOS inserted)."""
+    if tokenizer is None:
+        raise CompressorError("evaluation needs a tokenizer but the model has none",
+                              "add the tokenizer files to the model directory")
+    path = resolve_data(ref, "eval", log)
+    stream = token_stream(path, tokenizer, text_field)
+    ids = _windows(stream, windows, window_len, path, "evaluation", "lower --windows or --window-len")[:windows].clone()
+    return TokenSet(ids, str(ref), tensor_hash(ids))

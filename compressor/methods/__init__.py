@@ -1,0 +1,4 @@
+"""Compression methods, each a registered class behind the interface in methods.base."""
+
+from compressor.methods.base import METHODS, Method, MethodConfig  # noqa: F401
+from compressor.methods.quant import rtn  # noqa: F401  (registers)

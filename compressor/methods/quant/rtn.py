@@ -1,0 +1,51 @@
+"""RTN: round-to-nearest weight quantization, symmetric or asymmetric, per channel or per group.
+
+Needs no calibration data: each weight matrix is quantized on its own with min-max scales.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from compressor.methods.base import METHODS, Method, MethodConfig, Record
+from compressor.methods.quant.quantizer import check_scheme, dequantize_record, quantize_weight
+from compressor.models.adapters import Adapter, LinearGroup
+from compressor.schemes import WeightScheme
+
+
+class WeightQuantConfig(MethodConfig):
+    bits: int = Field(4, ge=2, le=8, description="bits per weight, 2..8")
+    group_size: int = Field(64, ge=-1, description="columns sharing a scale; -1 for per-channel")
+    sym: bool = Field(True, description="symmetric (no zero point); False: integer zero points")
+    scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+
+    def scheme(self) -> WeightScheme:
+        return WeightScheme(self.bits, self.group_size, self.sym, self.scale_dtype)
+
+
+@METHODS.register("rtn")
+class RTN(Method):
+    name = "rtn"
+    Config = WeightQuantConfig
+
+    def check(self, model: nn.Module, adapter: Adapter) -> None:
+        check_scheme(self.config.scheme(), model, adapter)
+
+    def apply_group(
+        self, block: nn.Module, group: LinearGroup, linears: dict[str, nn.Linear],
+        stats: dict[str, torch.Tensor],
+    ) -> dict[str, Record]:
+        records = {}
+        scheme = self.config.scheme()
+        for name, linear in linears.items():
+            record = quantize_weight(linear.weight.data, scheme)
+            linear.weight.data = dequantize_record(record, linear.weight.dtype)
+            records[name] = record
+        return records
+
+    def export(self) -> dict:
+        return {"kind": "weight-int", "scheme": self.config.scheme()}

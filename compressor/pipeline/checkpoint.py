@@ -1,0 +1,90 @@
+"""The run directory of a pipeline: one file per finished block, the inputs of the next
+block, and a small state file, all written atomically so a killed run resumes exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from compressor.errors import CompressorError
+from compressor.util import write_atomic
+
+STATE = "run.json"
+RECORD_PREFIX = "__record__."
+
+
+class RunDirectory:
+    def __init__(self, path: Path, fingerprint: str, num_blocks: int):
+        self.path = Path(path)
+        self.fingerprint = fingerprint
+        self.num_blocks = num_blocks
+
+    # -- state
+    def exists(self) -> bool:
+        return (self.path / STATE).is_file()
+
+    def completed(self) -> int:
+        """Number of finished blocks recorded; checks the run was started with the same settings."""
+        state = json.loads((self.path / STATE).read_text())
+        if state.get("fingerprint") != self.fingerprint:
+            raise CompressorError(
+                f"the interrupted run in {self.path} was started with other settings, model or data",
+                "rerun with the original settings, or pass --restart to discard it")
+        return int(state["completed"])
+
+    def start(self) -> None:
+        self.path.mkdir(parents=True, exist_ok=True)
+        self._write_state(0)
+
+    def _write_state(self, completed: int) -> None:
+        data = {"fingerprint": self.fingerprint, "num_blocks": self.num_blocks, "completed": completed}
+        write_atomic(self.path / STATE, json.dumps(data, indent=2).encode())
+
+    # -- blocks
+    def block_file(self, index: int) -> Path:
+        return self.path / f"block-{index:04d}.safetensors"
+
+    def hidden_file(self, index: int) -> Path:
+        return self.path / f"inputs-{index:04d}.safetensors"
+
+    def save_block(self, index: int, params: dict[str, torch.Tensor], records: dict[str, dict[str, torch.Tensor]],
+                   next_inputs: torch.Tensor | None) -> None:
+        """Persist block `index` and the inputs of block index+1, then mark the block done."""
+        tensors = {f"param.{k}": v.detach().contiguous() for k, v in params.items()}
+        for linear, record in records.items():
+            for key, value in record.items():
+                tensors[f"{RECORD_PREFIX}{linear}::{key}"] = value.contiguous()
+        _save_atomic(tensors, self.block_file(index))
+        if next_inputs is not None:
+            _save_atomic({"hidden": next_inputs.contiguous()}, self.hidden_file(index + 1))
+        self._write_state(index + 1)
+        previous = self.hidden_file(index)
+        if previous.exists():
+            previous.unlink()
+
+    def save_inputs(self, index: int, hidden: torch.Tensor) -> None:
+        _save_atomic({"hidden": hidden.contiguous()}, self.hidden_file(index))
+
+    def load_block(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+        tensors = load_file(self.block_file(index))
+        params, records = {}, {}
+        for k, v in tensors.items():
+            if k.startswith(RECORD_PREFIX):
+                linear, key = k[len(RECORD_PREFIX):].split("::")
+                records.setdefault(linear, {})[key] = v
+            else:
+                params[k[len("param."):]] = v
+        return params, records
+
+    def load_inputs(self, index: int) -> torch.Tensor | None:
+        f = self.hidden_file(index)
+        return load_file(f)["hidden"] if f.exists() else None
+
+
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    tmp = path.with_name(path.name + ".part")
+    save_file(tensors, str(tmp))
+    tmp.replace(path)

@@ -1,0 +1,201 @@
+"""The sequential layer-wise engine.
+
+Embed the calibration set once, then for each decoder block: collect the statistics the
+method asks for, let the method modify the block, recompute the block's outputs with the
+modified block (so the next block calibrates on the errors of the earlier ones), move the
+block back off the compute device, and checkpoint it. A killed run resumes from the last
+finished block with the same result as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from typing import Any
+
+import torch
+from torch import nn
+
+from compressor.calib.data import TokenSet
+from compressor.calib.stats import collect_inputs
+from compressor.methods.base import Method, Record
+from compressor.models.adapters import Adapter
+from compressor.pipeline.checkpoint import RunDirectory
+from compressor.pipeline.progress import Progress
+
+# Test hook: SIGKILL the process right after this block's checkpoint is written.
+KILL_AFTER_BLOCK_ENV = "COMPRESSOR_KILL_AFTER_BLOCK"
+
+
+class _Captured(Exception):
+    pass
+
+
+def _without_hidden(args: tuple, kwargs: dict) -> dict[str, Any]:
+    kwargs = dict(kwargs)
+    kwargs.pop("hidden_states", None)
+    for key in ("past_key_values", "past_key_value", "use_cache", "output_attentions"):
+        kwargs.pop(key, None)
+    return kwargs
+
+
+def _decoder_parts_to(model: nn.Module, adapter: Adapter, device: torch.device) -> None:
+    """Move everything of the decoder except its blocks (embeddings, rotary tables)."""
+    decoder = adapter.decoder(model)
+    blocks = adapter.blocks(model)
+    for child in decoder.children():
+        if child is not blocks:
+            child.to(device)
+
+
+@torch.no_grad()
+def capture_block_kwargs(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor,
+                         device: torch.device) -> list[dict[str, Any]]:
+    """The keyword arguments each block receives (masks, rotary tables), from one sequence.
+
+    They depend only on positions, not on token values or batch size (batch dim 1
+    broadcasts), so one capture serves every batch of the same sequence length.
+    """
+    blocks = adapter.blocks(model)
+    captured: list[dict[str, Any] | None] = [None] * len(blocks)
+    handles = []
+    for i, block in enumerate(blocks):
+        def hook(_m, args, kwargs, i=i):
+            captured[i] = _without_hidden(args, kwargs)
+            if i == len(blocks) - 1:
+                raise _Captured
+        handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+    try:
+        model(input_ids[:1], use_cache=False)  # on the CPU: one sequence is cheap and needs no device memory
+    except _Captured:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    return [_to(k, device) for k in captured]
+
+
+@torch.no_grad()
+def capture_inputs(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, batch_size: int,
+                   device: torch.device) -> torch.Tensor:
+    """Hidden states entering the first block for every sample: [samples, seq_len, hidden] on CPU."""
+    first = adapter.blocks(model)[0]
+    chunks: list[torch.Tensor] = []
+
+    def hook(_m, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        chunks.append(hidden.detach().to("cpu"))
+        raise _Captured
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    _decoder_parts_to(model, adapter, device)
+    try:
+        for start in range(0, input_ids.shape[0], batch_size):
+            try:
+                adapter.decoder(model)(input_ids=input_ids[start:start + batch_size].to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+        _decoder_parts_to(model, adapter, torch.device("cpu"))
+    return torch.cat(chunks)
+
+
+def _to(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(_to(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: _to(v, device) for k, v in value.items()}
+    return value
+
+
+@torch.no_grad()
+def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], batch_size: int,
+              device: torch.device, keep_outputs: bool = True) -> torch.Tensor | None:
+    outputs = []
+    for start in range(0, hidden.shape[0], batch_size):
+        out = block(hidden[start:start + batch_size].to(device), **kwargs)
+        out = out[0] if isinstance(out, tuple) else out
+        if keep_outputs:
+            outputs.append(out.to("cpu"))
+    return torch.cat(outputs) if keep_outputs else None
+
+
+class SequentialPipeline:
+    def __init__(self, model: nn.Module, adapter: Adapter, method: Method, run: RunDirectory,
+                 calibration: TokenSet | None, device: torch.device | str = "cpu", batch_size: int = 8,
+                 hessian_dtype: torch.dtype = torch.float32, progress: Progress | None = None):
+        self.model = model
+        self.adapter = adapter
+        self.method = method
+        self.run = run
+        self.calibration = calibration
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.hessian_dtype = hessian_dtype
+        self.progress = progress or Progress()
+        if method.needs and calibration is None:
+            raise ValueError(f"method {method.name} needs calibration data")
+
+    def execute(self, resume: bool) -> None:
+        """Process every block not yet recorded in the run directory."""
+        blocks = self.adapter.blocks(self.model)
+        start = self.run.completed() if resume else 0
+        if not resume:
+            self.run.start()
+        for index in range(start):
+            params, _ = self.run.load_block(index)
+            blocks[index].load_state_dict(params, strict=True)
+        if start:
+            self.progress.log(f"resuming after block {start}/{len(blocks)}")
+
+        hidden, block_kwargs = None, None
+        if self.method.needs and start < len(blocks):
+            ids = self.calibration.input_ids
+            block_kwargs = capture_block_kwargs(self.model, self.adapter, ids, self.device)
+            hidden = self.run.load_inputs(start) if start else None
+            if hidden is None:
+                if start:
+                    raise RuntimeError(f"run directory lacks the inputs of block {start}")
+                self.progress.log(f"embedding {ids.shape[0]} calibration samples of {ids.shape[1]} tokens")
+                hidden = capture_inputs(self.model, self.adapter, ids, self.batch_size, self.device)
+
+        kill_after = os.environ.get(KILL_AFTER_BLOCK_ENV)
+        with self.progress.task(f"{self.method.name}: blocks", total=len(blocks)) as bar:
+            bar.advance(start)
+            for index in range(start, len(blocks)):
+                block = blocks[index]
+                block.to(self.device)
+                kwargs = block_kwargs[index] if block_kwargs else None
+                records = self._process_block(block, hidden, kwargs)
+                next_hidden = None
+                if hidden is not None and index + 1 < len(blocks):
+                    next_hidden = run_block(block, hidden, kwargs, self.batch_size, self.device)
+                block.to("cpu")
+                self.run.save_block(index, block.state_dict(), records, next_hidden)
+                hidden = next_hidden
+                bar.advance()
+                if kill_after is not None and int(kill_after) == index:
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+    def _process_block(self, block: nn.Module, hidden: torch.Tensor | None,
+                       kwargs: dict[str, Any] | None) -> dict[str, Record]:
+        linears = self.adapter.block_linears(block)
+        groups = self.adapter.groups
+        records: dict[str, Record] = {}
+        if not self.method.needs:
+            for group in groups:
+                records.update(self.method.apply_group(block, group, {n: linears[n] for n in group.linears}, {}))
+            return records
+        # Without true-sequential, one forward pass collects statistics for every group.
+        batches = [[g] for g in groups] if self.method.true_sequential else [list(groups)]
+        for batch in batches:
+            targets = {g.name: [linears[n] for n in g.linears] for g in batch}
+            with collect_inputs(targets, set(self.method.needs), self.hessian_dtype) as collectors:
+                run_block(block, hidden, kwargs, self.batch_size, self.device, keep_outputs=False)
+            for group in batch:
+                stats = {kind: c.result() for kind, c in collectors[group.name].items()}
+                records.update(self.method.apply_group(block, group, {n: linears[n] for n in group.linears}, stats))
+        return records

@@ -1,0 +1,42 @@
+"""A name → class registry, so upper layers find methods, formats and adapters without
+lower layers importing upward."""
+
+from __future__ import annotations
+
+from typing import Callable, Generic, TypeVar
+
+from compressor.errors import CompressorError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def add(item: T) -> T:
+            if name in self._items:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._items[name] = item
+            return item
+
+        return add
+
+    def get(self, name: str) -> T:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise CompressorError(
+                f"unknown {self.kind} {name!r}", f"choose one of: {', '.join(self.names())}"
+            ) from None
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def items(self) -> list[tuple[str, T]]:
+        return sorted(self._items.items())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
