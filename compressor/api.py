@@ -105,6 +105,11 @@ def quantize(model: str, method: str, out: str | Path, options: dict[str, Any] |
     started = time.perf_counter()
     out = Path(out)
     quantizer = make_method(method, options or {})
+    if resume and restart:
+        raise CompressorError("--resume and --restart contradict each other",
+                              "pass --resume to continue the interrupted run or --restart to discard it")
+    if batch_size < 1:
+        raise CompressorError(f"batch size must be at least 1 (got {batch_size})", "raise --batch-size")
     run_path = run_directory_for(out)
     interrupted = (run_path / "run.json").is_file()
     if resume and not interrupted:
@@ -190,6 +195,8 @@ def evaluate(model: str, base: str | None = None, data: str = "wiki", windows: i
 
     progress = progress or Progress()
     started = time.perf_counter()
+    if batch_size < 1:
+        raise CompressorError(f"batch size must be at least 1 (got {batch_size})", "raise --batch-size")
     candidate = load(model, allow_pickle=allow_pickle, progress=progress)
     reference = load(base, allow_pickle=allow_pickle, progress=progress) if base else None
     tokenizer = candidate.tokenizer or (reference.tokenizer if reference else None)

@@ -18,3 +18,6 @@ class CompressorError(Exception):
         if self.hint:
             text += f"; {self.hint}"
         return " ".join(text.split())
+
+    def __str__(self) -> str:
+        return self.one_line()

@@ -184,6 +184,9 @@ def evaluation_set(
     log: Callable[[str], None] = lambda _: None,
 ) -> TokenSet:
     """The first `windows` non-overlapping windows of the held-out text (no BOS inserted)."""
+    if windows < 1 or window_len < 2:
+        raise CompressorError(f"evaluation needs windows >= 1 and window_len >= 2 (got {windows}, {window_len})",
+                              "raise --windows/--window-len")
     if tokenizer is None:
         raise CompressorError("evaluation needs a tokenizer but the model has none",
                               "add the tokenizer files to the model directory")

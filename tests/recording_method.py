@@ -1,0 +1,45 @@
+"""A calibration-driven test method: RTN whose scale is shrunk by a statistic-dependent
+factor, recording every statistic it receives. It exercises the whole calibration path of
+the pipeline (capture, hooks, true-sequential collection, propagation, checkpoints)."""
+
+from __future__ import annotations
+
+import torch
+
+from compressor.methods.base import METHODS
+from compressor.methods.quant.quantizer import dequantize_record, quantize_codes
+from compressor.methods.quant.rtn import RTN, WeightQuantConfig
+
+NAME = "test-stats-rtn"
+
+
+class StatsRTN(RTN):
+    name = NAME
+    Config = WeightQuantConfig
+    needs = frozenset({"hessian", "absmax", "mean"})
+    true_sequential = True
+    seen: list[dict] = []
+
+    def apply_group(self, block, group, linears, stats):
+        StatsRTN.seen.append({"group": group.name, **{k: v.clone() for k, v in stats.items()}})
+        # A deterministic use of the statistics: clip range shrinks where activations are small.
+        scheme = self.config.scheme()
+        records = {}
+        for name, linear in linears.items():
+            w = linear.weight.data
+            importance = stats["hessian"].diagonal().float().sqrt()
+            clip = 0.9 + 0.1 * (importance / importance.max())
+            from compressor.methods.quant.quantizer import compute_qparams
+
+            scale, zero = compute_qparams(w * clip, scheme)
+            record = {"qweight": quantize_codes(w, scale, zero, scheme), "scale": scale}
+            if zero is not None:
+                record["zero_point"] = zero
+            linear.weight.data = dequantize_record(record, w.dtype)
+            records[name] = record
+        return records
+
+
+def register() -> None:
+    if NAME not in METHODS:
+        METHODS.register(NAME)(StatsRTN)

@@ -1,0 +1,99 @@
+"""Calibration data sources and statistics collectors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from compressor import api
+from compressor.calib.data import calibration_set, evaluation_set, read_documents
+from compressor.calib.stats import collect_inputs
+
+
+def test_collectors_match_direct_computation():
+    torch.manual_seed(0)
+    q, k = nn.Linear(16, 8), nn.Linear(16, 4)
+    down = nn.Linear(8, 16)
+    batches = [torch.randn(3, 5, 16) for _ in range(4)]
+    with collect_inputs({"qk": [q, k], "down": [down]}, {"hessian", "absmax", "mean"},
+                        hessian_dtype=torch.float64) as stats, torch.no_grad():
+        for x in batches:
+            q(x), k(x)
+            down(torch.relu(q(x)) * 0 + q(x))
+    x = torch.cat([b.reshape(-1, 16) for b in batches]).double()
+    torch.testing.assert_close(stats["qk"]["hessian"].result(), x.T @ x / x.shape[0])
+    assert stats["qk"]["hessian"].result().dtype == torch.float64
+    torch.testing.assert_close(stats["qk"]["absmax"].result(), x.abs().amax(0).float())
+    torch.testing.assert_close(stats["qk"]["mean"].result(), x.mean(0).float())
+    # q ran twice per batch (two hooks' worth of inputs) — the down group saw q's outputs once per batch
+    assert stats["down"]["hessian"].count == 4 * 15
+    assert not q._forward_hooks and not down._forward_hooks
+
+
+def test_calibration_sampling_is_seeded_and_non_overlapping(tiny_llama, text_file):
+    tok = api.load(str(tiny_llama)).tokenizer
+    a = calibration_set(str(text_file), tok, samples=8, seq_len=32, seed=1)
+    b = calibration_set(str(text_file), tok, samples=8, seq_len=32, seed=1)
+    c = calibration_set(str(text_file), tok, samples=8, seq_len=32, seed=2)
+    assert a.input_ids.shape == (8, 32)
+    assert torch.equal(a.input_ids, b.input_ids) and a.sha256 == b.sha256
+    assert a.sha256 != c.sha256
+    rows = {tuple(r.tolist()) for r in a.input_ids}
+    assert len(rows) == 8
+
+
+def test_data_sources_give_the_same_documents(tmp_path, tiny_llama):
+    docs = ["first document text", "second one here", "third"]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"body": d}) for d in docs) + "\n")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"body": docs}), tmp_path / "d.parquet")
+    from datasets import Dataset
+
+    Dataset.from_dict({"body": docs}).save_to_disk(str(tmp_path / "ds"))
+    for source in ("d.jsonl", "d.parquet", "ds"):
+        assert read_documents(tmp_path / source, "body") == docs, source
+    (tmp_path / "d.txt").write_text("plain text\n\nwith paragraphs")
+    assert read_documents(tmp_path / "d.txt") == ["plain text\n\nwith paragraphs"]
+
+
+def test_chat_template_renders_messages(tmp_path, tiny_llama):
+    tok = api.load(str(tiny_llama)).tokenizer
+    rows = [{"messages": [{"role": "user", "content": "hello there " * 20},
+                          {"role": "assistant", "content": "general reply " * 20}]}] * 20
+    (tmp_path / "chat.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    plain = calibration_set(str(tmp_path / "chat.jsonl"), tok, samples=4, seq_len=32)
+    chat = calibration_set(str(tmp_path / "chat.jsonl"), tok, samples=4, seq_len=32, chat_template=True)
+    assert plain.sha256 != chat.sha256
+    from compressor.calib.data import token_stream
+
+    stream = token_stream(tmp_path / "chat.jsonl", tok, chat_template=True)
+    assert (stream == tok.convert_tokens_to_ids("<s>")).sum() == 40  # one per message
+
+
+def test_evaluation_windows_are_the_first_ones(tiny_llama, text_file):
+    tok = api.load(str(tiny_llama)).tokenizer
+    ev = evaluation_set(str(text_file), tok, windows=3, window_len=40)
+    stream = tok(text_file.read_text(), add_special_tokens=False)["input_ids"]
+    assert ev.input_ids.flatten().tolist() == stream[:120]
+
+
+def test_reference_text_split_never_overlaps(monkeypatch, tmp_path):
+    """The reference-text splitter on a fake source: every 10th article held out, disjoint."""
+    from compressor.models import assets
+
+    source = tmp_path / "summaries.json"
+    source.write_text(json.dumps({f"T{i}": {"extract": f"article {i}"} for i in range(35)}))
+    monkeypatch.setattr(assets, "locate", lambda item, log=None: source)
+    calib = assets.resolve_text("wiki", "calib")
+    evald = assets.resolve_text("wiki:eval", "calib")
+    c = [json.loads(line)["title"] for line in calib.read_text().splitlines()]
+    e = [json.loads(line)["title"] for line in evald.read_text().splitlines()]
+    assert e == ["T9", "T19", "T29"]
+    assert len(c) == 32 and not set(c) & set(e)
+    meta = json.loads((calib.parent / "meta.json").read_text())
+    assert meta["splits"]["eval"]["documents"] == 3

@@ -1,0 +1,87 @@
+"""compressed-tensors packing, artifact round trips, manifests and loading in plain transformers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from compressor import api
+from compressor.formats import bitpack
+from compressor.formats.artifact import load_tensors, save_tensors
+from compressor.formats.manifest import verify
+
+compressed_tensors = pytest.importorskip("compressed_tensors")
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+@pytest.mark.parametrize("cols", [32, 64, 100, 7])
+def test_bitpack_matches_compressed_tensors(bits, cols):
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+    g = torch.Generator().manual_seed(bits * 1000 + cols)
+    codes = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (6, cols), generator=g, dtype=torch.int8)
+    for dim in (0, 1):
+        c = codes if dim == 1 else codes.T.contiguous()
+        packed = bitpack.pack(c, bits, dim=dim)
+        assert torch.equal(packed, pack_to_int32(c, bits, packed_dim=dim))
+        assert torch.equal(bitpack.unpack(packed, bits, tuple(c.shape), dim=dim), c)
+        assert torch.equal(unpack_from_int32(packed, bits, c.shape, packed_dim=dim), c)
+
+
+def test_sharded_save_round_trip(tmp_path):
+    tensors = {f"t{i}": torch.full((100,), float(i)) for i in range(5)}
+    save_tensors(tmp_path, tensors, max_shard_bytes=500)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 5
+    index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(tensors)
+    loaded = load_tensors(tmp_path)
+    assert all(torch.equal(loaded[k], v) for k, v in tensors.items())
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_artifact_reloads_to_the_simulated_model(tiny_llama, tmp_path, sym):
+    """Our reader gives back exactly the fake-quantized weights, and the manifest verifies."""
+    out = tmp_path / "q"
+    api.quantize(str(tiny_llama), "rtn", out, {"bits": 3, "group_size": 32, "sym": sym})
+    assert verify(out) == []
+    base = api.load(str(tiny_llama)).model
+    model = api.load(out).model
+    for (name, w), (_, w0) in zip(model.named_parameters(), base.named_parameters()):
+        if name.endswith("proj.weight"):
+            levels = w.reshape(w.shape[0], -1, 32).unique(dim=None).numel()
+            assert levels > 1
+            assert not torch.equal(w, w0)
+        else:
+            assert torch.equal(w, w0), name
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["method"]["name"] == "rtn"
+    assert manifest["source"]["sha256"]
+    expected_bpw = 3 + 16 / 32 + (0 if sym else 3 / 32)
+    assert manifest["metrics"]["bits_per_weight"] == pytest.approx(expected_bpw, abs=0.02)
+
+
+def test_plain_transformers_loads_symmetric_artifact(tiny_llama, tmp_path):
+    """transformers + compressed-tensors loads our artifact and computes the same logits."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "q"
+    api.quantize(str(tiny_llama), "rtn", out, {"bits": 4, "group_size": 32, "sym": True})
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    ours = api.load(out).model
+    theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_config_that_disagrees_with_tensors_is_an_error(tiny_llama, tmp_path):
+    from compressor.errors import CompressorError
+
+    out = tmp_path / "q"
+    api.quantize(str(tiny_llama), "rtn", out, {"bits": 4, "group_size": 32})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"]["num_bits"] = 8
+    (out / "config.json").write_text(json.dumps(config))
+    with pytest.raises(CompressorError, match="do not match the artifact's quantization config"):
+        api.load(out)

@@ -1,0 +1,150 @@
+"""The sequential engine: statistics on propagated inputs, checkpoints, kill and resume."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from compressor import api
+from compressor.calib.data import calibration_set
+from compressor.calib.stats import collect_inputs
+from compressor.errors import CompressorError
+from compressor.pipeline.sequential import KILL_AFTER_BLOCK_ENV
+
+sys.path.insert(0, str(Path(__file__).parent))
+import recording_method  # noqa: E402
+
+recording_method.register()
+OPTS = {"bits": 4, "group_size": 32, "sym": False}
+CAL = {"samples": 12, "seq_len": 48, "batch_size": 5}
+
+
+def _files(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name != "build.json"}
+
+
+def _quantize(model, out, data, **kw):
+    return api.quantize(str(model), recording_method.NAME, out, OPTS, calib=str(data), **CAL, **kw)
+
+
+def test_statistics_are_those_of_the_already_quantized_prefix(tiny_llama, text_file, tmp_path):
+    """With true-sequential collection, each group's statistics equal the statistics of its
+    inputs in a forward pass of the finished (quantized) model."""
+    recording_method.StatsRTN.seen = []
+    out = tmp_path / "q"
+    _quantize(tiny_llama, out, text_file)
+    seen = recording_method.StatsRTN.seen
+    loaded = api.load(out)
+    adapter = loaded.adapter
+    tokens = calibration_set(str(text_file), loaded.tokenizer, CAL["samples"], CAL["seq_len"])
+    groups = {}
+    for i, block in enumerate(adapter.blocks(loaded.model)):
+        linears = adapter.block_linears(block)
+        for g in adapter.groups:
+            groups[f"{i}.{g.name}"] = [linears[n] for n in g.linears]
+    with collect_inputs(groups, {"hessian", "absmax", "mean"}) as collectors, torch.no_grad():
+        loaded.model(tokens.input_ids)
+    assert len(seen) == len(groups)
+    for record, (name, per_kind) in zip(seen, collectors.items()):
+        assert record["group"] == name.split(".", 1)[1]
+        for kind, c in per_kind.items():
+            torch.testing.assert_close(record[kind], c.result(), rtol=1e-4, atol=1e-5, msg=f"{name} {kind}")
+
+
+def test_deterministic_artifact_bytes(tiny_llama, text_file, tmp_path):
+    _quantize(tiny_llama, tmp_path / "a", text_file)
+    _quantize(tiny_llama, tmp_path / "b", text_file)
+    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+
+
+def test_failure_midway_then_resume_is_identical(tiny_llama, text_file, tmp_path, monkeypatch):
+    _quantize(tiny_llama, tmp_path / "clean", text_file)
+    calls = {"n": 0}
+    original = recording_method.StatsRTN.apply_group
+
+    def flaky(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 6:  # second group of the second block
+            raise RuntimeError("injected fault")
+        return original(self, *args, **kwargs)
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(recording_method.StatsRTN, "apply_group", flaky)
+    with pytest.raises(RuntimeError, match="injected fault"):
+        _quantize(tiny_llama, out, text_file)
+    assert not out.exists()
+    run_dir = api.run_directory_for(out)
+    assert (run_dir / "block-0000.safetensors").exists()
+    with pytest.raises(CompressorError, match="--resume"):
+        _quantize(tiny_llama, out, text_file)
+    monkeypatch.setattr(recording_method.StatsRTN, "apply_group", original)
+    _quantize(tiny_llama, out, text_file, resume=True)
+    assert _files(out) == _files(tmp_path / "clean")
+    assert not run_dir.exists()
+
+
+_KILL_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+import recording_method
+recording_method.register()
+from compressor import api
+api.quantize({model!r}, recording_method.NAME, {out!r}, {opts!r}, calib={data!r}, resume={resume}, **{cal!r})
+"""
+
+
+def _run_script(tiny_llama, text_file, out, resume, kill_after=None):
+    code = _KILL_SCRIPT.format(tests=str(Path(__file__).parent), model=str(tiny_llama), out=str(out), opts=OPTS,
+                               data=str(text_file), resume=resume, cal=CAL)
+    env = dict(os.environ)
+    env.pop(KILL_AFTER_BLOCK_ENV, None)
+    if kill_after is not None:
+        env[KILL_AFTER_BLOCK_ENV] = str(kill_after)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
+def test_sigkilled_process_resumes_to_identical_artifact(tiny_llama, text_file, tmp_path):
+    clean = tmp_path / "clean"
+    _quantize(tiny_llama, clean, text_file)
+    out = tmp_path / "killed"
+    killed = _run_script(tiny_llama, text_file, out, resume=False, kill_after=1)
+    assert killed.returncode == -9, killed.stderr
+    assert not out.exists()
+    assert api.run_directory_for(out).exists()
+    resumed = _run_script(tiny_llama, text_file, out, resume=True)
+    assert resumed.returncode == 0, resumed.stderr
+    assert _files(out) == _files(clean)
+
+
+def test_resume_refuses_other_settings(tiny_llama, text_file, tmp_path, monkeypatch):
+    out = tmp_path / "q"
+    original = recording_method.StatsRTN.apply_group
+
+    def fail(self, *a, **k):
+        raise RuntimeError("stop")
+
+    monkeypatch.setattr(recording_method.StatsRTN, "apply_group", fail)
+    with pytest.raises(RuntimeError):
+        _quantize(tiny_llama, out, text_file)
+    monkeypatch.setattr(recording_method.StatsRTN, "apply_group", original)
+    with pytest.raises(CompressorError, match="other settings"):
+        api.quantize(str(tiny_llama), recording_method.NAME, out, {**OPTS, "bits": 3}, calib=str(text_file),
+                     resume=True, **CAL)
+    api.quantize(str(tiny_llama), recording_method.NAME, out, {**OPTS, "bits": 3}, calib=str(text_file),
+                 restart=True, **CAL)
+    assert (out / "manifest.json").exists()
+
+
+def test_gemma3_through_the_calibrated_pipeline(tiny_gemma3, text_file, tmp_path):
+    out = tmp_path / "g"
+    _quantize(tiny_gemma3, out, text_file)
+    loaded = api.load(out)
+    assert type(loaded.model).__name__ == "Gemma3ForCausalLM"
+    ids = torch.randint(0, 256, (1, 20))
+    with torch.no_grad():
+        assert torch.isfinite(loaded.model(ids).logits).all()
