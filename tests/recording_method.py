@@ -18,10 +18,11 @@ class StatsRTN(RTN):
     Config = WeightQuantConfig
     needs = frozenset({"hessian", "absmax", "mean"})
     true_sequential = True
-    seen: list[dict] = []
+    seen: list[dict] | None = []  # None: don't record (benchmarks)
 
     def apply_group(self, block, group, linears, stats):
-        StatsRTN.seen.append({"group": group.name, **{k: v.clone() for k, v in stats.items()}})
+        if StatsRTN.seen is not None:
+            StatsRTN.seen.append({"group": group.name, **{k: v.clone() for k, v in stats.items()}})
         # A deterministic use of the statistics: clip range shrinks where activations are small.
         scheme = self.config.scheme()
         records = {}

@@ -8,7 +8,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, field_validator
 from torch import nn
 
 from compressor.methods.base import METHODS, Method, MethodConfig, Record
@@ -22,6 +22,13 @@ class WeightQuantConfig(MethodConfig):
     group_size: int = Field(64, ge=-1, description="columns sharing a scale; -1 for per-channel")
     sym: bool = Field(True, description="symmetric (no zero point); False: integer zero points")
     scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+
+    @field_validator("group_size")
+    @classmethod
+    def _not_zero(cls, value: int) -> int:
+        if value == 0:
+            raise ValueError("0 is not a group size; use -1 for per-channel scales")
+        return value
 
     def scheme(self) -> WeightScheme:
         return WeightScheme(self.bits, self.group_size, self.sym, self.scale_dtype)
