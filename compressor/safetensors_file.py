@@ -7,6 +7,7 @@ file is reported by name before anything is loaded, and tensors can be hashed in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import struct
@@ -71,3 +72,83 @@ def tensor_bytes(path: Path, entry: TensorEntry) -> bytes:
     with open(path, "rb") as f:
         f.seek(entry.start)
         return f.read(entry.end - entry.start)
+
+
+def tensor_sha256(f, entry: TensorEntry, chunk: int = 1 << 22) -> str:
+    """sha256 of one tensor's stored bytes, read in chunks from an open file."""
+    h = hashlib.sha256()
+    f.seek(entry.start)
+    left = entry.end - entry.start
+    while left > 0:
+        block = f.read(min(chunk, left))
+        if not block:
+            break
+        h.update(block)
+        left -= len(block)
+    return h.hexdigest()
+
+
+_TORCH_DTYPES = {
+    "BOOL": "bool", "U8": "uint8", "I8": "int8", "I16": "int16", "U16": "uint16", "I32": "int32", "U32": "uint32",
+    "I64": "int64", "U64": "uint64", "F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+
+
+def _torch_dtype(code: str):
+    import torch
+
+    return getattr(torch, _TORCH_DTYPES[code])
+
+
+def _dtype_code(dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    for code, torch_name in _TORCH_DTYPES.items():
+        if torch_name == name:
+            return code
+    raise ValueError(f"safetensors cannot store {dtype}")
+
+
+def read_tensors(path: Path) -> dict:
+    """Every tensor of a checked safetensors file, read with plain reads into fresh memory.
+
+    Unlike memory-mapping, this never keeps file pages mapped beside the copies, so peak
+    resident memory is the tensors themselves.
+    """
+    import torch
+
+    entries, _ = read_header(path)
+    out = {}
+    with open(path, "rb") as f:
+        for name, e in sorted(entries.items(), key=lambda kv: kv[1].start):
+            t = torch.empty(e.shape, dtype=_torch_dtype(e.dtype))
+            if e.end > e.start:
+                f.seek(e.start)
+                view = memoryview(t.view(-1).view(torch.uint8).numpy()) if t.numel() else None
+                if f.readinto(view) != e.end - e.start:
+                    raise CompressorError(f"{path} is truncated inside tensor {name!r}", "re-create the file")
+            out[name] = t
+    return out
+
+
+def write_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+    """Write a safetensors file tensor by tensor, without building the whole file in memory."""
+    import torch
+
+    header: dict = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    names = sorted(tensors)
+    for name in names:
+        t = tensors[name]
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _dtype_code(t.dtype), "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(raw)))
+        f.write(raw)
+        for name in names:
+            t = tensors[name].detach().contiguous().cpu()
+            if t.numel():
+                f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))

@@ -31,8 +31,20 @@ class _Accumulator:
 
 
 def _log_probs(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Next-token log-probabilities [batch, len-1, vocab], normalized in place one sequence at a
+    time so the temporaries stay at one sequence's logits."""
     logits = model(input_ids=ids, use_cache=False).logits[:, :-1].float()
-    return torch.log_softmax(logits, dim=-1)
+    for row in logits:
+        row -= torch.logsumexp(row, dim=-1, keepdim=True)
+    return logits
+
+
+def _kl(base_lp: torch.Tensor, lp: torch.Tensor) -> float:
+    """Sum over tokens of KL(base ‖ model), one sequence at a time."""
+    total = 0.0
+    for b, m in zip(base_lp, lp):
+        total += float((b.exp() * (b - m)).sum())
+    return total
 
 
 @torch.no_grad()
@@ -59,7 +71,6 @@ def evaluate_models(models: dict[str, nn.Module], tokens: TokenSet, base: nn.Mod
                 seconds["base"] += time.perf_counter() - t0
                 base_acc.nll += float(-base_lp.gather(-1, targets).sum())
                 base_acc.tokens += targets.numel()
-                base_p = base_lp.exp()
             for name, model in models.items():
                 t0 = time.perf_counter()
                 lp = _log_probs(model, ids)
@@ -68,7 +79,7 @@ def evaluate_models(models: dict[str, nn.Module], tokens: TokenSet, base: nn.Mod
                 a.nll += float(-lp.gather(-1, targets).sum())
                 a.tokens += targets.numel()
                 if base_lp is not None:
-                    a.kl += float((base_p * (base_lp - lp)).sum())
+                    a.kl += _kl(base_lp, lp)
                 del lp
             bar.advance(ids.shape[0])
     results = {name: {**a.metrics(base is not None), "forward_s": seconds[name]} for name, a in acc.items()}

@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from compressor.errors import CompressorError
 from compressor.formats import compressed_tensors
 from compressor.formats.manifest import build_manifest, verify, write_manifest
-from compressor.safetensors_file import read_header
+from compressor.safetensors_file import read_tensors, write_tensors
 from compressor.util import atomic_dir
 
 WEIGHTS = "model.safetensors"
@@ -47,12 +46,12 @@ def save_tensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_by
         size += nbytes
     metadata = {"format": "pt"}
     if len(shards) == 1:
-        save_file(shards[0], str(directory / WEIGHTS), metadata=metadata)
+        write_tensors(directory / WEIGHTS, shards[0], metadata)
         return
     weight_map = {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(directory / fname), metadata=metadata)
+        write_tensors(directory / fname, shard, metadata)
         weight_map.update({k: fname for k in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
@@ -62,8 +61,7 @@ def save_tensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_by
 def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
     for f in sorted(Path(directory).glob("*.safetensors")):
-        read_header(f)  # structure check names a truncated or damaged file
-        tensors.update(load_file(f))
+        tensors.update(read_tensors(f))  # checks structure first: a damaged file is named
     return tensors
 
 

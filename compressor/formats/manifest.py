@@ -7,8 +7,8 @@ from pathlib import Path
 
 from compressor import __version__
 from compressor.errors import CompressorError
-from compressor.safetensors_file import read_header, tensor_bytes
-from compressor.util import sha256_bytes, sha256_file
+from compressor.safetensors_file import read_header, tensor_sha256
+from compressor.util import sha256_file
 
 MANIFEST = "manifest.json"
 # Files whose contents vary from run to run (timings, host) and so are not hashed.
@@ -17,7 +17,8 @@ UNHASHED = {MANIFEST, "build.json"}
 
 def tensor_hashes(path: Path) -> dict[str, str]:
     entries, _ = read_header(path)
-    return {name: sha256_bytes(tensor_bytes(path, e)) for name, e in sorted(entries.items())}
+    with open(path, "rb") as f:
+        return {name: tensor_sha256(f, e) for name, e in sorted(entries.items())}
 
 
 def build_manifest(directory: Path, *, kind: str, source: dict, method: dict | None,

@@ -15,7 +15,7 @@ from torch import nn
 from compressor.errors import CompressorError
 from compressor.models import assets
 from compressor.models.adapters import Adapter, adapter_for_config
-from compressor.safetensors_file import read_header
+from compressor.safetensors_file import read_header, read_tensors
 from compressor.util import sha256_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
@@ -152,6 +152,8 @@ def build_model(config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype)
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
     state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
+    if getattr(config, "tie_word_embeddings", False):
+        state_dict.pop("lm_head.weight", None)
     missing, unexpected = model.load_state_dict(state_dict, strict=False, assign=True)
     if getattr(config, "tie_word_embeddings", False):
         model.tie_weights()
@@ -181,11 +183,28 @@ def load_model(
     config = read_config(path)
     adapter = adapter_for_config(config)
     from_pickle = check_checkpoint_files(path, allow_pickle)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, use_safetensors=not from_pickle, trust_remote_code=False)
-    except (OSError, RuntimeError, ValueError) as exc:
-        raise CompressorError(f"cannot load {path}: {str(exc).splitlines()[0]}",
-                              "check that the checkpoint is complete and matches its config") from None
+    model = None if from_pickle else _load_safetensors_directly(path, config, dtype)
+    if model is None:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, use_safetensors=not from_pickle, trust_remote_code=False)
+        except (OSError, RuntimeError, ValueError) as exc:
+            raise CompressorError(f"cannot load {path}: {str(exc).splitlines()[0]}",
+                                  "check that the checkpoint is complete and matches its config") from None
     model.eval()
     return LoadedModel(model, load_tokenizer(path), adapter, path, source_hash(path), str(ref))
+
+
+def _load_safetensors_directly(path: Path, config, dtype: torch.dtype) -> nn.Module | None:
+    """Read the weights with plain reads into the model (resident memory = the weights once).
+
+    Returns None when the checkpoint's names need transformers' own renaming on load, so the
+    caller falls back to from_pretrained.
+    """
+    state: dict[str, torch.Tensor] = {}
+    for f in weight_files(path):
+        state.update(read_tensors(f))
+    try:
+        return build_model(config, state, dtype)
+    except CompressorError:
+        return None

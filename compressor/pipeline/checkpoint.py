@@ -7,9 +7,10 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from compressor.errors import CompressorError
+from compressor.safetensors_file import read_tensors
 from compressor.util import write_atomic
 
 STATE = "run.json"
@@ -69,7 +70,7 @@ class RunDirectory:
         _save_atomic({"hidden": hidden.contiguous()}, self.hidden_file(index))
 
     def load_block(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
-        tensors = load_file(self.block_file(index))
+        tensors = read_tensors(self.block_file(index))
         params, records = {}, {}
         for k, v in tensors.items():
             if k.startswith(RECORD_PREFIX):
@@ -81,7 +82,7 @@ class RunDirectory:
 
     def load_inputs(self, index: int) -> torch.Tensor | None:
         f = self.hidden_file(index)
-        return load_file(f)["hidden"] if f.exists() else None
+        return read_tensors(f)["hidden"] if f.exists() else None
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
