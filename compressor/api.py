@@ -8,6 +8,7 @@ import resource
 import shutil
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import torch
@@ -27,7 +28,6 @@ from compressor.models.loading import LoadedModel, build_model, load_model, load
 from compressor.pipeline.checkpoint import RunDirectory
 from compressor.pipeline.progress import Progress
 from compressor.pipeline.sequential import SequentialPipeline
-from compressor.safetensors_file import read_header
 
 
 def peak_rss_mb() -> float:
@@ -72,7 +72,9 @@ def load(ref: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool
         manifest = read_manifest(path) if (path / "manifest.json").exists() else {}
         source = manifest.get("source", {}).get("sha256", "")
         return LoadedModel(model, load_tokenizer(path), adapter, path, source, str(ref), {"manifest": manifest})
-    return load_model(path, dtype=dtype, allow_pickle=allow_pickle, log=progress.log)
+    loaded = load_model(path, dtype=dtype, allow_pickle=allow_pickle, log=progress.log)
+    loaded.name = str(ref)
+    return loaded
 
 
 def _checkpoint_dtype(config) -> torch.dtype:
@@ -106,8 +108,9 @@ def run_directory_for(out: Path) -> Path:
 def quantize(model: str, method: str, out: str | Path, options: dict[str, Any] | None = None, *,
              calib: str = "wiki", samples: int = 128, seq_len: int = 512, seed: int = 0,
              text_field: str = "text", chat_template: bool = False, device: str = "cpu", batch_size: int = 8,
-             dtype: torch.dtype = torch.float32, overwrite: bool = False, resume: bool = False,
-             restart: bool = False, allow_pickle: bool = False, progress: Progress | None = None) -> dict:
+             dtype: torch.dtype = torch.float32, hessian_dtype: torch.dtype = torch.float32,
+             overwrite: bool = False, resume: bool = False, restart: bool = False, allow_pickle: bool = False,
+             progress: Progress | None = None) -> dict:
     """Quantize a model with a registered method and write a compressed-tensors artifact."""
     progress = progress or Progress()
     started = time.perf_counter()
@@ -143,7 +146,7 @@ def quantize(model: str, method: str, out: str | Path, options: dict[str, Any] |
     if restart and run_path.exists():
         shutil.rmtree(run_path)
     SequentialPipeline(loaded.model, loaded.adapter, quantizer, run, tokens, device=device,
-                       batch_size=batch_size, progress=progress).execute(resume=resume)
+                       batch_size=batch_size, hessian_dtype=hessian_dtype, progress=progress).execute(resume=resume)
 
     tensors, metrics = _quantized_tensors(loaded, quantizer, run)
     config = loaded.model.config.to_dict()
@@ -243,65 +246,32 @@ def _size_on_disk(path: Path) -> int:
 def inspect(ref: str) -> dict:
     """Architecture, parameter count, bits per weight and size of a checkpoint or artifact."""
     path = resolve_model_path(ref)
-    if path.is_file():
+    if path.is_file():  # GGUF: the dequantized model tells the architecture and parameter count
         loaded = load(path)
         config = loaded.model.config.to_dict()
-        params = count_parameters(loaded.model)
+        params, size = count_parameters(loaded.model), path.stat().st_size
         return {"path": str(path), "kind": "gguf", "architecture": (config.get("architectures") or ["?"])[0],
                 "model_type": config.get("model_type"), "layers": config.get("num_hidden_layers"),
-                "hidden_size": config.get("hidden_size"), "params": params,
-                "size_bytes": path.stat().st_size, "bits_per_weight": round(8 * path.stat().st_size / params, 3)}
+                "hidden_size": config.get("hidden_size"), "params": params, "size_bytes": size,
+                "bits_per_weight": round(8 * size / params, 3)}
     config = artifacts.read_config(path)
-    adapter = None
-    try:
-        from compressor.models.loading import read_config as read_hf_config
-
-        adapter = adapter_for_config(read_hf_config(path)).__class__.__name__
-    except CompressorError:
-        pass
-    params = 0
-    weight_bits = 0
-    for f in sorted(path.glob("*.safetensors")):
-        entries, _ = read_header(f)
-        for name, e in entries.items():
-            numel = 1
-            for d in e.shape:
-                numel *= d
-            weight_bits += 8 * (e.end - e.start)
-            if name.endswith(".weight_packed"):
-                shape_name = name[: -len("packed")] + "shape"
-                numel = _packed_numel(f, entries, shape_name, e)
-            elif name.rsplit(".", 1)[-1] in compressed_tensors.SUFFIXES:
-                continue
-            params += numel
-    manifest = read_manifest(path) if (path / "manifest.json").exists() else None
+    params, stored = artifacts.parameter_count(path)
+    manifest = read_manifest(path) if (path / "manifest.json").exists() else {}
     qconfig = config.get("quantization_config")
+    try:
+        adapter = type(adapter_for_config(SimpleNamespace(model_type=config.get("model_type")))).__name__
+    except CompressorError:
+        adapter = None
     return {
-        "path": str(path), "kind": manifest["kind"] if manifest else "checkpoint",
+        "path": str(path), "kind": manifest.get("kind", "checkpoint"),
         "architecture": (config.get("architectures") or ["?"])[0], "model_type": config.get("model_type"),
-        "adapter": adapter, "layers": config.get("num_hidden_layers"), "hidden_size": config.get("hidden_size"),
-        "params": params, "size_bytes": artifacts.weights_size(path),
-        "bits_per_weight": round(weight_bits / max(params, 1), 3),
-        "quantized_bits_per_weight": manifest["metrics"].get("bits_per_weight") if manifest else None,
+        "adapter": adapter,
+        "layers": config.get("num_hidden_layers"), "hidden_size": config.get("hidden_size"),
+        "params": params, "size_bytes": stored, "bits_per_weight": round(8 * stored / max(params, 1), 3),
+        "quantized_bits_per_weight": manifest.get("metrics", {}).get("bits_per_weight"),
         "quantization": qconfig["config_groups"]["group_0"]["weights"] if qconfig else None,
-        "method": manifest.get("method") if manifest else None,
-        "source": manifest.get("source") if manifest else None,
+        "method": manifest.get("method"), "source": manifest.get("source"),
     }
-
-
-def _packed_numel(f: Path, entries: dict, shape_name: str, packed_entry) -> int:
-    from compressor.safetensors_file import tensor_bytes
-
-    if shape_name in entries:
-        raw = tensor_bytes(f, entries[shape_name])
-        import numpy as np
-
-        dims = np.frombuffer(raw, dtype="<i8" if entries[shape_name].dtype == "I64" else "<i4")
-        n = 1
-        for d in dims:
-            n *= int(d)
-        return n
-    return packed_entry.shape[0] * packed_entry.shape[1] * 8
 
 
 def verify(path: str | Path) -> dict:

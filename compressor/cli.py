@@ -136,6 +136,7 @@ def quantize(
     device: str = typer.Option("cpu", "--device", help="Compute device for one block at a time."),
     batch_size: int = typer.Option(8, "--batch-size", help="Calibration samples per forward pass."),
     dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32, bfloat16, float16."),
+    hessian_dtype: str = typer.Option("float32", "--hessian-dtype", help="Hessian accumulation: float32 or float64."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (kept until done)."),
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last block."),
     restart: bool = typer.Option(False, "--restart", help="Discard an interrupted run and start again."),
@@ -151,7 +152,8 @@ def quantize(
     def action():
         return api.quantize(model, method, output, options, calib=calib, samples=samples, seq_len=seq_len,
                             seed=seed, text_field=text_field, chat_template=chat_template, device=device,
-                            batch_size=batch_size, dtype=parse_dtype(dtype), overwrite=overwrite,
+                            batch_size=batch_size, dtype=parse_dtype(dtype),
+                            hessian_dtype=parse_dtype(hessian_dtype), overwrite=overwrite,
                             resume=resume, restart=restart, allow_pickle=allow_pickle, progress=_progress())
 
     _run(action, lambda r: _kv_table(f"wrote {r['output']}", r), json_out)

@@ -74,6 +74,17 @@ def tensor_bytes(path: Path, entry: TensorEntry) -> bytes:
         return f.read(entry.end - entry.start)
 
 
+def int_values(path: Path, entry: TensorEntry) -> list[int]:
+    """The values of a small integer tensor, read without loading anything else."""
+    import numpy as np
+
+    formats = {"I64": "<i8", "I32": "<i4", "I16": "<i2", "I8": "i1", "U8": "u1"}
+    if entry.dtype not in formats:
+        raise CompressorError(f"{path}: tensor {entry.name!r} should be integer, is {entry.dtype}",
+                              "the file is damaged; re-create it")
+    return [int(v) for v in np.frombuffer(tensor_bytes(path, entry), dtype=formats[entry.dtype])]
+
+
 def tensor_sha256(f, entry: TensorEntry, chunk: int = 1 << 22) -> str:
     """sha256 of one tensor's stored bytes, read in chunks from an open file."""
     h = hashlib.sha256()

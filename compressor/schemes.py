@@ -58,7 +58,7 @@ def dequantize(
     """w = (q - zero_point[:, g]) * scale[:, g] for codes [out, in] and per-group scale [out, groups]."""
     if g_idx is None:
         groups = scale.shape[1]
-        g_idx = torch.arange(codes.shape[1]) // (codes.shape[1] // groups)
+        g_idx = torch.arange(codes.shape[1], device=codes.device) // (codes.shape[1] // groups)
     g_idx = g_idx.long()
     q = codes.to(torch.float32)
     if zero_point is not None:

@@ -66,9 +66,11 @@ def make_gemma3(directory: Path, layers: int = 2) -> Path:
 
 
 @pytest.fixture(autouse=True)
-def isolated_cache(tmp_path, monkeypatch):
-    """Tests never read or write the user's asset cache."""
-    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+def isolated_cache(request, tmp_path, monkeypatch):
+    """Tests never touch the user's asset cache, except `slow` tests on the real reference
+    assets, which fetch into it (idempotently) as a user would."""
+    if request.node.get_closest_marker("slow") is None:
+        monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
 
 
 @pytest.fixture(scope="session")

@@ -8,6 +8,7 @@ the new one is complete.
 from __future__ import annotations
 
 import json
+import math
 import platform
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from compressor.errors import CompressorError
 from compressor.formats import compressed_tensors
 from compressor.formats.manifest import build_manifest, verify, write_manifest
-from compressor.safetensors_file import read_tensors, write_tensors
+from compressor.safetensors_file import int_values, read_header, read_tensors, write_tensors
 from compressor.util import atomic_dir
 
 WEIGHTS = "model.safetensors"
@@ -92,6 +93,26 @@ def write_artifact(out: Path, *, config: dict, tensors: dict[str, torch.Tensor],
 
 def weights_size(directory: Path) -> int:
     return sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
+
+
+def parameter_count(directory: Path) -> tuple[int, int]:
+    """Logical parameters and stored bytes of a directory's safetensors files; packed weights
+    count by their unpacked shape, quantization metadata (scales, zero points) not at all."""
+    params = stored = 0
+    for f in sorted(Path(directory).glob("*.safetensors")):
+        entries, _ = read_header(f)
+        for name, e in entries.items():
+            stored += e.end - e.start
+            module, _, leaf = name.rpartition(".")
+            if leaf == "weight_packed":
+                shape = entries.get(f"{module}.weight_shape")
+                if shape is None:
+                    raise CompressorError(f"{f}: {module} has packed weights but no weight_shape",
+                                          "the artifact is damaged; rebuild it")
+                params += math.prod(int_values(f, shape))
+            elif leaf not in compressed_tensors.SUFFIXES:
+                params += math.prod(e.shape)
+    return params, stored
 
 
 def read_config(directory: Path) -> dict:

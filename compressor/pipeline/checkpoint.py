@@ -54,10 +54,10 @@ class RunDirectory:
     def save_block(self, index: int, params: dict[str, torch.Tensor], records: dict[str, dict[str, torch.Tensor]],
                    next_inputs: torch.Tensor | None) -> None:
         """Persist block `index` and the inputs of block index+1, then mark the block done."""
-        tensors = {f"param.{k}": v.detach().contiguous() for k, v in params.items()}
+        tensors = {f"param.{k}": v.detach().cpu().contiguous() for k, v in params.items()}
         for linear, record in records.items():
             for key, value in record.items():
-                tensors[f"{RECORD_PREFIX}{linear}::{key}"] = value.contiguous()
+                tensors[f"{RECORD_PREFIX}{linear}::{key}"] = value.cpu().contiguous()
         _save_atomic(tensors, self.block_file(index))
         if next_inputs is not None:
             _save_atomic({"hidden": next_inputs.contiguous()}, self.hidden_file(index + 1))

@@ -66,7 +66,7 @@ def quantize_codes(
 ) -> torch.Tensor:
     """Signed integer codes [out, in] of w under per-group scale/zero (columns mapped by g_idx)."""
     if g_idx is None:
-        g_idx = torch.arange(w.shape[1]) // (w.shape[1] // scale.shape[1])
+        g_idx = torch.arange(w.shape[1], device=w.device) // (w.shape[1] // scale.shape[1])
     s = scale.float()[:, g_idx]
     q = torch.round(w.float() / s)
     if zero is not None:
