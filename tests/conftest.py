@@ -65,6 +65,15 @@ def make_gemma3(directory: Path, layers: int = 2) -> Path:
     return directory
 
 
+@pytest.fixture(autouse=True, scope="session")
+def quiet_transformers():
+    """What `compress`'s main() does before running the app: no transformers progress bars or logs."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(request, tmp_path, monkeypatch):
     """Tests never touch the user's asset cache, except `slow` tests on the real reference

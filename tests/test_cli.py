@@ -9,29 +9,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from typer.testing import CliRunner
 
 from compressor import __version__
-from compressor.cli import app
 from compressor.safetensors_file import read_header
+from helpers import cli
 
 
-@pytest.fixture(autouse=True, scope="module")
-def quiet_transformers():
-    """What `compress`'s main() does before running the app: no transformers progress bars or logs."""
-    from transformers.utils import logging as hf_logging
-
-    bars, verbosity = hf_logging.is_progress_bar_enabled(), hf_logging.get_verbosity()
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
-    yield
-    if bars:
-        hf_logging.enable_progress_bar()
-    hf_logging.set_verbosity(verbosity)
-
-
-def cli(*args):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def ok(*args):
