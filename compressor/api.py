@@ -24,7 +24,8 @@ from compressor.formats.manifest import verify as verify_artifact
 from compressor.methods import METHODS, Method
 from compressor.models import assets
 from compressor.models.adapters import adapter_for_config, count_parameters
-from compressor.models.loading import LoadedModel, build_model, load_model, load_tokenizer, resolve_model_path
+from compressor.models.loading import (LoadedModel, build_model, load_model, load_tokenizer, resolve_model_path,
+                                      stored_float_dtype)
 from compressor.pipeline.checkpoint import RunDirectory
 from compressor.pipeline.progress import Progress
 from compressor.pipeline.sequential import SequentialPipeline
@@ -71,17 +72,11 @@ def load(ref: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool
         model = build_model(config, state, dtype)
         manifest = read_manifest(path) if (path / "manifest.json").exists() else {}
         source = manifest.get("source", {}).get("sha256", "")
-        return LoadedModel(model, load_tokenizer(path), adapter, path, source, str(ref), {"manifest": manifest})
+        return LoadedModel(model, load_tokenizer(path), adapter, path, source, str(ref), {"manifest": manifest},
+                           stored_dtype=stored_float_dtype(artifacts.weight_files(path)) or dtype)
     loaded = load_model(path, dtype=dtype, allow_pickle=allow_pickle, log=progress.log)
     loaded.name = str(ref)
     return loaded
-
-
-def _checkpoint_dtype(config) -> torch.dtype:
-    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype, None)
-    return dtype if isinstance(dtype, torch.dtype) else torch.float32
 
 
 # ---------------------------------------------------------------- quantize
@@ -140,8 +135,10 @@ def quantize(model: str, method: str, out: str | Path, options: dict[str, Any] |
         tokens = calibration_set(calib, loaded.tokenizer, samples, seq_len, seed, text_field, chat_template,
                                  progress.log)
     blocks = loaded.adapter.blocks(loaded.model)
+    # Everything that changes the numbers; a resumed run must match it exactly.
     fingerprint = _fingerprint(__version__, loaded.source_hash, quantizer.describe(),
-                               tokens.sha256 if tokens else None, str(dtype))
+                               tokens.sha256 if tokens else None, str(dtype), str(hessian_dtype), batch_size,
+                               torch.device(device).type)
     run = RunDirectory(run_path, fingerprint, len(blocks))
     if restart and run_path.exists():
         shutil.rmtree(run_path)
@@ -151,6 +148,7 @@ def quantize(model: str, method: str, out: str | Path, options: dict[str, Any] |
     tensors, metrics = _quantized_tensors(loaded, quantizer, run)
     config = loaded.model.config.to_dict()
     config.pop("quantization_config", None)
+    config["dtype"] = str(loaded.stored_dtype).removeprefix("torch.")
     export = quantizer.export()
     ignore = ["lm_head"]
     config["quantization_config"] = compressed_tensors.quantization_config(export["scheme"], ignore,
@@ -171,12 +169,12 @@ def _quantized_tensors(loaded: LoadedModel, method: Method, run: RunDirectory) -
     """The artifact's tensors: packed quantized linears from the run directory, the rest as is."""
     model, adapter = loaded.model, loaded.adapter
     scheme = method.export()["scheme"]
-    keep_dtype = _checkpoint_dtype(model.config)
+    keep_dtype = loaded.stored_dtype
     state = model.state_dict()
     if adapter.tied_embeddings(model):
         state.pop("lm_head.weight", None)
     tensors: dict[str, torch.Tensor] = {}
-    quantized_params = quantized_bytes = error_num = error_den = 0
+    quantized_params = quantized_bytes = 0
     for index in range(len(adapter.blocks(model))):
         prefix = adapter.block_prefix(model, index)
         _, records = run.load_block(index)

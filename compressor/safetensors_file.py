@@ -106,7 +106,7 @@ _TORCH_DTYPES = {
 }
 
 
-def _torch_dtype(code: str):
+def torch_dtype(code: str):
     import torch
 
     return getattr(torch, _TORCH_DTYPES[code])
@@ -132,7 +132,7 @@ def read_tensors(path: Path) -> dict:
     out = {}
     with open(path, "rb") as f:
         for name, e in sorted(entries.items(), key=lambda kv: kv[1].start):
-            t = torch.empty(e.shape, dtype=_torch_dtype(e.dtype))
+            t = torch.empty(e.shape, dtype=torch_dtype(e.dtype))
             if e.end > e.start:
                 f.seek(e.start)
                 view = memoryview(t.view(-1).view(torch.uint8).numpy()) if t.numel() else None

@@ -85,3 +85,24 @@ def test_config_that_disagrees_with_tensors_is_an_error(tiny_llama, tmp_path):
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(CompressorError, match="do not match the artifact's quantization config"):
         api.load(out)
+
+
+def test_bf16_checkpoint_keeps_bf16_outside_the_quantized_linears(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from conftest import make_llama
+    from transformers import AutoModelForCausalLM
+
+    src = make_llama(tmp_path / "src", layers=1)
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (tmp_path / "bf16" / f).write_bytes((src / f).read_bytes())
+    out = tmp_path / "q"
+    api.quantize(str(tmp_path / "bf16"), "rtn", out, {"bits": 4, "group_size": 32})
+    config = json.loads((out / "config.json").read_text())
+    assert config["dtype"] == "bfloat16"
+    tensors = load_tensors(out)
+    assert tensors["model.embed_tokens.weight"].dtype == torch.bfloat16
+    assert tensors["model.layers.0.self_attn.q_proj.weight_scale"].dtype == torch.float16

@@ -61,7 +61,7 @@ def save_tensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_by
 
 def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
     tensors: dict[str, torch.Tensor] = {}
-    for f in sorted(Path(directory).glob("*.safetensors")):
+    for f in weight_files(directory):
         tensors.update(read_tensors(f))  # checks structure first: a damaged file is named
     return tensors
 
@@ -91,15 +91,19 @@ def write_artifact(out: Path, *, config: dict, tensors: dict[str, torch.Tensor],
     return out
 
 
+def weight_files(directory: Path) -> list[Path]:
+    return sorted(Path(directory).glob("*.safetensors"))
+
+
 def weights_size(directory: Path) -> int:
-    return sum(f.stat().st_size for f in Path(directory).glob("*.safetensors"))
+    return sum(f.stat().st_size for f in weight_files(directory))
 
 
 def parameter_count(directory: Path) -> tuple[int, int]:
     """Logical parameters and stored bytes of a directory's safetensors files; packed weights
     count by their unpacked shape, quantization metadata (scales, zero points) not at all."""
     params = stored = 0
-    for f in sorted(Path(directory).glob("*.safetensors")):
+    for f in weight_files(directory):
         entries, _ = read_header(f)
         for name, e in entries.items():
             stored += e.end - e.start

@@ -39,6 +39,8 @@ class LoadedModel:
     source_hash: str
     name: str  # what the user called it
     extra: dict = field(default_factory=dict)
+    # The dtype the checkpoint stores its floating-point weights in (the model may compute in another).
+    stored_dtype: torch.dtype = torch.float32
 
 
 def resolve_model_path(ref: str | Path, log: Callable[[str], None] = lambda _: None) -> Path:
@@ -192,7 +194,21 @@ def load_model(
             raise CompressorError(f"cannot load {path}: {str(exc).splitlines()[0]}",
                                   "check that the checkpoint is complete and matches its config") from None
     model.eval()
-    return LoadedModel(model, load_tokenizer(path), adapter, path, source_hash(path), str(ref))
+    return LoadedModel(model, load_tokenizer(path), adapter, path, source_hash(path), str(ref),
+                       stored_dtype=stored_float_dtype(weight_files(path)) or dtype)
+
+
+def stored_float_dtype(files: list[Path]) -> torch.dtype | None:
+    """The floating-point dtype holding most of the bytes of a set of safetensors files."""
+    from compressor.safetensors_file import torch_dtype
+
+    totals: dict[str, int] = {}
+    for f in files:
+        entries, _ = read_header(f)
+        for e in entries.values():
+            if e.dtype in ("F16", "BF16", "F32", "F64"):
+                totals[e.dtype] = totals.get(e.dtype, 0) + e.end - e.start
+    return torch_dtype(max(totals, key=totals.get)) if totals else None
 
 
 def _load_safetensors_directly(path: Path, config, dtype: torch.dtype) -> nn.Module | None:
