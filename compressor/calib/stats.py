@@ -86,13 +86,20 @@ class MeanCollector(Collector):
 COLLECTORS: dict[str, type[Collector]] = {c.kind: c for c in (HessianCollector, AbsMaxCollector, MeanCollector)}
 
 
+class InputsCollected(Exception):
+    """Raised after the last hooked group has seen its input, when asked to stop early."""
+
+
 @contextmanager
 def collect_inputs(
     groups: dict[str, list[nn.Linear]], kinds: set[str], hessian_dtype: torch.dtype = torch.float32,
+    stop_after_last: bool = False,
 ) -> Iterator[dict[str, dict[str, Collector]]]:
     """Hook the first linear of each input-sharing group; yields {group: {kind: collector}}.
 
-    The collectors fill while the caller runs forward passes inside the `with` block.
+    The collectors fill while the caller runs forward passes inside the `with` block. With
+    `stop_after_last`, the hook of the last group (in execution order) raises InputsCollected,
+    so a forward pass that only gathers statistics skips the rest of the computation.
     """
     unknown = set(kinds) - set(COLLECTORS)
     if unknown:
@@ -107,13 +114,15 @@ def collect_inputs(
         }
         collectors[name] = per_group
 
-        def hook(_module, inputs, _output, per_group=per_group):
+        def hook(_module, inputs, per_group=per_group, last=name == list(groups)[-1]):
             x = inputs[0].detach()
             x = x.reshape(-1, x.shape[-1])
             for c in per_group.values():
                 c.update(x)
+            if last and stop_after_last:
+                raise InputsCollected
 
-        handles.append(first.register_forward_hook(hook))
+        handles.append(first.register_forward_pre_hook(hook))
     try:
         yield collectors
     finally:

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from compressor.calib.data import TokenSet
-from compressor.calib.stats import collect_inputs
+from compressor.calib.stats import InputsCollected, collect_inputs
 from compressor.methods.base import Method, Record
 from compressor.models.adapters import Adapter
 from compressor.pipeline.checkpoint import RunDirectory
@@ -113,14 +113,24 @@ def _to(value: Any, device: torch.device) -> Any:
 
 @torch.no_grad()
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], batch_size: int,
-              device: torch.device, keep_outputs: bool = True) -> torch.Tensor | None:
+              device: torch.device) -> torch.Tensor:
     outputs = []
     for start in range(0, hidden.shape[0], batch_size):
         out = block(hidden[start:start + batch_size].to(device), **kwargs)
         out = out[0] if isinstance(out, tuple) else out
-        if keep_outputs:
-            outputs.append(out.to("cpu"))
-    return torch.cat(outputs) if keep_outputs else None
+        outputs.append(out.to("cpu"))
+    return torch.cat(outputs)
+
+
+@torch.no_grad()
+def feed_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], batch_size: int,
+               device: torch.device) -> None:
+    """Run the block over every sample for its hooks only; a hook may end a pass early."""
+    for start in range(0, hidden.shape[0], batch_size):
+        try:
+            block(hidden[start:start + batch_size].to(device), **kwargs)
+        except InputsCollected:
+            pass
 
 
 class SequentialPipeline:
@@ -193,8 +203,9 @@ class SequentialPipeline:
         batches = [[g] for g in groups] if self.method.true_sequential else [list(groups)]
         for batch in batches:
             targets = {g.name: [linears[n] for n in g.linears] for g in batch}
-            with collect_inputs(targets, set(self.method.needs), self.hessian_dtype) as collectors:
-                run_block(block, hidden, kwargs, self.batch_size, self.device, keep_outputs=False)
+            with collect_inputs(targets, set(self.method.needs), self.hessian_dtype,
+                                stop_after_last=True) as collectors:
+                feed_block(block, hidden, kwargs, self.batch_size, self.device)
             for group in batch:
                 stats = {kind: c.result() for kind, c in collectors[group.name].items()}
                 records.update(self.method.apply_group(block, group, {n: linears[n] for n in group.linears}, stats))
