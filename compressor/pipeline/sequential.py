@@ -65,13 +65,17 @@ def capture_block_kwargs(model: nn.Module, adapter: Adapter, input_ids: torch.Te
             if i == len(blocks) - 1:
                 raise _Captured
         handles.append(block.register_forward_pre_hook(hook, with_kwargs=True))
+        # The blocks' own computation is not needed to see their arguments: pass hidden states through.
+        block.forward = lambda hidden_states, *args, **kwargs: hidden_states
     try:
-        model(input_ids[:1], use_cache=False)  # on the CPU: one sequence is cheap and needs no device memory
+        model(input_ids[:1], use_cache=False)  # on the CPU: no block compute, no device memory
     except _Captured:
         pass
     finally:
         for h in handles:
             h.remove()
+        for block in blocks:
+            del block.forward
     return [_to(k, device) for k in captured]
 
 
