@@ -289,7 +289,7 @@ def test_too_few_calibration_tokens_names_the_counts(tokenizer, tmp_path):
 def test_calibration_settings_out_of_range(tokenizer, text_file):
     with pytest.raises(CompressorError, match="samples >= 1"):
         calibration_set(text_file, tokenizer, samples=0, seq_len=32)
-    with pytest.raises(CompressorError, match="seq_len >= 2"):
+    with pytest.raises(CompressorError, match="seq-len >= 2"):
         calibration_set(text_file, tokenizer, samples=2, seq_len=1)
 
 
@@ -342,8 +342,8 @@ def test_eval_data_problems_through_cli(tiny_llama, tmp_path):
 @pytest.mark.parametrize("args, phrase", [
     (["--windows", "0"], "windows >= 1"),
     (["--windows", "-1"], "windows >= 1"),
-    (["--window-len", "1"], "window_len >= 2"),
-    (["--window-len", "0"], "window_len >= 2"),
+    (["--window-len", "1"], "window-len >= 2"),
+    (["--window-len", "0"], "window-len >= 2"),
     (["--batch-size", "0"], "batch size"),
 ])
 def test_eval_window_settings_out_of_range(args, phrase, tiny_llama, text_file):

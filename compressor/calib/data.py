@@ -149,12 +149,25 @@ class TokenSet:
         return {"source": self.source, "samples": self.samples, "seq_len": self.seq_len, "sha256": self.sha256}
 
 
-def _windows(stream: torch.Tensor, count: int, length: int, path: Path, what: str, fix: str) -> torch.Tensor:
+def _all_windows(ref: str | Path, tokenizer, split: str, count: int, length: int, what: str,
+                 flags: tuple[str, str], text_field: str, chat_template: bool,
+                 log: Callable[[str], None]) -> torch.Tensor:
+    """Every non-overlapping window of `length` tokens of the data; errors name the shortfall."""
+    count_flag, length_flag = flags
+    if count < 1:
+        raise CompressorError(f"{what} needs {count_flag} >= 1 (got {count})", f"raise {count_flag}")
+    if length < 2:
+        raise CompressorError(f"{what} needs {length_flag} >= 2 (got {length})", f"raise {length_flag}")
+    if tokenizer is None:
+        raise CompressorError(f"{what} needs a tokenizer but the model has none",
+                              "add the tokenizer files to the model directory")
+    path = resolve_data(ref, split, log)
+    stream = token_stream(path, tokenizer, text_field, chat_template)
     available = stream.numel() // length
     if available < count:
         raise CompressorError(
             f"{path} yields {stream.numel()} tokens, {available} windows of {length}; {what} needs {count} "
-            f"({count * length} tokens)", fix)
+            f"({count * length} tokens)", f"add text or lower {count_flag}/{length_flag}")
     return stream[: available * length].view(available, length)
 
 
@@ -163,16 +176,8 @@ def calibration_set(
     text_field: str = "text", chat_template: bool = False, log: Callable[[str], None] = lambda _: None,
 ) -> TokenSet:
     """`samples` windows of `seq_len` tokens drawn without overlap from the data, chosen by `seed`."""
-    if samples < 1 or seq_len < 2:
-        raise CompressorError(f"calibration needs samples >= 1 and seq_len >= 2 (got {samples}, {seq_len})",
-                              "raise --samples/--seq-len")
-    if tokenizer is None:
-        raise CompressorError("calibration needs a tokenizer but the model has none",
-                              "add the tokenizer files to the model directory")
-    path = resolve_data(ref, "calib", log)
-    stream = token_stream(path, tokenizer, text_field, chat_template)
-    windows = _windows(stream, samples, seq_len, path, "calibration",
-                       "add calibration text or lower --samples/--seq-len")
+    windows = _all_windows(ref, tokenizer, "calib", samples, seq_len, "calibration", ("--samples", "--seq-len"),
+                           text_field, chat_template, log)
     generator = torch.Generator().manual_seed(seed)
     chosen = torch.randperm(windows.shape[0], generator=generator)[:samples].sort().values
     ids = windows[chosen].clone()
@@ -184,13 +189,6 @@ def evaluation_set(
     log: Callable[[str], None] = lambda _: None,
 ) -> TokenSet:
     """The first `windows` non-overlapping windows of the held-out text (no BOS inserted)."""
-    if windows < 1 or window_len < 2:
-        raise CompressorError(f"evaluation needs windows >= 1 and window_len >= 2 (got {windows}, {window_len})",
-                              "raise --windows/--window-len")
-    if tokenizer is None:
-        raise CompressorError("evaluation needs a tokenizer but the model has none",
-                              "add the tokenizer files to the model directory")
-    path = resolve_data(ref, "eval", log)
-    stream = token_stream(path, tokenizer, text_field)
-    ids = _windows(stream, windows, window_len, path, "evaluation", "lower --windows or --window-len")[:windows].clone()
+    ids = _all_windows(ref, tokenizer, "eval", windows, window_len, "evaluation", ("--windows", "--window-len"),
+                       text_field, False, log)[:windows].clone()
     return TokenSet(ids, str(ref), tensor_hash(ids))
