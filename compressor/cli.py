@@ -13,6 +13,7 @@ from rich.table import Table
 
 from compressor import __version__
 from compressor.errors import CompressorError
+from compressor.util import return_freed_memory
 from compressor.pipeline.progress import Progress, RichProgress
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -232,29 +233,9 @@ def _click_exceptions():
     return exceptions
 
 
-def _return_freed_memory() -> None:
-    """Make glibc serve large allocations with mmap so freed tensors go back to the OS.
-
-    By default glibc raises its mmap threshold after big frees, and per-layer temporaries then
-    pile up in the heap: peak memory grew with the number of layers. A fixed 1 MiB threshold
-    keeps peak memory at the weights plus one layer's work.
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    try:
-        libc = ctypes.CDLL(name)
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
-
-
 def main() -> None:
     exceptions = _click_exceptions()
-    _return_freed_memory()
+    return_freed_memory()
     _quiet_libraries()
     try:
         code = app(standalone_mode=False)

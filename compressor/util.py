@@ -68,3 +68,23 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+def return_freed_memory() -> None:
+    """Make glibc serve large allocations with mmap so freed tensors go back to the OS.
+
+    By default glibc raises its mmap threshold after big frees, and per-layer temporaries then
+    pile up in the heap: peak memory grew with the number of layers. A fixed 1 MiB threshold
+    keeps peak memory at the weights plus one layer's work. Process-wide, so the CLI calls it
+    at start; library users may call it too.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        ctypes.CDLL(name).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
