@@ -125,7 +125,6 @@ def _calibrated_run(tests_dir: str, model: Path, out: Path) -> dict:
 
     code = (f"import sys, json; sys.path.insert(0, {tests_dir!r}); import recording_method; "
             "recording_method.register(); recording_method.StatsRTN.seen = None\n"
-            "from compressor.util import return_freed_memory; return_freed_memory()  # as the CLI does\n"
             "from compressor import api\n"
             f"r = api.quantize({str(model)!r}, recording_method.NAME, {str(out)!r}, "
             "{'bits': 4, 'group_size': 64}, overwrite=True)\n"

@@ -29,6 +29,7 @@ from compressor.models.loading import (LoadedModel, build_model, load_model, loa
 from compressor.pipeline.checkpoint import RunDirectory
 from compressor.pipeline.progress import Progress
 from compressor.pipeline.sequential import SequentialPipeline
+from compressor.util import release_memory
 
 
 def peak_rss_mb() -> float:
@@ -186,6 +187,7 @@ def _quantized_tensors(loaded: LoadedModel, method: Method, run: RunDirectory) -
             quantized_params += original.numel()
             quantized_bytes += sum(t.numel() * t.element_size() for k, t in encoded.items()
                                    if not k.endswith("weight_shape"))
+        release_memory()
     for name, value in state.items():
         tensors[name] = value.to(keep_dtype) if value.is_floating_point() else value
     metrics = {

@@ -13,7 +13,6 @@ from rich.table import Table
 
 from compressor import __version__
 from compressor.errors import CompressorError
-from compressor.util import return_freed_memory
 from compressor.pipeline.progress import Progress, RichProgress
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -235,7 +234,6 @@ def _click_exceptions():
 
 def main() -> None:
     exceptions = _click_exceptions()
-    return_freed_memory()
     _quiet_libraries()
     try:
         code = app(standalone_mode=False)

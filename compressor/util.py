@@ -70,21 +70,32 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TB"
 
 
-def return_freed_memory() -> None:
-    """Make glibc serve large allocations with mmap so freed tensors go back to the OS.
+def release_memory() -> None:
+    """Give freed heap memory back to the OS (glibc's malloc_trim; a no-op elsewhere).
 
-    By default glibc raises its mmap threshold after big frees, and per-layer temporaries then
-    pile up in the heap: peak memory grew with the number of layers. A fixed 1 MiB threshold
-    keeps peak memory at the weights plus one layer's work. Process-wide, so the CLI calls it
-    at start; library users may call it too.
+    Per-layer temporaries of a few MB are served from glibc's heap once its mmap threshold has
+    adapted upward, and the holes they leave are not returned on their own, so without this
+    peak memory grows with the number of layers. The pipeline calls it after every block.
     """
-    import ctypes
-    import ctypes.util
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
 
-    name = ctypes.util.find_library("c")
-    if not name:
-        return
-    try:
-        ctypes.CDLL(name).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-    except (OSError, AttributeError):
-        pass
+
+def _malloc_trim():
+    global _TRIM
+    if _TRIM is False:
+        import ctypes
+        import ctypes.util
+
+        _TRIM = None
+        name = ctypes.util.find_library("c")
+        if name:
+            try:
+                _TRIM = ctypes.CDLL(name).malloc_trim
+            except (OSError, AttributeError):
+                pass
+    return _TRIM
+
+
+_TRIM = False

@@ -22,6 +22,7 @@ from compressor.methods.base import Method, Record
 from compressor.models.adapters import Adapter
 from compressor.pipeline.checkpoint import RunDirectory
 from compressor.pipeline.progress import Progress
+from compressor.util import release_memory
 
 # Test hook: SIGKILL the process right after this block's checkpoint is written.
 KILL_AFTER_BLOCK_ENV = "COMPRESSOR_KILL_AFTER_BLOCK"
@@ -190,6 +191,7 @@ class SequentialPipeline:
                 block.to("cpu")
                 self.run.save_block(index, block.state_dict(), records, next_hidden)
                 hidden = next_hidden
+                release_memory()
                 bar.advance()
                 if kill_after is not None and int(kill_after) == index:
                     os.kill(os.getpid(), signal.SIGKILL)
