@@ -127,6 +127,11 @@ def quantize(
     group_size: Optional[int] = typer.Option(None, "--group-size", help="Columns per scale; -1 per channel."),
     sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric, or integer zero points."),
     scale_dtype: Optional[str] = typer.Option(None, "--scale-dtype", help="float16, bfloat16 or float32."),
+    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order",
+                                             help="GPTQ: columns by descending Hessian diagonal."),
+    damp: Optional[float] = typer.Option(None, "--damp", help="GPTQ: relative dampening (default 0.01)."),
+    mse_clip: Optional[bool] = typer.Option(None, "--mse-clip/--no-mse-clip",
+                                            help="GPTQ: MSE-optimal clipping of group scales."),
     calib: str = typer.Option("wiki", "--calib", help="Calibration data: file, saved dataset or 'wiki'."),
     samples: int = typer.Option(128, "--samples", help="Calibration samples."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration sample."),
@@ -147,7 +152,8 @@ def quantize(
     from compressor import api
     from compressor.models.loading import parse_dtype
 
-    options = {"bits": bits, "group_size": group_size, "sym": sym, "scale_dtype": scale_dtype}
+    options = {"bits": bits, "group_size": group_size, "sym": sym, "scale_dtype": scale_dtype,
+               "act_order": act_order, "damp": damp, "mse_clip": mse_clip}
 
     def action():
         return api.quantize(model, method, output, options, calib=calib, samples=samples, seq_len=seq_len,
