@@ -19,10 +19,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
 @contextmanager
 def atomic_dir(target: Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a fresh sibling temp directory; on success it replaces `target` in one rename.

