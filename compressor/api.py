@@ -90,7 +90,7 @@ def make_method(name: str, options: dict[str, Any]) -> Method:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
         raise CompressorError(f"invalid {name} setting {field}: {err['msg']} (got {err.get('input')!r})",
-                              f"see `compress quantize --help` for valid values") from None
+                              "see `compress quantize --help` for valid values") from None
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -117,6 +117,9 @@ def quantize(model: str, method: str, out: str | Path, options: dict[str, Any] |
                               "pass --resume to continue the interrupted run or --restart to discard it")
     if batch_size < 1:
         raise CompressorError(f"batch size must be at least 1 (got {batch_size})", "raise --batch-size")
+    if hessian_dtype not in (torch.float32, torch.float64):
+        raise CompressorError(f"Hessians accumulate in float32 or float64, not {hessian_dtype}",
+                              "pass --hessian-dtype float32 or float64")
     run_path = run_directory_for(out)
     interrupted = (run_path / "run.json").is_file()
     if resume and not interrupted:

@@ -4,10 +4,8 @@ the pipeline (capture, hooks, true-sequential collection, propagation, checkpoin
 
 from __future__ import annotations
 
-import torch
-
 from compressor.methods.base import METHODS
-from compressor.methods.quant.quantizer import dequantize_record, quantize_codes
+from compressor.methods.quant.quantizer import compute_qparams, dequantize_record, make_record
 from compressor.methods.quant.rtn import RTN, WeightQuantConfig
 
 NAME = "test-stats-rtn"
@@ -30,12 +28,7 @@ class StatsRTN(RTN):
             w = linear.weight.data
             importance = stats["hessian"].diagonal().float().sqrt()
             clip = 0.9 + 0.1 * (importance / importance.max())
-            from compressor.methods.quant.quantizer import compute_qparams
-
-            scale, zero = compute_qparams(w * clip, scheme)
-            record = {"qweight": quantize_codes(w, scale, zero, scheme), "scale": scale}
-            if zero is not None:
-                record["zero_point"] = zero
+            record = make_record(w, *compute_qparams(w * clip, scheme), scheme)
             linear.weight.data = dequantize_record(record, w.dtype)
             records[name] = record
         return records

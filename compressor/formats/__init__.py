@@ -1,1 +1,1 @@
-"""On-disk formats: artifact writing, the manifest, and registered tensor formats."""
+"""On-disk formats: atomic artifact directories, the manifest, compressed-tensors packing."""

@@ -16,7 +16,7 @@ from torch import nn
 
 from compressor.errors import CompressorError
 from compressor.methods.base import METHODS, Method, Record
-from compressor.methods.quant.quantizer import check_scheme, compute_qparams, dequantize_record, quantize_codes
+from compressor.methods.quant.quantizer import check_scheme, compute_qparams, dequantize_record, make_record
 from compressor.methods.quant.rtn import WeightQuantConfig
 from compressor.models.adapters import Adapter, LinearGroup
 from compressor.schemes import WeightScheme, group_index
@@ -39,9 +39,7 @@ def mse_qparams(w: torch.Tensor, scheme: WeightScheme, grid: int = 20, min_ratio
     for step in range(grid):
         ratio = 1.0 - (1.0 - min_ratio) * step / grid
         scale, zero = compute_qparams(w * ratio, scheme)
-        record = {"qweight": quantize_codes(w, scale, zero, scheme), "scale": scale}
-        if zero is not None:
-            record["zero_point"] = zero
+        record = make_record(w, scale, zero, scheme)
         err = (dequantize_record(record, torch.float32) - w.float()).reshape(g.shape).pow(2).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -113,10 +111,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig, name: st
         w[:, end:] -= err_block @ hinv[start:end, end:]
     unpermuted = torch.empty_like(q)
     unpermuted[:, perm] = q
-    record = {"qweight": quantize_codes(unpermuted, scale, zero, scheme), "scale": scale}
-    if zero is not None:
-        record["zero_point"] = zero
-    return record, damp
+    return make_record(unpermuted, scale, zero, scheme), damp
 
 
 @METHODS.register("gptq")

@@ -74,14 +74,18 @@ def quantize_codes(
     return q.clamp(scheme.qmin, scheme.qmax).to(torch.int8)
 
 
-def quantize_weight(w: torch.Tensor, scheme: WeightScheme) -> dict[str, torch.Tensor]:
-    """Round-to-nearest quantization of one weight matrix; the record a format stores."""
-    scale, zero = compute_qparams(w, scheme)
-    codes = quantize_codes(w, scale, zero, scheme)
-    record = {"qweight": codes, "scale": scale}
+def make_record(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                scheme: WeightScheme) -> dict[str, torch.Tensor]:
+    """The record a format stores: w rounded to the grid of the given scales and zero points."""
+    record = {"qweight": quantize_codes(w, scale, zero, scheme), "scale": scale}
     if zero is not None:
         record["zero_point"] = zero
     return record
+
+
+def quantize_weight(w: torch.Tensor, scheme: WeightScheme) -> dict[str, torch.Tensor]:
+    """Round-to-nearest quantization of one weight matrix with min-max scales."""
+    return make_record(w, *compute_qparams(w, scheme), scheme)
 
 
 def dequantize_record(record: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
