@@ -135,7 +135,7 @@ def quantize(model: str, method: str, out: str | Path, options: dict[str, Any] |
                               "write the artifact to another -o path")
     quantizer.check(loaded.model, loaded.adapter)
     tokens = None
-    if quantizer.needs:
+    if quantizer.needs_calibration:
         tokens = calibration_set(calib, loaded.tokenizer, samples, seq_len, seed, text_field, chat_template,
                                  progress.log)
     blocks = loaded.adapter.blocks(loaded.model)

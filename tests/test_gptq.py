@@ -9,7 +9,8 @@ import torch
 
 from compressor import api
 from compressor.errors import CompressorError
-from compressor.methods.quant.gptq import GPTQConfig, gptq_quantize
+from compressor.methods.quant.gptq import GPTQConfig, gptq_quantize, split_rows
+from compressor.safetensors_file import read_header
 from compressor.methods.quant.quantizer import dequantize_record, quantize_weight
 
 
@@ -62,4 +63,31 @@ def test_gptq_through_the_pipeline_beats_rtn(tiny_llama, text_file, tmp_path):
                                window_len=64)["kl"] for m in ("gptq", "rtn")}
     assert results["gptq"] < results["rtn"]
     config = json.loads((tmp_path / "gptq" / "config.json").read_text())
-    assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] == "weight"
+    assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] == "group"
+    header, _ = read_header(tmp_path / "gptq" / "model.safetensors")
+    assert "model.layers.0.mlp.down_proj.weight_g_idx" in header
+
+
+def test_static_groups_keep_natural_layout():
+    w, x = _layer()
+    h = x.T @ x / x.shape[0]
+    static, _ = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=32, act_order=True, static_groups=True))
+    swept, _ = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=32, act_order=True))
+    assert "g_idx" not in static
+    g_idx = swept["g_idx"].long()
+    # Groups follow the processing order: each group holds group_size columns, the highest-H ones first.
+    assert torch.bincount(g_idx).tolist() == [32] * 4
+    order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
+    assert g_idx[order].tolist() == sorted(g_idx.tolist())
+
+
+def test_stacked_group_equals_per_linear():
+    """Linears sharing a Hessian are quantized as one stacked matrix; rows are independent."""
+    w, x = _layer(rows=96)
+    h = x.T @ x / x.shape[0]
+    config = GPTQConfig(bits=4, group_size=32, act_order=True, sym=False)
+    whole, _ = gptq_quantize(w, h, config)
+    parts = split_rows(whole, [64, 32])
+    first, _ = gptq_quantize(w[:64], h, config)
+    for key in first:
+        assert torch.equal(parts[0][key], first[key]), key

@@ -65,6 +65,24 @@ class AbsMaxCollector(Collector):
         return self.value
 
 
+class AbsMeanCollector(Collector):
+    """Per-channel mean of |x| over tokens (AWQ's activation salience)."""
+
+    kind = "absmean"
+
+    def __init__(self, features: int, dtype: torch.dtype = torch.float32):
+        super().__init__(features, dtype)
+        self.sum: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor) -> None:
+        s = x.abs().to(self.dtype).sum(dim=0)
+        self.sum = s if self.sum is None else self.sum.add_(s)
+        self.count += x.shape[0]
+
+    def result(self) -> torch.Tensor:
+        return self.sum / max(self.count, 1)
+
+
 class MeanCollector(Collector):
     """Per-channel mean of x over tokens."""
 
@@ -83,7 +101,8 @@ class MeanCollector(Collector):
         return self.sum / max(self.count, 1)
 
 
-COLLECTORS: dict[str, type[Collector]] = {c.kind: c for c in (HessianCollector, AbsMaxCollector, MeanCollector)}
+COLLECTORS: dict[str, type[Collector]] = {
+    c.kind: c for c in (HessianCollector, AbsMaxCollector, AbsMeanCollector, MeanCollector)}
 
 
 class InputsCollected(Exception):

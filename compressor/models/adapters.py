@@ -24,6 +24,24 @@ class LinearGroup:
     name: str
     linears: tuple[str, ...]
     norm: str | None = None
+    # A linear whose output channels are this group's input channels, scaled through linearly
+    # (up_proj feeds down_proj through act(gate) * up): where a per-channel scale can be folded
+    # when there is no norm in front.
+    source: str | None = None
+
+
+@dataclass(frozen=True)
+class Shortcut:
+    """A block submodule whose output is exactly its last linear applied to that linear's input.
+
+    Once everything inside the submodule before `last_linear` is final, the pipeline can cache
+    `last_linear`'s inputs and replace the submodule by `last_linear(cached input)` in later
+    passes over the block, instead of recomputing, e.g., attention three more times.
+    """
+
+    module: str
+    last_linear: str
+    returns_tuple: bool = False  # attention modules return (output, attention weights)
 
 
 class Adapter:
@@ -31,6 +49,7 @@ class Adapter:
 
     model_types: ClassVar[tuple[str, ...]] = ()
     groups: ClassVar[tuple[LinearGroup, ...]] = ()
+    shortcuts: ClassVar[tuple[Shortcut, ...]] = ()
     # RMSNorm flavour: Gemma scales by (1 + weight), Llama by weight. Smoothing needs it.
     norm_weight_offset: ClassVar[float] = 0.0
 
@@ -56,6 +75,13 @@ class Adapter:
     def tied_embeddings(self, model: nn.Module) -> bool:
         return self.head(model).weight is self.embedding(model).weight
 
+    def shortcut_of(self, linear: str) -> Shortcut | None:
+        """The shortcut submodule (attention, MLP) that contains a linear."""
+        for shortcut in self.shortcuts:
+            if linear.startswith(shortcut.module + "."):
+                return shortcut
+        return None
+
     def linear_names(self) -> list[str]:
         """Names of the block's linears, relative to the block, in execution order."""
         return [name for group in self.groups for name in group.linears]
@@ -70,8 +96,11 @@ _LLAMA_GROUPS = (
     LinearGroup("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
     LinearGroup("attn_out", ("self_attn.o_proj",)),
     LinearGroup("mlp_in", ("mlp.gate_proj", "mlp.up_proj"), "post_attention_layernorm"),
-    LinearGroup("mlp_out", ("mlp.down_proj",)),
+    LinearGroup("mlp_out", ("mlp.down_proj",), source="mlp.up_proj"),
 )
+# transformers' attention modules end in `return o_proj(x), weights`, their MLPs in `return down_proj(x)`.
+_ATTENTION_AND_MLP = (Shortcut("self_attn", "self_attn.o_proj", returns_tuple=True),
+                      Shortcut("mlp", "mlp.down_proj"))
 
 
 @ADAPTERS.register("llama")
@@ -80,6 +109,7 @@ class LlamaAdapter(Adapter):
 
     model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
     groups = _LLAMA_GROUPS
+    shortcuts = _ATTENTION_AND_MLP
 
 
 @ADAPTERS.register("gemma3")
@@ -91,8 +121,9 @@ class Gemma3Adapter(Adapter):
         LinearGroup("attn_in", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "input_layernorm"),
         LinearGroup("attn_out", ("self_attn.o_proj",)),
         LinearGroup("mlp_in", ("mlp.gate_proj", "mlp.up_proj"), "pre_feedforward_layernorm"),
-        LinearGroup("mlp_out", ("mlp.down_proj",)),
+        LinearGroup("mlp_out", ("mlp.down_proj",), source="mlp.up_proj"),
     )
+    shortcuts = _ATTENTION_AND_MLP
     norm_weight_offset = 1.0
 
     def decoder(self, model: nn.Module) -> nn.Module:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import os
 import signal
-from typing import Any
+from contextlib import ExitStack, contextmanager
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -19,9 +20,10 @@ from torch import nn
 from compressor.calib.data import TokenSet
 from compressor.calib.stats import InputsCollected, collect_inputs
 from compressor.methods.base import Method, Record
-from compressor.models.adapters import Adapter
+from compressor.models.adapters import Adapter, Shortcut
 from compressor.pipeline.checkpoint import RunDirectory
 from compressor.pipeline.progress import Progress
+from compressor.pipeline.replay import record_block
 from compressor.util import release_memory
 
 # Test hook: SIGKILL the process right after this block's checkpoint is written.
@@ -116,12 +118,25 @@ def _to(value: Any, device: torch.device) -> Any:
     return value
 
 
+class BatchCursor:
+    """Which calibration batch a pass over a block is on, for modules replaced by cached outputs."""
+
+    index = 0
+
+
+def _batches(hidden: torch.Tensor, batch_size: int, cursor: BatchCursor | None) -> Iterator[torch.Tensor]:
+    for number, start in enumerate(range(0, hidden.shape[0], batch_size)):
+        if cursor is not None:
+            cursor.index = number
+        yield hidden[start:start + batch_size]
+
+
 @torch.no_grad()
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], batch_size: int,
-              device: torch.device) -> torch.Tensor:
+              device: torch.device, cursor: BatchCursor | None = None) -> torch.Tensor:
     outputs = []
-    for start in range(0, hidden.shape[0], batch_size):
-        out = block(hidden[start:start + batch_size].to(device), **kwargs)
+    for batch in _batches(hidden, batch_size, cursor):
+        out = block(batch.to(device), **kwargs)
         out = out[0] if isinstance(out, tuple) else out
         outputs.append(out.to("cpu"))
     return torch.cat(outputs)
@@ -129,13 +144,48 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], ba
 
 @torch.no_grad()
 def feed_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], batch_size: int,
-               device: torch.device) -> None:
+               device: torch.device, cursor: BatchCursor | None = None) -> None:
     """Run the block over every sample for its hooks only; a hook may end a pass early."""
-    for start in range(0, hidden.shape[0], batch_size):
+    for batch in _batches(hidden, batch_size, cursor):
         try:
-            block(hidden[start:start + batch_size].to(device), **kwargs)
+            block(batch.to(device), **kwargs)
         except InputsCollected:
             pass
+
+
+class ShortcutCache:
+    """Per-batch inputs of a shortcut's last linear; once installed, the submodule returns
+    `last_linear(cached input)` instead of recomputing everything before it."""
+
+    def __init__(self, block: nn.Module, shortcut: Shortcut, cursor: BatchCursor):
+        self.module = block.get_submodule(shortcut.module)
+        self.linear = block.get_submodule(shortcut.last_linear)
+        self.returns_tuple = shortcut.returns_tuple
+        self.cursor = cursor
+        self.inputs: list[torch.Tensor] = []
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        def hook(_module, args):
+            self.inputs.append(args[0].detach().to("cpu"))
+
+        handle = self.linear.register_forward_pre_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
+
+    @contextmanager
+    def installed(self) -> Iterator[None]:
+        def forward(*_args, **_kwargs):
+            out = self.linear(self.inputs[self.cursor.index].to(self.linear.weight.device))
+            return (out, None) if self.returns_tuple else out
+
+        self.module.forward = forward
+        try:
+            yield
+        finally:
+            del self.module.forward
 
 
 class SequentialPipeline:
@@ -151,7 +201,7 @@ class SequentialPipeline:
         self.batch_size = batch_size
         self.hessian_dtype = hessian_dtype
         self.progress = progress or Progress()
-        if method.needs and calibration is None:
+        if method.needs_calibration and calibration is None:
             raise ValueError(f"method {method.name} needs calibration data")
 
     def execute(self, resume: bool) -> None:
@@ -167,7 +217,7 @@ class SequentialPipeline:
             self.progress.log(f"resuming after block {start}/{len(blocks)}")
 
         hidden, block_kwargs = None, None
-        if self.method.needs and start < len(blocks):
+        if self.method.needs_calibration and start < len(blocks):
             ids = self.calibration.input_ids
             block_kwargs = capture_block_kwargs(self.model, self.adapter, ids, self.device)
             hidden = self.run.load_inputs(start) if start else None
@@ -184,10 +234,12 @@ class SequentialPipeline:
                 block = blocks[index]
                 block.to(self.device)
                 kwargs = block_kwargs[index] if block_kwargs else None
-                records = self._process_block(block, hidden, kwargs)
+                last = index + 1 == len(blocks)
+                records, outputs = self._process_block(block, hidden, kwargs, want_outputs=not last)
                 next_hidden = None
-                if hidden is not None and index + 1 < len(blocks):
-                    next_hidden = run_block(block, hidden, kwargs, self.batch_size, self.device)
+                if hidden is not None and not last:
+                    next_hidden = outputs if outputs is not None else run_block(
+                        block, hidden, kwargs, self.batch_size, self.device)
                 block.to("cpu")
                 self.run.save_block(index, block.state_dict(), records, next_hidden)
                 hidden = next_hidden
@@ -196,23 +248,48 @@ class SequentialPipeline:
                 if kill_after is not None and int(kill_after) == index:
                     os.kill(os.getpid(), signal.SIGKILL)
 
-    def _process_block(self, block: nn.Module, hidden: torch.Tensor | None,
-                       kwargs: dict[str, Any] | None) -> dict[str, Record]:
+    def _process_block(self, block: nn.Module, hidden: torch.Tensor | None, kwargs: dict[str, Any] | None,
+                       want_outputs: bool) -> tuple[dict[str, Record], torch.Tensor | None]:
+        """The block's records, and its outputs where computing them came for free."""
         linears = self.adapter.block_linears(block)
         groups = self.adapter.groups
         records: dict[str, Record] = {}
+        if self.method.transforms_block:
+            replays = record_block(block, self.adapter, hidden[:self.method.search_samples], kwargs,
+                                   self.batch_size, self.device, set(self.method.search_needs))
+            self.method.transform_block(block, self.adapter, linears, replays)
+            del replays
         if not self.method.needs:
             for group in groups:
                 records.update(self.method.apply_group(block, group, {n: linears[n] for n in group.linears}, {}))
-            return records
-        # Without true-sequential, one forward pass collects statistics for every group.
-        batches = [[g] for g in groups] if self.method.true_sequential else [list(groups)]
-        for batch in batches:
-            targets = {g.name: [linears[n] for n in g.linears] for g in batch}
-            with collect_inputs(targets, set(self.method.needs), self.hessian_dtype,
-                                stop_after_last=True) as collectors:
-                feed_block(block, hidden, kwargs, self.batch_size, self.device)
-            for group in batch:
-                stats = {kind: c.result() for kind, c in collectors[group.name].items()}
-                records.update(self.method.apply_group(block, group, {n: linears[n] for n in group.linears}, stats))
+            return records, None
+        if not self.method.true_sequential:
+            # One forward pass collects statistics for every group.
+            return self._apply_batch(block, list(groups), linears, hidden, kwargs, None), None
+        cursor = BatchCursor()
+        # Shortcuts are valid only while a method edits nothing but the linears it is handed.
+        shortcuts = {} if self.method.edits_outside_group else {
+            s.last_linear: s for s in self.adapter.shortcuts}
+        with ExitStack() as installed:
+            for group in groups:
+                shortcut = shortcuts.get(group.linears[0]) if len(group.linears) == 1 else None
+                cache = ShortcutCache(block, shortcut, cursor) if shortcut else None
+                with cache.recording() if cache else ExitStack():
+                    records.update(self._apply_batch(block, [group], linears, hidden, kwargs, cursor))
+                if cache:
+                    installed.enter_context(cache.installed())
+            outputs = run_block(block, hidden, kwargs, self.batch_size, self.device, cursor) if want_outputs else None
+        return records, outputs
+
+    def _apply_batch(self, block: nn.Module, batch: list, linears: dict[str, nn.Linear], hidden: torch.Tensor,
+                     kwargs: dict[str, Any], cursor: BatchCursor | None) -> dict[str, Record]:
+        """Collect the statistics of a batch of groups in one pass over the block, then apply each."""
+        records: dict[str, Record] = {}
+        targets = {g.name: [linears[n] for n in g.linears] for g in batch}
+        with collect_inputs(targets, set(self.method.needs), self.hessian_dtype,
+                            stop_after_last=True) as collectors:
+            feed_block(block, hidden, kwargs, self.batch_size, self.device, cursor)
+        for group in batch:
+            stats = {kind: c.result() for kind, c in collectors[group.name].items()}
+            records.update(self.method.apply_group(block, group, {n: linears[n] for n in group.linears}, stats))
         return records

@@ -3,9 +3,14 @@ columns not yet quantized through the inverse Hessian of the layer's inputs (Fra
 
 Written from the paper: lazy block updates of `block_size` columns, relative dampening that is
 raised automatically when the Hessian is not positive definite, optional act-order (columns by
-descending Hessian diagonal) with static groups (scales fixed from the unmodified weight, so the
-stored layout stays in natural column order), symmetric or asymmetric integer codes, 2..8 bits,
-and an optional MSE-optimal clipping search for the group scales.
+descending Hessian diagonal), symmetric or asymmetric integer codes, 2..8 bits, and an optional
+MSE-optimal clipping search for the group scales.
+
+Group scales are either computed as the sweep reaches each group, from the weights already
+updated by the earlier columns' errors (the GPTQ paper; with act-order the groups follow the
+processing order and `g_idx` maps each column to its group), or, with `static_groups`, fixed up
+front from the unmodified weights in natural column order (no `g_idx` needed at inference).
+
 """
 
 from __future__ import annotations
@@ -16,7 +21,9 @@ from torch import nn
 
 from compressor.errors import CompressorError
 from compressor.methods.base import METHODS, Method, Record
-from compressor.methods.quant.quantizer import check_scheme, compute_qparams, dequantize_record, make_record
+from compressor.methods.quant.quantizer import (
+    SCALE_DTYPES, check_scheme, compute_qparams, dequantize_record, make_record,
+)
 from compressor.methods.quant.rtn import WeightQuantConfig
 from compressor.models.adapters import Adapter, LinearGroup
 from compressor.schemes import WeightScheme, group_index
@@ -26,9 +33,16 @@ MAX_DAMP = 1.0
 
 class GPTQConfig(WeightQuantConfig):
     act_order: bool = Field(False, description="quantize columns by descending Hessian diagonal")
+    static_groups: bool = Field(False, description="fix group scales from the unmodified weight up front")
     damp: float = Field(0.01, gt=0, le=MAX_DAMP, description="dampening as a fraction of the mean diagonal")
     block_size: int = Field(128, ge=1, description="columns per lazy-update block")
     mse_clip: bool = Field(False, description="search per-group clipping that minimizes squared error")
+
+    def actorder(self) -> str | None:
+        """The compressed-tensors name of the column order: 'weight' (static groups), 'group' (g_idx)."""
+        if not self.act_order:
+            return None
+        return "weight" if self.static_groups else "group"
 
 
 def mse_qparams(w: torch.Tensor, scheme: WeightScheme, grid: int = 20, min_ratio: float = 0.5):
@@ -65,6 +79,52 @@ def inverse_hessian_cholesky(h: torch.Tensor, damp: float, name: str) -> tuple[t
                           "use more or more varied calibration data (--samples), or RTN for this model")
 
 
+class _GroupParams:
+    """Scales and zero points per group, filled up front (static) or as the sweep reaches each group."""
+
+    def __init__(self, w: torch.Tensor, perm: torch.Tensor, config: GPTQConfig):
+        self.scheme = config.scheme()
+        self.mse = config.mse_clip
+        cols = w.shape[1]
+        self.size = cols if self.scheme.per_channel else self.scheme.group_size
+        self.static = config.static_groups or self.scheme.per_channel
+        if self.static:
+            self.scale, self.zero = self._qparams(w, self.scheme)
+            self.col_group = group_index(cols, self.scheme)[perm]  # group of each processed column
+        else:
+            groups = self.scheme.groups(cols)
+            self.scale = torch.empty(w.shape[0], groups, dtype=SCALE_DTYPES[self.scheme.scale_dtype])
+            self.zero = None if self.scheme.symmetric else torch.empty(w.shape[0], groups, dtype=torch.int8)
+            self.col_group = torch.arange(cols) // self.size
+
+    def _qparams(self, w: torch.Tensor, scheme: WeightScheme):
+        return mse_qparams(w, scheme) if self.mse else compute_qparams(w, scheme)
+
+    def starts_group(self, col: int) -> bool:
+        return not self.static and col % self.size == 0
+
+    def fit(self, col: int, current: torch.Tensor) -> None:
+        """Fit the group starting at processed column `col` to its columns' current values."""
+        scale, zero = self._qparams(current, WeightScheme(self.scheme.bits, current.shape[1],
+                                                          self.scheme.symmetric, self.scheme.scale_dtype))
+        g = col // self.size
+        self.scale[:, g] = scale[:, 0]
+        if zero is not None:
+            self.zero[:, g] = zero[:, 0]
+
+    def column(self, col: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        g = int(self.col_group[col])
+        return self.scale[:, g].float(), None if self.zero is None else self.zero[:, g].float()
+
+    def g_idx(self, perm: torch.Tensor) -> torch.Tensor | None:
+        """Column → group in natural column order, where it is not the default layout."""
+        if self.static or torch.equal(perm, torch.arange(perm.numel())):
+            return None
+        g_idx = torch.empty_like(self.col_group)
+        g_idx[perm] = self.col_group
+        return g_idx.to(torch.int32)
+
+
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig, name: str = "layer") -> tuple[Record, float]:
     """Quantize one weight [out, in] given its input Hessian [in, in]; returns the record and the damp used."""
     scheme = config.scheme()
@@ -77,41 +137,55 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig, name: st
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    # Static groups: scales from the unmodified weight in natural column order.
-    if config.mse_clip:
-        scale, zero = mse_qparams(w, scheme)
-    else:
-        scale, zero = compute_qparams(w, scheme)
-    groups = group_index(cols, scheme)
-    perm = torch.argsort(torch.diagonal(h), descending=True) if config.act_order else torch.arange(cols)
-    w, h, col_groups = w[:, perm], h[perm][:, perm], groups[perm]
+    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if config.act_order else torch.arange(cols)
+    params = _GroupParams(w, perm, config)
+    w, h = w[:, perm], h[perm][:, perm]
     hinv, damp = inverse_hessian_cholesky(h, config.damp, name)
     hinv = hinv.float()
-    s_cols = scale.float()[:, col_groups]
-    z_cols = zero.float()[:, col_groups] if zero is not None else None
-    q = torch.zeros_like(w)
+    codes = torch.empty(w.shape, dtype=torch.int8)
     for start in range(0, cols, config.block_size):
         end = min(start + config.block_size, cols)
         w_block = w[:, start:end].clone()
         err_block = torch.zeros_like(w_block)
         h_block = hinv[start:end, start:end]
         for i in range(end - start):
-            col = w_block[:, i]
-            s = s_cols[:, start + i]
-            codes = torch.round(col / s)
-            if z_cols is not None:
-                codes = (codes + z_cols[:, start + i]).clamp(scheme.qmin, scheme.qmax) - z_cols[:, start + i]
+            col = start + i
+            if params.starts_group(col):
+                stop = col + params.size
+                params.fit(col, torch.cat([w_block[:, i:stop - start], w[:, end:stop]], dim=1))
+            scale, zero = params.column(col)
+            x = w_block[:, i]
+            q = torch.round(x / scale)
+            if zero is not None:
+                q = (q + zero).clamp_(scheme.qmin, scheme.qmax)
+                deq = (q - zero) * scale
             else:
-                codes = codes.clamp(scheme.qmin, scheme.qmax)
-            q_col = codes * s
-            q[:, start + i] = q_col
-            err = (col - q_col) / h_block[i, i]
+                q = q.clamp_(scheme.qmin, scheme.qmax)
+                deq = q * scale
+            codes[:, col] = q.to(torch.int8)
+            err = (x - deq) / h_block[i, i]
             w_block[:, i:] -= err.unsqueeze(1) * h_block[i, i:].unsqueeze(0)
             err_block[:, i] = err
         w[:, end:] -= err_block @ hinv[start:end, end:]
-    unpermuted = torch.empty_like(q)
-    unpermuted[:, perm] = q
-    return make_record(unpermuted, scale, zero, scheme), damp
+    natural = torch.empty_like(codes)
+    natural[:, perm] = codes
+    record: Record = {"qweight": natural, "scale": params.scale}
+    if params.zero is not None:
+        record["zero_point"] = params.zero
+    g_idx = params.g_idx(perm)
+    if g_idx is not None:
+        record["g_idx"] = g_idx
+    return record, damp
+
+
+def split_rows(record: Record, rows: list[int]) -> list[Record]:
+    """Per-linear records from the record of their row-concatenated weights (g_idx is shared)."""
+    parts: list[Record] = [{} for _ in rows]
+    for key, value in record.items():
+        pieces = [value.clone() for _ in rows] if key == "g_idx" else torch.split(value, rows, dim=0)
+        for part, piece in zip(parts, pieces):
+            part[key] = piece.contiguous()
+    return parts
 
 
 @METHODS.register("gptq")
@@ -126,13 +200,15 @@ class GPTQ(Method):
 
     def apply_group(self, block: nn.Module, group: LinearGroup, linears: dict[str, nn.Linear],
                     stats: dict[str, torch.Tensor]) -> dict[str, Record]:
-        records = {}
+        # GPTQ treats rows independently given the Hessian, so linears sharing an input are
+        # quantized as one stacked matrix: one inverse Hessian and one column sweep per group.
+        names = list(linears)
+        stacked = torch.cat([linears[n].weight.data.float().cpu() for n in names])
+        record, _ = gptq_quantize(stacked, stats["hessian"].cpu(), self.config, "/".join(names))
+        records = dict(zip(names, split_rows(record, [linears[n].out_features for n in names])))
         for name, linear in linears.items():
-            record, _ = gptq_quantize(linear.weight.data, stats["hessian"], self.config, name)
-            linear.weight.data = dequantize_record(record, linear.weight.dtype).to(linear.weight.device)
-            records[name] = record
+            linear.weight.data = dequantize_record(records[name], linear.weight.dtype).to(linear.weight.device)
         return records
 
     def export(self) -> dict:
-        return {"kind": "weight-int", "scheme": self.config.scheme(),
-                "actorder": "weight" if self.config.act_order else None}
+        return {"kind": "weight-int", "scheme": self.config.scheme(), "actorder": self.config.actorder()}
