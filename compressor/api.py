@@ -27,6 +27,7 @@ from compressor.models.adapters import adapter_for_config, count_parameters
 from compressor.models.loading import (LoadedModel, build_model, load_model, load_tokenizer, resolve_model_path,
                                       stored_float_dtype)
 from compressor.pipeline.checkpoint import RunDirectory
+from compressor.pipeline.distributed import World
 from compressor.pipeline.progress import Progress
 from compressor.pipeline.sequential import SequentialPipeline
 from compressor.util import release_memory
@@ -108,8 +109,10 @@ def quantize(model: str, method: str, out: str | Path, options: dict[str, Any] |
              overwrite: bool = False, resume: bool = False, restart: bool = False, allow_pickle: bool = False,
              progress: Progress | None = None) -> dict:
     """Quantize a model with a registered method and write a compressed-tensors artifact."""
-    progress = progress or Progress()
     started = time.perf_counter()
+    world = World.from_env(device)
+    device = world.device(device)
+    progress = (progress or Progress()) if world.is_main else Progress()
     out = Path(out)
     quantizer = make_method(method, options or {})
     if resume and restart:
@@ -142,12 +145,17 @@ def quantize(model: str, method: str, out: str | Path, options: dict[str, Any] |
     # Everything that changes the numbers; a resumed run must match it exactly.
     fingerprint = _fingerprint(__version__, loaded.source_hash, quantizer.describe(),
                                tokens.sha256 if tokens else None, str(dtype), str(hessian_dtype), batch_size,
-                               torch.device(device).type)
-    run = RunDirectory(run_path, fingerprint, len(blocks))
-    if restart and run_path.exists():
+                               torch.device(device).type, world.size)
+    run = RunDirectory(run_path, fingerprint, len(blocks), rank=world.rank if world.size > 1 else None)
+    if restart and run_path.exists() and world.is_main:
         shutil.rmtree(run_path)
+    world.barrier()
     SequentialPipeline(loaded.model, loaded.adapter, quantizer, run, tokens, device=device,
-                       batch_size=batch_size, hessian_dtype=hessian_dtype, progress=progress).execute(resume=resume)
+                       batch_size=batch_size, hessian_dtype=hessian_dtype, progress=progress,
+                       world=world).execute(resume=resume)
+    if not world.is_main:  # every process holds the same quantized model; the first one writes it
+        world.barrier()
+        return {"output": str(out), "rank": world.rank, "world_size": world.size}
 
     tensors, metrics = _quantized_tensors(loaded, quantizer, run)
     config = loaded.model.config.to_dict()
@@ -163,8 +171,9 @@ def quantize(model: str, method: str, out: str | Path, options: dict[str, Any] |
         generation_config=getattr(loaded.model, "generation_config", None), kind="quantized",
         source={"ref": loaded.name, "sha256": loaded.source_hash}, method=quantizer.describe(),
         calibration=tokens.describe() | {"seed": seed} if tokens else None, metrics=metrics,
-        overwrite=overwrite, build={"wall_s": wall, "device": device})
+        overwrite=overwrite, build={"wall_s": wall, "device": device, "processes": world.size})
     shutil.rmtree(run_path, ignore_errors=True)
+    world.barrier()
     return {"output": str(out), "method": quantizer.describe(), **metrics,
             "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
 

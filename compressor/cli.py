@@ -132,6 +132,13 @@ def quantize(
     damp: Optional[float] = typer.Option(None, "--damp", help="GPTQ: relative dampening (default 0.01)."),
     mse_clip: Optional[bool] = typer.Option(None, "--mse-clip/--no-mse-clip",
                                             help="GPTQ: MSE-optimal clipping of group scales."),
+    static_groups: Optional[bool] = typer.Option(None, "--static-groups/--no-static-groups",
+                                                 help="GPTQ: group scales fixed up front (no g_idx)."),
+    grid: Optional[int] = typer.Option(None, "--grid", help="AWQ/SmoothQuant+: α candidates (default 20)."),
+    search_samples: Optional[int] = typer.Option(None, "--search-samples",
+                                                 help="AWQ/SmoothQuant+: samples the scale search replays."),
+    duo_scaling: Optional[bool] = typer.Option(None, "--duo-scaling/--no-duo-scaling",
+                                               help="AWQ: scales from activations and weights."),
     calib: str = typer.Option("wiki", "--calib", help="Calibration data: file, saved dataset or 'wiki'."),
     samples: int = typer.Option(128, "--samples", help="Calibration samples."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration sample."),
@@ -153,7 +160,8 @@ def quantize(
     from compressor.models.loading import parse_dtype
 
     options = {"bits": bits, "group_size": group_size, "sym": sym, "scale_dtype": scale_dtype,
-               "act_order": act_order, "damp": damp, "mse_clip": mse_clip}
+               "act_order": act_order, "damp": damp, "mse_clip": mse_clip, "static_groups": static_groups,
+               "grid": grid, "search_samples": search_samples, "duo_scaling": duo_scaling}
 
     def action():
         return api.quantize(model, method, output, options, calib=calib, samples=samples, seq_len=seq_len,

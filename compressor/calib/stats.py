@@ -1,13 +1,15 @@
 """Calibration statistics of linear-layer inputs, collected by forward hooks.
 
 Linears that share an input (q/k/v, gate/up) share one collector, so a Hessian is computed
-once per input, not once per consumer.
+once per input, not once per consumer. Sums accumulate in float64: then the total does not
+depend on how the samples were split into batches or across processes (data-parallel runs
+give the same statistics, hence the same artifact, as one process).
 """
 
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -27,6 +29,19 @@ class Collector:
     def result(self) -> torch.Tensor:
         raise NotImplementedError
 
+    # (attribute, shape, reduction, dtype) of the accumulated state, for merging across processes
+    def _state(self) -> list[tuple[str, tuple[int, ...], str, torch.dtype]]:
+        return [("sum", (self.features,), "sum", torch.float64)]
+
+    def merge(self, all_reduce: Callable[[torch.Tensor, str], torch.Tensor], device: str) -> None:
+        """Combine this collector with its counterparts in the other processes."""
+        for attr, shape, op, dtype in self._state():
+            value = getattr(self, attr)
+            if value is None:  # this process saw no samples
+                value = torch.zeros(shape, dtype=dtype, device=device)
+            setattr(self, attr, all_reduce(value.to(device), op))
+        self.count = int(all_reduce(torch.tensor([self.count], dtype=torch.float64, device=device), "sum").item())
+
 
 class HessianCollector(Collector):
     """Mean of x xᵀ over tokens (XᵀX / n): the GPTQ Hessian up to a constant factor."""
@@ -39,12 +54,15 @@ class HessianCollector(Collector):
 
     def update(self, x: torch.Tensor) -> None:
         x = x.to(self.dtype)
-        xtx = x.T @ x
+        xtx = (x.T @ x).double()
         self.sum = xtx if self.sum is None else self.sum.add_(xtx)
         self.count += x.shape[0]
 
     def result(self) -> torch.Tensor:
-        return self.sum / max(self.count, 1)
+        return (self.sum / max(self.count, 1)).to(self.dtype)
+
+    def _state(self) -> list[tuple[str, tuple[int, ...], str, torch.dtype]]:
+        return [("sum", (self.features, self.features), "sum", torch.float64)]
 
 
 class AbsMaxCollector(Collector):
@@ -62,7 +80,10 @@ class AbsMaxCollector(Collector):
         self.count += x.shape[0]
 
     def result(self) -> torch.Tensor:
-        return self.value
+        return self.value.to(self.dtype)
+
+    def _state(self) -> list[tuple[str, tuple[int, ...], str, torch.dtype]]:
+        return [("value", (self.features,), "max", self.dtype)]
 
 
 class AbsMeanCollector(Collector):
@@ -75,12 +96,12 @@ class AbsMeanCollector(Collector):
         self.sum: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
-        s = x.abs().to(self.dtype).sum(dim=0)
+        s = x.abs().double().sum(dim=0)
         self.sum = s if self.sum is None else self.sum.add_(s)
         self.count += x.shape[0]
 
     def result(self) -> torch.Tensor:
-        return self.sum / max(self.count, 1)
+        return (self.sum / max(self.count, 1)).to(self.dtype)
 
 
 class MeanCollector(Collector):
@@ -93,12 +114,12 @@ class MeanCollector(Collector):
         self.sum: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
-        s = x.to(self.dtype).sum(dim=0)
+        s = x.double().sum(dim=0)
         self.sum = s if self.sum is None else self.sum.add_(s)
         self.count += x.shape[0]
 
     def result(self) -> torch.Tensor:
-        return self.sum / max(self.count, 1)
+        return (self.sum / max(self.count, 1)).to(self.dtype)
 
 
 COLLECTORS: dict[str, type[Collector]] = {

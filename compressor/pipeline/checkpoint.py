@@ -18,10 +18,11 @@ RECORD_PREFIX = "__record__."
 
 
 class RunDirectory:
-    def __init__(self, path: Path, fingerprint: str, num_blocks: int):
+    def __init__(self, path: Path, fingerprint: str, num_blocks: int, rank: int | None = None):
         self.path = Path(path)
         self.fingerprint = fingerprint
         self.num_blocks = num_blocks
+        self.rank = rank  # data-parallel runs keep one inputs file per process
 
     # -- state
     def exists(self) -> bool:
@@ -49,25 +50,24 @@ class RunDirectory:
         return self.path / f"block-{index:04d}.safetensors"
 
     def hidden_file(self, index: int) -> Path:
-        return self.path / f"inputs-{index:04d}.safetensors"
+        suffix = "" if self.rank is None else f"-rank{self.rank}"
+        return self.path / f"inputs-{index:04d}{suffix}.safetensors"
 
-    def save_block(self, index: int, params: dict[str, torch.Tensor], records: dict[str, dict[str, torch.Tensor]],
-                   next_inputs: torch.Tensor | None) -> None:
-        """Persist block `index` and the inputs of block index+1, then mark the block done."""
+    def save_block(self, index: int, params: dict[str, torch.Tensor],
+                   records: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Persist block `index` and mark it done (after its successor's inputs are saved)."""
         tensors = {f"param.{k}": v.detach().cpu().contiguous() for k, v in params.items()}
         for linear, record in records.items():
             for key, value in record.items():
                 tensors[f"{RECORD_PREFIX}{linear}::{key}"] = value.cpu().contiguous()
         _save_atomic(tensors, self.block_file(index))
-        if next_inputs is not None:
-            _save_atomic({"hidden": next_inputs.contiguous()}, self.hidden_file(index + 1))
         self._write_state(index + 1)
-        previous = self.hidden_file(index)
-        if previous.exists():
-            previous.unlink()
 
     def save_inputs(self, index: int, hidden: torch.Tensor) -> None:
         _save_atomic({"hidden": hidden.contiguous()}, self.hidden_file(index))
+
+    def drop_inputs(self, index: int) -> None:
+        self.hidden_file(index).unlink(missing_ok=True)
 
     def load_block(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
         tensors = read_tensors(self.block_file(index))

@@ -12,6 +12,7 @@ from torch import nn
 
 from compressor.calib.stats import collect_inputs
 from compressor.models.adapters import Adapter, LinearGroup
+from compressor.pipeline.distributed import World
 
 
 def _first(output: Any) -> torch.Tensor:
@@ -21,8 +22,9 @@ def _first(output: Any) -> torch.Tensor:
 class ModuleReplay:
     """A module's recorded calls and outputs; `error()` replays them with the module as it is now."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, world: World):
         self.module = module
+        self.world = world
         self.calls: list[tuple[tuple, dict]] = []
         self.reference: list[torch.Tensor] = []
 
@@ -38,7 +40,7 @@ class ModuleReplay:
             out = _first(self.module(*args, **kwargs))
             total += (out.float() - reference.float()).pow(2).sum().item()
             count += reference.numel()
-        return total / max(count, 1)
+        return self.world.sum(total) / max(self.world.sum(count), 1)
 
 
 class BlockReplays:
@@ -59,10 +61,10 @@ class BlockReplays:
 
 @torch.no_grad()
 def record_block(block: nn.Module, adapter: Adapter, hidden: torch.Tensor, kwargs: dict[str, Any],
-                 batch_size: int, device: torch.device, kinds: set[str]) -> BlockReplays:
+                 batch_size: int, device: torch.device, kinds: set[str], world: World = World()) -> BlockReplays:
     """Run the block over `hidden`, recording its and its submodules' calls and the group-input statistics."""
-    whole = ModuleReplay(block)
-    modules = {s.module: ModuleReplay(block.get_submodule(s.module)) for s in adapter.shortcuts}
+    whole = ModuleReplay(block, world)
+    modules = {s.module: ModuleReplay(block.get_submodule(s.module), world) for s in adapter.shortcuts}
     linears = adapter.block_linears(block)
     targets = {g.name: [linears[n] for n in g.linears] for g in adapter.groups}
     with ExitStack() as stack:
@@ -74,5 +76,6 @@ def record_block(block: nn.Module, adapter: Adapter, hidden: torch.Tensor, kwarg
         for start in range(0, hidden.shape[0], batch_size):
             batch = hidden[start:start + batch_size].to(device)
             whole.record((batch,), kwargs, block(batch, **kwargs))
+    world.merge(collectors)
     stats = {group: {kind: c.result() for kind, c in per_kind.items()} for group, per_kind in collectors.items()}
     return BlockReplays(whole, modules, adapter, stats)

@@ -22,6 +22,7 @@ from compressor.calib.stats import InputsCollected, collect_inputs
 from compressor.methods.base import Method, Record
 from compressor.models.adapters import Adapter, Shortcut
 from compressor.pipeline.checkpoint import RunDirectory
+from compressor.pipeline.distributed import World
 from compressor.pipeline.progress import Progress
 from compressor.pipeline.replay import record_block
 from compressor.util import release_memory
@@ -191,7 +192,8 @@ class ShortcutCache:
 class SequentialPipeline:
     def __init__(self, model: nn.Module, adapter: Adapter, method: Method, run: RunDirectory,
                  calibration: TokenSet | None, device: torch.device | str = "cpu", batch_size: int = 8,
-                 hessian_dtype: torch.dtype = torch.float32, progress: Progress | None = None):
+                 hessian_dtype: torch.dtype = torch.float32, progress: Progress | None = None,
+                 world: World = World()):
         self.model = model
         self.adapter = adapter
         self.method = method
@@ -201,6 +203,7 @@ class SequentialPipeline:
         self.batch_size = batch_size
         self.hessian_dtype = hessian_dtype
         self.progress = progress or Progress()
+        self.world = world
         if method.needs_calibration and calibration is None:
             raise ValueError(f"method {method.name} needs calibration data")
 
@@ -208,8 +211,9 @@ class SequentialPipeline:
         """Process every block not yet recorded in the run directory."""
         blocks = self.adapter.blocks(self.model)
         start = self.run.completed() if resume else 0
-        if not resume:
+        if not resume and self.world.is_main:
             self.run.start()
+        self.world.barrier()
         for index in range(start):
             params, _ = self.run.load_block(index)
             blocks[index].load_state_dict(params, strict=True)
@@ -219,6 +223,8 @@ class SequentialPipeline:
         hidden, block_kwargs = None, None
         if self.method.needs_calibration and start < len(blocks):
             ids = self.calibration.input_ids
+            self.shard = self.world.shard(ids.shape[0], self.batch_size)
+            ids = ids[self.shard]
             block_kwargs = capture_block_kwargs(self.model, self.adapter, ids, self.device)
             hidden = self.run.load_inputs(start) if start else None
             if hidden is None:
@@ -241,7 +247,13 @@ class SequentialPipeline:
                     next_hidden = outputs if outputs is not None else run_block(
                         block, hidden, kwargs, self.batch_size, self.device)
                 block.to("cpu")
-                self.run.save_block(index, block.state_dict(), records, next_hidden)
+                if next_hidden is not None:
+                    self.run.save_inputs(index + 1, next_hidden)
+                self.world.barrier()  # every process's inputs are saved before the block counts as done
+                if self.world.is_main:
+                    self.run.save_block(index, block.state_dict(), records)
+                self.world.barrier()
+                self.run.drop_inputs(index)
                 hidden = next_hidden
                 release_memory()
                 bar.advance()
@@ -255,8 +267,10 @@ class SequentialPipeline:
         groups = self.adapter.groups
         records: dict[str, Record] = {}
         if self.method.transforms_block:
-            replays = record_block(block, self.adapter, hidden[:self.method.search_samples], kwargs,
-                                   self.batch_size, self.device, set(self.method.search_needs))
+            # The search replays the first samples of the whole calibration set, wherever they live.
+            local = max(0, min(self.method.search_samples - self.shard.start, hidden.shape[0]))
+            replays = record_block(block, self.adapter, hidden[:local], kwargs, self.batch_size, self.device,
+                                   set(self.method.search_needs), self.world)
             self.method.transform_block(block, self.adapter, linears, replays)
             del replays
         if not self.method.needs:
@@ -289,6 +303,7 @@ class SequentialPipeline:
         with collect_inputs(targets, set(self.method.needs), self.hessian_dtype,
                             stop_after_last=True) as collectors:
             feed_block(block, hidden, kwargs, self.batch_size, self.device, cursor)
+        self.world.merge(collectors)
         for group in batch:
             stats = {kind: c.result() for kind, c in collectors[group.name].items()}
             records.update(self.method.apply_group(block, group, {n: linears[n] for n in group.linears}, stats))
