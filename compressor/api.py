@@ -141,6 +141,9 @@ def quantize(model: str, method: str, out: str | Path, options: dict[str, Any] |
     if quantizer.needs_calibration:
         tokens = calibration_set(calib, loaded.tokenizer, samples, seq_len, seed, text_field, chat_template,
                                  progress.log)
+    warnings = _calibration_warnings(quantizer, loaded, tokens)
+    for message in warnings:
+        progress.warn(message)
     blocks = loaded.adapter.blocks(loaded.model)
     # Everything that changes the numbers; a resumed run must match it exactly.
     fingerprint = _fingerprint(__version__, loaded.source_hash, quantizer.describe(),
@@ -174,8 +177,21 @@ def quantize(model: str, method: str, out: str | Path, options: dict[str, Any] |
         overwrite=overwrite, build={"wall_s": wall, "device": device, "processes": world.size})
     shutil.rmtree(run_path, ignore_errors=True)
     world.barrier()
-    return {"output": str(out), "method": quantizer.describe(), **metrics,
+    return {"output": str(out), "method": quantizer.describe(), **metrics, "warnings": warnings,
             "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+
+
+def _calibration_warnings(method: Method, loaded: LoadedModel, tokens) -> list[str]:
+    """A Hessian of n inputs from fewer than n tokens is singular: GPTQ then leans on dampening."""
+    if "hessian" not in method.needs or tokens is None:
+        return []
+    widest = max(l.in_features for block in loaded.adapter.blocks(loaded.model)
+                 for l in loaded.adapter.block_linears(block).values())
+    have = tokens.samples * tokens.seq_len
+    if have >= widest:
+        return []
+    return [f"{have} calibration tokens cannot give full-rank Hessians for linears with {widest} inputs; "
+            f"use at least {widest} tokens (--samples × --seq-len), ideally 10× that"]
 
 
 def _quantized_tensors(loaded: LoadedModel, method: Method, run: RunDirectory) -> tuple[dict, dict]:

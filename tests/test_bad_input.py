@@ -614,3 +614,47 @@ def test_unknown_asset(monkeypatch):
     monkeypatch.setattr(assets, "locate", no_network)
     message = assert_cli_error(cli("assets", "fetch", "nosuch"), "unknown asset 'nosuch'")
     assert "smollm2-135m" in message and "wiki" in message
+
+
+# ---------------------------------------------------------------- quantization inputs (issue 3)
+
+def _with_tensor_edit(model_dir: Path, out: Path, edit) -> Path:
+    from safetensors.torch import load_file, save_file
+    shutil.copytree(model_dir, out)
+    state = load_file(out / "model.safetensors")
+    edit(state)
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_nan_weight_names_the_layer(method, tiny_llama, text_file, tmp_path):
+    def poison(state):
+        state["model.layers.1.mlp.up_proj.weight"][3, 5] = float("nan")
+    model = _with_tensor_edit(tiny_llama, tmp_path / "nan-model", poison)
+    result = cli("quantize", str(model), "--method", method, "--calib", str(text_file), "--samples", "4",
+                 "--seq-len", "32", "-o", str(tmp_path / "q"))
+    assert result.exit_code == 2
+    assert result.stderr.strip().splitlines()[-1].startswith(
+        "error: model.layers.1.mlp.up_proj has NaN or Inf in its weights; ")
+    assert "embedding" not in result.stderr  # found before any calibration work
+    assert not (tmp_path / "q").exists()
+
+
+def test_inf_activations_name_the_layer(tiny_llama, text_file, tmp_path):
+    def blow_up(state):  # an infinite norm weight makes every input of block 1's MLP infinite
+        state["model.layers.1.post_attention_layernorm.weight"][0] = float("inf")
+    model = _with_tensor_edit(tiny_llama, tmp_path / "inf-model", blow_up)
+    result = cli("quantize", str(model), "--method", "gptq", "--calib", str(text_file), "--samples", "4",
+                 "--seq-len", "32", "-o", str(tmp_path / "q"))
+    assert result.exit_code == 2
+    assert "activations entering model.layers.1.mlp.gate_proj/mlp.up_proj contain NaN or Inf" in result.stderr
+
+
+def test_too_few_calibration_tokens_for_the_hessian_warns(tiny_llama, text_file, tmp_path):
+    result = cli("quantize", str(tiny_llama), "--method", "gptq", "--calib", str(text_file), "--samples", "2",
+                 "--seq-len", "32", "-o", str(tmp_path / "q"))
+    assert result.exit_code == 0, result.stderr
+    assert "warning: 64 calibration tokens cannot give full-rank Hessians for linears with 128 inputs; " \
+           "use at least 128 tokens" in result.stderr
+    assert (tmp_path / "q" / "model.safetensors").exists()

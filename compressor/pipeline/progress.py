@@ -13,6 +13,10 @@ class Progress:
     def log(self, message: str) -> None:
         pass
 
+    def warn(self, message: str) -> None:
+        """Warnings reach stderr even under --quiet and --json (which keep stdout for the result)."""
+        print(f"warning: {message}", file=sys.stderr)
+
     @contextmanager
     def task(self, description: str, total: int) -> Iterator["Progress"]:
         yield self

@@ -19,6 +19,7 @@ from torch import nn
 
 from compressor.calib.data import TokenSet
 from compressor.calib.stats import InputsCollected, collect_inputs
+from compressor.errors import CompressorError
 from compressor.methods.base import Method, Record
 from compressor.models.adapters import Adapter, Shortcut
 from compressor.pipeline.checkpoint import RunDirectory
@@ -189,6 +190,13 @@ class ShortcutCache:
             del self.module.forward
 
 
+def _check_weights(adapter: Adapter, block: nn.Module, prefix: str) -> None:
+    for name, linear in adapter.block_linears(block).items():
+        if not torch.isfinite(linear.weight).all():
+            raise CompressorError(f"{prefix}{name} has NaN or Inf in its weights",
+                                  "the checkpoint is damaged: re-export or re-download it")
+
+
 class SequentialPipeline:
     def __init__(self, model: nn.Module, adapter: Adapter, method: Method, run: RunDirectory,
                  calibration: TokenSet | None, device: torch.device | str = "cpu", batch_size: int = 8,
@@ -211,6 +219,8 @@ class SequentialPipeline:
         """Process every block not yet recorded in the run directory."""
         blocks = self.adapter.blocks(self.model)
         start = self.run.completed() if resume else 0
+        for index in range(start, len(blocks)):  # before any expensive work
+            _check_weights(self.adapter, blocks[index], self.adapter.block_prefix(self.model, index))
         if not resume and self.world.is_main:
             self.run.start()
         self.world.barrier()
@@ -295,6 +305,11 @@ class SequentialPipeline:
             outputs = run_block(block, hidden, kwargs, self.batch_size, self.device, cursor) if want_outputs else None
         return records, outputs
 
+    def _where(self, block: nn.Module) -> str:
+        blocks = self.adapter.blocks(self.model)
+        index = next(i for i, b in enumerate(blocks) if b is block)
+        return self.adapter.block_prefix(self.model, index)
+
     def _apply_batch(self, block: nn.Module, batch: list, linears: dict[str, nn.Linear], hidden: torch.Tensor,
                      kwargs: dict[str, Any], cursor: BatchCursor | None) -> dict[str, Record]:
         """Collect the statistics of a batch of groups in one pass over the block, then apply each."""
@@ -306,5 +321,10 @@ class SequentialPipeline:
         self.world.merge(collectors)
         for group in batch:
             stats = {kind: c.result() for kind, c in collectors[group.name].items()}
+            if not all(torch.isfinite(v).all() for v in stats.values()):
+                raise CompressorError(
+                    f"the calibration activations entering {self._where(block)}{'/'.join(group.linears)} "
+                    "contain NaN or Inf", "the model overflows on this data: use --dtype float32, or check the "
+                    "checkpoint and the calibration text")
             records.update(self.method.apply_group(block, group, {n: linears[n] for n in group.linears}, stats))
         return records
