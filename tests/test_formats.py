@@ -62,12 +62,18 @@ def test_artifact_reloads_to_the_simulated_model(tiny_llama, tmp_path, sym):
     assert manifest["metrics"]["bits_per_weight"] == pytest.approx(expected_bpw, abs=0.02)
 
 
-def test_plain_transformers_loads_symmetric_artifact(tiny_llama, tmp_path):
+@pytest.mark.parametrize("method,opts", [
+    ("rtn", {}),
+    ("gptq", {"act_order": True}),                            # static groups: actorder "weight"
+    ("awq+gptq", {"static_groups": False}),   # groups fitted during the sweep; folded norms
+])
+def test_plain_transformers_loads_symmetric_artifact(method, opts, tiny_llama, text_file, tmp_path):
     """transformers + compressed-tensors loads our artifact and computes the same logits."""
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "q"
-    api.quantize(str(tiny_llama), "rtn", out, {"bits": 4, "group_size": 32, "sym": True})
+    cal = {"calib": str(text_file), "samples": 8, "seq_len": 64} if method != "rtn" else {}
+    api.quantize(str(tiny_llama), method, out, {"bits": 4, "group_size": 32, "sym": True, **opts}, **cal)
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     ours = api.load(out).model
     theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)

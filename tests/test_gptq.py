@@ -58,27 +58,32 @@ def test_gptq_through_the_pipeline_beats_rtn(tiny_llama, text_file, tmp_path):
     cal = dict(calib=str(text_file), samples=16, seq_len=64)
     opts = {"bits": 3, "group_size": 32, "sym": False}
     api.quantize(str(tiny_llama), "gptq", tmp_path / "gptq", {**opts, "act_order": True}, **cal)
+    api.quantize(str(tiny_llama), "gptq", tmp_path / "swept", {**opts, "static_groups": False}, **cal)
     api.quantize(str(tiny_llama), "rtn", tmp_path / "rtn", opts)
     results = {m: api.evaluate(str(tmp_path / m), base=str(tiny_llama), data=str(text_file), windows=8,
                                window_len=64)["kl"] for m in ("gptq", "rtn")}
     assert results["gptq"] < results["rtn"]
     config = json.loads((tmp_path / "gptq" / "config.json").read_text())
-    assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] == "group"
-    header, _ = read_header(tmp_path / "gptq" / "model.safetensors")
-    assert "model.layers.0.mlp.down_proj.weight_g_idx" in header
+    assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] == "weight"
+    config = json.loads((tmp_path / "swept" / "config.json").read_text())
+    assert config["quantization_config"]["config_groups"]["group_0"]["weights"]["actorder"] is None
+    header, _ = read_header(tmp_path / "swept" / "model.safetensors")
+    assert not any(k.endswith("g_idx") for k in header)
 
 
-def test_static_groups_keep_natural_layout():
+def test_groups_fitted_during_the_sweep_differ_from_static_ones():
     w, x = _layer()
     h = x.T @ x / x.shape[0]
-    static, _ = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=32, act_order=True, static_groups=True))
-    swept, _ = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=32, act_order=True))
-    assert "g_idx" not in static
-    g_idx = swept["g_idx"].long()
-    # Groups follow the processing order: each group holds group_size columns, the highest-H ones first.
-    assert torch.bincount(g_idx).tolist() == [32] * 4
-    order = torch.argsort(torch.diagonal(h), descending=True, stable=True)
-    assert g_idx[order].tolist() == sorted(g_idx.tolist())
+    static, _ = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=32))
+    swept, _ = gptq_quantize(w, h, GPTQConfig(bits=4, group_size=32, static_groups=False))
+    assert "g_idx" not in static and "g_idx" not in swept
+    assert not torch.equal(static["scale"], swept["scale"])
+    assert _output_error(x, w, swept) < _output_error(x, w, quantize_weight(w, GPTQConfig().scheme()))
+
+
+def test_act_order_without_static_groups_is_refused(tiny_llama, tmp_path):
+    with pytest.raises(CompressorError, match="act-order needs static groups"):
+        api.quantize(str(tiny_llama), "gptq", tmp_path / "x", {"act_order": True, "static_groups": False})
 
 
 def test_stacked_group_equals_per_linear():

@@ -6,17 +6,19 @@ raised automatically when the Hessian is not positive definite, optional act-ord
 descending Hessian diagonal), symmetric or asymmetric integer codes, 2..8 bits, and an optional
 MSE-optimal clipping search for the group scales.
 
-Group scales are either computed as the sweep reaches each group, from the weights already
-updated by the earlier columns' errors (the GPTQ paper; with act-order the groups follow the
-processing order and `g_idx` maps each column to its group), or, with `static_groups`, fixed up
-front from the unmodified weights in natural column order (no `g_idx` needed at inference).
+Group scales are either fixed up front from the unmodified weights (`static_groups`, the default,
+which is what makes act-order storable in natural column order: compressed-tensors' actorder
+"weight"), or computed as the sweep reaches each group from the weights already updated by the
+earlier columns' errors (the GPTQ paper without act-order). Act-order with groups fitted during
+the sweep would need a `g_idx` column map, which compressed-tensors no longer loads (its
+actorder "group" was removed), so that combination is refused.
 
 """
 
 from __future__ import annotations
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from compressor.errors import CompressorError
@@ -33,28 +35,36 @@ MAX_DAMP = 1.0
 
 class GPTQConfig(WeightQuantConfig):
     act_order: bool = Field(False, description="quantize columns by descending Hessian diagonal")
-    static_groups: bool = Field(False, description="fix group scales from the unmodified weight up front")
+    static_groups: bool = Field(True, description="fix group scales from the unmodified weight up front")
     damp: float = Field(0.01, gt=0, le=MAX_DAMP, description="dampening as a fraction of the mean diagonal")
     block_size: int = Field(128, ge=1, description="columns per lazy-update block")
-    mse_clip: bool = Field(False, description="search per-group clipping that minimizes squared error")
+    mse_clip: bool = Field(True, description="search per-group clipping minimizing the Hessian-weighted error")
+
+    @model_validator(mode="after")
+    def _storable(self) -> "GPTQConfig":
+        if self.act_order and not self.static_groups:
+            raise ValueError("act-order needs static groups: groups fitted during the sweep would need a g_idx "
+                             "map, which compressed-tensors no longer loads; drop --no-static-groups")
+        return self
 
     def actorder(self) -> str | None:
-        """The compressed-tensors name of the column order: 'weight' (static groups), 'group' (g_idx)."""
-        if not self.act_order:
-            return None
-        return "weight" if self.static_groups else "group"
+        """The compressed-tensors name of the column order ('weight': act-order with static groups)."""
+        return "weight" if self.act_order else None
 
 
-def mse_qparams(w: torch.Tensor, scheme: WeightScheme, grid: int = 20, min_ratio: float = 0.5):
-    """Scales (and zero points) shrunk per group to the clip ratio minimizing squared error."""
+def mse_qparams(w: torch.Tensor, scheme: WeightScheme, col_weight: torch.Tensor | None = None,
+                grid: int = 20, min_ratio: float = 0.5):
+    """Scales (and zero points) shrunk per group to the clip ratio minimizing squared error, each
+    column's error weighted by `col_weight` (the Hessian diagonal: how much its input matters)."""
     best_scale, best_zero = compute_qparams(w, scheme)
     g = w.float().reshape(w.shape[0], scheme.groups(w.shape[1]), -1)
+    weight = torch.ones(w.shape[1]) if col_weight is None else col_weight.float().cpu()
     best_err = torch.full(g.shape[:2], float("inf"))
     for step in range(grid):
         ratio = 1.0 - (1.0 - min_ratio) * step / grid
         scale, zero = compute_qparams(w * ratio, scheme)
         record = make_record(w, scale, zero, scheme)
-        err = (dequantize_record(record, torch.float32) - w.float()).reshape(g.shape).pow(2).sum(-1)
+        err = ((dequantize_record(record, torch.float32) - w.float()).pow(2) * weight).reshape(g.shape).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)
@@ -82,14 +92,15 @@ def inverse_hessian_cholesky(h: torch.Tensor, damp: float, name: str) -> tuple[t
 class _GroupParams:
     """Scales and zero points per group, filled up front (static) or as the sweep reaches each group."""
 
-    def __init__(self, w: torch.Tensor, perm: torch.Tensor, config: GPTQConfig):
+    def __init__(self, w: torch.Tensor, perm: torch.Tensor, config: GPTQConfig, h_diag: torch.Tensor):
         self.scheme = config.scheme()
         self.mse = config.mse_clip
+        self.h_diag = h_diag  # natural column order
         cols = w.shape[1]
         self.size = cols if self.scheme.per_channel else self.scheme.group_size
         self.static = config.static_groups or self.scheme.per_channel
         if self.static:
-            self.scale, self.zero = self._qparams(w, self.scheme)
+            self.scale, self.zero = self._qparams(w, self.scheme, self.h_diag)
             self.col_group = group_index(cols, self.scheme)[perm]  # group of each processed column
         else:
             groups = self.scheme.groups(cols)
@@ -97,16 +108,16 @@ class _GroupParams:
             self.zero = None if self.scheme.symmetric else torch.empty(w.shape[0], groups, dtype=torch.int8)
             self.col_group = torch.arange(cols) // self.size
 
-    def _qparams(self, w: torch.Tensor, scheme: WeightScheme):
-        return mse_qparams(w, scheme) if self.mse else compute_qparams(w, scheme)
+    def _qparams(self, w: torch.Tensor, scheme: WeightScheme, col_weight: torch.Tensor):
+        return mse_qparams(w, scheme, col_weight) if self.mse else compute_qparams(w, scheme)
 
     def starts_group(self, col: int) -> bool:
         return not self.static and col % self.size == 0
 
-    def fit(self, col: int, current: torch.Tensor) -> None:
+    def fit(self, col: int, current: torch.Tensor, perm: torch.Tensor) -> None:
         """Fit the group starting at processed column `col` to its columns' current values."""
-        scale, zero = self._qparams(current, WeightScheme(self.scheme.bits, current.shape[1],
-                                                          self.scheme.symmetric, self.scheme.scale_dtype))
+        group_scheme = WeightScheme(self.scheme.bits, current.shape[1], self.scheme.symmetric, self.scheme.scale_dtype)
+        scale, zero = self._qparams(current, group_scheme, self.h_diag[perm[col:col + current.shape[1]]])
         g = col // self.size
         self.scale[:, g] = scale[:, 0]
         if zero is not None:
@@ -115,14 +126,6 @@ class _GroupParams:
     def column(self, col: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         g = int(self.col_group[col])
         return self.scale[:, g].float(), None if self.zero is None else self.zero[:, g].float()
-
-    def g_idx(self, perm: torch.Tensor) -> torch.Tensor | None:
-        """Column → group in natural column order, where it is not the default layout."""
-        if self.static or torch.equal(perm, torch.arange(perm.numel())):
-            return None
-        g_idx = torch.empty_like(self.col_group)
-        g_idx[perm] = self.col_group
-        return g_idx.to(torch.int32)
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig, name: str = "layer") -> tuple[Record, float]:
@@ -138,7 +141,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig, name: st
     h[dead, dead] = 1
     w[:, dead] = 0
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if config.act_order else torch.arange(cols)
-    params = _GroupParams(w, perm, config)
+    params = _GroupParams(w, perm, config, torch.diagonal(h).clone())
     w, h = w[:, perm], h[perm][:, perm]
     hinv, damp = inverse_hessian_cholesky(h, config.damp, name)
     hinv = hinv.float()
@@ -152,7 +155,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig, name: st
             col = start + i
             if params.starts_group(col):
                 stop = col + params.size
-                params.fit(col, torch.cat([w_block[:, i:stop - start], w[:, end:stop]], dim=1))
+                params.fit(col, torch.cat([w_block[:, i:stop - start], w[:, end:stop]], dim=1), perm)
             scale, zero = params.column(col)
             x = w_block[:, i]
             q = torch.round(x / scale)
@@ -172,18 +175,14 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig, name: st
     record: Record = {"qweight": natural, "scale": params.scale}
     if params.zero is not None:
         record["zero_point"] = params.zero
-    g_idx = params.g_idx(perm)
-    if g_idx is not None:
-        record["g_idx"] = g_idx
     return record, damp
 
 
 def split_rows(record: Record, rows: list[int]) -> list[Record]:
-    """Per-linear records from the record of their row-concatenated weights (g_idx is shared)."""
+    """Per-linear records from the record of their row-concatenated weights."""
     parts: list[Record] = [{} for _ in rows]
     for key, value in record.items():
-        pieces = [value.clone() for _ in rows] if key == "g_idx" else torch.split(value, rows, dim=0)
-        for part, piece in zip(parts, pieces):
+        for part, piece in zip(parts, torch.split(value, rows, dim=0)):
             part[key] = piece.contiguous()
     return parts
 

@@ -1,0 +1,71 @@
+"""Quality of weight-only quantization variants on the reference model, one process, any device.
+
+Used to explore settings quickly (on a GPU where one is lent); the figures we publish come from
+`benchmarks/quantize.py` on the CPU protocol. Writes results/quantize_variants_<device>.json.
+
+    python benchmarks/quantize_variants.py --device cuda --variants gptq-w4,awq+gptq-w4
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, machine  # noqa: E402
+
+W4 = {"bits": 4, "group_size": 64, "sym": False}
+W3 = {"bits": 3, "group_size": 64, "sym": False}
+VARIANTS = {
+    "rtn-w4": ("rtn", W4),
+    "gptq-w4-static": ("gptq", {**W4, "act_order": True, "static_groups": True}),
+    "gptq-w4": ("gptq", {**W4, "act_order": True}),
+    "gptq-w4-mse": ("gptq", {**W4, "act_order": True, "mse_clip": True}),
+    "gptq-w4-natural": ("gptq", W4),
+    "awq-w4": ("awq", W4),
+    "awq+gptq-w4": ("awq+gptq", {**W4, "act_order": True}),
+    "awq+gptq-w4-mse": ("awq+gptq", {**W4, "act_order": True, "mse_clip": True}),
+    "smoothquant+-w4": ("smoothquant+", W4),
+    "rtn-w3": ("rtn", W3),
+    "gptq-w3": ("gptq", {**W3, "act_order": True}),
+    "gptq-w3-mse": ("gptq", {**W3, "act_order": True, "mse_clip": True}),
+    "awq+gptq-w3": ("awq+gptq", {**W3, "act_order": True}),
+}
+
+
+def main() -> None:
+    from compressor import api
+
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="smollm2-135m")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--windows", type=int, default=64)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--work", default="out/variants")
+    parser.add_argument("--results", default=None)
+    args = parser.parse_args()
+    path = Path(args.results or RESULTS / f"quantize_variants_{args.device.split(':')[0]}.json")
+    rows = []
+    for name in args.variants.split(","):
+        method, options = VARIANTS[name]
+        out = Path(args.work) / name
+        started = time.perf_counter()
+        q = api.quantize(args.model, method, out, options, device=args.device, overwrite=True, restart=True)
+        wall = time.perf_counter() - started
+        ev = api.evaluate(str(out), base=args.model, windows=args.windows, device=args.device)
+        row = {"variant": name, "method": method, "config": options, "ppl": ev["ppl"], "kl": ev["kl"],
+               "base_ppl": ev["base_ppl"], "bits_per_weight": q["bits_per_weight"], "wall_s": round(wall, 1)}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"benchmark": "quantize_variants", "machine": machine(), "device": args.device,
+                                    "protocol": {"eval_windows": args.windows, "window": 512,
+                                                 "calib_samples": 128, "calib_len": 512},
+                                    "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
