@@ -226,6 +226,46 @@ def _quantized_tensors(loaded: LoadedModel, method: Method, run: RunDirectory) -
     return dict(sorted(tensors.items())), metrics
 
 
+# ---------------------------------------------------------------- recipes
+
+def run_recipe(recipe_path: str | Path, model: str, out: str | Path, *, calib: str | None = None,
+               device: str = "cpu", overwrite: bool = False, resume: bool = False, restart: bool = False,
+               allow_pickle: bool = False, progress: Progress | None = None) -> dict:
+    """Run a recipe's stages in order; each stage's output is the next one's input.
+
+    A one-stage recipe writes OUT directly; longer chains keep intermediates in `.OUT.stages/`.
+    `calib` overrides every stage's calibration data (the recipe's is the default).
+    """
+    from compressor.recipes import load_recipe
+
+    progress = progress or Progress()
+    recipe = load_recipe(recipe_path)
+    for stage in recipe.stages:  # every stage's settings, before any work
+        make_method(stage.quantize.method, stage.quantize.options)
+    out = Path(out)
+    artifacts.check_output(out, overwrite)
+    source, results = model, []
+    for index, stage in enumerate(recipe.stages):
+        last = index == len(recipe.stages) - 1
+        target = out if last else out.with_name(f".{out.name}.stages") / f"{index:02d}-{stage.kind}"
+        spec = stage.quantize
+        if resume and not last and (target / "manifest.json").is_file():
+            progress.log(f"stage {index + 1}/{len(recipe.stages)} finished before; reusing {target}")
+            source = str(target)
+            continue
+        progress.log(f"stage {index + 1}/{len(recipe.stages)}: {stage.kind} {spec.method}")
+        cal = spec.calib
+        interrupted = (run_directory_for(target) / "run.json").is_file()
+        results.append(quantize(source, spec.method, target, spec.options, calib=calib or cal.data,
+                                samples=cal.samples, seq_len=cal.seq_len, seed=cal.seed, text_field=cal.text_field,
+                                chat_template=cal.chat_template, batch_size=cal.batch_size, device=device,
+                                overwrite=overwrite or not last, resume=resume and interrupted,
+                                restart=restart and interrupted, allow_pickle=allow_pickle, progress=progress))
+        source = str(target)
+    shutil.rmtree(out.with_name(f".{out.name}.stages"), ignore_errors=True)
+    return {"recipe": recipe.name, "output": str(out), "stages": results}
+
+
 # ---------------------------------------------------------------- evaluate
 
 def evaluate(model: str, base: str | None = None, data: str = "wiki", windows: int = 64, window_len: int = 512,

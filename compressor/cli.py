@@ -173,6 +173,32 @@ def quantize(
     _run(action, lambda r: _kv_table(f"wrote {r['output']}", r), json_out)
 
 
+# ---------------------------------------------------------------- run
+
+@app.command("run")
+def run_cmd(
+    recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+    model: str = typer.Argument(..., help="HF model directory, .gguf file or reference name."),
+    output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
+    calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data for every stage (overrides the recipe)."),
+    device: str = typer.Option("cpu", "--device", help="Compute device."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (kept until done)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
+    restart: bool = typer.Option(False, "--restart", help="Discard an interrupted run and start again."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) checkpoints."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Run a recipe: its stages in order, from MODEL to the artifact OUT."""
+    from compressor import api
+
+    def render(r):
+        _kv_table(f"recipe {r['recipe']}: wrote {r['output']}", r["stages"][-1])
+
+    _run(lambda: api.run_recipe(recipe, model, output, calib=calib, device=device, overwrite=overwrite,
+                                resume=resume, restart=restart, allow_pickle=allow_pickle, progress=_progress()),
+         render, json_out)
+
+
 # ---------------------------------------------------------------- eval
 
 @app.command("eval")

@@ -1,0 +1,143 @@
+"""Issue-3 benchmark: post-training quantization of the reference model, against fp32 and RTN.
+
+For each row, `compress quantize` runs in a fresh process (wall time and peak RSS of the whole
+command; CPU seconds too, since these machines are shared); then every artifact and the fp32
+model are evaluated together on the protocol's held-out windows, sharing one fp32 forward for
+KL. Writes benchmarks/results/quantize.json and reports/quantize.md.
+
+    python benchmarks/quantize.py                      # all rows
+    python benchmarks/quantize.py --rows gptq-w4 --timing-repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import compress_json, median, print_table, write_results  # noqa: E402
+
+MODEL = "smollm2-135m"
+W4 = {"bits": 4, "group_size": 64, "sym": False}
+W3 = {"bits": 3, "group_size": 64, "sym": False}
+# name: (method, config for the results row, CLI flags)
+ROWS = {
+    "rtn-w4": ("rtn", W4, ["--bits", "4", "--group-size", "64", "--asym"]),
+    "gptq-w4": ("gptq", {**W4, "act_order": True}, ["--bits", "4", "--group-size", "64", "--asym", "--act-order"]),
+    "awq+gptq-w4": ("awq+gptq", {**W4, "act_order": True},
+                    ["--bits", "4", "--group-size", "64", "--asym", "--act-order"]),
+    "awq+rtn-w4": ("awq", W4, ["--bits", "4", "--group-size", "64", "--asym"]),
+    "smoothquant+-w4": ("smoothquant+", W4, ["--bits", "4", "--group-size", "64", "--asym"]),
+    "rtn-w3": ("rtn", W3, ["--bits", "3", "--group-size", "64", "--asym"]),
+    "gptq-w3": ("gptq", {**W3, "act_order": True}, ["--bits", "3", "--group-size", "64", "--asym", "--act-order"]),
+    "awq+gptq-w3": ("awq+gptq", {**W3, "act_order": True},
+                    ["--bits", "3", "--group-size", "64", "--asym", "--act-order"]),
+    "smoothquant": ("smoothquant", {"bits": 8, "act_bits": 8, "group_size": -1, "sym": True}, []),
+    "fp8": ("fp8", {"bits": 8, "act_bits": 8, "group_size": -1}, []),
+}
+RESULT_NAMES = {"awq+rtn-w4": "awq+rtn"}
+
+
+def _children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def quantize(name: str, work: Path, repeats: int) -> dict:
+    method, _, flags = ROWS[name]
+    runs = []
+    for _ in range(repeats):
+        cpu0 = _children_cpu_s()
+        result = compress_json("quantize", MODEL, "--method", method, *flags, "-o", str(work / name),
+                               "--overwrite", "--restart")
+        runs.append((result["process_wall_s"], result["peak_rss_mb"], _children_cpu_s() - cpu0, result))
+    walls = [r[0] for r in runs]
+    return {"wall_s": round(median(walls), 1), "wall_runs_s": [round(w, 1) for w in walls],
+            "cpu_s": round(median([r[2] for r in runs]), 1), "peak_rss_mb": round(max(r[1] for r in runs)),
+            "bits_per_weight": runs[-1][3].get("bits_per_weight")}
+
+
+def evaluate(work: Path, names: list[str], windows: int) -> tuple[dict, dict]:
+    from compressor import api
+    from compressor.calib.data import evaluation_set
+    from compressor.evaluation.perplexity import evaluate_models
+
+    base = api.load(MODEL)
+    tokens = evaluation_set("wiki", base.tokenizer, windows, 512)
+    models = {name: api.load(work / name).model for name in names}
+    results = evaluate_models(models, tokens, base.model, batch_size=4)
+    sizes = {name: sum(f.stat().st_size for f in (work / name).glob("*.safetensors")) for name in names}
+    return results, sizes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rows", default=",".join(ROWS))
+    parser.add_argument("--windows", type=int, default=64)
+    parser.add_argument("--timing-repeats", type=int, default=1, help="runs per quantize command (median)")
+    parser.add_argument("--work", default="out/bench-quantize")
+    args = parser.parse_args()
+    work = Path(args.work)
+    names = args.rows.split(",")
+    timings = {}
+    for name in names:
+        print(f"quantizing {name} ...", flush=True)
+        timings[name] = quantize(name, work, args.timing_repeats)
+        print(json.dumps({name: timings[name]}), flush=True)
+    started = time.perf_counter()
+    results, sizes = evaluate(work, names, args.windows)
+    eval_s = time.perf_counter() - started
+    base_ppl = results["base"]["ppl"]
+    rows = [{"model": MODEL, "method": "fp32", "config": {}, "bits_per_weight": 32.0, "ppl": base_ppl, "kl": 0.0}]
+    for name in names:
+        method, config, _ = ROWS[name]
+        r = results[name]
+        rows.append({"model": MODEL, "method": RESULT_NAMES.get(name, method), "config": config, "row": name,
+                     "size_bytes": sizes[name], "ppl": r["ppl"], "kl": r["kl"],
+                     "ppl_increase_pct": 100 * (r["ppl"] / base_ppl - 1), **timings[name]})
+    by_row = {r.get("row"): r for r in rows}
+    for bits in (4, 3):
+        rtn = by_row.get(f"rtn-w{bits}")
+        for r in rows:
+            if rtn and r.get("config", {}).get("bits") == bits and r is not rtn:
+                r["fraction_of_rtn_increase"] = (r["ppl"] - base_ppl) / (rtn["ppl"] - base_ppl)
+    protocol = {"eval_windows": args.windows, "window": 512, "calib_samples": 128, "calib_len": 512}
+    path = write_results("quantize", rows, protocol, {"eval_s": round(eval_s, 1),
+                                                      "note": "shared 2-core CPU: wall_s vs cpu_s shows contention"})
+    columns = ["row", "method", "bits_per_weight", "size_bytes", "ppl", "ppl_increase_pct",
+               "fraction_of_rtn_increase", "kl", "wall_s", "cpu_s", "peak_rss_mb"]
+    print_table(rows, columns, f"quantize: {MODEL}, {args.windows} × 512 held-out tokens")
+    write_report(rows, protocol, path)
+
+
+def _fmt(value, render) -> str:
+    return "" if value is None else render(value)
+
+
+def write_report(rows: list[dict], protocol: dict, results_path: Path) -> None:
+    lines = ["# Post-training quantization of smollm2-135m", "",
+             f"Generated by `python benchmarks/quantize.py` ({results_path.name}); perplexity over "
+             f"{protocol['eval_windows']} × {protocol['window']} held-out wiki tokens, KL(fp32 ‖ model) per token, "
+             f"calibration {protocol['calib_samples']} × {protocol['calib_len']} tokens. Group size 64, integer "
+             "zero points. `of RTN` = the row's perplexity increase as a fraction of RTN's at the same bits.", "",
+             "| row | method | bits/weight | size | ppl | increase | of RTN | KL | wall | CPU | peak RSS |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r.get("row", "fp32"), r["method"], str(r.get("bits_per_weight", "")),
+            _fmt(r.get("size_bytes"), lambda v: f"{v / 1e6:.1f} MB"), f"{r['ppl']:.3f}",
+            _fmt(r.get("ppl_increase_pct"), lambda v: f"+{v:.1f}%"),
+            _fmt(r.get("fraction_of_rtn_increase"), lambda v: f"{100 * v:.0f}%"), f"{r['kl']:.4f}",
+            _fmt(r.get("wall_s"), lambda v: f"{v:.0f} s"), _fmt(r.get("cpu_s"), lambda v: f"{v:.0f} s"),
+            _fmt(r.get("peak_rss_mb"), lambda v: f"{v / 1000:.2f} GB")]) + " |")
+    out = Path(__file__).parent.parent / "reports" / "quantize.md"
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""Recipes: the shipped ones validate, a recipe run equals the command it describes, typos are errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from compressor import api
+from compressor.recipes import load_recipe
+from helpers import cli
+
+RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+
+
+def test_the_issue_recipes_are_shipped():
+    names = {p.stem for p in RECIPES}
+    assert {"w4a16-gptq", "w4a16-awq-gptq", "w8a8-smoothquant", "fp8"} <= names
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)
+def test_shipped_recipe_validates(path):
+    recipe = load_recipe(path)
+    assert recipe.name == path.stem
+    for stage in recipe.stages:
+        api.make_method(stage.quantize.method, stage.quantize.options)
+
+
+def test_recipe_run_equals_the_quantize_command(tiny_llama, text_file, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nstages:\n  - quantize:\n      method: gptq\n"
+                      "      options: {bits: 4, group_size: 32, act_order: true}\n"
+                      "      calib: {samples: 8, seq_len: 64}\n")
+    result = cli("run", recipe, tiny_llama, "-o", tmp_path / "via-recipe", "--calib", text_file)
+    assert result.exit_code == 0, result.stderr
+    api.quantize(str(tiny_llama), "gptq", tmp_path / "direct", {"bits": 4, "group_size": 32, "act_order": True},
+                 calib=str(text_file), samples=8, seq_len=64)
+    for name in ("model.safetensors", "config.json"):
+        assert (tmp_path / "via-recipe" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes()
+
+
+@pytest.mark.parametrize("body,phrase", [
+    ("name: r\nstages:\n  - quantize: {method: gptq, optoins: {bits: 4}}\n", "stages.0.quantize.optoins"),
+    ("name: r\nstages:\n  - quantize: {method: gptq, options: {bits: 9}}\n", "invalid gptq setting bits"),
+    ("name: r\nstages:\n  - quantize: {method: nope}\n", "unknown method"),
+    ("name: r\nstages: []\n", "stages"),
+    ("name: r\nstages:\n  - [unclosed\n", "not valid YAML"),
+])
+def test_bad_recipe_is_one_line_before_any_work(body, phrase, tiny_llama, tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text(body)
+    result = cli("run", recipe, tiny_llama, "-o", tmp_path / "out")
+    assert result.exit_code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error:") and phrase in lines[0], result.stderr
+    assert not (tmp_path / "out").exists()
