@@ -134,6 +134,8 @@ def quantize(
                                             help="GPTQ: MSE-optimal clipping of group scales."),
     static_groups: Optional[bool] = typer.Option(None, "--static-groups/--no-static-groups",
                                                  help="GPTQ: group scales fixed up front (no g_idx)."),
+    fp_target: Optional[bool] = typer.Option(None, "--fp-target/--no-fp-target",
+                                             help="GPTQ: fit the float model's outputs (tracks its hidden states)."),
     grid: Optional[int] = typer.Option(None, "--grid", help="AWQ/SmoothQuant+: α candidates (default 20)."),
     search_samples: Optional[int] = typer.Option(None, "--search-samples",
                                                  help="AWQ/SmoothQuant+: samples the scale search replays."),
@@ -160,7 +162,7 @@ def quantize(
     from compressor.models.loading import parse_dtype
 
     options = {"bits": bits, "group_size": group_size, "sym": sym, "scale_dtype": scale_dtype,
-               "act_order": act_order, "damp": damp, "mse_clip": mse_clip, "static_groups": static_groups,
+               "act_order": act_order, "damp": damp, "mse_clip": mse_clip, "static_groups": static_groups, "fp_target": fp_target,
                "grid": grid, "search_samples": search_samples, "duo_scaling": duo_scaling}
 
     def action():

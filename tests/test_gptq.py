@@ -96,3 +96,43 @@ def test_stacked_group_equals_per_linear():
     first, _ = gptq_quantize(w[:64], h, config)
     for key in first:
         assert torch.equal(parts[0][key], first[key]), key
+
+
+def test_float_target_fits_the_float_model_through_input_errors():
+    """With quantized-path inputs X̃ = X + noise, GPTQ with the float target gets closer to the
+    float model's outputs X Wᵀ than plain GPTQ, which fits X̃ Wᵀ."""
+    w, x = _layer(tokens=4096)
+    noisy = x + 0.3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(3)) * x.std(0)
+    h, cross = noisy.T @ noisy / x.shape[0], noisy.T @ x / x.shape[0]
+    config = GPTQConfig(bits=4, group_size=32)
+    plain, _ = gptq_quantize(w, h, config)
+    target, _ = gptq_quantize(w, h, config, cross=cross)
+
+    def error(record):
+        return (noisy @ dequantize_record(record, torch.float32).T - x @ w.T).pow(2).mean().item()
+    assert error(target) < 0.9 * error(plain)
+
+
+def test_float_target_through_the_pipeline_resumes_identically(tiny_llama, text_file, tmp_path, monkeypatch):
+    from compressor.pipeline.sequential import SequentialPipeline
+    cal = dict(calib=str(text_file), samples=8, seq_len=64)
+    opts = {"bits": 4, "group_size": 32, "act_order": True, "fp_target": True}
+    api.quantize(str(tiny_llama), "gptq", tmp_path / "clean", opts, **cal)
+    original = SequentialPipeline._process_block
+    calls = {"n": 0}
+
+    def crash_on_third_block(self, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected")
+        return original(self, *args, **kwargs)
+    monkeypatch.setattr(SequentialPipeline, "_process_block", crash_on_third_block)
+    with pytest.raises(RuntimeError):
+        api.quantize(str(tiny_llama), "gptq", tmp_path / "resumed", opts, **cal)
+    monkeypatch.setattr(SequentialPipeline, "_process_block", original)
+    api.quantize(str(tiny_llama), "gptq", tmp_path / "resumed", opts, **cal, resume=True)
+    assert (tmp_path / "clean" / "model.safetensors").read_bytes() == \
+        (tmp_path / "resumed" / "model.safetensors").read_bytes()
+    plain = tmp_path / "plain"
+    api.quantize(str(tiny_llama), "gptq", plain, {**opts, "fp_target": False}, **cal)
+    assert (plain / "model.safetensors").read_bytes() != (tmp_path / "clean" / "model.safetensors").read_bytes()

@@ -65,6 +65,29 @@ class HessianCollector(Collector):
         return [("sum", (self.features, self.features), "sum", torch.float64)]
 
 
+class CrossCollector(Collector):
+    """Mean of x yᵀ over tokens for paired inputs: x on the quantized path, y where the float model
+    has it at the same place (GPTQ with a float target: fit the float model's outputs)."""
+
+    kind = "cross"
+
+    def __init__(self, features: int, dtype: torch.dtype = torch.float32):
+        super().__init__(features, dtype)
+        self.sum: torch.Tensor | None = None
+
+    def update_pair(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = x.reshape(-1, x.shape[-1]).to(self.dtype), y.reshape(-1, y.shape[-1]).to(self.dtype)
+        xty = (x.T @ y).double()
+        self.sum = xty if self.sum is None else self.sum.add_(xty)
+        self.count += x.shape[0]
+
+    def result(self) -> torch.Tensor:
+        return (self.sum / max(self.count, 1)).to(self.dtype)
+
+    def _state(self) -> list[tuple[str, tuple[int, ...], str, torch.dtype]]:
+        return [("sum", (self.features, self.features), "sum", torch.float64)]
+
+
 class AbsMaxCollector(Collector):
     """Per-channel maximum of |x| over tokens."""
 

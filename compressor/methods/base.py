@@ -57,6 +57,10 @@ class Method:
     # Calibration samples the block transform replays.
     search_samples: int = 16
 
+    # Also wants, per group, the cross statistic of its input with the float model's input there
+    # (stats["cross"]); the pipeline then propagates the float model's hidden states too.
+    needs_fp_inputs: bool = False
+
     @property
     def needs_calibration(self) -> bool:
         return bool(self.needs) or self.transforms_block

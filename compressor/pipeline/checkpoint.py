@@ -63,8 +63,11 @@ class RunDirectory:
         _save_atomic(tensors, self.block_file(index))
         self._write_state(index + 1)
 
-    def save_inputs(self, index: int, hidden: torch.Tensor) -> None:
-        _save_atomic({"hidden": hidden.contiguous()}, self.hidden_file(index))
+    def save_inputs(self, index: int, hidden: torch.Tensor, fp_hidden: torch.Tensor | None = None) -> None:
+        tensors = {"hidden": hidden.contiguous()}
+        if fp_hidden is not None:
+            tensors["fp_hidden"] = fp_hidden.contiguous()
+        _save_atomic(tensors, self.hidden_file(index))
 
     def drop_inputs(self, index: int) -> None:
         self.hidden_file(index).unlink(missing_ok=True)
@@ -80,9 +83,10 @@ class RunDirectory:
                 params[k[len("param."):]] = v
         return params, records
 
-    def load_inputs(self, index: int) -> torch.Tensor | None:
+    def load_inputs(self, index: int) -> dict[str, torch.Tensor] | None:
+        """{"hidden": ..., and "fp_hidden" where the float model's path is tracked too}."""
         f = self.hidden_file(index)
-        return read_tensors(f)["hidden"] if f.exists() else None
+        return read_tensors(f) if f.exists() else None
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:

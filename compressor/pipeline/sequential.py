@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from compressor.calib.data import TokenSet
-from compressor.calib.stats import InputsCollected, collect_inputs
+from compressor.calib.stats import CrossCollector, InputsCollected, collect_inputs
 from compressor.errors import CompressorError
 from compressor.methods.base import Method, Record
 from compressor.models.adapters import Adapter, Shortcut
@@ -197,6 +197,22 @@ def _check_weights(adapter: Adapter, block: nn.Module, prefix: str) -> None:
                                   "the checkpoint is damaged: re-export or re-download it")
 
 
+@torch.no_grad()
+def record_group_inputs(block: nn.Module, adapter: Adapter, hidden: torch.Tensor, kwargs: dict[str, Any],
+                        batch_size: int, device: torch.device, want_outputs: bool,
+                        ) -> tuple[dict[str, list[torch.Tensor]], torch.Tensor | None]:
+    """Each group's input for every batch (on CPU), and the block's outputs, in one pass."""
+    linears = adapter.block_linears(block)
+    inputs: dict[str, list[torch.Tensor]] = {g.name: [] for g in adapter.groups}
+    with ExitStack() as stack:
+        for group in adapter.groups:
+            handle = linears[group.linears[0]].register_forward_pre_hook(
+                lambda _m, args, name=group.name: inputs[name].append(args[0].detach().to("cpu")))
+            stack.callback(handle.remove)
+        outputs = run_block(block, hidden, kwargs, batch_size, device)
+    return inputs, outputs if want_outputs else None
+
+
 class SequentialPipeline:
     def __init__(self, model: nn.Module, adapter: Adapter, method: Method, run: RunDirectory,
                  calibration: TokenSet | None, device: torch.device | str = "cpu", batch_size: int = 8,
@@ -230,18 +246,23 @@ class SequentialPipeline:
         if start:
             self.progress.log(f"resuming after block {start}/{len(blocks)}")
 
-        hidden, block_kwargs = None, None
+        hidden, fp_hidden, block_kwargs = None, None, None
         if self.method.needs_calibration and start < len(blocks):
             ids = self.calibration.input_ids
             self.shard = self.world.shard(ids.shape[0], self.batch_size)
             ids = ids[self.shard]
             block_kwargs = capture_block_kwargs(self.model, self.adapter, ids, self.device)
-            hidden = self.run.load_inputs(start) if start else None
-            if hidden is None:
+            saved = self.run.load_inputs(start) if start else None
+            if saved is not None:
+                hidden, fp_hidden = saved["hidden"], saved.get("fp_hidden")
+            else:
                 if start:
                     raise RuntimeError(f"run directory lacks the inputs of block {start}")
                 self.progress.log(f"embedding {ids.shape[0]} calibration samples of {ids.shape[1]} tokens")
                 hidden = capture_inputs(self.model, self.adapter, ids, self.batch_size, self.device)
+                fp_hidden = hidden
+            if not self.method.needs_fp_inputs:
+                fp_hidden = None
 
         kill_after = os.environ.get(KILL_AFTER_BLOCK_ENV)
         with self.progress.task(f"{self.method.name}: blocks", total=len(blocks)) as bar:
@@ -251,28 +272,30 @@ class SequentialPipeline:
                 block.to(self.device)
                 kwargs = block_kwargs[index] if block_kwargs else None
                 last = index + 1 == len(blocks)
-                records, outputs = self._process_block(block, hidden, kwargs, want_outputs=not last)
+                records, outputs, fp_next = self._process_block(block, hidden, fp_hidden, kwargs, want_outputs=not last)
                 next_hidden = None
                 if hidden is not None and not last:
                     next_hidden = outputs if outputs is not None else run_block(
                         block, hidden, kwargs, self.batch_size, self.device)
                 block.to("cpu")
                 if next_hidden is not None:
-                    self.run.save_inputs(index + 1, next_hidden)
+                    self.run.save_inputs(index + 1, next_hidden, fp_next)
                 self.world.barrier()  # every process's inputs are saved before the block counts as done
                 if self.world.is_main:
                     self.run.save_block(index, block.state_dict(), records)
                 self.world.barrier()
                 self.run.drop_inputs(index)
-                hidden = next_hidden
+                hidden, fp_hidden = next_hidden, fp_next
                 release_memory()
                 bar.advance()
                 if kill_after is not None and int(kill_after) == index:
                     os.kill(os.getpid(), signal.SIGKILL)
 
-    def _process_block(self, block: nn.Module, hidden: torch.Tensor | None, kwargs: dict[str, Any] | None,
-                       want_outputs: bool) -> tuple[dict[str, Record], torch.Tensor | None]:
-        """The block's records, and its outputs where computing them came for free."""
+    def _process_block(self, block: nn.Module, hidden: torch.Tensor | None, fp_hidden: torch.Tensor | None,
+                       kwargs: dict[str, Any] | None, want_outputs: bool,
+                       ) -> tuple[dict[str, Record], torch.Tensor | None, torch.Tensor | None]:
+        """The block's records, its outputs where computing them came for free, and the float
+        model's outputs where the method tracks the float path."""
         linears = self.adapter.block_linears(block)
         groups = self.adapter.groups
         records: dict[str, Record] = {}
@@ -286,10 +309,14 @@ class SequentialPipeline:
         if not self.method.needs:
             for group in groups:
                 records.update(self.method.apply_group(block, group, {n: linears[n] for n in group.linears}, {}))
-            return records, None
+            return records, None, None
         if not self.method.true_sequential:
             # One forward pass collects statistics for every group.
-            return self._apply_batch(block, list(groups), linears, hidden, kwargs, None), None
+            return self._apply_batch(block, list(groups), linears, hidden, kwargs, None), None, None
+        fp_inputs, fp_outputs = None, None
+        if fp_hidden is not None:  # the block is still float here (after any output-preserving transform)
+            fp_inputs, fp_outputs = record_group_inputs(block, self.adapter, fp_hidden, kwargs, self.batch_size,
+                                                        self.device, want_outputs)
         cursor = BatchCursor()
         # Shortcuts are valid only while a method edits nothing but the linears it is handed.
         shortcuts = {} if self.method.edits_outside_group else {
@@ -299,11 +326,11 @@ class SequentialPipeline:
                 shortcut = shortcuts.get(group.linears[0]) if len(group.linears) == 1 else None
                 cache = ShortcutCache(block, shortcut, cursor) if shortcut else None
                 with cache.recording() if cache else ExitStack():
-                    records.update(self._apply_batch(block, [group], linears, hidden, kwargs, cursor))
+                    records.update(self._apply_batch(block, [group], linears, hidden, kwargs, cursor, fp_inputs))
                 if cache:
                     installed.enter_context(cache.installed())
             outputs = run_block(block, hidden, kwargs, self.batch_size, self.device, cursor) if want_outputs else None
-        return records, outputs
+        return records, outputs, fp_outputs
 
     def _where(self, block: nn.Module) -> str:
         blocks = self.adapter.blocks(self.model)
@@ -311,13 +338,26 @@ class SequentialPipeline:
         return self.adapter.block_prefix(self.model, index)
 
     def _apply_batch(self, block: nn.Module, batch: list, linears: dict[str, nn.Linear], hidden: torch.Tensor,
-                     kwargs: dict[str, Any], cursor: BatchCursor | None) -> dict[str, Record]:
+                     kwargs: dict[str, Any], cursor: BatchCursor | None,
+                     fp_inputs: dict[str, list[torch.Tensor]] | None = None) -> dict[str, Record]:
         """Collect the statistics of a batch of groups in one pass over the block, then apply each."""
         records: dict[str, Record] = {}
         targets = {g.name: [linears[n] for n in g.linears] for g in batch}
-        with collect_inputs(targets, set(self.method.needs), self.hessian_dtype,
-                            stop_after_last=True) as collectors:
+        with ExitStack() as stack:
+            crosses = {}
+            if fp_inputs is not None:  # registered first: runs before a collector hook ends the pass
+                for group in batch:
+                    first = linears[group.linears[0]]
+                    crosses[group.name] = cross = CrossCollector(first.in_features, self.hessian_dtype)
+                    handle = first.register_forward_pre_hook(
+                        lambda _m, args, cross=cross, name=group.name: cross.update_pair(
+                            args[0].detach(), fp_inputs[name][cursor.index].to(args[0].device)))
+                    stack.callback(handle.remove)
+            collectors = stack.enter_context(collect_inputs(targets, set(self.method.needs), self.hessian_dtype,
+                                                            stop_after_last=True))
             feed_block(block, hidden, kwargs, self.batch_size, self.device, cursor)
+        for name, cross in crosses.items():
+            collectors[name]["cross"] = cross
         self.world.merge(collectors)
         for group in batch:
             stats = {kind: c.result() for kind, c in collectors[group.name].items()}

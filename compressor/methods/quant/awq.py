@@ -53,6 +53,7 @@ class _ScaledQuantization(Method):
             self.inner = RTN(WeightQuantConfig(**{k: inner[k] for k in WeightQuantConfig.model_fields}))
         self.needs = self.inner.needs
         self.true_sequential = self.inner.true_sequential
+        self.needs_fp_inputs = self.inner.needs_fp_inputs
         self.search_samples = config.search_samples
 
     def check(self, model: nn.Module, adapter: Adapter) -> None:

@@ -39,6 +39,8 @@ class GPTQConfig(WeightQuantConfig):
     damp: float = Field(0.01, gt=0, le=MAX_DAMP, description="dampening as a fraction of the mean diagonal")
     block_size: int = Field(128, ge=1, description="columns per lazy-update block")
     mse_clip: bool = Field(True, description="search per-group clipping minimizing the Hessian-weighted error")
+    fp_target: bool = Field(False, description="fit the float model's outputs, not the float layer's "
+                                               "outputs on already-quantized inputs (GPTAQ-style)")
 
     @model_validator(mode="after")
     def _storable(self) -> "GPTQConfig":
@@ -128,14 +130,27 @@ class _GroupParams:
         return self.scale[:, g].float(), None if self.zero is None else self.zero[:, g].float()
 
 
-def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig, name: str = "layer") -> tuple[Record, float]:
-    """Quantize one weight [out, in] given its input Hessian [in, in]; returns the record and the damp used."""
+def float_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
+    """The weight V that best reproduces the float model on the quantized path's inputs:
+    argmin ||X̃ Vᵀ − X Wᵀ||, i.e. H V ᵀ = C Wᵀ with H = X̃ᵀX̃, C = X̃ᵀX (dampened like GPTQ's H).
+    Since ||X̃Qᵀ − XWᵀ||² = ||X̃(Q − V)ᵀ||² + const, GPTQ on V minimises the error to the float model."""
+    h64 = h.double()
+    h64 = h64 + damp * torch.diagonal(h64).mean() * torch.eye(h64.shape[0], dtype=torch.float64)
+    return torch.linalg.solve(h64, cross.double() @ w.double().T).T.float()
+
+
+def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig, name: str = "layer",
+                  cross: torch.Tensor | None = None) -> tuple[Record, float]:
+    """Quantize one weight [out, in] given its input Hessian [in, in]; returns the record and the damp used.
+    With `cross` (X̃ᵀX / n against the float model's inputs), the target is the float model's output."""
     scheme = config.scheme()
     w = w.detach().float().clone()
     h = h.detach().to(torch.float64 if h.dtype == torch.float64 else torch.float32).clone()
     if not (torch.isfinite(w).all() and torch.isfinite(h).all()):
         raise CompressorError(f"{name} has NaN or Inf in its weights or calibration activations",
                               "check the checkpoint and the calibration data")
+    if cross is not None:
+        w = float_target(w, h, cross, config.damp)
     cols = w.shape[1]
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1
@@ -194,6 +209,10 @@ class GPTQ(Method):
     needs = frozenset({"hessian"})
     true_sequential = True
 
+    @property
+    def needs_fp_inputs(self) -> bool:
+        return self.config.fp_target
+
     def check(self, model: nn.Module, adapter: Adapter) -> None:
         check_scheme(self.config.scheme(), model, adapter)
 
@@ -203,7 +222,8 @@ class GPTQ(Method):
         # quantized as one stacked matrix: one inverse Hessian and one column sweep per group.
         names = list(linears)
         stacked = torch.cat([linears[n].weight.data.float().cpu() for n in names])
-        record, _ = gptq_quantize(stacked, stats["hessian"].cpu(), self.config, "/".join(names))
+        cross = stats["cross"].cpu() if "cross" in stats else None
+        record, _ = gptq_quantize(stacked, stats["hessian"].cpu(), self.config, "/".join(names), cross)
         records = dict(zip(names, split_rows(record, [linears[n].out_features for n in names])))
         for name, linear in linears.items():
             linear.weight.data = dequantize_record(records[name], linear.weight.dtype).to(linear.weight.device)
