@@ -24,7 +24,7 @@ from torch import nn
 from compressor.errors import CompressorError
 from compressor.methods.base import METHODS, Method, Record
 from compressor.methods.quant.quantizer import (
-    SCALE_DTYPES, check_scheme, compute_qparams, dequantize_record, make_record,
+    SCALE_DTYPES, check_scheme, compute_qparams, dequantize_record, qparams_from_range,
 )
 from compressor.methods.quant.rtn import WeightQuantConfig
 from compressor.models.adapters import Adapter, LinearGroup
@@ -55,18 +55,26 @@ class GPTQConfig(WeightQuantConfig):
 
 
 def mse_qparams(w: torch.Tensor, scheme: WeightScheme, col_weight: torch.Tensor | None = None,
-                grid: int = 20, min_ratio: float = 0.5):
-    """Scales (and zero points) shrunk per group to the clip ratio minimizing squared error, each
-    column's error weighted by `col_weight` (the Hessian diagonal: how much its input matters)."""
-    best_scale, best_zero = compute_qparams(w, scheme)
+                grid: int = 20, min_ratio: float = 0.75):
+    """Scales (and zero points) with each group's range shrunk to the ratio in [min_ratio, 1] that
+    minimises its squared rounding error, each column weighted by `col_weight` (the Hessian
+    diagonal: how much that input matters)."""
     g = w.float().reshape(w.shape[0], scheme.groups(w.shape[1]), -1)
-    weight = torch.ones(w.shape[1]) if col_weight is None else col_weight.float().cpu()
+    weight = (torch.ones(w.shape[1]) if col_weight is None else col_weight.float().cpu()).reshape(1, *g.shape[1:])
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)
+    best_scale, best_zero = qparams_from_range(lo, hi, scheme)
     best_err = torch.full(g.shape[:2], float("inf"))
     for step in range(grid):
-        ratio = 1.0 - (1.0 - min_ratio) * step / grid
-        scale, zero = compute_qparams(w * ratio, scheme)
-        record = make_record(w, scale, zero, scheme)
-        err = ((dequantize_record(record, torch.float32) - w.float()).pow(2) * weight).reshape(g.shape).sum(-1)
+        ratio = 1.0 - (1.0 - min_ratio) * step / (grid - 1)
+        scale, zero = qparams_from_range(lo * ratio, hi * ratio, scheme)
+        s = scale.float().unsqueeze(-1)
+        q = torch.round(g / s)
+        if zero is not None:
+            z = zero.float().unsqueeze(-1)
+            q = q.add_(z).clamp_(scheme.qmin, scheme.qmax).sub_(z)
+        else:
+            q = q.clamp_(scheme.qmin, scheme.qmax)
+        err = q.mul_(s).sub_(g).pow_(2).mul_(weight).sum(-1)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
         best_scale = torch.where(better, scale, best_scale)

@@ -40,14 +40,20 @@ def _grouped(w: torch.Tensor, scheme: WeightScheme) -> torch.Tensor:
 def compute_qparams(w: torch.Tensor, scheme: WeightScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Min-max scale (and integer zero point) per output row and group: [out, groups] each."""
     g = _grouped(w.float(), scheme)
+    return qparams_from_range(g.amin(dim=-1), g.amax(dim=-1), scheme)
+
+
+def qparams_from_range(lo: torch.Tensor, hi: torch.Tensor,
+                       scheme: WeightScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Scale (and integer zero point) that map [lo, hi] (per row and group) onto the code range."""
     levels = (1 << scheme.bits) - 1
+    zero = None
     if scheme.symmetric:
-        absmax = g.abs().amax(dim=-1)
+        absmax = torch.maximum(lo.abs(), hi.abs())
         scale = absmax / (levels / 2)
-        zero = None
     else:
-        lo = g.amin(dim=-1).clamp(max=0)
-        hi = g.amax(dim=-1).clamp(min=0)
+        lo = lo.clamp(max=0)
+        hi = hi.clamp(min=0)
         scale = (hi - lo) / levels
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
     scale = scale.to(SCALE_DTYPES[scheme.scale_dtype])
