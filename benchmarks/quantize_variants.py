@@ -19,20 +19,21 @@ from common import RESULTS, machine  # noqa: E402
 
 W4 = {"bits": 4, "group_size": 64, "sym": False}
 W3 = {"bits": 3, "group_size": 64, "sym": False}
-VARIANTS = {
+VARIANTS = {  # GPTQ defaults: static groups, Hessian-weighted MSE clipping
     "rtn-w4": ("rtn", W4),
-    "gptq-w4-static": ("gptq", {**W4, "act_order": True, "static_groups": True}),
+    "gptq-w4-minmax": ("gptq", {**W4, "act_order": True, "mse_clip": False}),
     "gptq-w4": ("gptq", {**W4, "act_order": True}),
-    "gptq-w4-mse": ("gptq", {**W4, "act_order": True, "mse_clip": True}),
-    "gptq-w4-natural": ("gptq", W4),
+    "gptq-w4-fp": ("gptq", {**W4, "act_order": True, "fp_target": True}),
+    "gptq-w4-natural": ("gptq", {**W4, "static_groups": False}),
     "awq-w4": ("awq", W4),
     "awq+gptq-w4": ("awq+gptq", {**W4, "act_order": True}),
-    "awq+gptq-w4-mse": ("awq+gptq", {**W4, "act_order": True, "mse_clip": True}),
+    "awq+gptq-w4-fp": ("awq+gptq", {**W4, "act_order": True, "fp_target": True}),
     "smoothquant+-w4": ("smoothquant+", W4),
     "rtn-w3": ("rtn", W3),
     "gptq-w3": ("gptq", {**W3, "act_order": True}),
-    "gptq-w3-mse": ("gptq", {**W3, "act_order": True, "mse_clip": True}),
+    "gptq-w3-fp": ("gptq", {**W3, "act_order": True, "fp_target": True}),
     "awq+gptq-w3": ("awq+gptq", {**W3, "act_order": True}),
+    "awq+gptq-w3-fp": ("awq+gptq", {**W3, "act_order": True, "fp_target": True}),
 }
 
 
