@@ -39,6 +39,8 @@ class GPTQConfig(WeightQuantConfig):
     damp: float = Field(0.01, gt=0, le=MAX_DAMP, description="dampening as a fraction of the mean diagonal")
     block_size: int = Field(128, ge=1, description="columns per lazy-update block")
     mse_clip: bool = Field(True, description="search per-group clipping minimizing the Hessian-weighted error")
+    refit_scales: bool = Field(True, description="after the sweep, re-solve each row's group scales for the "
+                                                  "least output error given the chosen codes")
     fp_target: bool = Field(False, description="fit the float model's outputs, not the float layer's "
                                                "outputs on already-quantized inputs (GPTAQ-style)")
 
@@ -147,6 +149,32 @@ def float_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, damp: fl
     return torch.linalg.solve(h64, cross.double() @ w.double().T).T.float()
 
 
+def refit_scales(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None,
+                 h: torch.Tensor) -> torch.Tensor:
+    """Given the integer codes, the group scales of each row minimising the layer's output error
+    (w − ŵ)ᵀ H (w − ŵ), with ŵ = s_g (q − z_g) on group g: a small least-squares problem per row
+    (groups × groups), whose solution can only lower the error the sweep left (the old scales are
+    one of its candidates). Rows whose solution is singular or not positive keep their scales."""
+    rows, cols = w.shape
+    groups = scale.shape[1]
+    size = cols // groups
+    u = codes.float()
+    if zero is not None:
+        u = u - zero.float().repeat_interleave(size, dim=1)
+    h = h.float()
+    ug = u.reshape(rows, groups, size)
+    # t[r, g2, c] = Σ_{j∈g2} u_rj H_jc ; A[r, g1, g2] = Σ_{c∈g1} u_rc t[r, g2, c] ; b[r, g] = Σ_{c∈g} u_rc (H w_r)_c
+    t = torch.einsum("rgs,gsc->rgc", ug, h.reshape(groups, size, cols))
+    a = torch.einsum("rgs,rkgs->rgk", ug, t.reshape(rows, groups, groups, size))
+    b = (u * (w.float() @ h)).reshape(rows, groups, size).sum(-1)
+    solved, info = torch.linalg.solve_ex(a.double(), b.double().unsqueeze(-1))
+    solved = solved.squeeze(-1)
+    ok = (info == 0) & torch.isfinite(solved).all(dim=1) & (solved > 0).all(dim=1)
+    refit = torch.where(ok.unsqueeze(1), solved.float(), scale.float()).to(scale.dtype)
+    tiny = torch.finfo(refit.dtype).tiny
+    return torch.where(refit.float() > tiny, refit, scale)
+
+
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig, name: str = "layer",
                   cross: torch.Tensor | None = None) -> tuple[Record, float]:
     """Quantize one weight [out, in] given its input Hessian [in, in]; returns the record and the damp used.
@@ -159,6 +187,7 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig, name: st
                               "check the checkpoint and the calibration data")
     if cross is not None:
         w = float_target(w, h, cross, config.damp)
+    original = w.clone()
     cols = w.shape[1]
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1
@@ -195,7 +224,12 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig, name: st
         w[:, end:] -= err_block @ hinv[start:end, end:]
     natural = torch.empty_like(codes)
     natural[:, perm] = codes
-    record: Record = {"qweight": natural, "scale": params.scale}
+    scale = params.scale
+    if config.refit_scales and params.static:
+        unpermuted_h = torch.empty_like(h)
+        unpermuted_h[perm.unsqueeze(1), perm.unsqueeze(0)] = h
+        scale = refit_scales(original, natural, scale, params.zero, unpermuted_h)
+    record: Record = {"qweight": natural, "scale": scale}
     if params.zero is not None:
         record["zero_point"] = params.zero
     return record, damp
