@@ -173,11 +173,16 @@ def test_dynamic_fake_quantize_matches_compressed_tensors():
 
     x = torch.randn(3, 7, 40, generator=torch.Generator().manual_seed(0)) * 5
     x[0, 0] = 0  # an all-zero token
-    for kind in ("int", "float"):
-        args = QuantizationArgs(num_bits=8, type=kind, strategy="token", symmetric=True, dynamic=True)
-        scale, zp = compute_dynamic_scales_and_zp(x, args, module=torch.nn.Identity())
-        expected = fake_quantize(x, scale, zp, args)
-        assert torch.equal(activations.fake_quantize(x, kind, 8), expected)
+    for dtype in (torch.float32, torch.bfloat16):
+        xd = x.to(dtype)
+        for kind in ("int", "float"):
+            args = QuantizationArgs(num_bits=8, type=kind, strategy="token", symmetric=True, dynamic=True)
+            scale, zp = compute_dynamic_scales_and_zp(xd, args, module=torch.nn.Identity())
+            assert torch.equal(activations.fake_quantize(xd, kind, 8), fake_quantize(xd, scale, zp, args))
+            static = QuantizationArgs(num_bits=8, type=kind, strategy="tensor", symmetric=True, dynamic=False)
+            scale = torch.tensor([0.03])
+            expected = fake_quantize(xd, scale, torch.zeros(1, dtype=torch.int8), static)
+            assert torch.equal(activations.fake_quantize(xd, kind, 8, scale), expected)
 
 
 # ---------------------------------------------------------------- bad input

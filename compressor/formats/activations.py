@@ -54,17 +54,17 @@ def fake_quantize(x: torch.Tensor, kind: str, bits: int, scale: torch.Tensor | N
     qmin, qmax = RANGES[(kind, bits)]
     if scale is None:
         if x.dim() > 2:
-            dims = tuple(range(2, x.dim()))
-            lo, hi = torch.amin(x, dim=dims, keepdim=True), torch.amax(x, dim=dims, keepdim=True)
+            lo, hi = torch.aminmax(x.flatten(2), dim=-1, keepdim=True)
+            lo, hi = lo.reshape(*x.shape[:2], *[1] * (x.dim() - 2)), hi.reshape(*x.shape[:2], *[1] * (x.dim() - 2))
         else:
             lo, hi = torch.aminmax(x)
         lo, hi = torch.clamp(lo, max=0), torch.clamp(hi, min=0)
         scale = torch.maximum(lo.abs(), hi.abs()) / ((qmax - qmin) / 2)
         scale = torch.where(scale == 0, torch.tensor(torch.finfo(scale.dtype).eps, dtype=scale.dtype,
                                                      device=scale.device), scale)
-    q = torch.clamp(x / scale, qmin, qmax)
-    q = torch.round(q) if kind == "int" else q.to(torch.float8_e4m3fn)
-    return q.to(x.dtype).to(scale.dtype) * scale
+    q = torch.div(x, scale).clamp_(qmin, qmax)
+    q = q.round_() if kind == "int" else q.to(torch.float8_e4m3fn).to(q.dtype)
+    return q.to(scale.dtype).mul_(scale)
 
 
 def _ignored(name: str, ignore: list[str]) -> bool:
