@@ -10,7 +10,8 @@ from the calibration abs-max of the group's input and the largest weight of that
 the group's linears. The norm's output is divided by s (its weight w becomes w/s, or for a
 (1 + w) RMSNorm such as Gemma's, (1 + w)/s − 1) and the linears' columns are multiplied by s,
 so the float model computes the same function while the activations become easier to quantize.
-Linears without a norm in front (o_proj, down_proj) are quantized unsmoothed.
+Linears without a norm in front (o_proj, down_proj) are quantized unsmoothed. With `gptq`, the
+int8 weights are rounded by GPTQ against the Hessian of the smoothed inputs instead of to nearest.
 
 α = 0 leaves the activations alone (s from the weights only), α = 1 moves all of the range into
 the weights. Channels whose activation or weight maximum is zero keep s = 1.
@@ -23,6 +24,7 @@ from pydantic import Field
 from torch import nn
 
 from compressor.methods.base import METHODS, Method, MethodConfig, Record
+from compressor.methods.quant.gptq import GPTQConfig, gptq_quantize
 from compressor.methods.quant.quantizer import dequantize_record, quantize_weight
 from compressor.models.adapters import Adapter, LinearGroup
 from compressor.schemes import WeightScheme
@@ -33,6 +35,8 @@ INT8_PER_CHANNEL = WeightScheme(8, -1, True, "float32")
 
 class SmoothQuantConfig(MethodConfig):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="migration strength, 0..1")
+    gptq: bool = Field(False, description="round the int8 weights with GPTQ instead of to nearest")
+    damp: float = Field(0.01, gt=0, le=1.0, description="GPTQ: relative dampening of the Hessian")
 
 
 @torch.no_grad()
@@ -68,6 +72,8 @@ class SmoothQuant(Method):
     def __init__(self, config: SmoothQuantConfig):
         super().__init__(config)
         self.norm_offset: float | None = None
+        if config.gptq:
+            self.needs = frozenset({"absmax", "hessian"})
 
     def check(self, model: nn.Module, adapter: Adapter) -> None:
         self.norm_offset = adapter.norm_weight_offset
@@ -81,10 +87,17 @@ class SmoothQuant(Method):
                 raise RuntimeError("SmoothQuant.check(model, adapter) must run before apply_group")
             mods = list(linears.values())
             scales = smoothing_scales(stats["absmax"], [m.weight.data for m in mods], self.config.alpha)
-            fold_smoothing(block.get_submodule(group.norm), mods, scales.to(mods[0].weight.device), self.norm_offset)
+            scales = scales.to(mods[0].weight.device)
+            fold_smoothing(block.get_submodule(group.norm), mods, scales, self.norm_offset)
+            if "hessian" in stats:  # the Hessian of the smoothed inputs X / s
+                stats = {**stats, "hessian": stats["hessian"] / scales[:, None] / scales[None, :]}
         records = {}
         for name, linear in linears.items():
-            record = quantize_weight(linear.weight.data, INT8_PER_CHANNEL)
+            if self.config.gptq:
+                settings = GPTQConfig(bits=8, group_size=-1, sym=True, scale_dtype="float32", damp=self.config.damp)
+                record, _ = gptq_quantize(linear.weight.data, stats["hessian"], settings, name)
+            else:
+                record = quantize_weight(linear.weight.data, INT8_PER_CHANNEL)
             linear.weight.data = dequantize_record(record, linear.weight.dtype)
             records[name] = record
         return records
