@@ -232,3 +232,24 @@ def test_fp8_gptq_lowers_the_output_error_of_rounding():
     assert fb["qweight"].dtype == torch.float8_e4m3fn and torch.equal(fb["scale"], rtn["scale"])
     err = {k: ((w - r["qweight"].float() * r["scale"]) @ x.T).pow(2).mean() for k, r in (("rtn", rtn), ("gptq", fb))}
     assert err["gptq"] < 0.7 * err["rtn"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method, options, samples", [("smoothquant", {"alpha": 0.5}, 16), ("fp8", {}, 16)])
+def test_reference_model_w8a8_and_fp8(method, options, samples, tmp_path):
+    """On the real reference model: close to fp32 (the figures are in benchmarks/), and transformers
+    computes the same logits as our simulation."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / method
+    summary = api.quantize("smollm2-135m", method, out, options, samples=samples)
+    assert 8.0 < summary["bits_per_weight"] < 8.06
+    assert api.verify(out)["ok"]
+    result = api.evaluate(str(out), base="smollm2-135m", windows=8)
+    assert result["base_ppl"] < result["ppl"] < 1.06 * result["base_ppl"]
+    assert 0 < result["kl"] < 0.08
+    tokens = torch.arange(100, 164).unsqueeze(0)
+    with torch.no_grad():
+        ours = api.load(out).model(tokens).logits
+        theirs = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)(tokens).logits
+    torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
