@@ -18,7 +18,7 @@ from compressor import __version__
 from compressor.calib.data import calibration_set, evaluation_set
 from compressor.errors import CompressorError
 from compressor.formats import artifact as artifacts
-from compressor.formats import compressed_tensors
+from compressor.formats import activations, quantized
 from compressor.formats.manifest import read_manifest
 from compressor.formats.manifest import verify as verify_artifact
 from compressor.methods import METHODS, Method
@@ -71,7 +71,10 @@ def load(ref: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool
         model_type = config_dict.pop("model_type", None)
         config = AutoConfig.for_model(model_type, **config_dict)
         adapter = adapter_for_config(config)
+        input_scales = activations.pop_input_scales(state)
         model = build_model(config, state, dtype)
+        # Artifacts that quantize linear inputs (W8A8, FP8) compute as transformers would.
+        activations.attach(model, artifacts.read_config(path)["quantization_config"], input_scales)
         manifest = read_manifest(path) if (path / "manifest.json").exists() else {}
         source = manifest.get("source", {}).get("sha256", "")
         return LoadedModel(model, load_tokenizer(path), adapter, path, source, str(ref), {"manifest": manifest},
@@ -160,14 +163,13 @@ def quantize(model: str, method: str, out: str | Path, options: dict[str, Any] |
         world.barrier()
         return {"output": str(out), "rank": world.rank, "world_size": world.size}
 
-    tensors, metrics = _quantized_tensors(loaded, quantizer, run)
+    writer = quantized.writer_for(quantizer.export())
+    tensors, metrics = _quantized_tensors(loaded, writer, run)
     config = loaded.model.config.to_dict()
     config.pop("quantization_config", None)
     config["dtype"] = str(loaded.stored_dtype).removeprefix("torch.")
-    export = quantizer.export()
     ignore = ["lm_head"]
-    config["quantization_config"] = compressed_tensors.quantization_config(export["scheme"], ignore,
-                                                                           export.get("actorder"))
+    config["quantization_config"] = writer.quantization_config(ignore)
     wall = time.perf_counter() - started
     artifacts.write_artifact(
         out, config=config, tensors=tensors, tokenizer=loaded.tokenizer,
@@ -194,10 +196,9 @@ def _calibration_warnings(method: Method, loaded: LoadedModel, tokens) -> list[s
             f"use at least {widest} tokens (--samples × --seq-len), ideally 10× that"]
 
 
-def _quantized_tensors(loaded: LoadedModel, method: Method, run: RunDirectory) -> tuple[dict, dict]:
-    """The artifact's tensors: packed quantized linears from the run directory, the rest as is."""
+def _quantized_tensors(loaded: LoadedModel, writer: quantized.Writer, run: RunDirectory) -> tuple[dict, dict]:
+    """The artifact's tensors: quantized linears from the run directory, the rest as is."""
     model, adapter = loaded.model, loaded.adapter
-    scheme = method.export()["scheme"]
     keep_dtype = loaded.stored_dtype
     state = model.state_dict()
     if adapter.tied_embeddings(model):
@@ -210,7 +211,7 @@ def _quantized_tensors(loaded: LoadedModel, method: Method, run: RunDirectory) -
         for name, record in records.items():
             module = prefix + name
             original = state.pop(module + ".weight")
-            encoded = compressed_tensors.encode(module, record, scheme)
+            encoded = writer.encode(module, record)
             tensors.update(encoded)
             quantized_params += original.numel()
             quantized_bytes += sum(t.numel() * t.element_size() for k, t in encoded.items()

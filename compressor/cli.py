@@ -141,6 +141,9 @@ def quantize(
                                                  help="AWQ/SmoothQuant+: samples the scale search replays."),
     duo_scaling: Optional[bool] = typer.Option(None, "--duo-scaling/--no-duo-scaling",
                                                help="AWQ: scales from activations and weights."),
+    alpha: Optional[float] = typer.Option(None, "--alpha", help="SmoothQuant: migration strength 0..1 (default 0.5)."),
+    act_static: Optional[bool] = typer.Option(None, "--act-static/--act-dynamic",
+                                              help="FP8: calibrated per-tensor input scales, or per-token at run time."),
     calib: str = typer.Option("wiki", "--calib", help="Calibration data: file, saved dataset or 'wiki'."),
     samples: int = typer.Option(128, "--samples", help="Calibration samples."),
     seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration sample."),
@@ -162,8 +165,9 @@ def quantize(
     from compressor.models.loading import parse_dtype
 
     options = {"bits": bits, "group_size": group_size, "sym": sym, "scale_dtype": scale_dtype,
-               "act_order": act_order, "damp": damp, "mse_clip": mse_clip, "static_groups": static_groups, "fp_target": fp_target,
-               "grid": grid, "search_samples": search_samples, "duo_scaling": duo_scaling}
+               "act_order": act_order, "damp": damp, "mse_clip": mse_clip, "static_groups": static_groups,
+               "fp_target": fp_target, "grid": grid, "search_samples": search_samples, "duo_scaling": duo_scaling,
+               "alpha": alpha, "act_static": act_static}
 
     def action():
         return api.quantize(model, method, output, options, calib=calib, samples=samples, seq_len=seq_len,

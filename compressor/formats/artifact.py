@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from compressor.errors import CompressorError
-from compressor.formats import compressed_tensors
+from compressor.formats import quantized
 from compressor.formats.manifest import build_manifest, verify, write_manifest
 from compressor.safetensors_file import int_values, read_header, read_tensors, write_tensors
 from compressor.util import atomic_dir
@@ -114,7 +114,7 @@ def parameter_count(directory: Path) -> tuple[int, int]:
                     raise CompressorError(f"{f}: {module} has packed weights but no weight_shape",
                                           "the artifact is damaged; rebuild it")
                 params += math.prod(int_values(f, shape))
-            elif leaf not in compressed_tensors.SUFFIXES:
+            elif leaf not in quantized.SUFFIXES:
                 params += math.prod(e.shape)
     return params, stored
 
@@ -133,8 +133,9 @@ def is_quantized(directory: Path) -> bool:
 
 
 def load_quantized_state(directory: Path, dtype: torch.dtype) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Config (without quantization_config) and dequantized float state dict of an artifact."""
+    """Config (without quantization_config) and dequantized float state dict of an artifact
+    (with static activation scales, `<module>.input_scale`, where the format stores them)."""
     config = read_config(directory)
     qconfig = config.pop("quantization_config")
     tensors = load_tensors(directory)
-    return config, compressed_tensors.decode(tensors, qconfig, dtype)
+    return config, quantized.decode(tensors, qconfig, dtype)
