@@ -1,0 +1,113 @@
+/* tANS lane codec, compiled at first use by compressor.methods.lossless.native.
+ * Geometry and bit order are those of codec.py (the reference): a stream of `count`
+ * symbols in chunks of lanes*steps; symbol p of a chunk is lane p % lanes, step p / lanes;
+ * each lane = final encoder state (table_log bits) then each symbol's bits, MSB first;
+ * lanes back to back, each chunk starting on a 32-bit word.
+ * Decode table entries: value (16 bits) | nbits << 16 | next-state base << 20. */
+#include <stdint.h>
+#include <string.h>
+#include <stdlib.h>
+
+static inline uint64_t window_at(const uint32_t *w, int64_t nwords, int64_t word) {
+    uint64_t a = word < nwords ? w[word] : 0, b = word + 1 < nwords ? w[word + 1] : 0;
+    return (a << 32) | b;
+}
+
+static inline uint32_t read_bits(const uint32_t *w, int64_t nwords, int64_t pos, uint32_t nb) {
+    int64_t word = pos >> 5;
+    uint64_t win;
+    if (word + 1 < nwords) win = ((uint64_t)w[word] << 32) | w[word + 1];
+    else win = window_at(w, nwords, word);
+    return (uint32_t)(((win << (pos & 31)) >> 1) >> (63 - nb));
+}
+
+/* Decode the steps of one chunk; MODE is a compile-time constant in each instance. */
+static inline void decode_steps(const uint32_t *restrict words, int64_t nwords, const uint32_t *restrict table,
+                                int64_t n, int64_t lanes, int64_t base, int mode, const uint8_t *restrict raw,
+                                const uint8_t *restrict signs, uint16_t *restrict out,
+                                uint32_t *restrict state, int64_t *restrict pos) {
+    int64_t nsteps = (n + lanes - 1) / lanes;
+    for (int64_t t = 0; t < nsteps; t++) {
+        int64_t lim = n - t * lanes < lanes ? n - t * lanes : lanes;
+        int64_t o = base + t * lanes;
+        for (int64_t l = 0; l < lim; l++) {
+            uint32_t e = table[state[l]];
+            uint32_t nb = (e >> 16) & 15;
+            uint32_t v = e & 0xFFFF;
+            int64_t p = pos[l];
+            state[l] = (e >> 20) + read_bits(words, nwords, p, nb);
+            pos[l] = p + nb;
+            int64_t i = o + l;
+            if (mode == 1) { uint32_t r = raw[i]; v |= ((r & 0x80) << 8) | (r & 0x7F); }
+            else if (mode == 2)
+                v |= ((uint32_t)((signs[i >> 3] >> (i & 7)) & 1) << 15) | ((raw[i >> 1] >> ((i & 1) * 4)) & 15);
+            out[i] = (uint16_t)v;
+        }
+    }
+}
+
+/* mode 0: out = value; 1: raw byte plane (sign<<7 | 7 low bits); 2: sign bit plane + nibble plane.
+ * Returns 0, or 1 + the index of the first lane that did not end where recorded. */
+int64_t tans_decode(const uint32_t *words, int64_t nwords, const uint16_t *lane_bits, int64_t count,
+                    int64_t lanes, int64_t steps, int64_t table_log, const uint32_t *table,
+                    int64_t mode, const uint8_t *raw, const uint8_t *signs, uint16_t *out) {
+    int64_t chunk = lanes * steps, nchunks = count ? (count + chunk - 1) / chunk : 1;
+    int64_t *pos = malloc(sizeof(int64_t) * lanes), *end = malloc(sizeof(int64_t) * lanes);
+    uint32_t *state = malloc(sizeof(uint32_t) * lanes);
+    int64_t word_base = 0, bad = 0;
+    for (int64_t c = 0; c < nchunks && !bad; c++) {
+        int64_t base = c * chunk, n = count - base < chunk ? count - base : chunk, bits = 0;
+        const uint16_t *lb = lane_bits + c * lanes;
+        for (int64_t l = 0; l < lanes; l++) {
+            pos[l] = word_base * 32 + bits;
+            bits += lb[l];
+            end[l] = word_base * 32 + bits;
+            state[l] = read_bits(words, nwords, pos[l], (uint32_t)table_log);
+            pos[l] += table_log;
+        }
+        if (mode == 1) decode_steps(words, nwords, table, n, lanes, base, 1, raw, signs, out, state, pos);
+        else if (mode == 2) decode_steps(words, nwords, table, n, lanes, base, 2, raw, signs, out, state, pos);
+        else decode_steps(words, nwords, table, n, lanes, base, 0, raw, signs, out, state, pos);
+        for (int64_t l = 0; l < lanes; l++)
+            if (state[l] != 0 || pos[l] != end[l]) { bad = 1 + c * lanes + l; break; }
+        word_base += (bits + 31) / 32;
+    }
+    free(pos); free(end); free(state);
+    return bad;
+}
+
+/* Encode one stream. slots/first/shift/norm: encoder tables (tans.encode_tables).
+ * Writes lane_bits (one per lane) and words; returns the number of words written. */
+int64_t tans_encode(const uint8_t *sym, int64_t count, int64_t lanes, int64_t steps, int64_t table_log,
+                    const int64_t *slots, const int64_t *first, const int64_t *shift, const int64_t *norm,
+                    uint16_t *lane_bits, uint32_t *words) {
+    int64_t chunk = lanes * steps, nchunks = count ? (count + chunk - 1) / chunk : 1, size = 1 << table_log;
+    uint8_t *ks = malloc(steps);
+    uint16_t *vs = malloc(sizeof(uint16_t) * steps);
+    int64_t nwords = 0;
+    for (int64_t c = 0; c < nchunks; c++) {
+        int64_t base = c * chunk, n = count - base < chunk ? count - base : chunk;
+        uint64_t acc = 0; int accbits = 0;  /* bit writer for this chunk, MSB first */
+#define PUT(value, nb) do { acc = (acc << (nb)) | (uint64_t)(value); accbits += (nb); \
+            while (accbits >= 32) { accbits -= 32; words[nwords++] = (uint32_t)(acc >> accbits); } } while (0)
+        for (int64_t l = 0; l < lanes; l++) {
+            int64_t nl = n > l ? (n - l + lanes - 1) / lanes : 0;
+            uint64_t x = size; int64_t total = table_log;
+            for (int64_t t = nl - 1; t >= 0; t--) {
+                int64_t s = sym[base + t * lanes + l], sh = shift[s], ns = norm[s];
+                int64_t k = sh - ((int64_t)(x >> sh) < ns);
+                ks[t] = (uint8_t)k; vs[t] = (uint16_t)(x & ((1u << k) - 1));
+                x = size + slots[first[s] + (int64_t)(x >> k) - ns];
+                total += k;
+            }
+            lane_bits[c * lanes + l] = (uint16_t)total;
+            PUT(x - size, table_log);
+            for (int64_t t = 0; t < nl; t++) PUT(vs[t], ks[t]);
+            acc &= (accbits ? ((1ull << accbits) - 1) : 0);
+        }
+        if (accbits) { words[nwords++] = (uint32_t)(acc << (32 - accbits)); accbits = 0; acc = 0; }
+#undef PUT
+    }
+    free(ks); free(vs);
+    return nwords;
+}
