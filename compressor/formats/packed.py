@@ -245,3 +245,19 @@ def unpack(packed_dir: Path, out: Path, *, overwrite: bool = False) -> dict:
             del tensors
         _copy_other_files(packed_dir, tmp)
     return {"output": str(out), "bytes": total, "wall_s": time.perf_counter() - started}
+
+
+def stream_spec(p: dfloat.PackedTensor, out_offset: int):
+    """A coded 16-bit float tensor as a kernels.entropy_decode.StreamSpec (None if not decodable there)."""
+    from compressor.kernels.entropy_decode import StreamSpec
+    from compressor.methods.lossless import tans
+
+    m = p.meta
+    if m["kind"] != "coded" or m["dtype"] not in ("bfloat16", "float16") or int(m["mode"]) not in (1, 2):
+        return None
+    a = p.arrays
+    table = tans.decode_table(a["norm"].view(np.uint16).astype(np.int64), int(m["table_log"]),
+                              a["values"].view(np.uint16))
+    return StreamSpec(a["words"].view(np.uint32), a["lane_bits"].view(np.uint16), table, int(m["count"]),
+                      int(m["mode"]), a["raw"], a.get("signs", np.zeros(0, np.uint8)), out_offset,
+                      int(m["lanes"]), int(m["steps"]), int(m["table_log"]))
