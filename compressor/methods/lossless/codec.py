@@ -111,7 +111,7 @@ def encode(streams: list[torch.Tensor], layout: Layout, norms: list[np.ndarray] 
     if not streams:
         return []
     device = streams[0].device
-    R, size, W = layout.table_log, 1 << layout.table_log, layout.lanes
+    R, size = layout.table_log, 1 << layout.table_log
     if norms is None:
         norms = [tans.normalize(torch.bincount(s.long(), minlength=256).cpu().numpy(), R) for s in streams]
     slots, first, shift, norm_all = [], [], [], []
