@@ -113,7 +113,8 @@ def build_plan(specs: list[StreamSpec], device: str | torch.device) -> DecodePla
         n = np.concatenate(d["n"])
         lane_sets.append(LaneSet(mode, *(dev(np.concatenate(d[k])) for k in ("pos", "out", "raw", "sign")),
                                  dev(n), dev(np.concatenate(d["tab"])), int(n.max()) if n.size else 0))
-    return DecodePlan(dev(np.concatenate(words + [np.zeros(2, np.int32)])), dev(np.concatenate(tables)),
+    pad = np.zeros(max(s.steps for s in specs) * table_log // 32 + 4, np.int32)  # no read can leave the buffer
+    return DecodePlan(dev(np.concatenate(words + [pad])), dev(np.concatenate(tables)),
                       dev(np.concatenate(raws + [np.zeros(1, np.uint8)])),
                       dev(np.concatenate(signs + [np.zeros(1, np.uint8)])), lane_sets, lanes, table_log,
                       sum(s.count for s in specs))
@@ -167,61 +168,71 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 if triton is not None:
     @triton.jit
-    def read_bits(words_ptr, pos, nb, nwords):
+    def _take_bits(wptr, pos, nb, active):
+        """The next `nb` (0..16) bits at bit `pos` (int32) past the lane's word pointer, MSB first."""
         w = pos >> 5
-        w0 = tl.load(words_ptr + w, mask=w < nwords, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
-        w1 = tl.load(words_ptr + w + 1, mask=w + 1 < nwords, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
-        window = (w0 << 32) | w1
-        off = (pos & 31).to(tl.uint64)
-        return (((window << off) >> 1) >> (63 - nb.to(tl.uint64))).to(tl.int64)
+        off = (pos & 31).to(tl.uint32)
+        w0 = tl.load(wptr + w, mask=active, other=0).to(tl.uint32, bitcast=True)
+        w1 = tl.load(wptr + w + 1, mask=active, other=0).to(tl.uint32, bitcast=True)
+        x = (w0 << off) | ((w1 >> 1) >> (31 - off))
+        return ((x >> 1) >> (31 - nb.to(tl.uint32))).to(tl.int32)
 
     @triton.jit
     def decode_kernel(words_ptr, table_ptr, raw_ptr, sign_ptr, out_ptr, pos_ptr, lout_ptr, lraw_ptr, lsign_ptr,
-                      n_ptr, tab_ptr, n_lanes, nwords, max_steps,
+                      n_ptr, tab_ptr, n_lanes, max_steps,
                       STRIDE: tl.constexpr, R: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr):
         lane = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         valid = lane < n_lanes
-        pos = tl.load(pos_ptr + lane, mask=valid, other=0)
-        obase = tl.load(lout_ptr + lane, mask=valid, other=0)
-        rbase = tl.load(lraw_ptr + lane, mask=valid, other=0)
-        sbase = tl.load(lsign_ptr + lane, mask=valid, other=0)
+        start = tl.load(pos_ptr + lane, mask=valid, other=0)
+        wptr = words_ptr + (start >> 5)          # each lane reads relative to its first word: int32 offsets
+        pos = (start & 31).to(tl.int32)
+        optr = out_ptr + tl.load(lout_ptr + lane, mask=valid, other=0)
+        tptr = table_ptr + tl.load(tab_ptr + lane, mask=valid, other=0)
         n = tl.load(n_ptr + lane, mask=valid, other=0)
-        tab = tl.load(tab_ptr + lane, mask=valid, other=0)
-        state = read_bits(words_ptr, pos, tl.full([BLOCK], R, tl.int64), nwords)
+        k0 = tl.load(lraw_ptr + lane, mask=valid, other=0)
+        if MODE == 1:
+            rptr = raw_ptr + k0
+            rsh = tl.zeros([BLOCK], tl.int32)
+            sptr = sign_ptr + tl.zeros([BLOCK], tl.int64)
+            ssh = rsh
+        else:  # a nibble and a sign bit per value; STRIDE % 8 == 0 keeps each lane's shifts fixed
+            rptr = raw_ptr + (k0 >> 1)
+            rsh = ((k0 & 1) * 4).to(tl.int32)
+            s0 = tl.load(lsign_ptr + lane, mask=valid, other=0)
+            sptr = sign_ptr + (s0 >> 3)
+            ssh = (s0 & 7).to(tl.int32)
+        state = _take_bits(wptr, pos, tl.full([BLOCK], R, tl.int32), valid)
         pos = pos + R
         for t in range(0, max_steps):
-            active = n > t
-            e = tl.load(table_ptr + tab + state, mask=active, other=0)
-            nb = tl.where(active, (e >> 16) & 15, 0).to(tl.int64)
-            v = e & 0xFFFF
-            bits = read_bits(words_ptr, pos, nb, nwords)
-            state = tl.where(active, ((e >> 20) & 0xFFF).to(tl.int64) + bits, state)
+            active = t < n
+            e = tl.load(tptr + state, mask=active, other=0)
+            nb = tl.where(active, (e >> 16) & 15, 0)
+            state = tl.where(active, ((e >> 20) & 0xFFF) + _take_bits(wptr, pos, nb, active), state)
             pos = pos + nb
-            step = t * STRIDE
+            v = e & 0xFFFF
             if MODE == 1:
-                r = tl.load(raw_ptr + rbase + step, mask=active, other=0).to(tl.int32)
+                r = tl.load(rptr + t * STRIDE, mask=active, other=0).to(tl.int32)
                 v = v | ((r & 0x80) << 8) | (r & 0x7F)
             else:
-                k = rbase + step
-                s = sbase + step
-                nib = (tl.load(raw_ptr + (k >> 1), mask=active, other=0).to(tl.int32) >> ((k & 1) * 4).to(tl.int32)) & 15
-                sg = (tl.load(sign_ptr + (s >> 3), mask=active, other=0).to(tl.int32) >> (s & 7).to(tl.int32)) & 1
+                nib = (tl.load(rptr + t * (STRIDE // 2), mask=active, other=0).to(tl.int32) >> rsh) & 15
+                sg = (tl.load(sptr + t * (STRIDE // 8), mask=active, other=0).to(tl.int32) >> ssh) & 1
                 v = v | (sg << 15) | nib
-            tl.store(out_ptr + obase + step, v.to(tl.int16), mask=active)
-
+            tl.store(optr + t * STRIDE, v.to(tl.int16), mask=active)
 
 
 def decode_triton(plan: DecodePlan, out: torch.Tensor, block: int | None = None, num_warps: int = 4) -> None:
     """GPU decoder: fills `out` (int16 view of the 16-bit float buffer) in one launch per raw-plane mode."""
     if triton is None:
         raise RuntimeError("triton is not installed")
+    if plan.stride % 8:
+        raise ValueError("the triton decoder needs lanes per chunk divisible by 8")
     kernel = decode_kernel
     block = block or plan.stride
     for ls in plan.lanes:
         n_lanes = ls.pos.numel()
         grid = (-(-n_lanes // block),)
         kernel[grid](plan.words, plan.table, plan.raw, plan.signs, out, ls.pos, ls.out, ls.raw, ls.sign, ls.n, ls.tab,
-                     n_lanes, plan.words.numel(), ls.max_steps, STRIDE=plan.stride, R=plan.table_log, MODE=ls.mode,
+                     n_lanes, ls.max_steps, STRIDE=plan.stride, R=plan.table_log, MODE=ls.mode,
                      BLOCK=block, num_warps=num_warps)
 
 

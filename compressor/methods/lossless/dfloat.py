@@ -26,7 +26,7 @@ from compressor.methods.lossless.codec import MODE_BYTE, MODE_NIBBLE, MODE_VALUE
 
 
 class PackConfig(MethodConfig):
-    lanes: int = Field(128, ge=1, le=4096)
+    lanes: int = Field(128, ge=8, le=4096, multiple_of=8)  # the GPU decoder keeps per-lane shifts fixed
     steps: int = Field(2048, ge=1, le=5000)  # lane lengths are uint16: steps * table_log + table_log < 65536
     table_log: int = Field(12, ge=8, le=12)
     min_saving: float = Field(0.02, ge=0.0, lt=1.0)
