@@ -300,13 +300,14 @@ def test_packed_runner_refuses_damage(packed_tiny):
 @pytest.mark.skipif(not entropy_decode.triton_available(), reason="needs a CUDA GPU and triton")
 def test_triton_decoder_matches_reference_on_gpu():
     g = torch.Generator().manual_seed(9)
-    ts = [(torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for s in ((333, 1000), (64, 7), (2048, 129))]
-    ts.append((torch.randn(5000, generator=g)).half())
+    ts = [(torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for s in ((333, 1000), (64, 700), (2048, 129))]
+    ts.append((torch.randn(30000, generator=g) * 0.1).half())
     packed = dfloat.pack_tensors(ts, dfloat.PackConfig(lanes=64, steps=128))
     specs, off = [], 0
     for t, p in zip(ts, packed):
         specs.append(packed_format.stream_spec(p, off))
         off += t.numel()
+    assert all(s is not None for s in specs)
     plan = entropy_decode.build_plan(specs, "cuda")
     expected = b"".join(_bits(t) for t in ts)
     for backend in ("triton", "torch"):

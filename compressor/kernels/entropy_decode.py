@@ -168,24 +168,19 @@ except ImportError:  # pragma: no cover - depends on the machine
 
 if triton is not None:
     @triton.jit
-    def _take_bits(wptr, pos, nb, active):
-        """The next `nb` (0..16) bits at bit `pos` (int32) past the lane's word pointer, MSB first."""
-        w = pos >> 5
-        off = (pos & 31).to(tl.uint32)
-        w0 = tl.load(wptr + w, mask=active, other=0).to(tl.uint32, bitcast=True)
-        w1 = tl.load(wptr + w + 1, mask=active, other=0).to(tl.uint32, bitcast=True)
-        x = (w0 << off) | ((w1 >> 1) >> (31 - off))
-        return ((x >> 1) >> (31 - nb.to(tl.uint32))).to(tl.int32)
-
-    @triton.jit
     def decode_kernel(words_ptr, table_ptr, raw_ptr, sign_ptr, out_ptr, pos_ptr, lout_ptr, lraw_ptr, lsign_ptr,
                       n_ptr, tab_ptr, n_lanes, max_steps,
                       STRIDE: tl.constexpr, R: tl.constexpr, MODE: tl.constexpr, BLOCK: tl.constexpr):
         lane = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         valid = lane < n_lanes
         start = tl.load(pos_ptr + lane, mask=valid, other=0)
-        wptr = words_ptr + (start >> 5)          # each lane reads relative to its first word: int32 offsets
-        pos = (start & 31).to(tl.int32)
+        wptr = words_ptr + (start >> 5)          # each lane reads its own words, through a bit buffer
+        off = (start & 31).to(tl.uint64)
+        w0 = tl.load(wptr, mask=valid, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+        w1 = tl.load(wptr + 1, mask=valid, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+        buf = ((w0 << 32) | w1) << off           # valid bits left-aligned
+        cnt = (64 - off).to(tl.int32)
+        wi = tl.full([BLOCK], 2, tl.int32)
         optr = out_ptr + tl.load(lout_ptr + lane, mask=valid, other=0)
         tptr = table_ptr + tl.load(tab_ptr + lane, mask=valid, other=0)
         n = tl.load(n_ptr + lane, mask=valid, other=0)
@@ -201,14 +196,23 @@ if triton is not None:
             s0 = tl.load(lsign_ptr + lane, mask=valid, other=0)
             sptr = sign_ptr + (s0 >> 3)
             ssh = (s0 & 7).to(tl.int32)
-        state = _take_bits(wptr, pos, tl.full([BLOCK], R, tl.int32), valid)
-        pos = pos + R
+        state = (buf >> (64 - R)).to(tl.int32)
+        buf = buf << R
+        cnt = cnt - R
         for t in range(0, max_steps):
             active = t < n
+            # refill: after it at least 32 bits are buffered, and a step takes at most 15
+            need = (cnt < 32) & active
+            w = tl.load(wptr + wi, mask=need, other=0).to(tl.uint32, bitcast=True).to(tl.uint64)
+            buf = tl.where(need, buf | (w << (32 - cnt).to(tl.uint64)), buf)
+            cnt = tl.where(need, cnt + 32, cnt)
+            wi = tl.where(need, wi + 1, wi)
             e = tl.load(tptr + state, mask=active, other=0)
             nb = tl.where(active, (e >> 16) & 15, 0)
-            state = tl.where(active, ((e >> 20) & 0xFFF) + _take_bits(wptr, pos, nb, active), state)
-            pos = pos + nb
+            nb64 = nb.to(tl.uint64)
+            state = tl.where(active, ((e >> 20) & 0xFFF) + ((buf >> 1) >> (63 - nb64)).to(tl.int32), state)
+            buf = buf << nb64
+            cnt = cnt - nb
             v = e & 0xFFFF
             if MODE == 1:
                 r = tl.load(rptr + t * STRIDE, mask=active, other=0).to(tl.int32)

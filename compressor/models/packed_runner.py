@@ -79,7 +79,7 @@ def _set_parameter(root: nn.Module, name: str, value: torch.Tensor) -> None:
 def attach_packed_blocks(model: nn.Module, blocks: list[nn.Module], block_tensors: list[dict[str, PackedTensor]],
                          device: torch.device, backend: str, dtype: torch.dtype = torch.bfloat16) -> PackedRunner:
     """Point each block's coded parameters at a shared buffer and decode them in a pre-hook."""
-    weights = []
+    weights, plans_by_source = [], {}
     for tensors in block_tensors:
         entries, offset = [], 0
         for name, p in sorted(tensors.items()):
@@ -91,13 +91,16 @@ def attach_packed_blocks(model: nn.Module, blocks: list[nn.Module], block_tensor
     runner = PackedRunner(model, buffer, weights, backend)
     for index, (block, w) in enumerate(zip(blocks, weights)):
         if backend in ("triton", "torch") and w.entries:
-            specs = [packed_format.stream_spec(p, offset) for _, p, offset in w.entries]
-            w.plan = entropy_decode.build_plan(specs, device)
+            key = id(block_tensors[index])  # blocks given the very same packed tensors share one plan
+            if key not in plans_by_source:
+                specs = [packed_format.stream_spec(p, offset) for _, p, offset in w.entries]
+                plans_by_source[key] = entropy_decode.build_plan(specs, device)
+            w.plan = plans_by_source[key]
         for name, p, offset in w.entries:
             n = int(np.prod(p.meta["shape"]))
             _set_parameter(block, name, buffer[offset:offset + n].view(p.meta["shape"]))
         block.register_forward_pre_hook(lambda module, args, i=index: runner.decode_block(i))
-    plans = [w.plan for w in weights if w.plan is not None]
+    plans = list(plans_by_source.values())
     runner.stats = {"blocks": len(weights), "buffer_bytes": buffer.numel() * buffer.element_size(),
                     "packed_block_bytes": sum(p.nbytes() for w in weights for _, p, _ in w.entries),
                     "plan_bytes": sum(p.nbytes() for p in plans)}
