@@ -1,10 +1,11 @@
 """The packed (lossless) container.
 
 A packed artifact is a directory holding, for each source safetensors file F, a file
-`F.packed.safetensors` whose tensors are the pieces of each source tensor T (`T::words`,
-`T::lane_bits`, `T::norm`, `T::values`, raw planes, or `T::data` for tensors kept raw), all
-stored as flat bytes; its metadata records every tensor's dtype, shape, split and sha256, and
-the source file's own header so unpacking rebuilds F byte for byte. Beside them: the source's
+`F.stem.packed.safetensors` with one uint8 tensor per source tensor T, under T's own name,
+holding T's pieces back to back on 4-byte boundaries (tANS words, lane lengths, symbol counts,
+symbol values and raw planes, or just `data` for tensors kept raw). Its metadata records every
+tensor's dtype, shape, split, pieces and sha256, and the source file's own header, so unpacking
+rebuilds F byte for byte. Beside them: the source's
 other files (config, tokenizer), `pack.json` (sizes and settings) and `manifest.json` (hashes of
 every stored piece, checked before anything is decoded).
 """
@@ -89,9 +90,9 @@ def pack_file(src: Path, dst: Path, config: dfloat.PackConfig, cast: torch.dtype
             raw_bytes += nbytes
             if p.meta["kind"] == "coded":
                 coded_raw += nbytes
-            metas[name] = p.meta
-            for key, arr in p.arrays.items():
-                tensors_out[f"{name}::{key}"] = torch.from_numpy(np.ascontiguousarray(arr).view(np.uint8).copy())
+            blob, pieces = _join(p.arrays)
+            metas[name] = {**p.meta, "pieces": pieces}
+            tensors_out[name] = torch.from_numpy(blob)
         del loaded
     with open(src, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
@@ -106,8 +107,35 @@ def pack_file(src: Path, dst: Path, config: dfloat.PackConfig, cast: torch.dtype
             "packed_bytes": dst.stat().st_size}
 
 
-def _name(piece: str) -> str:
-    return piece.split("::", 1)[0]
+def _join(arrays: dict[str, np.ndarray]) -> tuple[np.ndarray, list]:
+    """One byte buffer holding a packed tensor's arrays, each starting on a 4-byte boundary."""
+    parts, pieces, offset = [], [], 0
+    for key, arr in arrays.items():
+        raw = np.ascontiguousarray(arr).view(np.uint8).reshape(-1)
+        pad = -raw.size % 4
+        parts += [raw, np.zeros(pad, np.uint8)]
+        pieces.append([key, int(raw.size)])
+        offset += raw.size + pad
+    return (np.concatenate(parts) if parts else np.zeros(0, np.uint8)), pieces
+
+
+def _split(blob: np.ndarray, pieces) -> dict[str, np.ndarray]:
+    arrays, offset = {}, 0
+    for key, size in pieces:
+        size = int(size)
+        if offset + size > blob.size:
+            raise CorruptStream(f"piece {key!r} runs past the stored bytes")
+        a = blob[offset:offset + size]
+        dtype = ARRAY_DTYPES.get(key)
+        if dtype is not None:
+            if size % np.dtype(dtype).itemsize:
+                raise CorruptStream(f"piece {key!r} has a partial element")
+            a = a.view(dtype)
+        arrays[key] = a
+        offset += size + (-size % 4)
+    if offset != blob.size:
+        raise CorruptStream("stored bytes do not match the recorded pieces")
+    return arrays
 
 
 def read_packed_file(path: Path) -> tuple[dict, dict[str, dfloat.PackedTensor]]:
@@ -122,19 +150,14 @@ def read_packed_file(path: Path) -> tuple[dict, dict[str, dfloat.PackedTensor]]:
     stored = read_tensors(path)
     out: dict[str, dfloat.PackedTensor] = {}
     for name, meta in metas.items():
-        arrays = {}
-        for piece, t in stored.items():
-            if _name(piece) == name:
-                key = piece.split("::", 1)[1]
-                a = t.numpy()
-                dtype = ARRAY_DTYPES.get(key)
-                if dtype is not None:
-                    if a.size % np.dtype(dtype).itemsize:
-                        raise CompressorError(f"{path}: tensor {name!r} is corrupted ({key} has a partial element)",
-                                              "restore the artifact from a good copy")
-                    a = a.view(dtype)
-                arrays[key] = a
-        out[name] = dfloat.PackedTensor(meta, arrays)
+        if name not in stored:
+            raise CompressorError(f"{path}: tensor {name!r} is missing", "restore the artifact from a good copy")
+        try:
+            arrays = _split(stored[name].numpy(), meta.get("pieces", []))
+        except (CorruptStream, TypeError, ValueError) as exc:
+            raise CompressorError(f"{path}: tensor {name!r} is corrupted ({exc})",
+                                  "restore the artifact from a good copy") from None
+        out[name] = dfloat.PackedTensor({k: v for k, v in meta.items() if k != "pieces"}, arrays)
     return metadata, out
 
 
