@@ -16,7 +16,7 @@ static inline uint64_t window_at(const uint32_t *w, int64_t nwords, int64_t word
 static inline uint32_t read_bits(const uint32_t *w, int64_t nwords, int64_t pos, uint32_t nb) {
     int64_t word = pos >> 5;
     uint64_t win;
-    if (word + 1 < nwords) win = ((uint64_t)w[word] << 32) | w[word + 1];
+    if (word + 1 < nwords) { uint64_t x; memcpy(&x, w + word, 8); win = (x << 32) | (x >> 32); }
     else win = window_at(w, nwords, word);
     return (uint32_t)(((win << (pos & 31)) >> 1) >> (63 - nb));
 }
@@ -46,6 +46,30 @@ static inline void decode_steps(const uint32_t *restrict words, int64_t nwords, 
     }
 }
 
+/* Add the raw planes to a decoded chunk in a separate, vectorizable pass. */
+static void merge_planes(uint16_t *restrict out, int64_t n, int64_t base, int64_t mode,
+                         const uint8_t *restrict raw, const uint8_t *restrict signs) {
+    if (mode == 1) {
+        const uint8_t *r = raw + base;
+        for (int64_t i = 0; i < n; i++) out[i] |= (uint16_t)(((r[i] & 0x80) << 8) | (r[i] & 0x7F));
+    } else if (mode == 2 && base % 8 == 0) {  /* chunks start on whole bytes of both planes */
+        const uint8_t *r = raw + base / 2, *s = signs + base / 8;
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) {
+            uint32_t sg = s[i >> 3];
+            for (int k = 0; k < 8; k++)
+                out[i + k] |= (uint16_t)((((sg >> k) & 1) << 15) | ((r[(i + k) >> 1] >> ((k & 1) * 4)) & 15));
+        }
+        for (; i < n; i++)
+            out[i] |= (uint16_t)((((s[i >> 3] >> (i & 7)) & 1) << 15) | ((r[i >> 1] >> ((i & 1) * 4)) & 15));
+    } else if (mode == 2) {
+        for (int64_t j = 0; j < n; j++) {
+            int64_t i = base + j;
+            out[j] |= (uint16_t)((((signs[i >> 3] >> (i & 7)) & 1) << 15) | ((raw[i >> 1] >> ((i & 1) * 4)) & 15));
+        }
+    }
+}
+
 /* mode 0: out = value; 1: raw byte plane (sign<<7 | 7 low bits); 2: sign bit plane + nibble plane.
  * Returns 0, or 1 + the index of the first lane that did not end where recorded. */
 int64_t tans_decode(const uint32_t *words, int64_t nwords, const uint16_t *lane_bits, int64_t count,
@@ -65,9 +89,8 @@ int64_t tans_decode(const uint32_t *words, int64_t nwords, const uint16_t *lane_
             state[l] = read_bits(words, nwords, pos[l], (uint32_t)table_log);
             pos[l] += table_log;
         }
-        if (mode == 1) decode_steps(words, nwords, table, n, lanes, base, 1, raw, signs, out, state, pos);
-        else if (mode == 2) decode_steps(words, nwords, table, n, lanes, base, 2, raw, signs, out, state, pos);
-        else decode_steps(words, nwords, table, n, lanes, base, 0, raw, signs, out, state, pos);
+        decode_steps(words, nwords, table, n, lanes, base, 0, raw, signs, out, state, pos);
+        merge_planes(out + base, n, base, mode, raw, signs);
         for (int64_t l = 0; l < lanes; l++)
             if (state[l] != 0 || pos[l] != end[l]) { bad = 1 + c * lanes + l; break; }
         word_base += (bits + 31) / 32;
