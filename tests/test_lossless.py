@@ -310,7 +310,9 @@ def test_triton_decoder_matches_reference_on_gpu():
     assert all(s is not None for s in specs)
     plan = entropy_decode.build_plan(specs, "cuda")
     expected = b"".join(_bits(t) for t in ts)
-    for backend in ("triton", "torch"):
+    from compressor.kernels import entropy_decode_cuda
+
+    for backend in ("triton", "torch") + (("cuda",) if entropy_decode_cuda.available() else ()):
         out = torch.full((off,), -21846, dtype=torch.int16, device="cuda")
         entropy_decode.decode(plan, out, backend)
         assert out.cpu().numpy().tobytes() == expected, backend

@@ -251,4 +251,9 @@ def triton_available() -> bool:
 def decode(plan: DecodePlan, out: torch.Tensor, backend: str = "auto") -> None:
     if backend == "auto":
         backend = "triton" if out.is_cuda and triton_available() else "torch"
+    if backend == "cuda":
+        from compressor.kernels.entropy_decode_cuda import decode_cuda
+
+        decode_cuda(plan, out)
+        return
     (decode_triton if backend == "triton" else decode_torch)(plan, out)

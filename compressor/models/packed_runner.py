@@ -43,7 +43,7 @@ class PackedRunner:
     def decode_block(self, index: int) -> None:
         block = self.blocks[index]
         out = self.buffer.view(torch.int16)
-        if block.plan is not None:
+        if block.plan is not None:  # triton, cuda or torch
             entropy_decode.decode(block.plan, out, self.backend)
             return
         if self.backend != "native":
@@ -60,6 +60,11 @@ class PackedRunner:
 
 def choose_backend(device: torch.device, backend: str) -> str:
     if backend != "auto":
+        if backend == "cuda":
+            from compressor.kernels import entropy_decode_cuda
+
+            if not (device.type == "cuda" and entropy_decode_cuda.available()):
+                raise CompressorError("the cuda decoder needs a CUDA device and cupy", "use --backend triton")
         if backend == "triton" and not (device.type == "cuda" and entropy_decode.triton_available()):
             raise CompressorError("the triton decoder needs a CUDA device and triton", "use --backend torch")
         if backend == "native" and (device.type != "cpu" or native.library() is None):
@@ -90,7 +95,7 @@ def attach_packed_blocks(model: nn.Module, blocks: list[nn.Module], block_tensor
     buffer = torch.empty(size, dtype=dtype, device=device)
     runner = PackedRunner(model, buffer, weights, backend)
     for index, (block, w) in enumerate(zip(blocks, weights)):
-        if backend in ("triton", "torch") and w.entries:
+        if backend in ("triton", "cuda", "torch") and w.entries:
             key = id(block_tensors[index])  # blocks given the very same packed tensors share one plan
             if key not in plans_by_source:
                 specs = [packed_format.stream_spec(p, offset) for _, p, offset in w.entries]
