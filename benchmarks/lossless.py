@@ -266,7 +266,9 @@ def gpu_rows() -> tuple[list[dict], dict | None]:
         print("no GPU rows: run benchmarks/lossless_gpu.py on an H100/H200 and copy its JSON to", path)
         return [], None
     data = json.loads(path.read_text())
-    return data["rows"], {"device": data["device"], "date": data["date"]}
+    return data["rows"], {"device": data["device"], "date": data["date"],
+                          "earlier_versions": [{k: v for k, v in h.items() if k != "log"}
+                                               for h in data.get("earlier_versions", [])]}
 
 
 def main() -> None:
