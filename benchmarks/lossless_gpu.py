@@ -117,7 +117,7 @@ def throughput(rows: list, device: str, copy_gbps: float, log, blocks, cuda_ok: 
     if cuda_ok:
         from compressor.kernels.entropy_decode_cuda import decode_cuda
 
-        variants += [("cuda", b, None) for b in (32, 64, 128)]
+        variants += [(f"cuda:{k}", b, None) for k in ("tans_decode_smem", "tans_decode_smem2") for b in (64, 128)]
     best = None
     for backend, block, warps in variants:
         state = {"i": 0}
@@ -127,7 +127,7 @@ def throughput(rows: list, device: str, copy_gbps: float, log, blocks, cuda_ok: 
             if backend == "triton":
                 entropy_decode.decode_triton(plan, out, block=block, num_warps=warps)
             else:
-                decode_cuda(plan, out, block=block)
+                decode_cuda(plan, out, block=block, kernel=backend.split(":")[1])
             state["i"] += 1
 
         try:

@@ -352,3 +352,58 @@ def test_reference_model_pack_ratio_unpack_and_run(tmp_path):
     with torch.no_grad():
         assert torch.equal(runner.model(ids).logits, ref(ids).logits)
     shutil.rmtree(tmp_path / "u")
+
+
+def test_cuda_kernel_source_decodes_correctly_when_emulated_on_cpu(tmp_path):
+    """The CuPy kernels' CUDA source, compiled as C++ with one thread run after another, on a plan
+    with both raw-plane layouts: checks their logic where no GPU is (needs a C++ compiler)."""
+    import ctypes
+    import subprocess
+
+    compiler = shutil.which("g++") or shutil.which("clang++")
+    if compiler is None:
+        pytest.skip("no C++ compiler")
+    from compressor.kernels import entropy_decode_cuda
+
+    src = entropy_decode_cuda._SOURCE.replace("extern __shared__ unsigned int stab[];", "static unsigned int stab[4096];")
+    src = src.replace("i += blockDim.x", "i += 1")  # one emulated thread loads the whole table
+    shim = ("#define __global__\nstruct D { int x; }; static D blockIdx, blockDim, threadIdx;\n"
+            "static void __syncthreads() {}\n")
+    runner = """
+extern "C" void run_all(int which, const unsigned int* w, const unsigned int* tb, const unsigned char* raw,
+    const unsigned char* sg, short* out, const long long* lp, const long long* lo, const long long* lr,
+    const long long* ls, const int* ln, const int* lt, int n, int stride, int R, int mode, int block) {
+  blockDim.x = block;
+  for (int b = 0; b * block < n; b++) { blockIdx.x = b;
+    for (int t = 0; t < block; t++) { threadIdx.x = t;
+      if (which == 1) tans_decode_smem(w, tb, raw, sg, out, lp, lo, lr, ls, ln, lt, n, stride, R, mode);
+      else tans_decode_smem2(w, tb, raw, sg, out, lp, lo, lr, ls, ln, lt, n, stride, R, mode); } }
+}
+"""
+    (tmp_path / "k.cpp").write_text(shim + src + runner)
+    subprocess.run([compiler, "-O1", "-w", "-shared", "-fPIC", "-o", str(tmp_path / "k.so"), str(tmp_path / "k.cpp")],
+                   check=True)
+    lib = ctypes.CDLL(str(tmp_path / "k.so"))
+    g = torch.Generator().manual_seed(5)
+    ts = [(torch.randn(s, generator=g) * 0.02).to(torch.bfloat16) for s in ((333, 1000), (64, 700), (2048, 129))]
+    ts.append((torch.randn(30000, generator=g) * 0.1).half())
+    packed = dfloat.pack_tensors(ts, dfloat.PackConfig(lanes=64, steps=128))
+    specs, off = [], 0
+    for t, p in zip(ts, packed):
+        specs.append(packed_format.stream_spec(p, off))
+        off += t.numel()
+    plan = entropy_decode.build_plan(specs, "cpu")
+    assert {ls.mode for ls in plan.lanes} == {1, 2}
+    expected = torch.cat([t.reshape(-1).view(torch.int16) for t in ts])
+
+    def p(t):
+        return ctypes.c_void_p(t.data_ptr())
+
+    for which in (1, 2):
+        out = torch.full((off,), -21846, dtype=torch.int16)
+        for ls in plan.lanes:
+            lib.run_all(which, p(plan.words), p(plan.table), p(plan.raw), p(plan.signs), p(out), p(ls.pos),
+                        p(ls.out), p(ls.raw), p(ls.sign), p(ls.n), p(ls.tab), ctypes.c_int(ls.pos.numel()),
+                        ctypes.c_int(plan.stride), ctypes.c_int(plan.table_log), ctypes.c_int(ls.mode),
+                        ctypes.c_int(32))
+        assert torch.equal(out, expected), which
