@@ -67,7 +67,9 @@ extern "C" __global__ void tans_decode_smem(
 }
 
 /* v2: the next word of each lane is loaded one refill ahead, and the raw planes of the next
- * U steps are loaded while the current U decode, so neither memory latency sits on the chain. */
+ * U steps are loaded while the current U decode, so neither memory latency sits on the chain.
+ * Measured on an H100: no faster than v1 (509-519 vs 519-529 GB/s), so memory latency is not
+ * what bounds v1; kept for the benchmark's comparison, v1 is the default. */
 extern "C" __global__ void tans_decode_smem2(
     const unsigned int* __restrict__ words, const unsigned int* __restrict__ table,
     const unsigned char* __restrict__ raw, const unsigned char* __restrict__ signs, short* __restrict__ out,
@@ -156,7 +158,7 @@ def _kernel(name: str):
     return _KERNELS[name]
 
 
-def decode_cuda(plan: DecodePlan, out: torch.Tensor, block: int = 64, kernel: str = "tans_decode_smem2") -> None:
+def decode_cuda(plan: DecodePlan, out: torch.Tensor, block: int = 64, kernel: str = "tans_decode_smem") -> None:
     """Fill `out` (int16 view of the 16-bit float buffer) on the current torch stream."""
     import cupy
     import numpy as np
