@@ -407,3 +407,12 @@ extern "C" void run_all(int which, const unsigned int* w, const unsigned int* tb
                         ctypes.c_int(plan.stride), ctypes.c_int(plan.table_log), ctypes.c_int(ls.mode),
                         ctypes.c_int(32))
         assert torch.equal(out, expected), which
+
+
+def test_inspect_counts_packed_parameters(packed_tiny, tiny_llama):
+    r = cli("--json", "inspect", packed_tiny)
+    assert r.exit_code == 0, r.output
+    info = json.loads(r.stdout)
+    base = json.loads(cli("--json", "inspect", tiny_llama).stdout)
+    assert info["kind"] == "packed" and info["params"] == base["params"]
+    assert info["bits_per_weight"] < 16
