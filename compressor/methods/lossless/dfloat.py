@@ -65,13 +65,21 @@ class _Plan:
     low: int
     planes: dict[str, np.ndarray]
     estimate: float  # bits
+    hist: np.ndarray | None = None  # symbol histogram, where the split already counted it
 
 
 def _plan_16bit(u: np.ndarray, layout: Layout) -> _Plan:
     """Best split of 16-bit words (uint16) into coded high bits and raw planes."""
+    from compressor.methods.lossless import native
+
+    lib = native.library()
+    u = np.ascontiguousarray(u, dtype=np.uint16)
     n = u.size
-    hi4 = (u >> 4) & 0x7FF
-    hist4 = np.bincount(hi4, minlength=1 << 11)
+    if lib is not None:
+        hist4 = np.zeros(1 << 11, dtype=np.int64)
+        lib.split16_hist(u.ctypes.data, n, hist4.ctypes.data)
+    else:
+        hist4 = np.bincount((u >> 4) & 0x7FF, minlength=1 << 11)
     best = None
     for low, hist in ((4, hist4), (7, hist4.reshape(-1, 8).sum(axis=1))):
         present = np.flatnonzero(hist)
@@ -79,25 +87,31 @@ def _plan_16bit(u: np.ndarray, layout: Layout) -> _Plan:
             continue
         estimate = codec.estimated_bits(hist[present], layout) + n * (1 + low)
         if best is None or estimate < best[0]:
-            best = (estimate, low, present)
-    estimate, low, present = best
+            best = (estimate, low, present, hist[present])
+    estimate, low, present, counts = best
     lut = np.zeros(1 << (15 - low), dtype=np.uint8)
     lut[present] = np.arange(present.size, dtype=np.uint8)
     values = np.zeros(tans.ALPHABET, dtype=np.uint16)
     values[:present.size] = (present << low).astype(np.uint16)
-    if low == 7:
-        symbols = lut[hi4 >> 3]
-        planes = {"raw": ((u >> 8) & 0x80 | (u & 0x7F)).astype(np.uint8)}
-        mode = MODE_BYTE
+    symbols = np.empty(n, dtype=np.uint8)
+    raw = np.empty(n if low == 7 else (n + 1) // 2, dtype=np.uint8)
+    signs = np.empty((n + 7) // 8 if low == 4 else 0, dtype=np.uint8)
+    if lib is not None:
+        lib.split16(u.ctypes.data, n, low, lut.ctypes.data, symbols.ctypes.data, raw.ctypes.data, signs.ctypes.data)
+    elif low == 7:
+        symbols = lut[(u >> 7) & 0xFF]
+        raw = ((u >> 8) & 0x80 | (u & 0x7F)).astype(np.uint8)
     else:
-        symbols = lut[hi4]
+        symbols = lut[(u >> 4) & 0x7FF]
         nib = (u & 15).astype(np.uint8)
         if n % 2:
             nib = np.append(nib, np.uint8(0))
-        planes = {"raw": nib[0::2] | (nib[1::2] << 4),
-                  "signs": np.packbits((u >> 15).astype(np.uint8), bitorder="little")}
-        mode = MODE_NIBBLE
-    return _Plan(symbols, values, mode, low, planes, estimate)
+        raw = nib[0::2] | (nib[1::2] << 4)
+        signs = np.packbits((u >> 15).astype(np.uint8), bitorder="little")
+    planes = {"raw": raw} if low == 7 else {"raw": raw, "signs": signs}
+    hist = np.zeros(tans.ALPHABET, dtype=np.int64)
+    hist[:present.size] = counts
+    return _Plan(symbols, values, MODE_BYTE if low == 7 else MODE_NIBBLE, low, planes, estimate, hist)
 
 
 def plan(t: torch.Tensor, layout: Layout) -> _Plan:
@@ -131,7 +145,8 @@ def pack_tensors(tensors: list[torch.Tensor], config: PackConfig) -> list[Packed
             results[i] = PackedTensor({**meta, "kind": "raw"}, {"data": _u8(t).copy()})
             continue
         todo.append((i, t, meta, p))
-    norms = [tans.normalize(np.bincount(p.symbols, minlength=256), layout.table_log) for _, _, _, p in todo]
+    norms = [tans.normalize(p.hist if p.hist is not None else np.bincount(p.symbols, minlength=256),
+                            layout.table_log) for _, _, _, p in todo]
     coded = codec.encode_fast([torch.from_numpy(p.symbols) for _, _, _, p in todo], layout, norms)
     for (i, t, meta, p), c in zip(todo, coded):
         raw_bytes = t.numel() * t.element_size()

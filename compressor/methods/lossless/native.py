@@ -62,6 +62,10 @@ def _load():
     lib.tans_decode.argtypes = [ptr, i64, ptr, i64, i64, i64, i64, ptr, i64, ptr, ptr, ptr]
     lib.tans_encode.restype = i64
     lib.tans_encode.argtypes = [ptr, i64, i64, i64, i64, ptr, ptr, ptr, ptr, ptr, ptr]
+    lib.split16_hist.restype = None
+    lib.split16_hist.argtypes = [ptr, i64, ptr]
+    lib.split16.restype = None
+    lib.split16.argtypes = [ptr, i64, i64, ptr, ptr, ptr, ptr]
     return lib, f"C library {target}"
 
 

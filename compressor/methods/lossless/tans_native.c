@@ -134,3 +134,37 @@ int64_t tans_encode(const uint8_t *sym, int64_t count, int64_t lanes, int64_t st
     free(ks); free(vs);
     return nwords;
 }
+
+/* Histogram of bits 4..14 of 16-bit words (2048 bins), for choosing the split. */
+void split16_hist(const uint16_t *u, int64_t n, int64_t *hist) {
+    memset(hist, 0, sizeof(int64_t) * 2048);
+    for (int64_t i = 0; i < n; i++) hist[(u[i] >> 4) & 0x7FF]++;
+}
+
+/* Symbols (lut of the coded high bits) and raw planes of 16-bit words.
+ * low == 7: raw[i] = sign << 7 | bits 0..6.  low == 4: raw nibble pairs and a sign bit plane. */
+void split16(const uint16_t *u, int64_t n, int64_t low, const uint8_t *lut, uint8_t *sym, uint8_t *raw,
+             uint8_t *signs) {
+    if (low == 7) {
+        for (int64_t i = 0; i < n; i++) {
+            uint16_t x = u[i];
+            sym[i] = lut[(x >> 7) & 0xFF];
+            raw[i] = (uint8_t)(((x >> 8) & 0x80) | (x & 0x7F));
+        }
+        return;
+    }
+    for (int64_t i = 0; i < n; i++) sym[i] = lut[(u[i] >> 4) & 0x7FF];
+    for (int64_t i = 0; i + 1 < n; i += 2) raw[i >> 1] = (uint8_t)((u[i] & 15) | ((u[i + 1] & 15) << 4));
+    if (n & 1) raw[n >> 1] = (uint8_t)(u[n - 1] & 15);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint8_t b = 0;
+        for (int k = 0; k < 8; k++) b |= (uint8_t)((u[i + k] >> 15) << k);
+        signs[i >> 3] = b;
+    }
+    if (i < n) {
+        uint8_t b = 0;
+        for (int k = 0; i + k < n; k++) b |= (uint8_t)((u[i + k] >> 15) << k);
+        signs[i >> 3] = b;
+    }
+}
