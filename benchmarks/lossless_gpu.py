@@ -92,7 +92,8 @@ def check_kernel(rows: list, log, device: str = "cuda", backends=("triton", "tor
             log(f"{backend} decoder failed: {type(exc).__name__}: {str(exc)[:300]}")
             ok[backend] = False
     log(f"kernel check: {ok}")
-    rows.append({"model": "synthetic", "method": "pack", "config": {"check": "triton vs torch vs original"},
+    rows.append({"model": "synthetic", "method": "pack", "device": torch.cuda.get_device_name() if device == "cuda"
+                 else "cpu", "config": {"check": "triton vs torch vs original"},
                  "bit_exact": ok})
     if not (ok.get("triton", True) and ok.get("torch", True)):
         raise SystemExit("decoder mismatch")
