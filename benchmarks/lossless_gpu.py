@@ -58,10 +58,10 @@ def make_block(seed: int) -> dict[str, torch.Tensor]:
     return {k: (torch.randn(s, generator=g, device="cuda") * 0.02).to(torch.bfloat16) for k, s in SHAPES.items()}
 
 
-def pack_block(block: dict[str, torch.Tensor]):
+def pack_block(block: dict[str, torch.Tensor], steps: int = 2048):
     names = sorted(block)
     started = time.perf_counter()
-    packed = pack_tensors([block[k].cpu() for k in names], PackConfig())
+    packed = pack_tensors([block[k].cpu() for k in names], PackConfig(steps=steps))
     return dict(zip(names, packed)), time.perf_counter() - started
 
 
@@ -148,8 +148,8 @@ def throughput(rows: list, device: str, copy_gbps: float, log, blocks, cuda_ok: 
         log(f"decode {backend} block={block} warps={warps}: {t * 1e3:.3f} ms, {gbps:.0f} GB/s bf16 out, "
             f"{moved:.0f} GB/s moved ({100 * moved / copy_gbps:.0f}% of copy), bit-exact {exact}")
         row = {"model": "llama3-8b-shaped-block", "method": "pack", "device": device,
-               "config": {"backend": backend, "block": block, "num_warps": warps, "lanes": 128, "steps": 2048,
-                          "table_log": 12},
+               "config": {"backend": backend, "block": block, "num_warps": warps, "lanes": 128,
+                          "steps": int(blocks[0][sorted(blocks[0])[0]].meta["steps"]), "table_log": 12},
                "shape": "q,k,v,o,gate,up,down of Llama-3-8B", "numel": numel, "time_us": t * 1e6,
                "gbps": gbps, "moved_gbps": moved, "pct_copy_bw": 100 * moved / copy_gbps,
                "ratio": packed_bytes / (numel * 2), "bit_exact": exact}
@@ -157,8 +157,8 @@ def throughput(rows: list, device: str, copy_gbps: float, log, blocks, cuda_ok: 
         if exact and (best is None or gbps > best["gbps"]):
             best = row
     if best is not None:
-        best["config"]["best"] = True
-        log(f"best decode: {best['config']} {best['gbps']:.0f} GB/s")
+        log(f"best decode at these steps: {best['config']} {best['gbps']:.0f} GB/s")
+    return best
 
 
 def latency(rows: list, device: str, layers: int, log, blocks, cuda_ok: bool = False) -> None:
@@ -277,6 +277,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--steps", default="2048", help="comma-separated values per lane to pack the blocks with")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list = []
@@ -306,15 +307,25 @@ def main() -> None:
     ok = check_kernel(rows, log, "cuda", backends)
     cuda_ok = bool(ok.get("cuda"))
     save()
-    blocks = []
-    for seed in (11, 12):
-        packed, secs = pack_block(make_block(seed))
-        log(f"packed one 8B-shaped block on the host CPU in {secs:.1f} s, ratio "
-            f"{sum(p.nbytes() for p in packed.values()) / (sum(p.meta['count'] for p in packed.values()) * 2):.4f}")
-        blocks.append(packed)
-    throughput(rows, device, copy_gbps, log, blocks, cuda_ok)
-    save()
-    latency(rows, device, args.layers, log, blocks, cuda_ok)
+    from concurrent.futures import ThreadPoolExecutor
+
+    dense = [make_block(11), make_block(12)]
+    best_overall, best_blocks = None, None
+    for steps in [int(x) for x in args.steps.split(",")]:
+        with ThreadPoolExecutor(2) as pool:  # the C codec releases the GIL
+            results = list(pool.map(lambda b: pack_block(b, steps), dense))
+        blocks = [r[0] for r in results]
+        packed = blocks[0]
+        log(f"steps={steps}: packed two 8B-shaped blocks on the host CPU in {max(r[1] for r in results):.1f} s, "
+            f"ratio {sum(p.nbytes() for p in packed.values()) / (sum(p.meta['count'] for p in packed.values()) * 2):.4f}")
+        best = throughput(rows, device, copy_gbps, log, blocks, cuda_ok)
+        save()
+        if best is not None and (best_overall is None or best["gbps"] > best_overall["gbps"]):
+            best_overall, best_blocks = best, blocks
+    del dense
+    best_overall["config"]["best"] = True
+    log(f"best decode: {best_overall['config']} {best_overall['gbps']:.0f} GB/s")
+    latency(rows, device, args.layers, log, best_blocks, cuda_ok)
     save()
 
 
