@@ -58,7 +58,8 @@ def write_report(data: dict) -> Path:
             cfg = r.get("config", {})
             if "gbps" in r:
                 warps = f", warps {cfg['num_warps']}" if cfg.get("num_warps") else ""
-                lines.append(f"| decode {r['model']} | {cfg.get('backend', 'triton')}, block {cfg.get('block')}{warps}"
+                lines.append(f"| decode {r['model']}, {cfg.get('steps')} values/lane | {cfg.get('backend', 'triton')}, "
+                             f"block {cfg.get('block')}{warps}"
                              f"{' (best)' if cfg.get('best') else ''} | {r['time_us']:.0f} us | {r['gbps']:.0f} | "
                              f"{r['pct_copy_bw']:.0f} | {'bit-exact' if r.get('bit_exact') else ''} |")
             else:
@@ -76,10 +77,13 @@ def write_report(data: dict) -> Path:
     if g:
         lines += ["", "Eager timings are host-bound (Python and kernel launches; the GPU idles between launches), so "
                   "the packed/bf16 comparison that measures the GPU work is the CUDA-graph one. Layers reuse two "
-                  "distinct weight sets, each far larger than L2, in both models."]
+                  "distinct weight sets, each far larger than L2, in both models; the packed model uses the "
+                  "values-per-lane setting with the fastest decode in this run (the default format is 2048 values "
+                  "per lane: fewer lanes, smaller files)."]
     if history:
-        lines += ["", "Earlier Triton decoder versions (same benchmark, same kind of device):", ""]
-        lines += [f"- {h['version']}: {h['best_gbps']:.0f} GB/s ({h['device']}, {h['date']})" for h in history]
+        lines += ["", "Earlier runs of this benchmark (decoder versions, same kind of device):", ""]
+        lines += [f"- {h['version']}: {h['best_gbps']:.0f} GB/s ({h['device']}, {h['date']})"
+                  + (f"; graph latency {h['graph_time_us']}" if h.get("graph_time_us") else "") for h in history]
     REPORT.parent.mkdir(parents=True, exist_ok=True)
     REPORT.write_text("\n".join(lines) + "\n")
     return REPORT
