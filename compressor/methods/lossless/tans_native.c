@@ -13,6 +13,15 @@ static inline uint64_t window_at(const uint32_t *w, int64_t nwords, int64_t word
     return (a << 32) | b;
 }
 
+/* 64 bits starting at bit `pos`, MSB first (bits past the stream read as zero). */
+static inline uint64_t window64(const uint32_t *w, int64_t nwords, int64_t pos) {
+    int64_t word = pos >> 5;
+    uint64_t win;
+    if (word + 1 < nwords) { uint64_t x; memcpy(&x, w + word, 8); win = (x << 32) | (x >> 32); }
+    else win = window_at(w, nwords, word);
+    return win << (pos & 31);
+}
+
 static inline uint32_t read_bits(const uint32_t *w, int64_t nwords, int64_t pos, uint32_t nb) {
     int64_t word = pos >> 5;
     uint64_t win;
@@ -21,27 +30,45 @@ static inline uint32_t read_bits(const uint32_t *w, int64_t nwords, int64_t pos,
     return (uint32_t)(((win << (pos & 31)) >> 1) >> (63 - nb));
 }
 
-/* Decode the steps of one chunk; MODE is a compile-time constant in each instance. */
+/* Decode the steps of one chunk into 16-bit values (raw planes are merged afterwards). Lanes are
+ * visited in turn, four steps per visit: the lanes' independent chains overlap, and each visit
+ * loads and stores a lane's state and position once for four values. */
 static inline void decode_steps(const uint32_t *restrict words, int64_t nwords, const uint32_t *restrict table,
-                                int64_t n, int64_t lanes, int64_t base, int mode, const uint8_t *restrict raw,
-                                const uint8_t *restrict signs, uint16_t *restrict out,
+                                int64_t n, int64_t lanes, int64_t base, uint16_t *restrict out,
                                 uint32_t *restrict state, int64_t *restrict pos) {
+    int64_t full = n / lanes;  /* steps that every lane of the chunk has */
+    int64_t t = 0;
+    for (; t + 4 <= full; t += 4) {
+        uint16_t *o = out + base + t * lanes;
+        for (int64_t l = 0; l < lanes; l++) {
+            uint32_t st = state[l];
+            int64_t p = pos[l];
+            uint64_t win = window64(words, nwords, p);  /* >= 33 valid bits, a value takes <= 15 */
+            int avail = 64 - (int)(p & 31);
+            for (int k = 0; k < 4; k++) {
+                if (avail < 16) { win = window64(words, nwords, p); avail = 64 - (int)(p & 31); }
+                uint32_t e = table[st];
+                uint32_t nb = (e >> 16) & 15;
+                st = (e >> 20) + (uint32_t)((win >> 1) >> (63 - nb));
+                win <<= nb;
+                avail -= (int)nb;
+                p += nb;
+                o[k * lanes + l] = (uint16_t)e;
+            }
+            state[l] = st;
+            pos[l] = p;
+        }
+    }
     int64_t nsteps = (n + lanes - 1) / lanes;
-    for (int64_t t = 0; t < nsteps; t++) {
+    for (; t < nsteps; t++) {
         int64_t lim = n - t * lanes < lanes ? n - t * lanes : lanes;
-        int64_t o = base + t * lanes;
+        uint16_t *o = out + base + t * lanes;
         for (int64_t l = 0; l < lim; l++) {
             uint32_t e = table[state[l]];
             uint32_t nb = (e >> 16) & 15;
-            uint32_t v = e & 0xFFFF;
-            int64_t p = pos[l];
-            state[l] = (e >> 20) + read_bits(words, nwords, p, nb);
-            pos[l] = p + nb;
-            int64_t i = o + l;
-            if (mode == 1) { uint32_t r = raw[i]; v |= ((r & 0x80) << 8) | (r & 0x7F); }
-            else if (mode == 2)
-                v |= ((uint32_t)((signs[i >> 3] >> (i & 7)) & 1) << 15) | ((raw[i >> 1] >> ((i & 1) * 4)) & 15);
-            out[i] = (uint16_t)v;
+            state[l] = (e >> 20) + read_bits(words, nwords, pos[l], nb);
+            pos[l] += nb;
+            o[l] = (uint16_t)e;
         }
     }
 }
@@ -89,7 +116,7 @@ int64_t tans_decode(const uint32_t *words, int64_t nwords, const uint16_t *lane_
             state[l] = read_bits(words, nwords, pos[l], (uint32_t)table_log);
             pos[l] += table_log;
         }
-        decode_steps(words, nwords, table, n, lanes, base, 0, raw, signs, out, state, pos);
+        decode_steps(words, nwords, table, n, lanes, base, out, state, pos);
         merge_planes(out + base, n, base, mode, raw, signs);
         for (int64_t l = 0; l < lanes; l++)
             if (state[l] != 0 || pos[l] != end[l]) { bad = 1 + c * lanes + l; break; }
