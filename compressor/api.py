@@ -354,3 +354,37 @@ def verify(path: str | Path) -> dict:
     manifest = read_manifest(path)
     count = sum(len(v) for v in manifest["tensors"].values())
     return {"path": str(path), "ok": True, "tensors": count, "files": len(manifest["files"])}
+
+
+# ---------------------------------------------------------------- lossless packing
+
+def pack(model: str | Path, out: str | Path, *, dtype: str | None = None, options: dict[str, Any] | None = None,
+         overwrite: bool = False, check: bool = True) -> dict:
+    """Entropy-code a model's (or a quantized artifact's) tensors losslessly into a packed artifact."""
+    from compressor.formats import packed
+    from compressor.methods.lossless import native
+    from compressor.methods.lossless.dfloat import PackConfig
+    from compressor.models.loading import parse_dtype, source_hash
+
+    path = resolve_model_path(model)
+    if path.is_file():
+        raise CompressorError(f"{path} is a GGUF file; pack works on safetensors directories",
+                              "convert it first (e.g. `compress assets fetch` for the reference models)")
+    try:
+        config = PackConfig(**{k: v for k, v in (options or {}).items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise CompressorError(f"invalid pack option {'.'.join(map(str, first['loc']))}: {first['msg']}",
+                              "see `compress pack --help`") from None
+    cast = None if dtype in (None, "keep") else parse_dtype(dtype)
+    result = packed.pack(path, Path(out), config, cast, overwrite=overwrite, check=check,
+                         source={"path": str(path), "hash": source_hash(path)})
+    return {**{k: v for k, v in result.items() if k != "files"}, "codec": native.status()}
+
+
+def unpack(packed_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> dict:
+    """Rebuild the original tensors of a packed artifact, byte for byte (sha256 checked)."""
+    from compressor.formats import packed
+    from compressor.methods.lossless import native
+
+    return {**packed.unpack(Path(packed_dir), Path(out), overwrite=overwrite), "codec": native.status()}

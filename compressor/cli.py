@@ -258,6 +258,42 @@ def verify(artifact: Path = typer.Argument(..., help="Artifact directory written
          json_out)
 
 
+# ---------------------------------------------------------------- pack / unpack (lossless)
+
+@app.command()
+def pack(
+    model: str = typer.Argument(..., help="HF model directory, compressor artifact or reference name."),
+    output: Path = typer.Option(..., "-o", "--output", help="Packed artifact directory to write."),
+    dtype: str = typer.Option("keep", "--dtype", help="Cast floating tensors first (bfloat16, float16) or keep."),
+    lanes: Optional[int] = typer.Option(None, "--lanes", help="Lanes per chunk (parallel decoders)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Symbols per lane."),
+    table_log: Optional[int] = typer.Option(None, "--table-log", help="log2 of the tANS table size (8-12)."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Decode everything before publishing."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (kept until done)."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Losslessly pack a model's tensors (entropy-coded exponents, raw sign and mantissa)."""
+    from compressor import api
+
+    options = {"lanes": lanes, "steps": steps, "table_log": table_log}
+    _run(lambda: api.pack(model, output, dtype=dtype, options=options, overwrite=overwrite, check=check),
+         lambda r: _kv_table(f"wrote {r['output']}", r), json_out)
+
+
+@app.command()
+def unpack(
+    packed: Path = typer.Argument(..., help="Packed artifact directory written by `compress pack`."),
+    output: Path = typer.Option(..., "-o", "--output", help="Directory for the rebuilt model."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (kept until done)."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Rebuild the original safetensors files of a packed artifact (every tensor's sha256 checked)."""
+    from compressor import api
+
+    _run(lambda: api.unpack(packed, output, overwrite=overwrite), lambda r: _kv_table(f"wrote {r['output']}", r),
+         json_out)
+
+
 def _quiet_libraries() -> None:
     """Our own progress bars replace transformers' per-tensor ones."""
     import os

@@ -104,7 +104,11 @@ def parameter_count(directory: Path) -> tuple[int, int]:
     count by their unpacked shape, quantization metadata (scales, zero points) not at all."""
     params = stored = 0
     for f in weight_files(directory):
-        entries, _ = read_header(f)
+        entries, metadata = read_header(f)
+        if metadata.get("format") == "compressor-packed":  # formats/packed.py: shapes are in the metadata
+            stored += sum(e.end - e.start for e in entries.values())
+            params += sum(math.prod(m["shape"]) for m in json.loads(metadata.get("tensors", "{}")).values())
+            continue
         for name, e in entries.items():
             stored += e.end - e.start
             module, _, leaf = name.rpartition(".")
