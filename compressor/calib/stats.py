@@ -31,7 +31,7 @@ class Collector:
 
     # (attribute, shape, reduction, dtype) of the accumulated state, for merging across processes
     def _state(self) -> list[tuple[str, tuple[int, ...], str, torch.dtype]]:
-        return [("sum", (self.features,), "sum", torch.float64)]
+        raise NotImplementedError
 
     def merge(self, all_reduce: Callable[[torch.Tensor, str], torch.Tensor], device: str) -> None:
         """Combine this collector with its counterparts in the other processes."""
@@ -43,49 +43,49 @@ class Collector:
         self.count = int(all_reduce(torch.tensor([self.count], dtype=torch.float64, device=device), "sum").item())
 
 
-class HessianCollector(Collector):
-    """Mean of x xᵀ over tokens (XᵀX / n): the GPTQ Hessian up to a constant factor."""
+class _MeanOf(Collector):
+    """A mean over tokens of a per-batch sum, accumulated in float64."""
 
-    kind = "hessian"
+    square = False  # the state is [features, features] rather than [features]
 
     def __init__(self, features: int, dtype: torch.dtype = torch.float32):
         super().__init__(features, dtype)
         self.sum: torch.Tensor | None = None
 
-    def update(self, x: torch.Tensor) -> None:
-        x = x.to(self.dtype)
-        xtx = (x.T @ x).double()
-        self.sum = xtx if self.sum is None else self.sum.add_(xtx)
-        self.count += x.shape[0]
+    def _add(self, batch_sum: torch.Tensor, tokens: int) -> None:
+        batch_sum = batch_sum.double()
+        self.sum = batch_sum if self.sum is None else self.sum.add_(batch_sum)
+        self.count += tokens
 
     def result(self) -> torch.Tensor:
         return (self.sum / max(self.count, 1)).to(self.dtype)
 
     def _state(self) -> list[tuple[str, tuple[int, ...], str, torch.dtype]]:
-        return [("sum", (self.features, self.features), "sum", torch.float64)]
+        shape = (self.features, self.features) if self.square else (self.features,)
+        return [("sum", shape, "sum", torch.float64)]
 
 
-class CrossCollector(Collector):
+class HessianCollector(_MeanOf):
+    """Mean of x xᵀ over tokens (XᵀX / n): the GPTQ Hessian up to a constant factor."""
+
+    kind = "hessian"
+    square = True
+
+    def update(self, x: torch.Tensor) -> None:
+        x = x.to(self.dtype)
+        self._add(x.T @ x, x.shape[0])
+
+
+class CrossCollector(_MeanOf):
     """Mean of x yᵀ over tokens for paired inputs: x on the quantized path, y where the float model
     has it at the same place (GPTQ with a float target: fit the float model's outputs)."""
 
     kind = "cross"
-
-    def __init__(self, features: int, dtype: torch.dtype = torch.float32):
-        super().__init__(features, dtype)
-        self.sum: torch.Tensor | None = None
+    square = True
 
     def update_pair(self, x: torch.Tensor, y: torch.Tensor) -> None:
         x, y = x.reshape(-1, x.shape[-1]).to(self.dtype), y.reshape(-1, y.shape[-1]).to(self.dtype)
-        xty = (x.T @ y).double()
-        self.sum = xty if self.sum is None else self.sum.add_(xty)
-        self.count += x.shape[0]
-
-    def result(self) -> torch.Tensor:
-        return (self.sum / max(self.count, 1)).to(self.dtype)
-
-    def _state(self) -> list[tuple[str, tuple[int, ...], str, torch.dtype]]:
-        return [("sum", (self.features, self.features), "sum", torch.float64)]
+        self._add(x.T @ y, x.shape[0])
 
 
 class AbsMaxCollector(Collector):
@@ -109,40 +109,22 @@ class AbsMaxCollector(Collector):
         return [("value", (self.features,), "max", self.dtype)]
 
 
-class AbsMeanCollector(Collector):
+class AbsMeanCollector(_MeanOf):
     """Per-channel mean of |x| over tokens (AWQ's activation salience)."""
 
     kind = "absmean"
 
-    def __init__(self, features: int, dtype: torch.dtype = torch.float32):
-        super().__init__(features, dtype)
-        self.sum: torch.Tensor | None = None
-
     def update(self, x: torch.Tensor) -> None:
-        s = x.abs().double().sum(dim=0)
-        self.sum = s if self.sum is None else self.sum.add_(s)
-        self.count += x.shape[0]
-
-    def result(self) -> torch.Tensor:
-        return (self.sum / max(self.count, 1)).to(self.dtype)
+        self._add(x.abs().sum(dim=0, dtype=torch.float64), x.shape[0])
 
 
-class MeanCollector(Collector):
+class MeanCollector(_MeanOf):
     """Per-channel mean of x over tokens."""
 
     kind = "mean"
 
-    def __init__(self, features: int, dtype: torch.dtype = torch.float32):
-        super().__init__(features, dtype)
-        self.sum: torch.Tensor | None = None
-
     def update(self, x: torch.Tensor) -> None:
-        s = x.double().sum(dim=0)
-        self.sum = s if self.sum is None else self.sum.add_(s)
-        self.count += x.shape[0]
-
-    def result(self) -> torch.Tensor:
-        return (self.sum / max(self.count, 1)).to(self.dtype)
+        self._add(x.sum(dim=0, dtype=torch.float64), x.shape[0])
 
 
 COLLECTORS: dict[str, type[Collector]] = {
