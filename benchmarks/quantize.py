@@ -36,8 +36,8 @@ ROWS = {
     "gptq-w3": ("gptq", {**W3, "act_order": True}, ["--bits", "3", "--group-size", "64", "--asym", "--act-order"]),
     "awq+gptq-w3": ("awq+gptq", {**W3, "act_order": True},
                     ["--bits", "3", "--group-size", "64", "--asym", "--act-order"]),
-    "smoothquant": ("smoothquant", {"bits": 8, "act_bits": 8, "group_size": -1, "sym": True}, []),
-    "fp8": ("fp8", {"bits": 8, "act_bits": 8, "group_size": -1}, []),
+    "smoothquant": ("smoothquant", {"bits": 8, "act_bits": 8, "alpha": 0.75}, ["--alpha", "0.75"]),
+    "fp8": ("fp8", {"bits": 8, "act_bits": 8}, []),
 }
 RESULT_NAMES = {"awq+rtn-w4": "awq+rtn"}
 
