@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import compress_json, median, print_table, write_results  # noqa: E402
+from common import RESULTS, compress_json, median, print_table, write_results  # noqa: E402
 
 MODEL = "smollm2-135m"
 W4 = {"bits": 4, "group_size": 64, "sym": False}
@@ -47,8 +47,11 @@ def _children_cpu_s() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def quantize(name: str, work: Path, repeats: int) -> dict:
+def quantize(name: str, work: Path, repeats: int, reuse: bool) -> dict:
     method, _, flags = ROWS[name]
+    timing_file = work / f"{name}.timing.json"
+    if reuse and timing_file.is_file() and (work / name / "manifest.json").is_file():
+        return json.loads(timing_file.read_text())
     runs = []
     for _ in range(repeats):
         cpu0 = _children_cpu_s()
@@ -56,9 +59,11 @@ def quantize(name: str, work: Path, repeats: int) -> dict:
                                "--overwrite", "--restart")
         runs.append((result["process_wall_s"], result["peak_rss_mb"], _children_cpu_s() - cpu0, result))
     walls = [r[0] for r in runs]
-    return {"wall_s": round(median(walls), 1), "wall_runs_s": [round(w, 1) for w in walls],
-            "cpu_s": round(median([r[2] for r in runs]), 1), "peak_rss_mb": round(max(r[1] for r in runs)),
-            "bits_per_weight": runs[-1][3].get("bits_per_weight")}
+    timing = {"wall_s": round(median(walls), 1), "wall_runs_s": [round(w, 1) for w in walls],
+              "cpu_s": round(median([r[2] for r in runs]), 1), "peak_rss_mb": round(max(r[1] for r in runs)),
+              "bits_per_weight": runs[-1][3].get("bits_per_weight")}
+    timing_file.write_text(json.dumps(timing))
+    return timing
 
 
 def evaluate(work: Path, names: list[str], windows: int) -> tuple[dict, dict]:
@@ -80,13 +85,23 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--timing-repeats", type=int, default=1, help="runs per quantize command (median)")
     parser.add_argument("--work", default="out/bench-quantize")
+    parser.add_argument("--reuse", action="store_true", help="keep artifacts (and timings) of an earlier run")
+    parser.add_argument("--gpu-rows", default=str(RESULTS / "quantize_variants_cuda.json"),
+                        help="quality rows measured on a GPU by quantize_variants.py, merged into the results")
+    parser.add_argument("--report-only", action="store_true", help="rewrite the results' GPU rows and the report")
     args = parser.parse_args()
+    if args.report_only:
+        data = json.loads((RESULTS / "quantize.json").read_text())
+        data["rows"] = [r for r in data["rows"] if r.get("device") != "cuda"] + gpu_rows(Path(args.gpu_rows))
+        (RESULTS / "quantize.json").write_text(json.dumps(data, indent=2) + "\n")
+        write_report(data["rows"], data["protocol"], RESULTS / "quantize.json")
+        return
     work = Path(args.work)
     names = args.rows.split(",")
     timings = {}
     for name in names:
         print(f"quantizing {name} ...", flush=True)
-        timings[name] = quantize(name, work, args.timing_repeats)
+        timings[name] = quantize(name, work, args.timing_repeats, args.reuse)
         print(json.dumps({name: timings[name]}), flush=True)
     started = time.perf_counter()
     results, sizes = evaluate(work, names, args.windows)
@@ -105,6 +120,7 @@ def main() -> None:
         for r in rows:
             if rtn and r.get("config", {}).get("bits") == bits and r is not rtn:
                 r["fraction_of_rtn_increase"] = (r["ppl"] - base_ppl) / (rtn["ppl"] - base_ppl)
+    rows += gpu_rows(Path(args.gpu_rows))
     protocol = {"eval_windows": args.windows, "window": 512, "calib_samples": 128, "calib_len": 512}
     path = write_results("quantize", rows, protocol, {"eval_s": round(eval_s, 1),
                                                       "note": "shared 2-core CPU: wall_s vs cpu_s shows contention"})
@@ -112,6 +128,26 @@ def main() -> None:
                "fraction_of_rtn_increase", "kl", "wall_s", "cpu_s", "peak_rss_mb"]
     print_table(rows, columns, f"quantize: {MODEL}, {args.windows} × 512 held-out tokens")
     write_report(rows, protocol, path)
+
+
+def gpu_rows(path: Path) -> list[dict]:
+    """Rows of quantize_variants.py run on a GPU (same protocol, its own fp32 row), marked device cuda."""
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    rows = {r["variant"]: r for r in data["rows"]}
+    out = [{"model": MODEL, "method": "fp32", "config": {}, "row": "fp32", "device": "cuda",
+            "bits_per_weight": 32.0, "ppl": next(iter(rows.values()))["base_ppl"], "kl": 0.0}] if rows else []
+    for name, r in rows.items():
+        base = r["base_ppl"]
+        row = {"model": MODEL, "method": r["method"], "config": r["config"], "row": name, "device": "cuda",
+               "bits_per_weight": r["bits_per_weight"], "ppl": r["ppl"], "kl": r["kl"],
+               "ppl_increase_pct": 100 * (r["ppl"] / base - 1), "wall_s": r["wall_s"]}
+        rtn = rows.get(f"rtn-w{r['config'].get('bits')}")
+        if rtn and rtn is not r:
+            row["fraction_of_rtn_increase"] = (r["ppl"] - base) / (rtn["ppl"] - base)
+        out.append(row)
+    return out
 
 
 def _fmt(value, render) -> str:
@@ -126,7 +162,9 @@ def write_report(rows: list[dict], protocol: dict, results_path: Path) -> None:
              "zero points. `of RTN` = the row's perplexity increase as a fraction of RTN's at the same bits.", "",
              "| row | method | bits/weight | size | ppl | increase | of RTN | KL | wall | CPU | peak RSS |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for r in rows:
+    cpu = [r for r in rows if r.get("device") != "cuda"]
+    gpu = [r for r in rows if r.get("device") == "cuda"]
+    for r in cpu:
         lines.append("| " + " | ".join([
             r.get("row", "fp32"), r["method"], str(r.get("bits_per_weight", "")),
             _fmt(r.get("size_bytes"), lambda v: f"{v / 1e6:.1f} MB"), f"{r['ppl']:.3f}",
@@ -134,6 +172,19 @@ def write_report(rows: list[dict], protocol: dict, results_path: Path) -> None:
             _fmt(r.get("fraction_of_rtn_increase"), lambda v: f"{100 * v:.0f}%"), f"{r['kl']:.4f}",
             _fmt(r.get("wall_s"), lambda v: f"{v:.0f} s"), _fmt(r.get("cpu_s"), lambda v: f"{v:.0f} s"),
             _fmt(r.get("peak_rss_mb"), lambda v: f"{v / 1000:.2f} GB")]) + " |")
+    if gpu:
+        lines += ["", "## The same protocol on an H100 (quality only)", "",
+                  "The CPU rows above were measured on a shared 2-core machine under heavy load; the device "
+                  "lent for this session measured the rest of the grid (`python benchmarks/quantize_variants.py "
+                  "--device cuda`, same model, data, windows and calibration; its own fp32 row). Wall times here are "
+                  "GPU runs, not the CPU target.", "",
+                  "| row | method | bits/weight | ppl | increase | of RTN | KL | wall (GPU) |", "|---|---|---|---|---|---|---|---|"]
+        for r in gpu:
+            lines.append("| " + " | ".join([
+                r["row"], r["method"], str(r["bits_per_weight"]), f"{r['ppl']:.3f}",
+                _fmt(r.get("ppl_increase_pct"), lambda v: f"+{v:.1f}%"),
+                _fmt(r.get("fraction_of_rtn_increase"), lambda v: f"{100 * v:.1f}%"), f"{r['kl']:.4f}",
+                _fmt(r.get("wall_s"), lambda v: f"{v:.0f} s")]) + " |")
     out = Path(__file__).parent.parent / "reports" / "quantize.md"
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
