@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import resource
@@ -288,3 +289,56 @@ def verify(path: str | Path) -> dict:
     manifest = read_manifest(path)
     count = sum(len(v) for v in manifest["tensors"].values())
     return {"path": str(path), "ok": True, "tensors": count, "files": len(manifest["files"])}
+
+
+# ---------------------------------------------------------------- prune
+
+PRUNE_METHODS = ("slicegpt", "modegpt")
+
+
+def prune(model: str, method: str, out: str | Path, sparsity: float, options: dict[str, Any] | None = None, *,
+          calib: str = "wiki", samples: int = 128, seq_len: int = 512, seed: int = 0, text_field: str = "text",
+          chat_template: bool = False, device: str = "cpu", batch_size: int = 8, overwrite: bool = False,
+          allow_pickle: bool = False, progress: Progress | None = None) -> dict:
+    """Structurally prune a model (SliceGPT, MoDeGPT) and write an artifact transformers loads."""
+    from compressor.formats import sliced as sliced_format
+    from compressor.methods import prune as _prune_methods  # noqa: F401  (registers)
+    from compressor.pipeline.structured import run_structured
+
+    progress = progress or Progress()
+    started = time.perf_counter()
+    out = Path(out)
+    if method not in PRUNE_METHODS:
+        raise CompressorError(f"unknown pruning method {method!r}", f"choose one of: {', '.join(PRUNE_METHODS)}")
+    if not 0.0 < sparsity < 1.0:
+        raise CompressorError(f"sparsity must be in (0, 1), got {sparsity}", "pass e.g. --sparsity 0.25")
+    if batch_size < 1:
+        raise CompressorError(f"batch size must be at least 1 (got {batch_size})", "raise --batch-size")
+    pruner = make_method(method, {"sparsity": sparsity, **(options or {})})
+    artifacts.check_output(out, overwrite)
+    loaded = load(model, allow_pickle=allow_pickle, progress=progress)
+    if out.resolve() == loaded.path.resolve() or loaded.path.resolve() in out.resolve().parents:
+        raise CompressorError(f"output {out} would overwrite the source model {loaded.path}",
+                              "write the artifact to another -o path")
+    if getattr(loaded.model.config, "base_model_type", None):
+        raise CompressorError(f"{model} is already a sliced artifact", "prune the original checkpoint instead")
+    pruner.check(loaded.model, loaded.adapter)
+    original_config = copy.deepcopy(loaded.model.config)
+    params_before = count_parameters(loaded.model)
+    tokens = calibration_set(calib, loaded.tokenizer, samples, seq_len, seed, text_field, chat_template,
+                             progress.log)
+    spec = run_structured(loaded.model, loaded.adapter, pruner, tokens, device=device, batch_size=batch_size,
+                          progress=progress)
+    slice_s = time.perf_counter() - started
+    params = count_parameters(loaded.model)
+    config, tensors = sliced_format.export(loaded.model, loaded.adapter, spec, original_config, loaded.stored_dtype)
+    metrics = {"params": params, "params_before": params_before, "param_reduction": 1 - params / params_before,
+               "ordinary_config": config.get("model_type") == original_config.model_type}
+    artifacts.write_artifact(
+        out, config=config, tensors=tensors, tokenizer=loaded.tokenizer,
+        generation_config=getattr(loaded.model, "generation_config", None), kind="pruned",
+        source={"ref": loaded.name, "sha256": loaded.source_hash}, method=pruner.describe(),
+        calibration=tokens.describe() | {"seed": seed}, metrics=metrics, overwrite=overwrite,
+        build={"wall_s": time.perf_counter() - started, "device": device, "spec": spec})
+    return {"output": str(out), "method": pruner.describe(), **metrics, "model_type": config["model_type"],
+            "slice_s": slice_s, "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
