@@ -83,7 +83,7 @@ def load(ref: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool
 
 # ---------------------------------------------------------------- quantize
 
-def make_method(name: str, options: dict[str, Any]) -> Method:
+def make_method(name: str, options: dict[str, Any], command: str = "quantize") -> Method:
     cls = METHODS.get(name)
     try:
         return cls.from_options(**{k: v for k, v in options.items() if v is not None})
@@ -91,7 +91,7 @@ def make_method(name: str, options: dict[str, Any]) -> Method:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
         raise CompressorError(f"invalid {name} setting {field}: {err['msg']} (got {err.get('input')!r})",
-                              "see `compress quantize --help` for valid values") from None
+                              f"see `compress {command} --help` for valid values") from None
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -314,7 +314,7 @@ def prune(model: str, method: str, out: str | Path, sparsity: float, options: di
         raise CompressorError(f"sparsity must be in (0, 1), got {sparsity}", "pass e.g. --sparsity 0.25")
     if batch_size < 1:
         raise CompressorError(f"batch size must be at least 1 (got {batch_size})", "raise --batch-size")
-    pruner = make_method(method, {"sparsity": sparsity, **(options or {})})
+    pruner = make_method(method, {"sparsity": sparsity, **(options or {})}, "prune")
     artifacts.check_output(out, overwrite)
     loaded = load(model, allow_pickle=allow_pickle, progress=progress)
     if out.resolve() == loaded.path.resolve() or loaded.path.resolve() in out.resolve().parents:
