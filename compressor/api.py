@@ -327,6 +327,11 @@ def prune(model: str, method: str, out: str | Path, sparsity: float, options: di
     params_before = count_parameters(loaded.model)
     tokens = calibration_set(calib, loaded.tokenizer, samples, seq_len, seed, text_field, chat_template,
                              progress.log)
+    hidden = loaded.adapter.text_config(loaded.model.config).hidden_size
+    if tokens.samples * tokens.seq_len < hidden:
+        raise CompressorError(
+            f"calibration has {tokens.samples * tokens.seq_len} tokens; a stable PCA of the {hidden}-wide residual "
+            f"stream needs at least {hidden}", "raise --samples or --seq-len")
     spec = run_structured(loaded.model, loaded.adapter, pruner, tokens, device=device, batch_size=batch_size,
                           progress=progress)
     slice_s = time.perf_counter() - started
