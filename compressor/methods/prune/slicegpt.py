@@ -266,7 +266,7 @@ class SliceGPT(Method):
                 self._write_stream(layer.get_submodule(layout.attn_output),
                                    layout.attn_post_norm and layer.get_submodule(layout.attn_post_norm),
                                    b_mid, y_attn, off, eps)
-                del y_attn
+                y_attn.clear()
                 layer.attn_shortcut = _shortcut(dtype, hidden.device, b_in, b_mid, full)
                 for name in layout.mlp_inputs:
                     _rotate_inputs(layer.get_submodule(name), b_mid)
@@ -302,7 +302,7 @@ class SliceGPT(Method):
                     self._write_stream(layer.get_submodule(layout.mlp_output),
                                        layout.mlp_post_norm and layer.get_submodule(layout.mlp_post_norm),
                                        b_out, y_mlp, off, eps)
-                del y_mlp
+                y_mlp.clear()
                 layer.mlp_shortcut = _shortcut(dtype, hidden.device, b_mid, b_out, full)
                 spec_layers.append({"in": d_in, "mid": d_mid, "out": d_out,
                                     "attn_shortcut": layer.attn_shortcut is not None,
