@@ -28,7 +28,7 @@ from torch import nn
 
 from compressor.errors import CompressorError
 from compressor.methods.base import METHODS, Method, MethodConfig
-from compressor.methods.prune.slicegpt import BlockRunner, Covariance, _capture_input
+from compressor.methods.prune.slicegpt import BlockRunner, Covariance, _capture_input, eigh, one_thread
 from compressor.models.adapters import Adapter
 from compressor.models.attention import make_reduced_attention
 from compressor.models.sliced import set_linear
@@ -62,11 +62,12 @@ def nystrom_mlp(gate_up: list[nn.Linear], down: nn.Linear, corr: torch.Tensor, k
     c = corr.double()
     lam = ridge * c.diagonal().mean()
     eye = torch.eye(c.shape[0], dtype=c.dtype)
-    leverage = torch.linalg.solve(c + lam * eye, c).diagonal()  # diag(C (C + lam I)^-1), C symmetric
-    index = torch.argsort(leverage, descending=True)[:keep].sort().values
-    c_ss = c[index][:, index] + lam * torch.eye(keep, dtype=c.dtype)
-    w = down.weight.double()  # [D, I]
-    new_down = torch.linalg.solve(c_ss, (w @ c[:, index]).T).T  # W C[:, S] C_SS^-1
+    with one_thread():
+        leverage = torch.linalg.solve(c + lam * eye, c).diagonal()  # diag(C (C + lam I)^-1), C symmetric
+        index = torch.argsort(leverage, descending=True)[:keep].sort().values
+        c_ss = c[index][:, index] + lam * torch.eye(keep, dtype=c.dtype)
+        w = down.weight.double()  # [D, I]
+        new_down = torch.linalg.solve(c_ss, (w @ c[:, index]).T).T  # W C[:, S] C_SS^-1
     for lin in gate_up:
         set_linear(lin, lin.weight[index].clone(), None if lin.bias is None else lin.bias[index].clone())
     set_linear(down, new_down.to(down.weight.dtype), down.bias)
@@ -83,10 +84,11 @@ def svd_vo(v: nn.Linear, o: nn.Linear, corr: torch.Tensor, heads: int, kv_heads:
     new_v, new_o = [], [None] * heads
     for g in range(kv_heads):
         gram = wv[g] @ c @ wv[g].T  # [hd, hd] = W_v C W_v^T
-        vals, vecs = torch.linalg.eigh(gram)
+        vals, vecs = eigh(gram)
         root = vecs @ torch.diag(vals.clamp_min(0).sqrt()) @ vecs.T
         m = torch.cat([wo[:, h].T for h in range(g * rep, (g + 1) * rep)], dim=1)  # [hd, rep*D]
-        _, _, vh = torch.linalg.svd(root @ m, full_matrices=False)
+        with one_thread():
+            _, _, vh = torch.linalg.svd(root @ m, full_matrices=False)
         basis = vh[:keep].T  # [rep*D, k]: right singular vectors
         new_v.append((m @ basis).T @ wv[g])  # [k, D]: x -> (x W_v^T M) V_k
         for j, h in enumerate(range(g * rep, (g + 1) * rep)):
