@@ -110,17 +110,22 @@ def quality(model: str, rows: list[dict], windows: int) -> dict:
     base_flops = forward_flops(base.model, 512)
     with bench_lock():
         base_ms = latency_ms(base.model)
-    for row in rows:
-        m = api.load(row["artifact"]).model
-        results = evaluate_models({"m": m}, tokens, base.model, batch_size=4)
-        flops = forward_flops(m, 512)
-        with bench_lock():
-            ms = latency_ms(m)
-        row.update(ppl=results["m"]["ppl"], kl=results["m"]["kl"], latency_ms=ms, dense_latency_ms=base_ms,
-                   latency_ratio=ms / base_ms, flops_ratio=flops / base_flops)
-        removed = 1 - row["flops_ratio"]
-        row["latency_vs_ideal"] = (1 - row["latency_ratio"]) / removed if removed > 0 else None
-        del m
+    results = {}
+    for start in range(0, len(rows), 3):  # a few candidates per pass share one base forward per batch
+        chunk = rows[start:start + 3]
+        models = {row["artifact"]: api.load(row["artifact"]).model for row in chunk}
+        results = evaluate_models(models, tokens, base.model, batch_size=4)
+        for row in chunk:
+            m = models[row["artifact"]]
+            flops = forward_flops(m, 512)
+            with bench_lock():
+                ms = latency_ms(m)
+            r = results[row["artifact"]]
+            row.update(ppl=r["ppl"], kl=r["kl"], latency_ms=ms, dense_latency_ms=base_ms,
+                       latency_ratio=ms / base_ms, flops_ratio=flops / base_flops)
+            removed = 1 - row["flops_ratio"]
+            row["latency_vs_ideal"] = (1 - row["latency_ratio"]) / removed if removed > 0 else None
+        del models
     base_row = {"model": model, "method": "fp32", "config": {}, "params": count_parameters(base.model),
                 "size_bytes": sum(f.stat().st_size for f in base.path.glob("*.safetensors")),
                 "ppl": results["base"]["ppl"] if rows else None, "kl": 0.0, "wall_s": 0.0, "peak_rss_mb": 0.0,

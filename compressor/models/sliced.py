@@ -41,21 +41,26 @@ class SlicedLayerMixin:
         if args:
             raise TypeError("sliced decoder layers take keyword arguments after hidden_states")
         layout = self._slicing_layout
-        residual = hidden_states
         h = self.get_submodule(layout.attn_norm)(hidden_states)
         h, _ = self.get_submodule(layout.attention)(hidden_states=h, **kwargs)
+        return self.mlp_residual(self.attention_residual(hidden_states, h))
+
+    def attention_residual(self, residual, h):
+        """The stream after attention, from the block input and the attention's output projection."""
+        layout = self._slicing_layout
         if layout.attn_post_norm:
             h = self.get_submodule(layout.attn_post_norm)(h)
         if self.attn_shortcut is not None:
             residual = self.attn_shortcut(residual)
-        hidden_states = residual + h
-        residual = hidden_states
-        h = self.get_submodule(layout.mlp_norm)(hidden_states)
-        h = self.get_submodule(layout.mlp)(h)
+        return residual + h
+
+    def mlp_residual(self, hidden_states):
+        """The block output from the stream after attention."""
+        layout = self._slicing_layout
+        h = self.get_submodule(layout.mlp)(self.get_submodule(layout.mlp_norm)(hidden_states))
         if layout.mlp_post_norm:
             h = self.get_submodule(layout.mlp_post_norm)(h)
-        if self.mlp_shortcut is not None:
-            residual = self.mlp_shortcut(residual)
+        residual = hidden_states if self.mlp_shortcut is None else self.mlp_shortcut(hidden_states)
         return residual + h
 
 

@@ -45,6 +45,21 @@ class BlockRunner:
             block.to("cpu")
         return torch.cat(outputs) if outputs else None
 
+    @torch.no_grad()
+    def map(self, block: nn.Module, fn, *inputs: torch.Tensor) -> torch.Tensor | None:
+        """fn(*batch) over aligned batches of `inputs` with the block on the compute device;
+        concatenated tensor results on the CPU (None if fn returns nothing)."""
+        block.to(self.device)
+        outputs = []
+        try:
+            for start in range(0, inputs[0].shape[0], self.batch_size):
+                out = fn(*(t[start:start + self.batch_size].to(self.device) for t in inputs))
+                if out is not None:
+                    outputs.append(out.to("cpu"))
+        finally:
+            block.to("cpu")
+        return torch.cat(outputs) if outputs else None
+
 
 @torch.no_grad()
 def run_structured(model: nn.Module, adapter: Adapter, method, calibration: TokenSet, *, device: str = "cpu",

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from pydantic import Field
@@ -39,8 +39,10 @@ from compressor.models.adapters import Adapter
 from compressor.models.sliced import make_sliced_layer, rms_scale, set_embedding, set_linear, set_norm, shortcut
 from compressor.util import release_memory
 
-# The pipeline hands the method a way to run one block over the calibration inputs.
-BlockRunner = Callable[[nn.Module, torch.Tensor, dict], torch.Tensor]
+# The pipeline hands the method a way to run one block over the calibration inputs
+# (pipeline.structured.BlockRunner): run(block, hidden, kwargs, stop=None) -> outputs, and
+# run.map(block, fn, *inputs) -> fn applied batch by batch on the compute device.
+BlockRunner = Any
 
 
 class SliceGPTConfig(MethodConfig):
@@ -266,19 +268,28 @@ class SliceGPT(Method):
                         _rotate_inputs(layer.get_submodule(name), b_in)
                 _set_norm_gain(layer.get_submodule(layout.attn_norm),
                                torch.full((d_in,), rms_scale(full, d_in), dtype=torch.float64), off)
-                # Pass 1: the stream between attention and MLP, in the original basis.
+                # Pass 1: attention up to its output projection's input, once; the stream between
+                # attention and MLP (in the original basis) follows from it with cheap matmuls.
                 layer.attn_shortcut = _shortcut(dtype, hidden.device, b_in, None, full)
-                cov_mid, y_attn = Covariance(), []
+                o_proj = layer.get_submodule(layout.attn_output)
+                cov_mid, y_attn, attn = Covariance(), [], None
                 if needs_signals:
-                    handles = [_capture_input(layer.get_submodule(layout.mlp_norm), cov_mid.add, stop=True)]
-                    if layout.attn_post_norm:
-                        handles.append(_capture_input(layer.get_submodule(layout.attn_post_norm),
-                                                      lambda y: y_attn.append(y.to("cpu"))))
+                    chunks: list[torch.Tensor] = []
+                    handle = _capture_input(o_proj, lambda a: chunks.append(a.to("cpu")), stop=True)
                     try:
                         run(layer, hidden, kwargs, stop=_Stop)
                     finally:
-                        for h in handles:
-                            h.remove()
+                        handle.remove()
+                    attn = torch.cat(chunks)
+                    del chunks
+
+                    def mid_signal(x, a):
+                        y = o_proj(a)
+                        if layout.attn_post_norm:
+                            y_attn.append(y.to("cpu"))
+                        cov_mid.add(layer.attention_residual(x, y))
+
+                    run.map(layer, mid_signal, hidden, attn)
                 b_mid = basis_from(cov_mid, widths[index])
                 d_mid = b_mid.shape[1]
                 self._write_stream(layer.get_submodule(layout.attn_output),
@@ -301,10 +312,12 @@ class SliceGPT(Method):
                         handle = _capture_input(layer.get_submodule(layout.mlp_post_norm),
                                                 lambda y: y_mlp.append(y.to("cpu")))
                     try:
-                        out = run(layer, hidden, kwargs)
+                        out = run.map(layer, lambda x, a: layer.mlp_residual(layer.attention_residual(x, o_proj(a))),
+                                      hidden, attn)
                     finally:
                         if handle:
                             handle.remove()
+                del attn
                 if want_out:
                     if global_basis is not None:
                         b_out = global_basis
