@@ -263,7 +263,8 @@ def inspect(ref: str) -> dict:
     manifest = read_manifest(path) if (path / "manifest.json").exists() else {}
     qconfig = config.get("quantization_config")
     try:
-        adapter = type(adapter_for_config(SimpleNamespace(model_type=config.get("model_type")))).__name__
+        adapter = type(adapter_for_config(SimpleNamespace(model_type=config.get("model_type"),
+                                                           base_model_type=config.get("base_model_type")))).__name__
     except CompressorError:
         adapter = None
     return {
