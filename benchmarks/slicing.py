@@ -34,6 +34,7 @@ LOCK = "/tmp/compressor-bench.lock"
 METHODS = {  # row method name -> compress prune options
     "slicegpt": ["--method", "slicegpt", "--rotation", "per-block"],
     "slicegpt-global": ["--method", "slicegpt", "--rotation", "global"],
+    "slicegpt-keep": ["--method", "slicegpt", "--rotation", "per-block", "--embeddings", "keep"],
     "modegpt": ["--method", "modegpt"],
     "modegpt-mlp": ["--method", "modegpt", "--modules", "mlp", "--allocation", "uniform"],
 }
@@ -84,8 +85,10 @@ def prune_row(model: str, method: str, sparsity: float, work: Path, samples: int
             *METHODS[method]]
     with bench_lock():
         result = compress_json(*args)
-    name = "modegpt" if method.startswith("modegpt") else method
+    name = {"modegpt-mlp": "modegpt", "slicegpt-keep": "slicegpt"}.get(method, method)
     config = {"sparsity": sparsity, "calib_samples": samples}
+    if method == "slicegpt-keep":
+        config["embeddings"] = "keep"
     if method == "modegpt-mlp":
         config.update(modules="mlp", allocation="uniform")
     elif method == "modegpt":
@@ -208,6 +211,7 @@ def write_report(data: dict) -> Path:
                                               r["config"].get("sparsity", 0))):
             c = r["config"]
             method = r["method"] + (f" ({c['modules']}, {c['allocation']})" if "modules" in c else "")
+            method += " (embeddings kept)" if c.get("embeddings") == "keep" else ""
             dppl = 100 * (r["ppl"] / base["ppl"] - 1) if base and r.get("ppl") else None
             lines.append(
                 f"| {method} | {c.get('sparsity', '-')} | {c.get('calib_samples', '-')} | {r['params'] / 1e6:.2f} "
@@ -227,7 +231,9 @@ def targets(rows: list[dict]) -> list[str]:
     for model in dict.fromkeys(r["model"] for r in rows):
         pick = lambda method, **kw: next((r for r in rows if r["model"] == model and r["method"] == method  # noqa
                                           and all(r["config"].get(k) == v for k, v in kw.items())), None)
-        base, ours, peer = pick("fp32"), pick("slicegpt", sparsity=0.25), pick("peer:slicegpt:slice", sparsity=0.25)
+        base, peer = pick("fp32"), pick("peer:slicegpt:slice", sparsity=0.25)
+        ours = next((r for r in rows if r["model"] == model and r["method"] == "slicegpt"
+                     and r["config"].get("sparsity") == 0.25 and "embeddings" not in r["config"]), None)
         mode = pick("modegpt", sparsity=0.25, modules="all")
         if ours and peer and peer["config"].get("calib_samples") == ours["config"].get("calib_samples"):
             diff = 100 * (ours["ppl"] / peer["ppl"] - 1)
@@ -267,6 +273,12 @@ def main() -> None:
     work = Path(args.work or tempfile.mkdtemp(prefix="slicing-bench-"))
     path = RESULTS / "slicing.json"
     old = json.loads(path.read_text())["rows"] if args.append and path.exists() else []
+    protocol = {"eval_windows": args.windows, "window": 512, "calib_len": 512,
+                "calib_samples": "per row (config.calib_samples)", "seed": 0,
+                "timing": "wall time and peak RSS of whole `compress prune` processes under the shared benchmark "
+                          "lock; latency: median of 5 forwards of one 512-token sequence, 2 threads",
+                "flops": "2 x linear weights (incl. head, shortcuts) + causal attention at 512 tokens"}
+    key = lambda r: (r["model"], r["method"], json.dumps(r["config"], sort_keys=True))  # noqa: E731
     rows: list[dict] = []
     for model in args.models.split(","):
         pruned = [prune_row(model, m, float(s), work, args.samples)
@@ -277,18 +289,13 @@ def main() -> None:
             peer = peer_row(model, 0.25, args.samples, args.windows, work)
             if peer:
                 rows.append(peer)
-    key = lambda r: (r["model"], r["method"], json.dumps(r["config"], sort_keys=True))  # noqa: E731
-    fresh = {key(r) for r in rows}
-    rows = [r for r in old if key(r) not in fresh] + rows
-    for r in rows:
-        r.pop("artifact", None)
-    protocol = {"eval_windows": args.windows, "window": 512, "calib_len": 512,
-                "calib_samples": "per row (config.calib_samples)", "seed": 0,
-                "timing": "wall time and peak RSS of whole `compress prune` processes under the shared benchmark "
-                          "lock; latency: median of 5 forwards of one 512-token sequence, 2 threads",
-                "flops": "2 x linear weights (incl. head, shortcuts) + causal attention at 512 tokens"}
-    written = write_results("slicing", rows, protocol, {"machine": f"shared {machine()} (three agents at once)"})
-    write_report(json.loads(written.read_text()))
+        for r in rows:
+            r.pop("artifact", None)
+        fresh = {key(r) for r in rows}
+        merged = [r for r in old if key(r) not in fresh] + rows  # written after each model: partial runs count
+        written = write_results("slicing", merged, protocol, {"machine": f"shared {machine()} (three agents at once)"})
+        write_report(json.loads(written.read_text()))
+    rows = merged
     print_table(rows, ["model", "method", "sparsity", "params", "ppl", "kl", "wall_s", "peak_rss_mb", "latency_ratio",
                        "flops_ratio"], "slicing")
 
