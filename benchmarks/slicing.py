@@ -272,7 +272,6 @@ def main() -> None:
     torch.set_num_threads(2)
     work = Path(args.work or tempfile.mkdtemp(prefix="slicing-bench-"))
     path = RESULTS / "slicing.json"
-    old = json.loads(path.read_text())["rows"] if args.append and path.exists() else []
     protocol = {"eval_windows": args.windows, "window": 512, "calib_len": 512,
                 "calib_samples": "per row (config.calib_samples)", "seed": 0,
                 "timing": "wall time and peak RSS of whole `compress prune` processes under the shared benchmark "
@@ -292,6 +291,7 @@ def main() -> None:
         for r in rows:
             r.pop("artifact", None)
         fresh = {key(r) for r in rows}
+        old = json.loads(path.read_text())["rows"] if args.append and path.exists() else []  # read now: runs overlap
         merged = [r for r in old if key(r) not in fresh] + rows  # written after each model: partial runs count
         written = write_results("slicing", merged, protocol, {"machine": f"shared {machine()} (three agents at once)"})
         write_report(json.loads(written.read_text()))
