@@ -114,10 +114,14 @@ def quality(model: str, rows: list[dict], windows: int) -> dict:
     with bench_lock():
         base_ms = latency_ms(base.model)
     results = {}
-    for start in range(0, len(rows), 3):  # a few candidates per pass share one base forward per batch
-        chunk = rows[start:start + 3]
+    # A few candidates per pass share one base forward per batch; a large vocabulary (Gemma's
+    # 262k) makes the logits the memory peak, so fewer candidates and windows per pass there.
+    big = base.model.config.vocab_size > 100_000
+    per_pass, batch = (2, 1) if big else (3, 4)
+    for start in range(0, len(rows), per_pass):
+        chunk = rows[start:start + per_pass]
         models = {row["artifact"]: api.load(row["artifact"]).model for row in chunk}
-        results = evaluate_models(models, tokens, base.model, batch_size=4)
+        results = evaluate_models(models, tokens, base.model, batch_size=batch)
         for row in chunk:
             m = models[row["artifact"]]
             flops = forward_flops(m, 512)
@@ -134,7 +138,7 @@ def quality(model: str, rows: list[dict], windows: int) -> dict:
                 "ppl": results["base"]["ppl"] if rows else None, "kl": 0.0, "wall_s": 0.0, "peak_rss_mb": 0.0,
                 "latency_ms": base_ms, "latency_ratio": 1.0, "flops_ratio": 1.0}
     if not rows:
-        base_row["ppl"] = evaluate_models({}, tokens, base.model, batch_size=4)["base"]["ppl"]
+        base_row["ppl"] = evaluate_models({}, tokens, base.model, batch_size=batch)["base"]["ppl"]
     return {"base": base_row, "tokens": tokens}
 
 
