@@ -179,8 +179,9 @@ def test_modegpt_full_is_registered_class(tiny_llama, text_file, tmp_path):
     assert json.loads((out / "config.json").read_text())["model_type"] == "compressor_sliced"
     plain = AutoModelForCausalLM.from_pretrained(out)
     torch.testing.assert_close(logits(plain), logits(loaded.model), atol=1e-5, rtol=1e-4)
-    v = loaded.adapter.blocks(loaded.model)[0].self_attn.v_proj
-    assert v.out_features < 2 * 16
+    attention = loaded.adapter.blocks(loaded.model)[1].self_attn
+    assert attention.v_proj.out_features < 2 * 16 and attention.k_proj.out_features < 2 * 16
+    assert spec["layers"][1]["qk_head_dim"] % 2 == 0 and tuple(attention.qk_index.shape) == (2, attention.qk_head_dim)
 
 
 def test_modegpt_without_pruning_reproduces_the_pair_outputs():
@@ -205,6 +206,31 @@ def test_modegpt_without_pruning_reproduces_the_pair_outputs():
     before = vo(v, o, 4)
     svd_vo(v, o, h.T @ h / 100, heads=4, kv_heads=2, head_dim=4, keep=4)
     torch.testing.assert_close(vo(v, o, 4), before, atol=1e-4, rtol=1e-4)
+
+
+def test_qk_channel_selection_keeps_rotary_pairs_and_full_width_is_exact():
+    from torch import nn
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, rotate_half
+
+    from compressor.methods.prune.modegpt import cr_qk
+    from compressor.models.attention import _rotary_per_group
+
+    torch.manual_seed(0)
+    q, k = nn.Linear(8, 4 * 8, bias=False), nn.Linear(8, 2 * 8, bias=False)  # 4 heads, 2 kv, head_dim 8
+    h = torch.randn(50, 8)
+    qw, kw = q.weight.clone(), k.weight.clone()
+    index = cr_qk(q, k, h.T @ h / 50, heads=4, kv_heads=2, head_dim=8, keep=8)
+    assert index.tolist() == [list(range(8))] * 2 and torch.equal(q.weight, qw) and torch.equal(k.weight, kw)
+    angles = torch.randn(1, 5, 4)
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    qs, ks = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
+    expected = apply_rotary_pos_emb(qs, ks, cos, sin)
+    got = _rotary_per_group(qs, ks, cos, sin, index, rotate_half)
+    torch.testing.assert_close(got[0], expected[0])
+    torch.testing.assert_close(got[1], expected[1])
+    index = cr_qk(q, k, h.T @ h / 50, heads=4, kv_heads=2, head_dim=8, keep=4)
+    assert all(row[2:] == [i + 4 for i in row[:2]] for row in index.tolist())  # partners kept together
+    assert q.out_features == 16 and k.out_features == 8
 
 
 # ---------------------------------------------------------------- bad input

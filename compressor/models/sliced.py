@@ -149,8 +149,9 @@ def resize_to_spec(model: nn.Module, adapter: Adapter, spec: dict) -> None:
         if dims.get("qk_head_dim") or dims.get("v_head_dim"):
             from compressor.models.attention import make_reduced_attention
 
+            config = adapter.text_config(model.config)
             make_reduced_attention(layer.get_submodule(layout.attention), dims.get("qk_head_dim"),
-                                   dims.get("v_head_dim"))
+                                   dims.get("v_head_dim"), config.num_key_value_heads)
     norm = adapter.final_norm(model)
     set_norm(norm, _empty_like(norm.weight, spec["head"]))
     head = adapter.head(model)

@@ -7,10 +7,13 @@ the closed-form reconstruction that minimizes the pair's output error on calibra
 - VO (v -> o, through the attention mix): SVD. Per key/value group, the product of W_v with the
   o-projection blocks of the query heads that read it, weighted by the input correlation, is
   truncated to rank k: v gets k channels per head, o reads k per head.
-- QK (q -> k through the scores): CR decomposition (keep query/key channel pairs by the product
-  of their weighted norms). Not implemented here: with rotary embeddings the kept channels must
-  be whole rotary pairs with per-head frequency tables, and Gemma 3 normalizes q and k over the
-  full head width, which breaks the decomposition; see the issue note.
+- QK (q -> k through the scores): CR decomposition. Per key/value group, keep the query/key
+  channels with the largest product of correlation-weighted norms sqrt(w_q^T C w_q) *
+  sqrt(w_k^T C w_k) (summed over the group's query heads); with rotary embeddings a channel and
+  its rotary partner are kept or dropped together, and the kept channels' frequencies travel in
+  a per-layer index. Skipped on architectures that normalize q and k over the whole head width
+  (Gemma 3's q_norm/k_norm): dropping channels changes that norm, so the decomposition does not
+  hold there; those models compress MLP and V/O only.
 
 Sparsity is the fraction of decoder-block parameters removed. Per-layer allocation ('global')
 follows the paper: layer l gets sparsity L * s * softmax(-importance_l / temperature), with
@@ -97,6 +100,28 @@ def svd_vo(v: nn.Linear, o: nn.Linear, corr: torch.Tensor, heads: int, kv_heads:
     set_linear(o, torch.cat(new_o, dim=1).to(o.weight.dtype), o.bias)
 
 
+@torch.no_grad()
+def cr_qk(q: nn.Linear, k: nn.Linear, corr: torch.Tensor, heads: int, kv_heads: int, head_dim: int,
+          keep: int) -> torch.Tensor:
+    """Keep `keep` query/key channels (whole rotary pairs) per key/value group; returns the kept
+    channel indices [kv_heads, keep] (first halves, then their partners)."""
+    rep, half = heads // kv_heads, head_dim // 2
+    c = corr.double()
+    wq = q.weight.double().view(heads, head_dim, -1)
+    wk = k.weight.double().view(kv_heads, head_dim, -1)
+    norm = lambda w: ((w @ c) * w).sum(-1).clamp_min(0).sqrt()  # noqa: E731  sqrt(w^T C w) per row
+    qn, kn = norm(wq).view(kv_heads, rep, head_dim), norm(wk)
+    score = (qn * kn[:, None]).sum(1)  # [kv, hd]
+    pair = score[:, :half] + score[:, half:]
+    first = torch.argsort(pair, dim=1, descending=True)[:, :keep // 2].sort(dim=1).values
+    index = torch.cat([first, first + half], dim=1)  # [kv, keep]
+    new_q = torch.stack([wq[h][index[h // rep]] for h in range(heads)]).reshape(heads * keep, -1)
+    new_k = torch.stack([wk[g][index[g]] for g in range(kv_heads)]).reshape(kv_heads * keep, -1)
+    set_linear(q, new_q.to(q.weight.dtype))
+    set_linear(k, new_k.to(k.weight.dtype))
+    return index
+
+
 @METHODS.register("modegpt")
 class MoDeGPT(Method):
     name = "modegpt"
@@ -121,7 +146,8 @@ class MoDeGPT(Method):
         mlp = 3 * s["hidden"] * s["inter"]
         vo = s["kv"] * s["hd"] * s["hidden"] + s["heads"] * s["hd"] * s["hidden"]
         qk = s["heads"] * s["hd"] * s["hidden"] + s["kv"] * s["hd"] * s["hidden"]
-        compressible = mlp + (vo if self.config.modules == "all" else 0)
+        compressible = mlp + ((vo + (qk if self._qk_supported(model, adapter) else 0))
+                              if self.config.modules == "all" else 0)
         share = compressible / (mlp + vo + qk)
         module = self.config.sparsity / share
         if module >= self.config.max_layer_sparsity:
@@ -130,6 +156,11 @@ class MoDeGPT(Method):
                 f"modules ({'MLP' if self.config.modules == 'mlp' else 'MLP, V and O'}), leaving too little width",
                 f"lower --sparsity below {share * self.config.max_layer_sparsity:.2f}")
         return module
+
+    @staticmethod
+    def _qk_supported(model: nn.Module, adapter: Adapter) -> bool:
+        attention = adapter.blocks(model)[0].get_submodule(adapter.layout.attention)
+        return not hasattr(attention, "q_norm") and getattr(attention, "q_proj").bias is None
 
     def allocate(self, importance: list[float], target: float) -> list[float]:
         c = self.config
@@ -159,6 +190,7 @@ class MoDeGPT(Method):
         if c.allocation == "global":
             importance = self._importance(blocks, hidden, block_kwargs, run, progress)
         alloc = self.allocate(importance, target)
+        qk = c.modules == "all" and self._qk_supported(model, adapter)
         layers = []
         with (progress.task("modegpt: blocks", total=len(blocks)) if progress else _null()) as bar:
             for index, layer in enumerate(blocks):
@@ -182,8 +214,19 @@ class MoDeGPT(Method):
                         "attn_shortcut": False, "mlp_shortcut": False, "intermediate": inter}
                 if c.modules == "all":
                     vdim = _kept(shapes["hd"], alloc[index], 1, "value head")
-                    svd_vo(v, o, cov_attn.sum / cov_attn.tokens, shapes["heads"], shapes["kv"], shapes["hd"], vdim)
-                    make_reduced_attention(layer.get_submodule(layout.attention), None, vdim)
+                    corr = cov_attn.sum / cov_attn.tokens
+                    svd_vo(v, o, corr, shapes["heads"], shapes["kv"], shapes["hd"], vdim)
+                    qkdim, qk_index = None, None
+                    if qk:
+                        qkdim = 2 * _kept(shapes["hd"] // 2, alloc[index], 1, "query/key head")
+                        qk_index = cr_qk(layer.get_submodule(layout.attn_inputs[0]),
+                                         layer.get_submodule(layout.attn_inputs[1]), corr, shapes["heads"],
+                                         shapes["kv"], shapes["hd"], qkdim)
+                        dims["qk_head_dim"] = qkdim
+                    attention = make_reduced_attention(layer.get_submodule(layout.attention), qkdim, vdim,
+                                                       shapes["kv"])
+                    if qk_index is not None:
+                        attention.qk_index = qk_index
                     dims["v_head_dim"] = vdim
                 del cov_mlp, cov_attn
                 layers.append(dims)
