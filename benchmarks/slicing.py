@@ -79,12 +79,19 @@ def latency_ms(model, seq: int = 512, repeats: int = 5) -> float:
     return 1000 * statistics.median(times)
 
 
-def prune_row(model: str, method: str, sparsity: float, work: Path, samples: int) -> dict:
+def prune_row(model: str, method: str, sparsity: float, work: Path, samples: int, reuse: bool = False) -> dict:
     out = work / f"{model}-{method}-{sparsity}"
     args = ["prune", model, "-o", str(out), "--sparsity", str(sparsity), "--samples", str(samples), "--overwrite",
             *METHODS[method]]
-    with bench_lock():
-        result = compress_json(*args)
+    if reuse and (out / "manifest.json").is_file():  # an artifact of an interrupted run of this benchmark
+        manifest = json.loads((out / "manifest.json").read_text())
+        build = json.loads((out / "build.json").read_text())
+        result = {**manifest["metrics"], "model_type": json.loads((out / "config.json").read_text())["model_type"],
+                  "wall_s": build["wall_s"], "slice_s": build.get("slice_s"), "process_wall_s": None,
+                  "peak_rss_mb": build.get("peak_rss_mb")}
+    else:
+        with bench_lock():
+            result = compress_json(*args)
     name = {"modegpt-mlp": "modegpt", "slicegpt-keep": "slicegpt"}.get(method, method)
     config = {"sparsity": sparsity, "calib_samples": samples}
     if method == "slicegpt-keep":
@@ -266,6 +273,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--peer", action="store_true", help="also run the reference implementation at 0.25")
+    parser.add_argument("--reuse", action="store_true", help="reuse artifacts already in --work (no new timing)")
     parser.add_argument("--append", action="store_true", help="keep rows of earlier runs not measured now")
     parser.add_argument("--work", default=None)
     parser.add_argument("--report-only", action="store_true", help="regenerate reports/slicing.md from the JSON")
@@ -284,7 +292,7 @@ def main() -> None:
     key = lambda r: (r["model"], r["method"], json.dumps(r["config"], sort_keys=True))  # noqa: E731
     rows: list[dict] = []
     for model in args.models.split(","):
-        pruned = [prune_row(model, m, float(s), work, args.samples)
+        pruned = [prune_row(model, m, float(s), work, args.samples, args.reuse)
                   for s in args.sparsities.split(",") for m in args.methods.split(",")]
         q = quality(model, pruned, args.windows)
         rows += [q["base"], *pruned]

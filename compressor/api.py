@@ -345,6 +345,7 @@ def prune(model: str, method: str, out: str | Path, sparsity: float, options: di
         generation_config=getattr(loaded.model, "generation_config", None), kind="pruned",
         source={"ref": loaded.name, "sha256": loaded.source_hash}, method=pruner.describe(),
         calibration=tokens.describe() | {"seed": seed}, metrics=metrics, overwrite=overwrite,
-        build={"wall_s": time.perf_counter() - started, "device": device, "spec": spec})
+        build={"wall_s": time.perf_counter() - started, "slice_s": slice_s, "peak_rss_mb": peak_rss_mb(),
+               "device": device, "spec": spec})
     return {"output": str(out), "method": pruner.describe(), **metrics, "model_type": config["model_type"],
             "slice_s": slice_s, "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
