@@ -108,6 +108,9 @@ def prune_row(model: str, method: str, sparsity: float, work: Path, samples: int
             "peak_rss_mb": result["peak_rss_mb"]}
 
 
+LATENCY_REPEATS = 5
+
+
 def quality(model: str, rows: list[dict], windows: int) -> dict:
     """Perplexity and KL of the artifacts (one base forward per batch), latency and FLOPs."""
     from compressor import api
@@ -119,7 +122,7 @@ def quality(model: str, rows: list[dict], windows: int) -> dict:
     tokens = evaluation_set("wiki", base.tokenizer, windows, 512)
     base_flops = forward_flops(base.model, 512)
     with bench_lock():
-        base_ms = latency_ms(base.model)
+        base_ms = latency_ms(base.model, repeats=LATENCY_REPEATS)
     results = {}
     # A few candidates per pass share one base forward per batch; a large vocabulary (Gemma's
     # 262k) makes the logits the memory peak, so fewer candidates and windows per pass there.
@@ -133,7 +136,7 @@ def quality(model: str, rows: list[dict], windows: int) -> dict:
             m = models[row["artifact"]]
             flops = forward_flops(m, 512)
             with bench_lock():
-                ms = latency_ms(m)
+                ms = latency_ms(m, repeats=LATENCY_REPEATS)
             r = results[row["artifact"]]
             row.update(ppl=r["ppl"], kl=r["kl"], eval_windows=windows, latency_ms=ms, dense_latency_ms=base_ms,
                        latency_ratio=ms / base_ms, flops_ratio=flops / base_flops)
@@ -274,6 +277,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--peer", action="store_true", help="also run the reference implementation at 0.25")
+    parser.add_argument("--latency-repeats", type=int, default=5)
     parser.add_argument("--reuse", action="store_true", help="reuse artifacts already in --work (no new timing)")
     parser.add_argument("--append", action="store_true", help="keep rows of earlier runs not measured now")
     parser.add_argument("--work", default=None)
@@ -283,6 +287,8 @@ def main() -> None:
         print(write_report(json.loads((RESULTS / "slicing.json").read_text())))
         return
     torch.set_num_threads(2)
+    global LATENCY_REPEATS
+    LATENCY_REPEATS = args.latency_repeats
     work = Path(args.work or tempfile.mkdtemp(prefix="slicing-bench-"))
     path = RESULTS / "slicing.json"
     protocol = {"eval_windows": "per row (eval_windows; 64 unless the machine was too busy)", "window": 512, "calib_len": 512,
