@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import resource
@@ -86,7 +87,7 @@ def load(ref: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool
 
 # ---------------------------------------------------------------- quantize
 
-def make_method(name: str, options: dict[str, Any]) -> Method:
+def make_method(name: str, options: dict[str, Any], command: str = "quantize") -> Method:
     cls = METHODS.get(name)
     try:
         return cls.from_options(**{k: v for k, v in options.items() if v is not None})
@@ -94,7 +95,7 @@ def make_method(name: str, options: dict[str, Any]) -> Method:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"])
         raise CompressorError(f"invalid {name} setting {field}: {err['msg']} (got {err.get('input')!r})",
-                              "see `compress quantize --help` for valid values") from None
+                              f"see `compress {command} --help` for valid values") from None
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -328,7 +329,8 @@ def inspect(ref: str) -> dict:
     manifest = read_manifest(path) if (path / "manifest.json").exists() else {}
     qconfig = config.get("quantization_config")
     try:
-        adapter = type(adapter_for_config(SimpleNamespace(model_type=config.get("model_type")))).__name__
+        adapter = type(adapter_for_config(SimpleNamespace(model_type=config.get("model_type"),
+                                                           base_model_type=config.get("base_model_type")))).__name__
     except CompressorError:
         adapter = None
     return {
@@ -388,3 +390,62 @@ def unpack(packed_dir: str | Path, out: str | Path, *, overwrite: bool = False) 
     from compressor.methods.lossless import native
 
     return {**packed.unpack(Path(packed_dir), Path(out), overwrite=overwrite), "codec": native.status()}
+
+
+# ---------------------------------------------------------------- prune
+
+PRUNE_METHODS = ("slicegpt", "modegpt")
+
+
+def prune(model: str, method: str, out: str | Path, sparsity: float, options: dict[str, Any] | None = None, *,
+          calib: str = "wiki", samples: int = 128, seq_len: int = 512, seed: int = 0, text_field: str = "text",
+          chat_template: bool = False, device: str = "cpu", batch_size: int = 8, overwrite: bool = False,
+          allow_pickle: bool = False, progress: Progress | None = None) -> dict:
+    """Structurally prune a model (SliceGPT, MoDeGPT) and write an artifact transformers loads."""
+    from compressor.formats import sliced as sliced_format
+    from compressor.methods import prune as _prune_methods  # noqa: F401  (registers)
+    from compressor.pipeline.structured import run_structured
+
+    progress = progress or Progress()
+    started = time.perf_counter()
+    out = Path(out)
+    if method not in PRUNE_METHODS:
+        raise CompressorError(f"unknown pruning method {method!r}", f"choose one of: {', '.join(PRUNE_METHODS)}")
+    if not 0.0 < sparsity < 1.0:
+        raise CompressorError(f"sparsity must be in (0, 1), got {sparsity}", "pass e.g. --sparsity 0.25")
+    if batch_size < 1:
+        raise CompressorError(f"batch size must be at least 1 (got {batch_size})", "raise --batch-size")
+    pruner = make_method(method, {"sparsity": sparsity, **(options or {})}, "prune")
+    artifacts.check_output(out, overwrite)
+    loaded = load(model, allow_pickle=allow_pickle, progress=progress)
+    if out.resolve() == loaded.path.resolve() or loaded.path.resolve() in out.resolve().parents:
+        raise CompressorError(f"output {out} would overwrite the source model {loaded.path}",
+                              "write the artifact to another -o path")
+    if getattr(loaded.model.config, "base_model_type", None):
+        raise CompressorError(f"{model} is already a sliced artifact", "prune the original checkpoint instead")
+    pruner.check(loaded.model, loaded.adapter)
+    original_config = copy.deepcopy(loaded.model.config)
+    params_before = count_parameters(loaded.model)
+    tokens = calibration_set(calib, loaded.tokenizer, samples, seq_len, seed, text_field, chat_template,
+                             progress.log)
+    hidden = loaded.adapter.text_config(loaded.model.config).hidden_size
+    if tokens.samples * tokens.seq_len < hidden:
+        raise CompressorError(
+            f"calibration has {tokens.samples * tokens.seq_len} tokens; a stable PCA of the {hidden}-wide residual "
+            f"stream needs at least {hidden}", "raise --samples or --seq-len")
+    spec = run_structured(loaded.model, loaded.adapter, pruner, tokens, device=device, batch_size=batch_size,
+                          progress=progress)
+    slice_s = time.perf_counter() - started
+    params = count_parameters(loaded.model)
+    config, tensors = sliced_format.export(loaded.model, loaded.adapter, spec, original_config, loaded.stored_dtype)
+    metrics = {"params": params, "params_before": params_before, "param_reduction": 1 - params / params_before,
+               "ordinary_config": config.get("model_type") == original_config.model_type}
+    artifacts.write_artifact(
+        out, config=config, tensors=tensors, tokenizer=loaded.tokenizer,
+        generation_config=getattr(loaded.model, "generation_config", None), kind="pruned",
+        source={"ref": loaded.name, "sha256": loaded.source_hash}, method=pruner.describe(),
+        calibration=tokens.describe() | {"seed": seed}, metrics=metrics, overwrite=overwrite,
+        build={"wall_s": time.perf_counter() - started, "slice_s": slice_s, "peak_rss_mb": peak_rss_mb(),
+               "device": device, "spec": spec})
+    return {"output": str(out), "method": pruner.describe(), **metrics, "model_type": config["model_type"],
+            "slice_s": slice_s, "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}

@@ -236,6 +236,54 @@ def eval_cmd(
     _run(action, lambda r: _kv_table(f"evaluation of {model}", r), json_out)
 
 
+# ---------------------------------------------------------------- prune
+
+@app.command()
+def prune(
+    model: str = typer.Argument(..., help="HF model directory, .gguf file or reference name (smollm2-135m)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
+    method: str = typer.Option("slicegpt", "--method", "-m", help="slicegpt or modegpt."),
+    sparsity: float = typer.Option(0.25, "--sparsity", help="Fraction to remove, in (0, 1)."),
+    rotation: Optional[str] = typer.Option(None, "--rotation",
+                                           help="slicegpt: per-block (shortcuts) or global (ordinary config)."),
+    schedule: Optional[str] = typer.Option(None, "--schedule",
+                                           help="slicegpt per-block: comma-separated sparsity per block."),
+    embeddings: Optional[str] = typer.Option(None, "--embeddings",
+                                             help="slicegpt per-block: slice (reference) or keep (tied, unrotated)."),
+    modules: Optional[str] = typer.Option(None, "--modules", help="modegpt: all or mlp (ordinary config)."),
+    allocation: Optional[str] = typer.Option(None, "--allocation", help="modegpt: uniform or global (per-layer)."),
+    calib: str = typer.Option("wiki", "--calib", help="Calibration data: file, saved dataset or 'wiki'."),
+    samples: int = typer.Option(128, "--samples", help="Calibration samples."),
+    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration sample."),
+    seed: int = typer.Option(0, "--seed", help="Seed for choosing calibration samples."),
+    text_field: str = typer.Option("text", "--text-field", help="Text column of jsonl/parquet/dataset data."),
+    chat_template: bool = typer.Option(False, "--chat-template", help="Render calibration text as chats."),
+    device: str = typer.Option("cpu", "--device", help="Compute device for one block at a time."),
+    batch_size: int = typer.Option(8, "--batch-size", help="Calibration samples per forward pass."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (kept until done)."),
+    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) checkpoints."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Structured pruning (SliceGPT, MoDeGPT) into an artifact that transformers loads."""
+    from compressor import api
+
+    def action():
+        options: dict[str, Any] = {"rotation": rotation, "embeddings": embeddings, "modules": modules,
+                                   "allocation": allocation}
+        if schedule is not None:
+            try:
+                options["schedule"] = [float(x) for x in schedule.split(",")]
+            except ValueError:
+                raise CompressorError(f"--schedule must be comma-separated numbers, got {schedule!r}",
+                                      "e.g. --schedule 0.2,0.25,0.3") from None
+        return api.prune(model, method, output, sparsity, {k: v for k, v in options.items() if v is not None},
+                         calib=calib, samples=samples, seq_len=seq_len, seed=seed, text_field=text_field,
+                         chat_template=chat_template, device=device, batch_size=batch_size, overwrite=overwrite,
+                         allow_pickle=allow_pickle, progress=_progress())
+
+    _run(action, lambda r: _kv_table(f"wrote {r['output']}", r), json_out)
+
+
 # ---------------------------------------------------------------- inspect / verify
 
 @app.command()

@@ -44,6 +44,25 @@ class Shortcut:
     returns_tuple: bool = False  # attention modules return (output, attention weights)
 
 
+@dataclass(frozen=True)
+class BlockLayout:
+    """Where a pre-norm decoder block reads and writes its residual stream (names relative to
+    the block). Structured pruning needs it: slicing rotates every linear that reads or writes
+    the stream, and every norm that sits on it. `*_post_norm` name norms applied to a module's
+    output before the residual add (Gemma's sandwich norms); None where there are none."""
+
+    attn_norm: str
+    attn_inputs: tuple[str, ...]
+    attn_output: str
+    mlp_norm: str
+    mlp_inputs: tuple[str, ...]
+    mlp_output: str
+    attn_post_norm: str | None = None
+    mlp_post_norm: str | None = None
+    attention: str = "self_attn"
+    mlp: str = "mlp"
+
+
 class Adapter:
     """Base class. Subclasses declare the model types they handle and their block layout."""
 
@@ -52,6 +71,22 @@ class Adapter:
     shortcuts: ClassVar[tuple[Shortcut, ...]] = ()
     # RMSNorm flavour: Gemma scales by (1 + weight), Llama by weight. Smoothing needs it.
     norm_weight_offset: ClassVar[float] = 0.0
+    # Gemma multiplies token embeddings by sqrt(hidden_size); Llama does not.
+    embedding_scaled_by_hidden: ClassVar[bool] = False
+
+    @property
+    def layout(self) -> BlockLayout:
+        attn_in, attn_out, mlp_in, mlp_out = self.groups
+        return BlockLayout(attn_norm=attn_in.norm, attn_inputs=attn_in.linears, attn_output=attn_out.linears[0],
+                           mlp_norm=mlp_in.norm, mlp_inputs=mlp_in.linears, mlp_output=mlp_out.linears[0],
+                           attn_post_norm=self.post_norms[0], mlp_post_norm=self.post_norms[1])
+
+    # Norms on a module's output before the residual add: (after attention, after MLP).
+    post_norms: ClassVar[tuple[str | None, str | None]] = (None, None)
+
+    def text_config(self, config):
+        """The decoder's config (a multimodal config nests it as text_config)."""
+        return getattr(config, "text_config", None) or config
 
     def decoder(self, model: nn.Module) -> nn.Module:
         return model.model
@@ -125,6 +160,8 @@ class Gemma3Adapter(Adapter):
     )
     shortcuts = _ATTENTION_AND_MLP
     norm_weight_offset = 1.0
+    embedding_scaled_by_hidden = True
+    post_norms = ("post_attention_layernorm", "post_feedforward_layernorm")
 
     def decoder(self, model: nn.Module) -> nn.Module:
         # Gemma3ForConditionalGeneration nests the text decoder one level deeper.
@@ -145,7 +182,8 @@ def supported_model_types() -> list[str]:
 
 def adapter_for_config(config) -> Adapter:
     """The adapter for a transformers config, or a clear error listing what is supported."""
-    model_type = getattr(config, "model_type", None)
+    # Sliced artifacts (compressor.models.sliced) are their base architecture, resized.
+    model_type = getattr(config, "base_model_type", None) or getattr(config, "model_type", None)
     text_config = getattr(config, "text_config", None)
     for _, cls in ADAPTERS.items():
         if model_type in cls.model_types:

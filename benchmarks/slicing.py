@@ -1,0 +1,323 @@
+"""Slicing benchmark: SliceGPT (per-block and global rotation) and MoDeGPT against the dense
+model, on the reference model and gemma3-270m: parameters, perplexity, KL, wall time and peak
+RSS of `compress prune`, CPU forward latency against the FLOPs removed; and SliceGPT's
+reference implementation on the same model, calibration tokens and protocol when it can run.
+
+    flock /tmp/compressor-bench.lock ... is taken by this script around every timed part.
+    python benchmarks/slicing.py --models smollm2-135m --methods slicegpt,modegpt --sparsities 0.25 [--append]
+
+The reference implementation needs transformers 4.41: set SLICEGPT_PYTHON (a venv's python with
+transformers==4.41 and ml-collections) and SLICEGPT_SRC (TransformerCompression's src/ folder);
+otherwise its rows are skipped with the reason printed. Writes benchmarks/results/slicing.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, compress_json, machine, print_table, write_results  # noqa: E402
+
+LOCK = "/tmp/compressor-bench.lock"
+METHODS = {  # row method name -> compress prune options
+    "slicegpt": ["--method", "slicegpt", "--rotation", "per-block"],
+    "slicegpt-global": ["--method", "slicegpt", "--rotation", "global"],
+    "slicegpt-keep": ["--method", "slicegpt", "--rotation", "per-block", "--embeddings", "keep"],
+    "modegpt": ["--method", "modegpt"],
+    "modegpt-mlp": ["--method", "modegpt", "--modules", "mlp", "--allocation", "uniform"],
+}
+
+
+@contextmanager
+def bench_lock():
+    """The shared benchmark lock (flock), so timings are not polluted by other benchmarks."""
+    with open(LOCK, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def forward_flops(model, seq: int) -> float:
+    """Forward FLOPs per token at context `seq`: 2 x every linear's weights (blocks, shortcuts,
+    head) plus causal attention (scores and mix, average context seq/2)."""
+    from compressor.models.adapters import adapter_for
+
+    adapter = adapter_for(model)
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    attn = 0
+    for block in adapter.blocks(model):
+        a = block.self_attn
+        heads = a.q_proj.out_features // a.head_dim
+        attn += 2 * (seq / 2) * heads * (a.head_dim + getattr(a, "v_head_dim", a.head_dim))
+    return 2 * linear + attn
+
+
+@torch.no_grad()
+def latency_ms(model, seq: int = 512, repeats: int = 5) -> float:
+    """Median wall time of one forward pass over a batch of one `seq`-token sequence."""
+    ids = torch.randint(10, 1000, (1, seq), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, use_cache=False)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        times.append(time.perf_counter() - t0)
+    return 1000 * statistics.median(times)
+
+
+def prune_row(model: str, method: str, sparsity: float, work: Path, samples: int, reuse: bool = False) -> dict:
+    out = work / f"{model}-{method}-{sparsity}"
+    args = ["prune", model, "-o", str(out), "--sparsity", str(sparsity), "--samples", str(samples), "--overwrite",
+            *METHODS[method]]
+    if reuse and (out / "manifest.json").is_file():  # an artifact of an interrupted run of this benchmark
+        manifest = json.loads((out / "manifest.json").read_text())
+        build = json.loads((out / "build.json").read_text())
+        result = {**manifest["metrics"], "model_type": json.loads((out / "config.json").read_text())["model_type"],
+                  "wall_s": build["wall_s"], "slice_s": build.get("slice_s"), "process_wall_s": None,
+                  "peak_rss_mb": build.get("peak_rss_mb")}
+    else:
+        with bench_lock():
+            result = compress_json(*args)
+    name = {"modegpt-mlp": "modegpt", "slicegpt-keep": "slicegpt"}.get(method, method)
+    config = {"sparsity": sparsity, "calib_samples": samples}
+    if method == "slicegpt-keep":
+        config["embeddings"] = "keep"
+    if method == "modegpt-mlp":
+        config.update(modules="mlp", allocation="uniform")
+    elif method == "modegpt":
+        config.update(modules="all", allocation="global")
+    return {"model": model, "method": name, "config": config, "artifact": str(out),
+            "params": result["params"], "param_reduction": round(result["param_reduction"], 4),
+            "ordinary_config": result["ordinary_config"], "model_type": result["model_type"],
+            "size_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
+            "wall_s": result["wall_s"], "slice_s": result["slice_s"], "process_wall_s": result["process_wall_s"],
+            "peak_rss_mb": result["peak_rss_mb"]}
+
+
+LATENCY_REPEATS = 5
+
+
+def quality(model: str, rows: list[dict], windows: int) -> dict:
+    """Perplexity and KL of the artifacts (one base forward per batch), latency and FLOPs."""
+    from compressor import api
+    from compressor.calib.data import evaluation_set
+    from compressor.evaluation.perplexity import evaluate_models
+    from compressor.models.adapters import count_parameters
+
+    base = api.load(model)
+    tokens = evaluation_set("wiki", base.tokenizer, windows, 512)
+    base_flops = forward_flops(base.model, 512)
+    with bench_lock():
+        base_ms = latency_ms(base.model, repeats=LATENCY_REPEATS)
+    results = {}
+    # A few candidates per pass share one base forward per batch; a large vocabulary (Gemma's
+    # 262k) makes the logits the memory peak, so fewer candidates and windows per pass there.
+    big = base.model.config.vocab_size > 100_000
+    per_pass, batch = (2, 1) if big else (3, 4)
+    for start in range(0, len(rows), per_pass):
+        chunk = rows[start:start + per_pass]
+        models = {row["artifact"]: api.load(row["artifact"]).model for row in chunk}
+        results = evaluate_models(models, tokens, base.model, batch_size=batch)
+        for row in chunk:
+            m = models[row["artifact"]]
+            flops = forward_flops(m, 512)
+            with bench_lock():
+                ms = latency_ms(m, repeats=LATENCY_REPEATS)
+            r = results[row["artifact"]]
+            row.update(ppl=r["ppl"], kl=r["kl"], eval_windows=windows, latency_ms=ms, dense_latency_ms=base_ms,
+                       latency_ratio=ms / base_ms, flops_ratio=flops / base_flops)
+            removed = 1 - row["flops_ratio"]
+            row["latency_vs_ideal"] = (1 - row["latency_ratio"]) / removed if removed > 0 else None
+        del models
+    base_row = {"model": model, "method": "fp32", "config": {}, "params": count_parameters(base.model),
+                "size_bytes": sum(f.stat().st_size for f in base.path.glob("*.safetensors")),
+                "ppl": results["base"]["ppl"] if rows else None, "kl": 0.0, "wall_s": 0.0, "peak_rss_mb": 0.0,
+                "latency_ms": base_ms, "latency_ratio": 1.0, "flops_ratio": 1.0, "eval_windows": windows}
+    if not rows:
+        base_row["ppl"] = evaluate_models({}, tokens, base.model, batch_size=batch)["base"]["ppl"]
+    return {"base": base_row, "tokens": tokens}
+
+
+def peer_row(model: str, sparsity: float, samples: int, windows: int, work: Path) -> dict | None:
+    python, src = os.environ.get("SLICEGPT_PYTHON"), os.environ.get("SLICEGPT_SRC")
+    if model != "smollm2-135m":
+        print(f"peer:slicegpt skipped on {model}: the reference implementation has no Gemma 3 adapter")
+        return None
+    if not (python and src and Path(python).exists() and Path(src, "slicegpt").is_dir()):
+        print("peer:slicegpt skipped: set SLICEGPT_PYTHON and SLICEGPT_SRC (see this file's docstring)")
+        return None
+    from compressor.calib.data import calibration_set, evaluation_set
+    from compressor.models.loading import load_tokenizer, resolve_model_path
+
+    src_dir = resolve_model_path(model)
+    v4 = work / f"{model}-transformers4"
+    v4.mkdir(parents=True, exist_ok=True)
+    config = json.loads((src_dir / "config.json").read_text())
+    rope = config.pop("rope_parameters", None) or {}
+    config["rope_theta"] = rope.get("rope_theta", config.get("rope_theta", 10000.0))
+    config["torch_dtype"] = config.pop("dtype", "float32")
+    (v4 / "config.json").write_text(json.dumps(config, indent=2))
+    if not (v4 / "model.safetensors").exists():
+        os.symlink(src_dir / "model.safetensors", v4 / "model.safetensors")
+    tok = load_tokenizer(src_dir)
+    torch.save(calibration_set("wiki", tok, samples, 512, 0).input_ids, work / "calib.pt")
+    torch.save(evaluation_set("wiki", tok, windows, 512).input_ids, work / "eval.pt")
+    args = {"src": src, "model_dir": str(v4), "calib": str(work / "calib.pt"), "eval": str(work / "eval.pt"),
+            "sparsity": sparsity, "out": str(work / "peer.json")}
+    (work / "peer-args.json").write_text(json.dumps(args))
+    with bench_lock():
+        subprocess.run([python, str(Path(__file__).with_name("peer_slicegpt.py")), str(work / "peer-args.json")],
+                       check=True, stderr=subprocess.DEVNULL)
+    r = json.loads((work / "peer.json").read_text())
+    return {"model": model, "method": "peer:slicegpt:slice", "config": {"sparsity": sparsity, "calib_samples": samples},
+            "params": r["params"], "ppl": r["ppl"], "kl": r["kl"], "wall_s": r["wall_s"],
+            "peak_rss_mb": r["peak_rss_mb"], "note": "TransformerCompression @6b12cde, transformers 4.41, CPU; "
+            "wall_s covers loading, fusion and rotate_and_slice"}
+
+
+REPORT = Path(__file__).resolve().parents[1] / "reports" / "slicing.md"
+
+
+def _f(v, fmt="{:.3f}"):
+    return "-" if v is None else fmt.format(v)
+
+
+def write_report(data: dict) -> Path:
+    rows = data["rows"]
+    lines = [
+        "# Structured slicing: SliceGPT and MoDeGPT",
+        "",
+        f"Generated by `python benchmarks/slicing.py` (last run {data['date']}, {data['machine']}). Perplexity: "
+        "`windows` x 512 held-out wiki tokens (per row), no BOS; KL(base || model) per token "
+        "on the same tokens. Calibration: wiki, 512-token windows, seed 0, samples per row. Timings under the "
+        "shared benchmark lock; the machine is shared by three agents, so absolute times are noisy.",
+        "",
+        "Columns: `params` counts every stored weight (shortcut matrices and norm scales included); `ordinary` = the "
+        "artifact is the original architecture with smaller widths (loads in plain transformers without compressor), "
+        "otherwise the registered `compressor_sliced` class; `lat` = CPU forward latency of one 512-token sequence "
+        "relative to the dense model; `flops` = forward FLOPs relative to dense; `lat/ideal` = latency reduction over "
+        "FLOPs reduction (target >= 0.8).",
+        "",
+    ]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        mrows = [r for r in rows if r["model"] == model]
+        base = next((r for r in mrows if r["method"] == "fp32"), None)
+        lines += [f"## {model}", "",
+                  "| method | sparsity | calib | windows | params (M) | param reduction | ordinary | ppl | dppl % | KL "
+                  "| prune s | peak RSS MB | lat | flops | lat/ideal |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        order = {"fp32": 0, "slicegpt": 1, "peer:slicegpt:slice": 2, "slicegpt-global": 3, "modegpt": 4}
+        for r in sorted(mrows, key=lambda r: (order.get(r["method"], 9), r["config"].get("modules", ""),
+                                              r["config"].get("sparsity", 0))):
+            c = r["config"]
+            method = r["method"] + (f" ({c['modules']}, {c['allocation']})" if "modules" in c else "")
+            method += " (embeddings kept)" if c.get("embeddings") == "keep" else ""
+            dppl = 100 * (r["ppl"] / base["ppl"] - 1) if base and r.get("ppl") else None
+            lines.append(
+                f"| {method} | {c.get('sparsity', '-')} | {c.get('calib_samples', '-')} | {r.get('eval_windows', 64)} "
+                f"| {r['params'] / 1e6:.2f} "
+                f"| {_f(r.get('param_reduction'), '{:.1%}')} | {'yes' if r.get('ordinary_config') else '-'} "
+                f"| {_f(r.get('ppl'))} | {_f(dppl, '{:.1f}')} | {_f(r.get('kl'), '{:.4f}')} "
+                f"| {_f(r.get('wall_s'), '{:.0f}')} | {_f(r.get('peak_rss_mb'), '{:.0f}')} "
+                f"| {_f(r.get('latency_ratio'))} | {_f(r.get('flops_ratio'))} | {_f(r.get('latency_vs_ideal'), '{:.2f}')} |")
+        lines.append("")
+    lines += targets(rows)
+    REPORT.parent.mkdir(exist_ok=True)
+    REPORT.write_text("\n".join(lines) + "\n")
+    return REPORT
+
+
+def targets(rows: list[dict]) -> list[str]:
+    out = ["## Targets", ""]
+    for model in dict.fromkeys(r["model"] for r in rows):
+        pick = lambda method, **kw: next((r for r in rows if r["model"] == model and r["method"] == method  # noqa
+                                          and all(r["config"].get(k) == v for k, v in kw.items())), None)
+        base, peer = pick("fp32"), pick("peer:slicegpt:slice", sparsity=0.25)
+        ours = next((r for r in rows if r["model"] == model and r["method"] == "slicegpt"
+                     and r["config"].get("sparsity") == 0.25 and "embeddings" not in r["config"]), None)
+        mode = pick("modegpt", sparsity=0.25, modules="all")
+        if ours and peer and peer["config"].get("calib_samples") == ours["config"].get("calib_samples"):
+            diff = 100 * (ours["ppl"] / peer["ppl"] - 1)
+            out.append(f"- {model}: SliceGPT 25% ppl {ours['ppl']:.3f} vs reference implementation "
+                       f"{peer['ppl']:.3f} on the same model, calibration tokens and protocol: {diff:+.2f}% "
+                       f"({'met' if abs(diff) <= 1 else 'missed'}, target within +-1%).")
+        if base and ours and mode:
+            d_s, d_m = ours["ppl"] - base["ppl"], mode["ppl"] - base["ppl"]
+            out.append(f"- {model}: MoDeGPT at 25% of block parameters (whole-model reduction "
+                       f"{mode['param_reduction']:.1%}) raises ppl by {d_m:.2f}, SliceGPT 25% by {d_s:.2f}: ratio "
+                       f"{d_m / d_s:.2f} ({'met' if d_m <= 0.7 * d_s else 'missed'}, target <= 0.70).")
+        for r in (ours, pick("slicegpt-global", sparsity=0.25), mode):
+            if r:
+                out.append(f"- {model}: {r['method']} 25% prune wall time {r['wall_s']:.0f} s with "
+                           f"{r['config'].get('calib_samples')} calibration samples "
+                           f"({'met' if r['wall_s'] < 300 else 'missed'}, target < 300 s); latency reduction / "
+                           f"FLOPs reduction {_f(r.get('latency_vs_ideal'), '{:.2f}')} (target >= 0.8).")
+    return out + [""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--models", default="smollm2-135m,gemma3-270m")
+    parser.add_argument("--methods", default="slicegpt,slicegpt-global,modegpt")
+    parser.add_argument("--sparsities", default="0.1,0.2,0.25,0.3")
+    parser.add_argument("--samples", type=int, default=128)
+    parser.add_argument("--windows", type=int, default=64)
+    parser.add_argument("--peer", action="store_true", help="also run the reference implementation at 0.25")
+    parser.add_argument("--latency-repeats", type=int, default=5)
+    parser.add_argument("--reuse", action="store_true", help="reuse artifacts already in --work (no new timing)")
+    parser.add_argument("--append", action="store_true", help="keep rows of earlier runs not measured now")
+    parser.add_argument("--work", default=None)
+    parser.add_argument("--report-only", action="store_true", help="regenerate reports/slicing.md from the JSON")
+    args = parser.parse_args()
+    if args.report_only:
+        print(write_report(json.loads((RESULTS / "slicing.json").read_text())))
+        return
+    torch.set_num_threads(2)
+    global LATENCY_REPEATS
+    LATENCY_REPEATS = args.latency_repeats
+    work = Path(args.work or tempfile.mkdtemp(prefix="slicing-bench-"))
+    path = RESULTS / "slicing.json"
+    protocol = {"eval_windows": "per row (eval_windows; 64 unless the machine was too busy)", "window": 512, "calib_len": 512,
+                "calib_samples": "per row (config.calib_samples)", "seed": 0,
+                "timing": "wall time and peak RSS of whole `compress prune` processes under the shared benchmark "
+                          "lock; latency: median of 5 forwards of one 512-token sequence, 2 threads",
+                "flops": "2 x linear weights (incl. head, shortcuts) + causal attention at 512 tokens"}
+    key = lambda r: (r["model"], r["method"], json.dumps(r["config"], sort_keys=True))  # noqa: E731
+    rows: list[dict] = []
+    for model in args.models.split(","):
+        pruned = [prune_row(model, m, float(s), work, args.samples, args.reuse)
+                  for s in args.sparsities.split(",") for m in args.methods.split(",")]
+        q = quality(model, pruned, args.windows)
+        rows += [q["base"], *pruned]
+        if args.peer:
+            peer = peer_row(model, 0.25, args.samples, args.windows, work)
+            if peer:
+                rows.append(peer)
+        for r in rows:
+            r.pop("artifact", None)
+        fresh = {key(r) for r in rows}
+        old = json.loads(path.read_text())["rows"] if args.append and path.exists() else []  # read now: runs overlap
+        merged = [r for r in old if key(r) not in fresh] + rows  # written after each model: partial runs count
+        written = write_results("slicing", merged, protocol, {"machine": f"shared {machine()} (three agents at once)"})
+        write_report(json.loads(written.read_text()))
+    rows = merged
+    print_table(rows, ["model", "method", "sparsity", "params", "ppl", "kl", "wall_s", "peak_rss_mb", "latency_ratio",
+                       "flops_ratio"], "slicing")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,439 @@
+"""SliceGPT (Ashkboos et al., 2024): delete rows and columns of every weight matrix after
+rotating the residual stream into the principal-component basis of its calibration signals.
+
+Computational invariance: with RMSNorm scales fused into the linears that read the norm, an
+orthogonal Q commutes with the norm (|xQ| = |x|), so rotating every write to the residual
+stream by Q and every read by Q^T leaves the function unchanged. Slicing keeps the leading
+d columns of Q (the directions with most signal energy).
+
+Two variants:
+- per-block: every residual point (embedding output, between attention and MLP, block output)
+  gets its own basis from the PCA of the sliced model's own signals, computed block after block;
+  residual connections between two bases carry a shortcut matrix Q_a^T Q_b.
+- global: one basis for the whole stream (PCA of the trace-normalized sum of all residual
+  points' covariances); no shortcuts, so the result is the original architecture with a smaller
+  hidden size.
+
+Where invariance does not hold: Gemma 3 normalizes attention and MLP outputs (post-norms with
+per-channel scales) before the residual add. Those norms compute their RMS over the module's
+full, unrotated output and then scale per channel, which no rotation commutes with. We fold the
+scale and the rotation into the module's output matrix and refit the norm as a per-channel scale
+in the new basis by least squares on the calibration tokens (output direction exact, per-token
+magnitude approximated). This is an approximation SliceGPT's paper does not cover; the
+benchmark reports what it costs.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from compressor.errors import CompressorError
+from compressor.methods.base import METHODS, Method, MethodConfig
+from compressor.models.adapters import Adapter
+from compressor.models.sliced import make_sliced_layer, rms_scale, set_embedding, set_linear, set_norm, shortcut
+from compressor.util import release_memory
+
+# The pipeline hands the method a way to run one block over the calibration inputs
+# (pipeline.structured.BlockRunner): run(block, hidden, kwargs, stop=None) -> outputs, and
+# run.map(block, fn, *inputs) -> fn applied batch by batch on the compute device.
+BlockRunner = Any
+
+
+class SliceGPTConfig(MethodConfig):
+    sparsity: float = Field(0.25, description="Fraction of the residual width to delete.")
+    rotation: Literal["per-block", "global"] = "per-block"
+    # Per-layer sparsities (one per decoder block) instead of one constant; per-block rotation only.
+    schedule: list[float] | None = None
+    # Widths are rounded down to a multiple of this (SliceGPT's round_interval).
+    round_to: int = Field(8, ge=1)
+    # per-block: 'slice' rotates and slices the embeddings and rotates the head (the reference
+    # behaviour, which unties tied embeddings); 'keep' leaves embedding and head in the original
+    # basis (still tied) and slices only between the first and last block.
+    embeddings: Literal["slice", "keep"] = "slice"
+    # Relative dampening added to the covariance diagonal before the eigendecomposition.
+    damp: float = Field(0.01, ge=0)
+
+
+def width_for(hidden: int, sparsity: float, round_to: int, what: str) -> int:
+    if not 0.0 <= sparsity < 1.0:  # 0 (a pure rotation) is allowed here for tests; the CLI wants (0, 1)
+        raise CompressorError(f"sparsity must be in (0, 1), got {sparsity}", "pass e.g. --sparsity 0.25")
+    width = int((1 - sparsity) * hidden)
+    width -= width % round_to
+    if width < 1:
+        raise CompressorError(
+            f"sparsity {sparsity} leaves zero width of the {hidden}-wide {what} (rounded to multiples of {round_to})",
+            "lower --sparsity")
+    return width
+
+
+@dataclass
+class Covariance:
+    """x^T x over tokens: fp32 per batch, summed in fp64; eigendecomposition in fp64."""
+
+    sum: torch.Tensor | None = None
+    tokens: int = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        part = (x.T @ x).double()
+        self.sum = part if self.sum is None else self.sum + part
+        self.tokens += x.shape[0]
+
+    def basis(self, width: int, damp: float) -> torch.Tensor:
+        h = self.sum.clone()
+        h.diagonal().add_(damp * h.diagonal().mean())
+        values, vectors = eigh(h)
+        order = torch.argsort(values, descending=True)
+        return vectors[:, order[:width]].contiguous()  # [full, width] float64, orthonormal columns
+
+
+@contextmanager
+def one_thread():
+    """Dense factorizations on one thread: LAPACK's multithreaded solvers spin on busy cores (a
+    576x576 float64 eigh took 11 s on 2 contended threads, 0.25 s on one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with one_thread():
+        return torch.linalg.eigh(matrix)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _capture_input(module: nn.Module, sink: Callable[[torch.Tensor], None], stop: bool = False):
+    def hook(_m, args, kwargs):
+        sink((args[0] if args else kwargs["hidden_states"]).detach())
+        if stop:
+            raise _Stop
+
+    return module.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def _norm_gain(norm: nn.Module, offset: float) -> torch.Tensor:
+    return norm.weight.detach().double() + offset
+
+
+def _set_norm_gain(norm: nn.Module, gain: torch.Tensor, offset: float) -> None:
+    set_norm(norm, (gain - offset).to(norm.weight.dtype))
+
+
+def _scale_columns(linear: nn.Linear, gain: torch.Tensor) -> None:
+    set_linear(linear, (linear.weight.double() * gain).to(linear.weight.dtype), linear.bias)
+
+
+def _rotate_inputs(linear: nn.Linear, basis: torch.Tensor) -> None:
+    """A linear reading the stream: W <- W B (reads the rotated, sliced stream)."""
+    set_linear(linear, (linear.weight.double() @ basis).to(linear.weight.dtype), linear.bias)
+
+
+def _rotate_outputs(linear: nn.Linear, basis: torch.Tensor, gain: torch.Tensor | None = None) -> None:
+    """A linear writing the stream: W <- B^T diag(gain) W."""
+    w = linear.weight.double()
+    if gain is not None:
+        w = w * gain[:, None]
+    bias = None
+    if linear.bias is not None:
+        b = linear.bias.double() * (gain if gain is not None else 1)
+        bias = (basis.T @ b).to(linear.bias.dtype)
+    set_linear(linear, (basis.T @ w).to(linear.weight.dtype), bias)
+
+
+def _shortcut(layer_dtype: torch.dtype, device, src: torch.Tensor | None, dst: torch.Tensor | None,
+              full: int) -> nn.Linear | None:
+    """Residual map from basis `src` to basis `dst` (None: the original, unrotated stream)."""
+    if src is dst:
+        return None
+    if src is None:
+        matrix = dst.T  # [d_dst, full]
+    elif dst is None:
+        matrix = src  # [full, d_src]
+    else:
+        matrix = dst.T @ src
+    like = torch.empty(0, dtype=layer_dtype, device=device)
+    lin = shortcut(matrix.shape[1], matrix.shape[0], like)
+    lin.weight.data = matrix.to(layer_dtype).contiguous()
+    return lin
+
+
+def _fit_post_norm_gain(ys: list[torch.Tensor], gain: torch.Tensor, basis: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-channel scale c that makes c * z / rms(z) best match z / rms(y) in least squares,
+    z = (y * gain) B: the post-norm refit in the rotated basis (see module docstring)."""
+    num = torch.zeros(basis.shape[1], dtype=torch.float64)
+    den = torch.zeros_like(num)
+    b32 = basis.float()
+    g32 = gain.float()
+    for y in ys:
+        y = y.reshape(-1, y.shape[-1]).float()
+        z = (y * g32) @ b32
+        rms_y = (y.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        rms_z = (z.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        z2 = z.pow(2)
+        num += (z2 / (rms_y * rms_z)).sum(0).double()
+        den += (z2 / rms_z.pow(2)).sum(0).double()
+    return num / den.clamp_min(1e-30)
+
+
+@METHODS.register("slicegpt")
+class SliceGPT(Method):
+    name = "slicegpt"
+    Config = SliceGPTConfig
+    needs = frozenset({"inputs"})
+
+    def check(self, model: nn.Module, adapter: Adapter) -> None:
+        c = self.config
+        hidden = adapter.text_config(model.config).hidden_size
+        blocks = len(adapter.blocks(model))
+        if c.schedule is not None:
+            if c.rotation == "global":
+                raise CompressorError("a per-layer schedule needs --rotation per-block",
+                                      "one global basis has one width")
+            if len(c.schedule) != blocks:
+                raise CompressorError(f"the schedule has {len(c.schedule)} sparsities for {blocks} blocks",
+                                      "give one sparsity per decoder block")
+        for i, s in enumerate(c.schedule or [c.sparsity]):
+            width_for(hidden, s, c.round_to, "residual stream" if c.schedule is None else f"stream at block {i}")
+
+    def widths(self, hidden: int, blocks: int) -> list[int]:
+        c = self.config
+        return [width_for(hidden, s, c.round_to, "residual stream") for s in (c.schedule or [c.sparsity] * blocks)]
+
+    # ------------------------------------------------------------ the algorithm
+
+    @torch.no_grad()
+    def slice(self, model: nn.Module, adapter: Adapter, hidden: torch.Tensor, block_kwargs: list[dict],
+              run: BlockRunner, progress=None) -> dict:
+        """Rotate and slice `model` in place; `hidden` holds the calibration inputs of block 0.
+        Returns the slicing spec (widths and shortcuts per block)."""
+        c = self.config
+        cfg = adapter.text_config(model.config)
+        full = cfg.hidden_size
+        eps = getattr(cfg, "rms_norm_eps", 1e-6)
+        blocks = adapter.blocks(model)
+        widths = self.widths(full, len(blocks))
+        off = adapter.norm_weight_offset
+        layout = adapter.layout
+        keep_ends = c.rotation == "per-block" and c.embeddings == "keep"
+        tokens = hidden.shape[0] * hidden.shape[1]
+        if tokens < full:
+            raise CompressorError(
+                f"calibration has {tokens} tokens; a stable PCA of the {full}-wide residual stream needs at "
+                f"least {full}", "raise --samples or --seq-len")
+        self._fuse_norms(model, adapter, fuse_head=not keep_ends)
+        dtype = blocks[0].get_submodule(layout.attn_output).weight.dtype
+
+        global_basis = None
+        if c.rotation == "global":
+            global_basis = self._global_basis(blocks, layout.mlp_norm, hidden, block_kwargs, run, widths[0],
+                                                progress)
+
+        def basis_from(cov: Covariance, width: int) -> torch.Tensor:
+            return global_basis if global_basis is not None else cov.basis(width, c.damp)
+
+        # Embeddings
+        emb = adapter.embedding(model)
+        b_in = None
+        if not keep_ends:
+            cov = Covariance()
+            for i in range(0, hidden.shape[0], 8):
+                cov.add(hidden[i:i + 8])
+            b_in = basis_from(cov, widths[0])
+            set_embedding(emb, (emb.weight.double() @ b_in).to(emb.weight.dtype))
+            hidden = self._project(hidden, b_in)
+        spec_layers = []
+        last = len(blocks) - 1
+        needs_signals = global_basis is None or bool(layout.attn_post_norm or layout.mlp_post_norm)
+        task = progress.task(f"slicegpt ({c.rotation}): blocks", total=len(blocks)) if progress else None
+        bar = task.__enter__() if task else None
+        try:
+            for index, layer in enumerate(blocks):
+                make_sliced_layer(layer, layout)
+                d_in = b_in.shape[1] if b_in is not None else full
+                kwargs = block_kwargs[index]
+                for name in layout.attn_inputs:
+                    if b_in is not None:
+                        _rotate_inputs(layer.get_submodule(name), b_in)
+                _set_norm_gain(layer.get_submodule(layout.attn_norm),
+                               torch.full((d_in,), rms_scale(full, d_in), dtype=torch.float64), off)
+                # Pass 1: attention up to its output projection's input, once; the stream between
+                # attention and MLP (in the original basis) follows from it with cheap matmuls.
+                layer.attn_shortcut = _shortcut(dtype, hidden.device, b_in, None, full)
+                o_proj = layer.get_submodule(layout.attn_output)
+                cov_mid, y_attn, attn = Covariance(), [], None
+                if needs_signals:
+                    chunks: list[torch.Tensor] = []
+                    handle = _capture_input(o_proj, lambda a: chunks.append(a.to("cpu")), stop=True)
+                    try:
+                        run(layer, hidden, kwargs, stop=_Stop)
+                    finally:
+                        handle.remove()
+                    attn = torch.cat(chunks)
+                    del chunks
+
+                    def mid_signal(x, a):
+                        y = o_proj(a)
+                        if layout.attn_post_norm:
+                            y_attn.append(y.to("cpu"))
+                        cov_mid.add(layer.attention_residual(x, y))
+
+                    run.map(layer, mid_signal, hidden, attn)
+                b_mid = basis_from(cov_mid, widths[index])
+                d_mid = b_mid.shape[1]
+                self._write_stream(layer.get_submodule(layout.attn_output),
+                                   layout.attn_post_norm and layer.get_submodule(layout.attn_post_norm),
+                                   b_mid, y_attn, off, eps)
+                y_attn.clear()
+                layer.attn_shortcut = _shortcut(dtype, hidden.device, b_in, b_mid, full)
+                for name in layout.mlp_inputs:
+                    _rotate_inputs(layer.get_submodule(name), b_mid)
+                _set_norm_gain(layer.get_submodule(layout.mlp_norm),
+                               torch.full((d_mid,), rms_scale(full, d_mid), dtype=torch.float64), off)
+                # Pass 2: the block's output in the original basis.
+                layer.mlp_shortcut = _shortcut(dtype, hidden.device, b_mid, None, full)
+                is_last = index == last
+                want_out = not (is_last and (keep_ends or global_basis is None))
+                out, y_mlp = None, []
+                if needs_signals and (not is_last or (want_out and layout.mlp_post_norm)):
+                    handle = None
+                    if layout.mlp_post_norm:
+                        handle = _capture_input(layer.get_submodule(layout.mlp_post_norm),
+                                                lambda y: y_mlp.append(y.to("cpu")))
+                    try:
+                        out = run.map(layer, lambda x, a: layer.mlp_residual(layer.attention_residual(x, o_proj(a))),
+                                      hidden, attn)
+                    finally:
+                        if handle:
+                            handle.remove()
+                del attn
+                if want_out:
+                    if global_basis is not None:
+                        b_out = global_basis
+                    else:
+                        cov_out = Covariance()
+                        for i in range(0, out.shape[0], 8):
+                            cov_out.add(out[i:i + 8])
+                        b_out = cov_out.basis(widths[index], c.damp)
+                else:
+                    b_out = None  # the last block writes the original basis; the head reads it unchanged
+                d_out = b_out.shape[1] if b_out is not None else full
+                if b_out is not None:
+                    self._write_stream(layer.get_submodule(layout.mlp_output),
+                                       layout.mlp_post_norm and layer.get_submodule(layout.mlp_post_norm),
+                                       b_out, y_mlp, off, eps)
+                y_mlp.clear()
+                layer.mlp_shortcut = _shortcut(dtype, hidden.device, b_mid, b_out, full)
+                spec_layers.append({"in": d_in, "mid": d_mid, "out": d_out,
+                                    "attn_shortcut": layer.attn_shortcut is not None,
+                                    "mlp_shortcut": layer.mlp_shortcut is not None})
+                if out is not None and not is_last:
+                    hidden = self._project(out, b_out) if b_out is not None else out
+                del out
+                b_in = b_out
+                release_memory()
+                if bar:
+                    bar.advance()
+        finally:
+            if task:
+                task.__exit__(None, None, None)
+        d_head = b_in.shape[1] if b_in is not None else full
+        head = adapter.head(model)
+        if b_in is not None:
+            _rotate_inputs(head, b_in)
+            _set_norm_gain(adapter.final_norm(model),
+                           torch.full((d_head,), rms_scale(full, d_head), dtype=torch.float64), off)
+        return {"embedding": emb.weight.shape[1], "head": d_head, "layers": spec_layers}
+
+    # ------------------------------------------------------------ pieces
+
+    @staticmethod
+    def _project(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+        b = basis.to(x.dtype)
+        return torch.cat([x[i:i + 8] @ b for i in range(0, x.shape[0], 8)])
+
+    @staticmethod
+    def _write_stream(linear: nn.Linear, post_norm: nn.Module | None, basis: torch.Tensor,
+                      ys: list[torch.Tensor], offset: float, eps: float) -> None:
+        """Rotate a module's output into `basis`; refit its post-norm (Gemma) if it has one."""
+        if not post_norm:
+            _rotate_outputs(linear, basis)
+            return
+        gain = _norm_gain(post_norm, offset)
+        fitted = _fit_post_norm_gain(ys, gain, basis, getattr(post_norm, "eps", eps))
+        _rotate_outputs(linear, basis, gain)
+        _set_norm_gain(post_norm, fitted, offset)
+
+    @staticmethod
+    def _fuse_norms(model: nn.Module, adapter: Adapter, fuse_head: bool) -> None:
+        """Fold each pre-norm's per-channel scale into the linears that read it."""
+        off = adapter.norm_weight_offset
+        layout = adapter.layout
+        for layer in adapter.blocks(model):
+            for norm_name, readers in ((layout.attn_norm, layout.attn_inputs), (layout.mlp_norm, layout.mlp_inputs)):
+                norm = layer.get_submodule(norm_name)
+                gain = _norm_gain(norm, off)
+                for name in readers:
+                    _scale_columns(layer.get_submodule(name), gain)
+                _set_norm_gain(norm, torch.ones_like(gain), off)
+        if fuse_head:
+            head, emb = adapter.head(model), adapter.embedding(model)
+            if head.weight is emb.weight:  # untie: the head now differs from the embedding
+                head.weight = nn.Parameter(head.weight.detach().clone(), requires_grad=False)
+                model.config.tie_word_embeddings = False
+                text = adapter.text_config(model.config)
+                text.tie_word_embeddings = False
+            norm = adapter.final_norm(model)
+            gain = _norm_gain(norm, off)
+            _scale_columns(head, gain)
+            _set_norm_gain(norm, torch.ones_like(gain), off)
+
+    def _global_basis(self, blocks, mlp_norm: str, hidden, block_kwargs, run: BlockRunner, width: int, progress) -> torch.Tensor:
+        """One basis for the whole stream: PCA of the sum of every residual point's covariance,
+        each normalized by its trace so deep (large-norm) layers do not drown the early ones."""
+        total = None
+
+        def add(cov: Covariance):
+            nonlocal total
+            part = cov.sum / cov.sum.diagonal().sum()
+            total = part if total is None else total + part
+
+        cov = Covariance()
+        for i in range(0, hidden.shape[0], 8):
+            cov.add(hidden[i:i + 8])
+        add(cov)
+        task = progress.task("slicegpt (global): PCA pass", total=len(blocks)) if progress else None
+        bar = task.__enter__() if task else None
+        try:
+            for index, layer in enumerate(blocks):
+                cov_mid = Covariance()
+                handle = _capture_input(layer.get_submodule(mlp_norm), cov_mid.add)
+                try:
+                    hidden = run(layer, hidden, block_kwargs[index])
+                finally:
+                    handle.remove()
+                add(cov_mid)
+                cov_out = Covariance()
+                for i in range(0, hidden.shape[0], 8):
+                    cov_out.add(hidden[i:i + 8])
+                add(cov_out)
+                if bar:
+                    bar.advance()
+        finally:
+            if task:
+                task.__exit__(None, None, None)
+        return Covariance(total, 1).basis(width, self.config.damp)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "config": self.config.model_dump(mode="json")}
