@@ -170,8 +170,11 @@ def write_report(rows: list[dict], protocol: dict, results_path: Path) -> None:
             _fmt(r.get("size_bytes"), lambda v: f"{v / 1e6:.1f} MB"), f"{r['ppl']:.3f}",
             _fmt(r.get("ppl_increase_pct"), lambda v: f"+{v:.1f}%"),
             _fmt(r.get("fraction_of_rtn_increase"), lambda v: f"{100 * v:.0f}%"), f"{r['kl']:.4f}",
-            _fmt(r.get("wall_s"), lambda v: f"{v:.0f} s"), _fmt(r.get("cpu_s"), lambda v: f"{v:.0f} s"),
+            _fmt(r.get("wall_s"), lambda v: f"{v:.0f} s") + _fmt(r.get("wall_s_quiet"), lambda v: f" ({v:.0f} s alone)"),
+            _fmt(r.get("cpu_s"), lambda v: f"{v:.0f} s"),
             _fmt(r.get("peak_rss_mb"), lambda v: f"{v / 1000:.2f} GB")]) + " |")
+    if results_path.is_file() and "quiet_timing" in json.loads(results_path.read_text()):
+        lines += ["", "Timing: " + json.loads(results_path.read_text())["quiet_timing"] + "."]
     if gpu:
         lines += ["", "## The same protocol on an H100 (quality only)", "",
                   "The CPU rows above were measured on a shared 2-core machine under heavy load; the device "
