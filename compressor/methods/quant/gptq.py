@@ -114,6 +114,9 @@ class _GroupParams:
         if self.static:
             self.scale, self.zero = self._qparams(w, self.scheme, self.h_diag)
             self.col_group = group_index(cols, self.scheme)[perm]  # group of each processed column
+            # Gathered once: row c holds the scales (zero points) of processed column c.
+            self.scale_rows = self.scale.float()[:, self.col_group].T.contiguous()
+            self.zero_rows = None if self.zero is None else self.zero.float()[:, self.col_group].T.contiguous()
         else:
             groups = self.scheme.groups(cols)
             self.scale = torch.empty(w.shape[0], groups, dtype=SCALE_DTYPES[self.scheme.scale_dtype])
@@ -136,6 +139,8 @@ class _GroupParams:
             self.zero[:, g] = zero[:, 0]
 
     def column(self, col: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.static:
+            return self.scale_rows[col], None if self.zero_rows is None else self.zero_rows[col]
         g = int(self.col_group[col])
         return self.scale[:, g].float(), None if self.zero is None else self.zero[:, g].float()
 
@@ -197,31 +202,34 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig, name: st
     w, h = w[:, perm], h[perm][:, perm]
     hinv, damp = inverse_hessian_cholesky(h, config.damp, name)
     hinv = hinv.float()
-    codes = torch.empty(w.shape, dtype=torch.int8)
+    # Columns are rows of the transposed weight, so each step reads and updates contiguous memory.
+    wt = w.T.contiguous()
+    q_all = torch.empty_like(wt)
     for start in range(0, cols, config.block_size):
         end = min(start + config.block_size, cols)
-        w_block = w[:, start:end].clone()
-        err_block = torch.zeros_like(w_block)
-        h_block = hinv[start:end, start:end]
+        wb = wt[start:end].clone()
+        eb = torch.zeros_like(wb)
+        hb = hinv[start:end, start:end]
         for i in range(end - start):
             col = start + i
             if params.starts_group(col):
                 stop = col + params.size
-                params.fit(col, torch.cat([w_block[:, i:stop - start], w[:, end:stop]], dim=1), perm)
+                params.fit(col, torch.cat([wb[i:stop - start], wt[end:stop]]).T, perm)
             scale, zero = params.column(col)
-            x = w_block[:, i]
-            q = torch.round(x / scale)
+            x = wb[i]
+            q = torch.div(x, scale).round_()
             if zero is not None:
-                q = (q + zero).clamp_(scheme.qmin, scheme.qmax)
-                deq = (q - zero) * scale
+                q.add_(zero).clamp_(scheme.qmin, scheme.qmax)
+                deq = (q - zero).mul_(scale)
             else:
-                q = q.clamp_(scheme.qmin, scheme.qmax)
+                q.clamp_(scheme.qmin, scheme.qmax)
                 deq = q * scale
-            codes[:, col] = q.to(torch.int8)
-            err = (x - deq) / h_block[i, i]
-            w_block[:, i:] -= err.unsqueeze(1) * h_block[i, i:].unsqueeze(0)
-            err_block[:, i] = err
-        w[:, end:] -= err_block @ hinv[start:end, end:]
+            q_all[col] = q
+            err = x.sub(deq).div_(hb[i, i])
+            wb[i:].addr_(hb[i, i:], err, alpha=-1)
+            eb[i] = err
+        wt[end:].addmm_(hinv[start:end, end:].T, eb, alpha=-1)
+    codes = q_all.T.to(torch.int8)
     natural = torch.empty_like(codes)
     natural[:, perm] = codes
     scale = params.scale
