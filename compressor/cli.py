@@ -55,6 +55,15 @@ def _progress() -> Progress:
 
 JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON only (also accepted before the command).")
 
+# Calibration options shared by every command that calibrates.
+CALIB_OPTION = typer.Option("wiki", "--calib", help="Calibration data: file, saved dataset or 'wiki'.")
+SAMPLES_OPTION = typer.Option(128, "--samples", help="Calibration samples.")
+SEQ_LEN_OPTION = typer.Option(512, "--seq-len", help="Tokens per calibration sample.")
+SEED_OPTION = typer.Option(0, "--seed", help="Seed for choosing calibration samples.")
+TEXT_FIELD_OPTION = typer.Option("text", "--text-field", help="Text column of jsonl/parquet/dataset data.")
+CHAT_TEMPLATE_OPTION = typer.Option(False, "--chat-template", help="Render calibration text as chats.")
+BATCH_SIZE_OPTION = typer.Option(8, "--batch-size", help="Calibration samples per forward pass.")
+
 
 def _run(action: Callable[[], Any], render: Callable[[Any], None], json_out: bool = False) -> None:
     OPTS.json = OPTS.json or json_out
@@ -144,14 +153,14 @@ def quantize(
     alpha: Optional[float] = typer.Option(None, "--alpha", help="SmoothQuant: migration strength 0..1 (default 0.5)."),
     act_static: Optional[bool] = typer.Option(None, "--act-static/--act-dynamic",
                                               help="FP8: calibrated per-tensor input scales, or per-token at run time."),
-    calib: str = typer.Option("wiki", "--calib", help="Calibration data: file, saved dataset or 'wiki'."),
-    samples: int = typer.Option(128, "--samples", help="Calibration samples."),
-    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration sample."),
-    seed: int = typer.Option(0, "--seed", help="Seed for choosing calibration samples."),
-    text_field: str = typer.Option("text", "--text-field", help="Text column of jsonl/parquet/dataset data."),
-    chat_template: bool = typer.Option(False, "--chat-template", help="Render calibration text as chats."),
+    calib: str = CALIB_OPTION,
+    samples: int = SAMPLES_OPTION,
+    seq_len: int = SEQ_LEN_OPTION,
+    seed: int = SEED_OPTION,
+    text_field: str = TEXT_FIELD_OPTION,
+    chat_template: bool = CHAT_TEMPLATE_OPTION,
     device: str = typer.Option("cpu", "--device", help="Compute device for one block at a time."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Calibration samples per forward pass."),
+    batch_size: int = BATCH_SIZE_OPTION,
     dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32, bfloat16, float16."),
     hessian_dtype: str = typer.Option("float32", "--hessian-dtype", help="Hessian accumulation: float32 or float64."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (kept until done)."),
@@ -216,7 +225,7 @@ def eval_cmd(
     window_len: int = typer.Option(512, "--window-len", help="Tokens per window."),
     batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),
     device: str = typer.Option("cpu", "--device", help="Device to evaluate on."),
-    text_field: str = typer.Option("text", "--text-field", help="Text column of jsonl/parquet/dataset data."),
+    text_field: str = TEXT_FIELD_OPTION,
     report: Optional[Path] = typer.Option(None, "--report", help="Also write a Markdown report here."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) checkpoints."),
     json_out: bool = JSON_OPTION,
@@ -252,14 +261,14 @@ def prune(
                                              help="slicegpt per-block: slice (reference) or keep (tied, unrotated)."),
     modules: Optional[str] = typer.Option(None, "--modules", help="modegpt: all or mlp (ordinary config)."),
     allocation: Optional[str] = typer.Option(None, "--allocation", help="modegpt: uniform or global (per-layer)."),
-    calib: str = typer.Option("wiki", "--calib", help="Calibration data: file, saved dataset or 'wiki'."),
-    samples: int = typer.Option(128, "--samples", help="Calibration samples."),
-    seq_len: int = typer.Option(512, "--seq-len", help="Tokens per calibration sample."),
-    seed: int = typer.Option(0, "--seed", help="Seed for choosing calibration samples."),
-    text_field: str = typer.Option("text", "--text-field", help="Text column of jsonl/parquet/dataset data."),
-    chat_template: bool = typer.Option(False, "--chat-template", help="Render calibration text as chats."),
+    calib: str = CALIB_OPTION,
+    samples: int = SAMPLES_OPTION,
+    seq_len: int = SEQ_LEN_OPTION,
+    seed: int = SEED_OPTION,
+    text_field: str = TEXT_FIELD_OPTION,
+    chat_template: bool = CHAT_TEMPLATE_OPTION,
     device: str = typer.Option("cpu", "--device", help="Compute device for one block at a time."),
-    batch_size: int = typer.Option(8, "--batch-size", help="Calibration samples per forward pass."),
+    batch_size: int = BATCH_SIZE_OPTION,
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (kept until done)."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) checkpoints."),
     json_out: bool = JSON_OPTION,
