@@ -63,6 +63,24 @@ def test_rotation_without_slicing_reproduces_logits(rotation, tiny_llama, text_f
     torch.testing.assert_close(logits(loaded.model), logits(reference), atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("rotation", ["global", "per-block"])
+def test_gemma3_post_norms_are_exact_with_a_full_probe(rotation, tiny_gemma3, text_file):
+    """Gemma's sandwich norms divide by the RMS of the unrotated output: with as many probe
+    channels as the hidden size the rotated model is exact, with fewer it approximates."""
+    reference = load_model(tiny_gemma3).model
+    hidden = reference.config.text_config.hidden_size if hasattr(reference.config, "text_config") \
+        else reference.config.hidden_size
+    exact, spec = prune_in_memory(tiny_gemma3, text_file, SliceGPT.from_options(
+        sparsity=0.0, rotation=rotation, round_to=1, probe=hidden))
+    assert all(layer["attn_probe"] == hidden and layer["mlp_probe"] == hidden for layer in spec["layers"][:-1])
+    torch.testing.assert_close(logits(exact.model), logits(reference), atol=1e-4, rtol=1e-4)
+    approx, spec = prune_in_memory(tiny_gemma3, text_file, SliceGPT.from_options(
+        sparsity=0.0, rotation=rotation, round_to=1, probe=4))
+    layer = approx.adapter.blocks(approx.model)[0]
+    assert layer.self_attn.o_proj.out_features == hidden + 4
+    assert not torch.allclose(logits(approx.model), logits(reference), atol=1e-4)
+
+
 def test_slicing_changes_widths_and_keeps_quality_close(tiny_llama, text_file):
     reference = load_model(tiny_llama).model
     loaded, spec = prune_in_memory(tiny_llama, text_file, SliceGPT.from_options(sparsity=0.25))
@@ -134,6 +152,7 @@ def test_gemma3_artifact_round_trip(rotation, tiny_gemma3, text_file, tmp_path):
     prune_cli(tiny_gemma3, text_file, out, "--rotation", rotation)
     plain = AutoModelForCausalLM.from_pretrained(out)
     torch.testing.assert_close(logits(plain), logits(loaded.model), atol=1e-5, rtol=1e-4)
+    assert json.loads((out / "config.json").read_text())["model_type"] == "compressor_sliced"  # probes
 
 
 def test_sliced_artifact_evaluates_and_quantizes(tiny_llama, text_file, tmp_path):

@@ -18,7 +18,9 @@ def is_ordinary(spec: dict, full_hidden: int) -> bool:
     layers = spec["layers"]
     widths = {spec["embedding"], spec["head"]} | {d[k] for d in layers for k in ("in", "mid", "out")}
     uniform = {(d.get("intermediate"), d.get("qk_head_dim"), d.get("v_head_dim")) for d in layers}
-    return (len(widths) == 1 and not any(d["attn_shortcut"] or d["mlp_shortcut"] for d in layers)
+    return (len(widths) == 1
+            and not any(d["attn_shortcut"] or d["mlp_shortcut"] or d.get("attn_probe") or d.get("mlp_probe")
+                        for d in layers)
             and len(uniform) == 1 and next(iter(uniform))[1:] == (None, None))
 
 

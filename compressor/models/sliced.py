@@ -5,12 +5,13 @@ blocks, MoDeGPT's per-layer head and MLP widths).
 The config keeps every field of the original architecture's config plus a `slicing` spec:
 
     {"embedding": d0, "head": dh, "layers": [{"in": d, "mid": d, "out": d,
-      "attn_shortcut": bool, "mlp_shortcut": bool,
+      "attn_shortcut": bool, "mlp_shortcut": bool, "attn_probe": r?, "mlp_probe": r?,
       "intermediate": I?, "qk_head_dim": k?, "v_head_dim": v?}, ...]}
 
 `in`/`mid`/`out` are the residual-stream widths entering the block, between attention and MLP,
 and leaving it; a shortcut is a (d_from x d_to) linear on the residual path where the two sides
-are in different bases. The model is the original architecture's own modules, resized, with the
+are in different bases. A probe (Gemma's post-norms, see ProbedRMSNorm) is r extra output
+channels of o_proj / down_proj from which the post-norm estimates the original RMS. The model is the original architecture's own modules, resized, with the
 decoder layers' forward replaced by one that applies the shortcuts. Registering with the Auto
 classes (see `compressor/__init__.py`) lets `AutoModelForCausalLM.from_pretrained` load it.
 """
@@ -62,6 +63,33 @@ class SlicedLayerMixin:
             h = self.get_submodule(layout.mlp_post_norm)(h)
         residual = hidden_states if self.mlp_shortcut is None else self.mlp_shortcut(hidden_states)
         return residual + h
+
+
+class ProbedRMSNorm(nn.Module):
+    """A post-norm (Gemma's sandwich norm) after rotation and slicing. The module before it
+    writes `width` channels already in the residual stream's basis, with the norm's scale folded
+    in, followed by `probe` channels whose squared sum estimates |y|^2 of the original full-width
+    output y; the RMS divides by sqrt(|y|^2 / full). Parameter-free: widths come from the spec."""
+
+    def __init__(self, width: int, probe: int, full: int, eps: float):
+        super().__init__()
+        self.width, self.probe, self.full, self.eps = width, probe, full, eps
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        x = h.float()
+        mean_square = x[..., self.width:].pow(2).sum(-1, keepdim=True) / self.full
+        return (x[..., :self.width] * torch.rsqrt(mean_square + self.eps)).to(h.dtype)
+
+    def extra_repr(self) -> str:
+        return f"width={self.width}, probe={self.probe}, full={self.full}, eps={self.eps}"
+
+
+def set_probed_norm(layer: nn.Module, name: str, width: int, probe: int, full: int) -> None:
+    """Replace the post-norm `name` of `layer` by a ProbedRMSNorm."""
+    old = layer.get_submodule(name)
+    eps = getattr(old, "eps", getattr(old, "variance_epsilon", 1e-6))
+    parent, _, attr = name.rpartition(".")
+    setattr(layer.get_submodule(parent) if parent else layer, attr, ProbedRMSNorm(width, probe, full, eps))
 
 
 _LAYER_CLASSES: dict[type, type] = {}
@@ -131,16 +159,21 @@ def resize_to_spec(model: nn.Module, adapter: Adapter, spec: dict) -> None:
         o_in = o.in_features
         if dims.get("v_head_dim"):
             o_in = o_in // _head_dim(model, adapter) * dims["v_head_dim"]
-        set_linear(o, _empty_like(o.weight, d_mid, o_in))
+        attn_probe, mlp_probe = dims.get("attn_probe", 0), dims.get("mlp_probe", 0)
+        set_linear(o, _empty_like(o.weight, d_mid + attn_probe, o_in))
         inter = dims.get("intermediate")
         for name in layout.mlp_inputs:
             lin = layer.get_submodule(name)
             set_linear(lin, _empty_like(lin.weight, inter or lin.out_features, d_mid))
         down = layer.get_submodule(layout.mlp_output)
-        set_linear(down, _empty_like(down.weight, d_out, inter or down.in_features))
-        for norm_name, width in ((layout.attn_norm, d_in), (layout.mlp_norm, d_mid),
-                                 (layout.attn_post_norm, d_mid), (layout.mlp_post_norm, d_out)):
-            if norm_name:
+        set_linear(down, _empty_like(down.weight, d_out + mlp_probe, inter or down.in_features))
+        full = adapter.text_config(model.config).hidden_size
+        for norm_name, width, probe in ((layout.attn_norm, d_in, 0), (layout.mlp_norm, d_mid, 0),
+                                        (layout.attn_post_norm, d_mid, attn_probe),
+                                        (layout.mlp_post_norm, d_out, mlp_probe)):
+            if norm_name and probe:
+                set_probed_norm(layer, norm_name, width, probe, full)
+            elif norm_name:
                 norm = layer.get_submodule(norm_name)
                 set_norm(norm, _empty_like(norm.weight, width))
         like = o.weight
