@@ -43,9 +43,10 @@ def median(values: list[float]) -> float:
     return statistics.median(values)
 
 
-def write_results(name: str, rows: list[dict], protocol: dict, extra: dict | None = None) -> Path:
+def write_results(name: str, rows: list[dict], protocol: dict, extra: dict | None = None,
+                  path: Path | None = None) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / f"{name}.json"
+    path = path or RESULTS / f"{name}.json"
     data = {"benchmark": name, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "machine": machine(),
             "device": "cpu", "protocol": protocol, "rows": rows, **(extra or {})}
     path.write_text(json.dumps(data, indent=2) + "\n")

@@ -79,10 +79,15 @@ def latency_ms(model, seq: int = 512, repeats: int = 5) -> float:
     return 1000 * statistics.median(times)
 
 
+DEVICE = "cpu"
+
+
 def prune_row(model: str, method: str, sparsity: float, work: Path, samples: int, reuse: bool = False) -> dict:
     out = work / f"{model}-{method}-{sparsity}"
     args = ["prune", model, "-o", str(out), "--sparsity", str(sparsity), "--samples", str(samples), "--overwrite",
             *METHODS[method]]
+    if DEVICE != "cpu":
+        args += ["--device", DEVICE, "--batch-size", "16"]
     if reuse and (out / "manifest.json").is_file():  # an artifact of an interrupted run of this benchmark
         manifest = json.loads((out / "manifest.json").read_text())
         build = json.loads((out / "build.json").read_text())
@@ -100,7 +105,7 @@ def prune_row(model: str, method: str, sparsity: float, work: Path, samples: int
         config.update(modules="mlp", allocation="uniform")
     elif method == "modegpt":
         config.update(modules="all", allocation="global")
-    return {"model": model, "method": name, "config": config, "artifact": str(out),
+    return {"model": model, "method": name, "config": config, "artifact": str(out), "device": DEVICE,
             "params": result["params"], "param_reduction": round(result["param_reduction"], 4),
             "ordinary_config": result["ordinary_config"], "model_type": result["model_type"],
             "size_bytes": sum(f.stat().st_size for f in out.glob("*.safetensors")),
@@ -121,34 +126,41 @@ def quality(model: str, rows: list[dict], windows: int) -> dict:
     base = api.load(model)
     tokens = evaluation_set("wiki", base.tokenizer, windows, 512)
     base_flops = forward_flops(base.model, 512)
-    with bench_lock():
-        base_ms = latency_ms(base.model, repeats=LATENCY_REPEATS)
+    cpu = DEVICE == "cpu"  # CPU latency is measured only in a CPU run
+    if cpu:
+        with bench_lock():
+            base_ms = latency_ms(base.model, repeats=LATENCY_REPEATS)
+    else:
+        base_ms = None
+        base.model.to(DEVICE)
     results = {}
     # A few candidates per pass share one base forward per batch; a large vocabulary (Gemma's
     # 262k) makes the logits the memory peak, so fewer candidates and windows per pass there.
     big = base.model.config.vocab_size > 100_000
-    per_pass, batch = (2, 1) if big else (3, 4)
+    per_pass, batch = ((2, 1) if big else (3, 4)) if cpu else (4, 8)
     for start in range(0, len(rows), per_pass):
         chunk = rows[start:start + per_pass]
-        models = {row["artifact"]: api.load(row["artifact"]).model for row in chunk}
-        results = evaluate_models(models, tokens, base.model, batch_size=batch)
+        models = {row["artifact"]: api.load(row["artifact"]).model.to(DEVICE) for row in chunk}
+        results = evaluate_models(models, tokens, base.model, batch_size=batch, device=DEVICE)
         for row in chunk:
             m = models[row["artifact"]]
-            flops = forward_flops(m, 512)
-            with bench_lock():
-                ms = latency_ms(m, repeats=LATENCY_REPEATS)
+            row["flops_ratio"] = forward_flops(m, 512) / base_flops
             r = results[row["artifact"]]
-            row.update(ppl=r["ppl"], kl=r["kl"], eval_windows=windows, latency_ms=ms, dense_latency_ms=base_ms,
-                       latency_ratio=ms / base_ms, flops_ratio=flops / base_flops)
-            removed = 1 - row["flops_ratio"]
-            row["latency_vs_ideal"] = (1 - row["latency_ratio"]) / removed if removed > 0 else None
+            row.update(ppl=r["ppl"], kl=r["kl"], eval_windows=windows)
+            if cpu:
+                with bench_lock():
+                    ms = latency_ms(m, repeats=LATENCY_REPEATS)
+                removed = 1 - row["flops_ratio"]
+                row.update(latency_ms=ms, dense_latency_ms=base_ms, latency_ratio=ms / base_ms,
+                           latency_vs_ideal=(1 - ms / base_ms) / removed if removed > 0 else None)
         del models
     base_row = {"model": model, "method": "fp32", "config": {}, "params": count_parameters(base.model),
                 "size_bytes": sum(f.stat().st_size for f in base.path.glob("*.safetensors")),
                 "ppl": results["base"]["ppl"] if rows else None, "kl": 0.0, "wall_s": 0.0, "peak_rss_mb": 0.0,
-                "latency_ms": base_ms, "latency_ratio": 1.0, "flops_ratio": 1.0, "eval_windows": windows}
+                "latency_ms": base_ms, "latency_ratio": 1.0 if cpu else None, "flops_ratio": 1.0,
+                "eval_windows": windows, "device": DEVICE}
     if not rows:
-        base_row["ppl"] = evaluate_models({}, tokens, base.model, batch_size=batch)["base"]["ppl"]
+        base_row["ppl"] = evaluate_models({}, tokens, base.model, batch_size=batch, device=DEVICE)["base"]["ppl"]
     return {"base": base_row, "tokens": tokens}
 
 
@@ -196,8 +208,16 @@ def _f(v, fmt="{:.3f}"):
     return "-" if v is None else fmt.format(v)
 
 
+def _device(row: dict) -> str:
+    return row.get("device", "cpu")
+
+
 def write_report(data: dict) -> Path:
-    rows = data["rows"]
+    """reports/slicing.md from the CPU results and, where present, the GPU quality grid."""
+    rows = [r for r in data["rows"]]
+    gpu = RESULTS / "slicing_cuda.json"
+    if gpu.exists():
+        rows += json.loads(gpu.read_text())["rows"]
     lines = [
         "# Structured slicing: SliceGPT and MoDeGPT",
         "",
@@ -210,25 +230,28 @@ def write_report(data: dict) -> Path:
         "artifact is the original architecture with smaller widths (loads in plain transformers without compressor), "
         "otherwise the registered `compressor_sliced` class; `lat` = CPU forward latency of one 512-token sequence "
         "relative to the dense model; `flops` = forward FLOPs relative to dense; `lat/ideal` = latency reduction over "
-        "FLOPs reduction (target >= 0.8).",
+        "FLOPs reduction (target >= 0.8). `device`: cpu rows are timed runs on this machine; cuda rows are the "
+        "quality grid run with `--device cuda` on the lent GPU (`benchmarks/results/slicing_cuda.json`), same "
+        "protocol, their own fp32 row, wall time of the GPU run, no CPU latency.",
         "",
     ]
     for model in dict.fromkeys(r["model"] for r in rows):
         mrows = [r for r in rows if r["model"] == model]
-        base = next((r for r in mrows if r["method"] == "fp32"), None)
+        bases = {_device(r): r for r in mrows if r["method"] == "fp32"}
         lines += [f"## {model}", "",
-                  "| method | sparsity | calib | windows | params (M) | param reduction | ordinary | ppl | dppl % | KL "
-                  "| prune s | peak RSS MB | lat | flops | lat/ideal |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "| device | method | sparsity | calib | windows | params (M) | param reduction | ordinary | ppl "
+                  "| dppl % | KL | prune s | peak RSS MB | lat | flops | lat/ideal |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         order = {"fp32": 0, "slicegpt": 1, "peer:slicegpt:slice": 2, "slicegpt-global": 3, "modegpt": 4}
-        for r in sorted(mrows, key=lambda r: (order.get(r["method"], 9), r["config"].get("modules", ""),
+        for r in sorted(mrows, key=lambda r: (_device(r), order.get(r["method"], 9), r["config"].get("modules", ""),
                                               r["config"].get("sparsity", 0))):
+            base = bases.get(_device(r))
             c = r["config"]
             method = r["method"] + (f" ({c['modules']}, {c['allocation']})" if "modules" in c else "")
             method += " (embeddings kept)" if c.get("embeddings") == "keep" else ""
             dppl = 100 * (r["ppl"] / base["ppl"] - 1) if base and r.get("ppl") else None
             lines.append(
-                f"| {method} | {c.get('sparsity', '-')} | {c.get('calib_samples', '-')} | {r.get('eval_windows', 64)} "
+                f"| {_device(r)} | {method} | {c.get('sparsity', '-')} | {c.get('calib_samples', '-')} | {r.get('eval_windows', 64)} "
                 f"| {r['params'] / 1e6:.2f} "
                 f"| {_f(r.get('param_reduction'), '{:.1%}')} | {'yes' if r.get('ordinary_config') else '-'} "
                 f"| {_f(r.get('ppl'))} | {_f(dppl, '{:.1f}')} | {_f(r.get('kl'), '{:.4f}')} "
@@ -242,27 +265,33 @@ def write_report(data: dict) -> Path:
 
 
 def targets(rows: list[dict]) -> list[str]:
+    """Each target from the CPU rows where they exist (timings need them), else the GPU grid."""
     out = ["## Targets", ""]
     for model in dict.fromkeys(r["model"] for r in rows):
-        pick = lambda method, **kw: next((r for r in rows if r["model"] == model and r["method"] == method  # noqa
-                                          and all(r["config"].get(k) == v for k, v in kw.items())), None)
-        base, peer = pick("fp32"), pick("peer:slicegpt:slice", sparsity=0.25)
-        ours = next((r for r in rows if r["model"] == model and r["method"] == "slicegpt"
-                     and r["config"].get("sparsity") == 0.25 and "embeddings" not in r["config"]), None)
-        mode = pick("modegpt", sparsity=0.25, modules="all")
+        def pick(method, device=None, **kw):
+            found = [r for r in rows if r["model"] == model and r["method"] == method
+                     and all(r["config"].get(k) == v for k, v in kw.items()) and "embeddings" not in r["config"]
+                     and (device is None or _device(r) == device)]
+            return min(found, key=lambda r: _device(r) != "cpu", default=None)
+
+        ours, peer = pick("slicegpt", sparsity=0.25), pick("peer:slicegpt:slice", sparsity=0.25)
         if ours and peer and peer["config"].get("calib_samples") == ours["config"].get("calib_samples"):
             diff = 100 * (ours["ppl"] / peer["ppl"] - 1)
             out.append(f"- {model}: SliceGPT 25% ppl {ours['ppl']:.3f} vs reference implementation "
                        f"{peer['ppl']:.3f} on the same model, calibration tokens and protocol: {diff:+.2f}% "
-                       f"({'met' if abs(diff) <= 1 else 'missed'}, target within +-1%).")
-        if base and ours and mode:
-            d_s, d_m = ours["ppl"] - base["ppl"], mode["ppl"] - base["ppl"]
-            out.append(f"- {model}: MoDeGPT at 25% of block parameters (whole-model reduction "
+                       f"({'met' if diff <= 1 else 'missed'}, target: no worse than the reference +1%).")
+        mode = pick("modegpt", sparsity=0.25, modules="all")
+        if ours and mode:
+            base = pick("fp32", device=_device(mode))
+            same = pick("slicegpt", device=_device(mode), sparsity=0.25)
+            d_s, d_m = same["ppl"] - base["ppl"], mode["ppl"] - base["ppl"]
+            out.append(f"- {model} ({_device(mode)}): MoDeGPT at 25% of block parameters (whole-model reduction "
                        f"{mode['param_reduction']:.1%}) raises ppl by {d_m:.2f}, SliceGPT 25% by {d_s:.2f}: ratio "
                        f"{d_m / d_s:.2f} ({'met' if d_m <= 0.7 * d_s else 'missed'}, target <= 0.70).")
-        for r in (ours, pick("slicegpt-global", sparsity=0.25), mode):
+        for method in ("slicegpt", "slicegpt-global", "modegpt"):
+            r = pick(method, device="cpu", sparsity=0.25, **({"modules": "all"} if method == "modegpt" else {}))
             if r:
-                out.append(f"- {model}: {r['method']} 25% prune wall time {r['wall_s']:.0f} s with "
+                out.append(f"- {model}: {r['method']} 25% prune wall time {r['wall_s']:.0f} s on the CPU with "
                            f"{r['config'].get('calib_samples')} calibration samples "
                            f"({'met' if r['wall_s'] < 300 else 'missed'}, target < 300 s); latency reduction / "
                            f"FLOPs reduction {_f(r.get('latency_vs_ideal'), '{:.2f}')} (target >= 0.8).")
@@ -281,16 +310,18 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="reuse artifacts already in --work (no new timing)")
     parser.add_argument("--append", action="store_true", help="keep rows of earlier runs not measured now")
     parser.add_argument("--work", default=None)
+    parser.add_argument("--device", default="cpu", help="cuda: the quality grid on a GPU (no CPU latency)")
     parser.add_argument("--report-only", action="store_true", help="regenerate reports/slicing.md from the JSON")
     args = parser.parse_args()
     if args.report_only:
         print(write_report(json.loads((RESULTS / "slicing.json").read_text())))
         return
     torch.set_num_threads(2)
-    global LATENCY_REPEATS
+    global LATENCY_REPEATS, DEVICE
     LATENCY_REPEATS = args.latency_repeats
+    DEVICE = args.device
     work = Path(args.work or tempfile.mkdtemp(prefix="slicing-bench-"))
-    path = RESULTS / "slicing.json"
+    path = RESULTS / ("slicing.json" if DEVICE == "cpu" else f"slicing_{DEVICE.split(':')[0]}.json")
     protocol = {"eval_windows": "per row (eval_windows; 64 unless the machine was too busy)", "window": 512, "calib_len": 512,
                 "calib_samples": "per row (config.calib_samples)", "seed": 0,
                 "timing": "wall time and peak RSS of whole `compress prune` processes under the shared benchmark "
@@ -312,8 +343,10 @@ def main() -> None:
         fresh = {key(r) for r in rows}
         old = json.loads(path.read_text())["rows"] if args.append and path.exists() else []  # read now: runs overlap
         merged = [r for r in old if key(r) not in fresh] + rows  # written after each model: partial runs count
-        written = write_results("slicing", merged, protocol, {"machine": f"shared {machine()} (three agents at once)"})
-        write_report(json.loads(written.read_text()))
+        where = f"{torch.cuda.get_device_name()} ({machine()})" if DEVICE.startswith("cuda") else machine()
+        written = write_results("slicing", merged, protocol, {"machine": where, "device": DEVICE}, path=path)
+        if DEVICE == "cpu":
+            write_report(json.loads(written.read_text()))
     rows = merged
     print_table(rows, ["model", "method", "sparsity", "params", "ppl", "kl", "wall_s", "peak_rss_mb", "latency_ratio",
                        "flops_ratio"], "slicing")

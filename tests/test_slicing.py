@@ -315,3 +315,14 @@ def test_sliced_artifact_cannot_be_pruned_again(tiny_llama, text_file, tmp_path)
     with pytest.raises(CompressorError, match="already a sliced artifact"):
         api.prune(str(out), "slicegpt", tmp_path / "again", 0.25, calib=str(text_file), samples=SAMPLES,
                   seq_len=SEQ)
+
+
+def test_global_width_is_a_multiple_of_the_heads():
+    """transformers rejects a config whose hidden size is not a multiple of its heads."""
+    from types import SimpleNamespace
+
+    config = SimpleNamespace(hidden_size=576, num_attention_heads=9)  # the reference model's shape
+    assert SliceGPT.from_options(sparsity=0.1, rotation="global").widths(config, 1) == [513]
+    assert SliceGPT.from_options(sparsity=0.1, rotation="per-block").widths(config, 1) == [512]
+    llama8b = SimpleNamespace(hidden_size=4096, num_attention_heads=32)
+    assert SliceGPT.from_options(sparsity=0.1, rotation="global").widths(llama8b, 1) == [3680]

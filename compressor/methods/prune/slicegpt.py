@@ -26,6 +26,7 @@ the top principal directions of its original output, whose energy estimates the 
 
 from __future__ import annotations
 
+import math
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Callable, Literal
@@ -86,7 +87,7 @@ class Covariance:
 
     def add(self, x: torch.Tensor) -> None:
         x = x.reshape(-1, x.shape[-1]).float()
-        part = (x.T @ x).double()
+        part = (x.T @ x).double().cpu()  # the factorizations run on the CPU
         self.sum = part if self.sum is None else self.sum + part
         self.tokens += x.shape[0]
 
@@ -210,12 +211,25 @@ class SliceGPT(Method):
             if len(c.schedule) != blocks:
                 raise CompressorError(f"the schedule has {len(c.schedule)} sparsities for {blocks} blocks",
                                       "give one sparsity per decoder block")
+        step = self.width_step(adapter.text_config(model.config))
         for i, s in enumerate(c.schedule or [c.sparsity]):
-            width_for(hidden, s, c.round_to, "residual stream" if c.schedule is None else f"stream at block {i}")
+            width_for(hidden, s, step, "residual stream" if c.schedule is None else f"stream at block {i}")
 
-    def widths(self, hidden: int, blocks: int) -> list[int]:
+    def width_step(self, config) -> int:
+        """Widths are multiples of round_to; a global slice is also a config's hidden size, which
+        transformers requires to be a multiple of the attention heads (when rounding to both
+        would be much coarser, e.g. 72 for 9 heads, to the heads alone)."""
         c = self.config
-        return [width_for(hidden, s, c.round_to, "residual stream") for s in (c.schedule or [c.sparsity] * blocks)]
+        if c.rotation != "global":
+            return c.round_to
+        heads = config.num_attention_heads
+        both = math.lcm(c.round_to, heads)
+        return both if both <= 4 * c.round_to else heads
+
+    def widths(self, config, blocks: int) -> list[int]:
+        c = self.config
+        step = self.width_step(config)
+        return [width_for(config.hidden_size, s, step, "residual stream") for s in (c.schedule or [c.sparsity] * blocks)]
 
     # ------------------------------------------------------------ the algorithm
 
@@ -228,7 +242,7 @@ class SliceGPT(Method):
         cfg = adapter.text_config(model.config)
         full = cfg.hidden_size
         blocks = adapter.blocks(model)
-        widths = self.widths(full, len(blocks))
+        widths = self.widths(cfg, len(blocks))
         off = adapter.norm_weight_offset
         layout = adapter.layout
         keep_ends = c.rotation == "per-block" and c.embeddings == "keep"
