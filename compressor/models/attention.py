@@ -38,7 +38,16 @@ class ReducedAttentionMixin:
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(self.config._attn_implementation,
                                                           module.eager_attention_forward)
         extra = {"sliding_window": self.sliding_window} if getattr(self, "sliding_window", None) else {}
+        # Fused attention kernels (torch's CPU flash SDPA among them) want one head width for q, k
+        # and v; zero channels make them equal without changing any dot product or output.
+        pad = q.shape[-1] - v.shape[-1]
+        if pad > 0:
+            v = nn.functional.pad(v, (0, pad))
+        elif pad < 0:
+            q, k = nn.functional.pad(q, (0, -pad)), nn.functional.pad(k, (0, -pad))
         out, weights = interface(self, q, k, v, attention_mask, dropout=0.0, scaling=self.scaling, **extra, **kwargs)
+        if pad > 0:
+            out = out[..., :self.v_head_dim]
         out = out.reshape(*input_shape, -1).contiguous()
         return self.o_proj(out), weights
 
