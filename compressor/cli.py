@@ -259,6 +259,8 @@ def prune(
                                            help="slicegpt per-block: comma-separated sparsity per block."),
     embeddings: Optional[str] = typer.Option(None, "--embeddings",
                                              help="slicegpt per-block: slice (reference) or keep (tied, unrotated)."),
+    probe: Optional[int] = typer.Option(None, "--probe",
+                                        help="slicegpt on post-norm models (Gemma 3): RMS probe channels (64)."),
     modules: Optional[str] = typer.Option(None, "--modules", help="modegpt: all or mlp (ordinary config)."),
     allocation: Optional[str] = typer.Option(None, "--allocation", help="modegpt: uniform or global (per-layer)."),
     calib: str = CALIB_OPTION,
@@ -278,7 +280,7 @@ def prune(
 
     def action():
         options: dict[str, Any] = {"rotation": rotation, "embeddings": embeddings, "modules": modules,
-                                   "allocation": allocation}
+                                   "allocation": allocation, "probe": probe}
         if schedule is not None:
             try:
                 options["schedule"] = [float(x) for x in schedule.split(",")]

@@ -149,7 +149,7 @@ def test_gemma3_artifact_round_trip(rotation, tiny_gemma3, text_file, tmp_path):
 
     loaded, _ = prune_in_memory(tiny_gemma3, text_file, SliceGPT.from_options(sparsity=0.25, rotation=rotation))
     out = tmp_path / "gemma"
-    prune_cli(tiny_gemma3, text_file, out, "--rotation", rotation)
+    prune_cli(tiny_gemma3, text_file, out, "--rotation", rotation, "--probe", "64")
     plain = AutoModelForCausalLM.from_pretrained(out)
     torch.testing.assert_close(logits(plain), logits(loaded.model), atol=1e-5, rtol=1e-4)
     assert json.loads((out / "config.json").read_text())["model_type"] == "compressor_sliced"  # probes
