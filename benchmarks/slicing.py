@@ -137,7 +137,7 @@ def quality(model: str, rows: list[dict], windows: int) -> dict:
     # A few candidates per pass share one base forward per batch; a large vocabulary (Gemma's
     # 262k) makes the logits the memory peak, so fewer candidates and windows per pass there.
     big = base.model.config.vocab_size > 100_000
-    per_pass, batch = ((2, 1) if big else (3, 4)) if cpu else (4, 8)
+    per_pass, batch = ((4, 1) if big else (3, 4)) if cpu else (4, 8)
     for start in range(0, len(rows), per_pass):
         chunk = rows[start:start + per_pass]
         models = {row["artifact"]: api.load(row["artifact"]).model.to(DEVICE) for row in chunk}

@@ -155,6 +155,19 @@ def test_gemma3_artifact_round_trip(rotation, tiny_gemma3, text_file, tmp_path):
     assert json.loads((out / "config.json").read_text())["model_type"] == "compressor_sliced"  # probes
 
 
+def test_gemma3_global_without_probes_is_an_ordinary_config(tiny_gemma3, text_file, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    loaded, _ = prune_in_memory(tiny_gemma3, text_file, SliceGPT.from_options(sparsity=0.25, rotation="global",
+                                                                              probe=0))
+    out = tmp_path / "gemma-global"
+    result = prune_cli(tiny_gemma3, text_file, out, "--rotation", "global", "--probe", "0")
+    config = json.loads((out / "config.json").read_text())
+    assert result["ordinary_config"] and config["model_type"].startswith("gemma3")
+    plain = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(logits(plain), logits(loaded.model), atol=1e-5, rtol=1e-4)
+
+
 def test_sliced_artifact_evaluates_and_quantizes(tiny_llama, text_file, tmp_path):
     out = tmp_path / "sliced"
     prune_cli(tiny_llama, text_file, out)

@@ -22,6 +22,8 @@ pure rotation with such a refit took gemma3-270m from ppl 33 to 178). So the sca
 rotation are folded into the module's output matrix, which also writes a few "probe" channels:
 the top principal directions of its original output, whose energy estimates the full RMS
 (models.sliced.ProbedRMSNorm). With as many probe channels as the hidden size it is exact.
+`probe=0` keeps the per-channel refit instead (the architecture's own norms, so a global slice
+stays an ordinary config).
 """
 
 from __future__ import annotations
@@ -63,7 +65,9 @@ class SliceGPTConfig(MethodConfig):
     damp: float = Field(0.01, ge=0)
     # Post-norms (Gemma 3) compute their RMS over the module's full, unrotated output; the
     # module also writes this many probe channels from which the sliced norm estimates it.
-    probe: int = Field(64, ge=1)
+    # 0: no probes, the norm is refit per channel (keeps Gemma's own architecture, so a global
+    # slice is an ordinary config, at a large cost in accuracy: see the module docstring).
+    probe: int = Field(64, ge=0)
 
 
 def width_for(hidden: int, sparsity: float, round_to: int, what: str) -> int:
@@ -173,6 +177,23 @@ def _shortcut(layer_dtype: torch.dtype, device, src: torch.Tensor | None, dst: t
     lin = shortcut(matrix.shape[1], matrix.shape[0], like)
     lin.weight.data = matrix.to(layer_dtype).contiguous()
     return lin
+
+
+def _fit_post_norm_gain(ys: list[torch.Tensor], gain: torch.Tensor, basis: torch.Tensor, eps: float) -> torch.Tensor:
+    """Per-channel scale c that makes c * z / rms(z) best match z / rms(y) in least squares,
+    z = (y * gain) B: the probe-free post-norm refit (--probe 0)."""
+    num = torch.zeros(basis.shape[1], dtype=torch.float64)
+    den = torch.zeros_like(num)
+    b32, g32 = basis.float(), gain.float()
+    for y in ys:
+        y = y.reshape(-1, y.shape[-1]).float()
+        z = (y * g32) @ b32
+        rms_y = (y.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        rms_z = (z.pow(2).mean(-1, keepdim=True) + eps).sqrt()
+        z2 = z.pow(2)
+        num += (z2 / (rms_y * rms_z)).sum(0).double()
+        den += (z2 / rms_z.pow(2)).sum(0).double()
+    return num / den.clamp_min(1e-30)
 
 
 def _rms_probe(ys: list[torch.Tensor], channels: int) -> torch.Tensor:
@@ -391,7 +412,13 @@ class SliceGPT(Method):
         if not post_norm:
             _rotate_outputs(linear, basis)
             return 0
-        gain = _norm_gain(layer.get_submodule(post_norm), offset)
+        norm = layer.get_submodule(post_norm)
+        gain = _norm_gain(norm, offset)
+        if self.config.probe == 0:
+            fitted = _fit_post_norm_gain(ys, gain, basis, getattr(norm, "eps", 1e-6))
+            _rotate_outputs(linear, basis, gain)
+            _set_norm_gain(norm, fitted, offset)
+            return 0
         probe = _rms_probe(ys, min(self.config.probe, full))
         _rotate_outputs(linear, torch.cat([gain[:, None] * basis, probe], dim=1))
         set_probed_norm(layer, post_norm, basis.shape[1], probe.shape[1], full)
