@@ -182,6 +182,21 @@ def test_sliced_artifact_evaluates_and_quantizes(tiny_llama, text_file, tmp_path
     assert result.exit_code == 0, (result.stderr, result.exception)
 
 
+def test_sliced_artifact_packs_and_unpacks_bit_exact(tiny_llama, text_file, tmp_path):
+    """A sliced artifact (registered class) through `compress pack` / `unpack`: the same bytes
+    back, and the unpacked artifact loads with the sliced model's logits."""
+    from transformers import AutoModelForCausalLM
+
+    out = tmp_path / "sliced"
+    prune_cli(tiny_llama, text_file, out)
+    result = cli("pack", out, "-o", tmp_path / "p", "--lanes", "8", "--steps", "32")
+    assert result.exit_code == 0, result.output
+    assert cli("unpack", tmp_path / "p", "-o", tmp_path / "u").exit_code == 0
+    assert (tmp_path / "u" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    torch.testing.assert_close(logits(AutoModelForCausalLM.from_pretrained(tmp_path / "u")),
+                               logits(AutoModelForCausalLM.from_pretrained(out)))
+
+
 # ---------------------------------------------------------------- MoDeGPT
 
 def test_modegpt_mlp_uniform_is_an_ordinary_config(tiny_llama, text_file, tmp_path):
