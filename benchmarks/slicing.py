@@ -281,7 +281,7 @@ NOTES = [
 
 def write_report(data: dict) -> Path:
     """reports/slicing.md from the CPU results and, where present, the GPU quality grid."""
-    rows = [r for r in data["rows"]]
+    rows = list(data["rows"])
     gpu = RESULTS / "slicing_cuda.json"
     if gpu.exists():
         rows += json.loads(gpu.read_text())["rows"]
