@@ -40,12 +40,14 @@ def run_compress(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
 
 
 def error_line(stderr: str) -> str:
-    """The whole of stderr, which must be exactly one line `error: ...`; returns the message."""
+    """stderr ends in exactly one line `error: ...` (progress lines of work done before the problem
+    showed may precede it, tracebacks may not); returns the message."""
     lines = [ln for ln in ANSI.sub("", stderr).splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one error line, got:\n{stderr}"
-    assert lines[0].startswith("error: "), lines[0]
+    errors = [ln for ln in lines if ln.startswith("error")]
+    assert len(errors) == 1 and lines[-1] == errors[0], f"expected one error line, last, got:\n{stderr}"
+    assert errors[0].startswith("error: "), errors[0]
     assert "Traceback" not in stderr
-    return lines[0][len("error: "):]
+    return errors[0][len("error: "):]
 
 
 def assert_cli_error(result, *phrases: str) -> str:
@@ -394,19 +396,45 @@ def test_other_bad_settings(args, phrase, tiny_llama, tmp_path):
 
 # ---------------------------------------------------------------- 8. existing output
 
-def test_existing_output_needs_overwrite(tiny_llama, tmp_path):
+def test_existing_output_needs_overwrite(artifact, tiny_llama, tmp_path):
+    out = copy_model(artifact, tmp_path / "out")
+    before = snapshot(out)
+    assert_cli_error(cli("quantize", tiny_llama, "-o", out, "--group-size", "32"), f"output {out} already exists",
+                     "--overwrite")
+    assert snapshot(out) == before
+
+    result = cli("quantize", tiny_llama, "-o", out, "--bits", "3", "--group-size", "32", "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    assert snapshot(out) != before
+    assert json.loads((out / "manifest.json").read_text())["method"]["config"]["bits"] == 3
+    assert cli("verify", out).exit_code == 0
+    assert leftovers(out) == []
+
+
+def test_overwrite_refuses_a_directory_compressor_did_not_write(tiny_llama, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "sentinel.txt").write_text("precious")
-    assert_cli_error(cli("quantize", tiny_llama, "-o", out, "--group-size", "32"), f"output {out} already exists",
-                     "--overwrite")
+    assert_cli_error(cli("quantize", tiny_llama, "-o", out, "--group-size", "32", "--overwrite"),
+                     "is not a compressor artifact")
     assert (out / "sentinel.txt").read_text() == "precious"
 
+
+def test_overwrite_refuses_an_artifact_holding_foreign_files(artifact, tiny_llama, tmp_path):
+    out = copy_model(artifact, tmp_path / "out")
+    (out / "notes.txt").write_text("precious")
+    before = snapshot(out)
+    assert_cli_error(cli("quantize", tiny_llama, "-o", out, "--group-size", "32", "--overwrite"),
+                     "files compressor did not write (notes.txt)")
+    assert snapshot(out) == before
+
+
+def test_overwrite_replaces_an_empty_directory(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
     result = cli("quantize", tiny_llama, "-o", out, "--group-size", "32", "--overwrite")
     assert result.exit_code == 0, result.stderr
-    assert not (out / "sentinel.txt").exists()
     assert cli("verify", out).exit_code == 0
-    assert leftovers(out) == []
 
 
 def test_output_is_a_file(tiny_llama, tmp_path):
@@ -418,9 +446,7 @@ def test_output_is_a_file(tiny_llama, tmp_path):
 
 
 def _old_output(artifact: Path, tmp_path: Path) -> Path:
-    out = copy_model(artifact, tmp_path / "out")
-    (out / "sentinel.txt").write_text("precious")
-    return out
+    return copy_model(artifact, tmp_path / "out")
 
 
 @pytest.mark.parametrize("error", [RuntimeError("boom"), CompressorError("boom", "fix it")])
@@ -483,7 +509,8 @@ def test_interrupt_keeps_old_output_and_resumes(artifact, tiny_llama, tmp_path, 
     monkeypatch.setattr(RTN, "apply_group", original)
     result = cli(*args, "--resume")
     assert result.exit_code == 0, result.stderr
-    assert not (out / "sentinel.txt").exists()
+    assert snapshot(out) != before
+    assert json.loads((out / "manifest.json").read_text())["method"]["config"]["bits"] == 3
     assert cli("verify", out).exit_code == 0
 
 

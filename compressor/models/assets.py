@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 from compressor.errors import CompressorError
-from compressor.util import atomic_dir, sha256_file
+from compressor.outputs import atomic_dir
+from compressor.util import sha256_file
 
 
 def cache_dir() -> Path:
