@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from compressor import __version__
 from compressor.safetensors_file import read_header
-from helpers import cli
+from helpers import cli, compress_command
 
 
 
@@ -26,11 +25,6 @@ def ok(*args):
 def ok_json(*args):
     """Run with --json; stdout must be exactly one JSON document."""
     return json.loads(ok("--json", *args).stdout)
-
-
-def compress_command() -> list[str]:
-    exe = Path(sys.executable).with_name("compress")
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "compressor.cli"]
 
 
 # Bits per quantized weight of int4, group 32, float16 scales: 4 + 16/32, plus 4/32 for the zero points.
