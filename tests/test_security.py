@@ -21,7 +21,6 @@ import torch
 
 from compressor import api
 from compressor.errors import CompressorError
-from compressor.formats import packed as packed_format
 from compressor.formats.manifest import build_manifest, write_manifest
 from compressor.outputs import check_output, clean_stale_temporaries, safe_name
 from compressor.safetensors_file import read_header, read_tensors, write_tensors

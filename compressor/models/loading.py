@@ -205,6 +205,7 @@ def load_model(
             raise CompressorError(f"cannot load {path}: {str(exc).splitlines()[0]}",
                                   "check that the checkpoint is complete and matches its config") from None
     model.eval()
+    log(f"hashing {human_bytes(source_bytes(path))} of weights (recorded in the artifact's manifest)")
     return LoadedModel(model, load_tokenizer(path), adapter, path, source_hash(path), str(ref),
                        stored_dtype=stored_float_dtype(weight_files(path)) or dtype)
 
