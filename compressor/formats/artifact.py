@@ -63,6 +63,8 @@ def write_artifact(out: Path, *, config: dict, tensors: dict[str, torch.Tensor],
                    kind: str, source: dict, method: dict | None, calibration: dict | None, metrics: dict,
                    overwrite: bool, build: dict | None = None) -> Path:
     out = check_output(Path(out), overwrite=overwrite)
+    # Where the source happened to live is not part of the artifact (same inputs, same bytes).
+    config = {k: v for k, v in config.items() if k != "_name_or_path"}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_tensors(tmp, tensors)
