@@ -60,10 +60,19 @@ def fetch_assets(names: list[str], progress: Progress | None = None) -> list[dic
 # ---------------------------------------------------------------- loading
 
 def load(ref: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
-         progress: Progress | None = None) -> LoadedModel:
-    """A checkpoint, GGUF file, reference name or compressor artifact, as a float model."""
+         progress: Progress | None = None, device: str | None = None) -> LoadedModel:
+    """A checkpoint, GGUF file, reference name or compressor artifact, as a float model. With a
+    CUDA `device`, a quantized artifact keeps its linears quantized there (QuantLinear, our kernels)."""
     progress = progress or Progress()
     path = resolve_model_path(ref, progress.log)
+    if path.is_dir() and artifacts.is_quantized(path) and device is not None and torch.device(device).type == "cuda":
+        from compressor.models.quant_runtime import load_quantized
+
+        model, dtype = load_quantized(path, dtype, torch.device(device), progress.warn)
+        manifest = read_manifest(path) if (path / "manifest.json").exists() else {}
+        return LoadedModel(model, load_tokenizer(path), adapter_for_config(model.config), path,
+                           manifest.get("source", {}).get("sha256", ""), str(ref), {"manifest": manifest},
+                           stored_dtype=dtype)
     if path.is_dir() and artifacts.is_quantized(path):
         from transformers import AutoConfig
 
@@ -280,7 +289,7 @@ def evaluate(model: str, base: str | None = None, data: str = "wiki", windows: i
     started = time.perf_counter()
     if batch_size < 1:
         raise CompressorError(f"batch size must be at least 1 (got {batch_size})", "raise --batch-size")
-    candidate = load(model, allow_pickle=allow_pickle, progress=progress)
+    candidate = load(model, allow_pickle=allow_pickle, progress=progress, device=device)
     reference = load(base, allow_pickle=allow_pickle, progress=progress) if base else None
     tokenizer = candidate.tokenizer or (reference.tokenizer if reference else None)
     if reference is not None and candidate.model.config.vocab_size != reference.model.config.vocab_size:
@@ -449,3 +458,60 @@ def prune(model: str, method: str, out: str | Path, sparsity: float, options: di
                "device": device, "spec": spec})
     return {"output": str(out), "method": pruner.describe(), **metrics, "model_type": config["model_type"],
             "slice_s": slice_s, "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+
+
+# ---------------------------------------------------------------- bench
+
+def bench(artifact: str, device: str = "auto", batches: tuple[int, ...] = (1, 16), prompt_len: int = 512,
+          gen_len: int = 128, base: str | None = None, repeats: int = 3, progress: Progress | None = None) -> dict:
+    """Prefill and decode tokens/s and peak memory of an artifact through the loader `eval` uses,
+    beside a dense base in the same run (default: the artifact's own weights dequantized)."""
+    from compressor.evaluation.speed import measure
+    from compressor.models.quant_runtime import kernel_summary
+
+    progress = progress or Progress()
+    target = _bench_device(device)
+    if not batches or min(batches) < 1 or prompt_len < 1 or gen_len < 1:
+        raise CompressorError(f"batch sizes, --prompt-len and --gen-len must be positive (got {list(batches)}, "
+                              f"{prompt_len}, {gen_len})", "e.g. --batch 1,16 --prompt-len 512 --gen-len 128")
+    cuda = target.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    runs = {}
+    for label, ref in (("base", base or artifact), ("artifact", artifact)):
+        progress.log(f"loading {label} {ref}")
+        loaded = load(ref, dtype=dtype, progress=progress, device=str(target) if label == "artifact" else None)
+        model = loaded.model.to(target)
+        if cuda:
+            torch.cuda.synchronize(target)
+        weights_mb = (torch.cuda.memory_allocated(target) / 2**20) if cuda else None
+        runtime = kernel_summary(model) or "dense float weights"
+        progress.log(f"measuring {label} on {target} (batches {list(batches)})")
+        rows = measure(model, target, list(batches), prompt_len, gen_len, repeats=repeats)
+        runs[label] = {"ref": str(ref), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                       "runtime": runtime, "weights_memory_mb": weights_mb, "rows": rows}
+        del loaded, model
+        release_memory()
+        if cuda:
+            torch.cuda.empty_cache()
+    speedup = [{"batch": a["batch"],
+                "prefill_x": a["prefill_tokens_per_s"] / b["prefill_tokens_per_s"],
+                "decode_x": a["decode_tokens_per_s"] / b["decode_tokens_per_s"]}
+               for a, b in zip(runs["artifact"]["rows"], runs["base"]["rows"])]
+    note = None if cuda else ("CPU: the artifact runs the reference path (weights dequantized to float32 at load), "
+                              "so it is no faster than the base; speed-ups need the CUDA kernels")
+    return {"artifact": str(artifact), "device": torch.cuda.get_device_name(target) if cuda else "cpu",
+            "peak_rss_mb": peak_rss_mb(), **runs, "speedup": speedup, "note": note}
+
+
+def _bench_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        target = torch.device(device)
+    except RuntimeError:
+        raise CompressorError(f"unknown device {device!r}", "use cpu, cuda, cuda:N or auto") from None
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise CompressorError("--device cuda but no CUDA GPU is available", "run on a GPU machine or pass --device cpu")
+    if target.type not in ("cpu", "cuda"):
+        raise CompressorError(f"bench runs on cpu or cuda, not {device}", "use --device cpu or --device cuda")
+    return target

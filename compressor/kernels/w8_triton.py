@@ -109,7 +109,7 @@ def _config(m: int, n_pad: int, k_tiles: int, sms: int) -> dict:
 
 def w8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
               counters: torch.Tensor, out_features: int, static_scale: torch.Tensor | None = None,
-              config: dict | None = None) -> torch.Tensor:
+              config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] → [..., out_features]; weight [n_pad, K] int8/fp8 codes, weight_scale fp32 [n_pad]."""
     fp8 = weight.dtype == torch.float8_e4m3fn
     shape = x.shape
@@ -117,7 +117,7 @@ def w8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m, k = x2.shape
-    y = torch.empty(m, out_features, dtype=x.dtype, device=x.device)
+    y = out if out is not None else torch.empty(m, out_features, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*shape[:-1], out_features)
     q, s = quantize_rows(x2, fp8, static_scale)

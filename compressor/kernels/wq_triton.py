@@ -145,14 +145,14 @@ def sm_count(device: torch.device) -> int:
 
 
 def wq_matmul(x: torch.Tensor, w: WqWeights, bias: torch.Tensor | None, counters: torch.Tensor,
-              use_asm: bool = True, config: dict | None = None) -> torch.Tensor:
-    """x [..., in_features] (bf16 or fp16) → [..., out_features] in x's dtype."""
+              use_asm: bool = True, config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """x [..., in_features] (bf16 or fp16) → [..., out_features] in x's dtype (into `out` [M, N] if given)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     m, n = x2.shape[0], w.out_features
-    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*shape[:-1], n)
     cfg = config or _config(m, lambda bn: w.n_pad // bn, w.groups, sm_count(x.device))
