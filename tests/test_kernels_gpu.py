@@ -66,7 +66,7 @@ def weight_only(case, seed: int):
 @pytest.mark.parametrize("case", WQ_CASES, ids=case_id)
 def test_weight_only_kernel_matches_the_reference(case):
     bits, group, _, _, dtype, m, n, k = case
-    for seed, use_asm, split in ((1, True, None), (2, False, None), (3, True, 1), (4, True, 8)):
+    for seed, use_asm, split in ((1, True, None), (2, False, 8), (3, True, 1)):
         codes, scale, zero, g_idx, x, bias = weight_only(case, seed + 10 * WQ_CASES.index(case))
         w = wq_layout.repack(codes, scale, zero, bits, group, g_idx)
         exact = x.double() @ dequantize(codes, scale, zero, g_idx, torch.float64).T
