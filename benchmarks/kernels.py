@@ -68,10 +68,13 @@ def graph_time(calls: list, replays: int = 15) -> float:
 
 
 def copy_bandwidth() -> float:
-    x = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    """Device-to-device copy, bytes read + written: the faster of the copy engine path
+    (`copy_`) and an SM kernel (`mul(x, 1)`), so that % of copy is not flattered."""
+    x = torch.empty(2 * 1024**3 // 4, dtype=torch.float32, device="cuda").normal_()
     y = torch.empty_like(x)
-    t = graph_time([lambda: y.copy_(x)] * 4, replays=10)
-    return 2 * x.numel() * 2 / t / 1e9
+    memcpy = graph_time([lambda: y.copy_(x)] * 4, replays=10)
+    kernel = graph_time([lambda: torch.mul(x, 1.0, out=y)] * 4, replays=10)
+    return 2 * x.numel() * 4 / min(memcpy, kernel) / 1e9
 
 
 def matmul_tflops() -> float:
@@ -112,7 +115,12 @@ def eight_bit_op(n: int, k: int, fp8: bool, g: torch.Generator, scaled_mm: bool 
     counters = torch.zeros(quant_linear.COUNTERS, dtype=torch.int32, device="cuda")
     if scaled_mm:
         return (lambda x: w8_triton.fp8_scaled_mm(x, codes, scale, None, n)), codes.numel() + 4 * n
-    return (lambda x: w8_triton.w8_matmul(x, codes, scale, None, counters, n)), codes.numel() + 4 * n
+
+    def op(x):
+        return w8_triton.w8_matmul(x, codes, scale, None, counters, n)
+
+    op.weights = (codes, scale)
+    return op, codes.numel() + 4 * n
 
 
 def int4pack_op(n: int, k: int, group: int, g: torch.Generator):
@@ -187,46 +195,59 @@ def kernel_rows(copy_gbps: float, log, rows: list, save, shapes=SHAPES, ms=MS) -
         save()
 
 
-def tuning_rows(copy_gbps: float, log) -> list[dict]:
-    """W4A16 g128 decode configurations (tile rows, pipeline depth, programs per SM, asm) on the
-    8B MLP shapes: which the default should be."""
+def sweep_rows(copy_gbps: float, log, spec: dict) -> list[dict]:
+    """Time configurations of our kernels (spec: {"weight_only": [...], "w8a8": [...]}, each entry
+    {"shapes": [[N, K]], "ms": [...], "configs": [{BM, BN, num_warps, num_stages, per_sm, ...}]})."""
     rows = []
     g = torch.Generator(device="cuda").manual_seed(1)
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    for n, k in [(14336, 4096), (4096, 14336)]:
-        ops, _ = build_copies(lambda: bf16_op(n, k, g))
-        base = {m: time_ops(ops, m, k, g) for m in (1, 16)}
-        layouts, nbytes = build_copies(lambda: weight_only_op(n, k, 4, 128, g))
-        layouts = [op.layout for op in layouts]
-        counters = torch.zeros(quant_linear.COUNTERS, dtype=torch.int32, device="cuda")
-        for bn in (64, 128):
-            for stages in (2, 4):
-                for per_sm in (2, 4, 8):
-                    for use_asm in (True, False):
-                        w0 = layouts[0]
-                        split = wq_triton.split_for(w0.groups, -(-per_sm * sms // (w0.n_pad // bn)))
-                        config = {"BM": 16, "BN": bn, "num_warps": 4 if bn == 64 else 8, "num_stages": stages,
-                                  "groups_per_split": w0.groups // split, "split_k": split}
-                        calls = [lambda x, w=w: wq_triton.wq_matmul(x, w, None, counters, use_asm, config)
-                                 for w in layouts]
-                        for m in (1, 16):
-                            try:
-                                t = time_ops(calls, m, k, g)
-                            except Exception as exc:
-                                log(f"tuning {config} asm={use_asm}: {type(exc).__name__}: {str(exc)[:150]}")
-                                continue
-                            rows.append({"method": "w4a16-tuning", "shape": f"{n}x{k}", "m": m,
-                                         "config": {"bits": 4, "group_size": 128, "BN": bn, "num_stages": stages,
-                                                    "programs_per_sm": per_sm, "split_k": split, "asm": use_asm},
-                                         "time_us": t * 1e6, "bf16_time_us": base[m] * 1e6,
-                                         "speedup_vs_bf16": base[m] / t,
-                                         "pct_copy_bw": 100 * (nbytes + m * (n + k) * 2) / t / 1e9 / copy_gbps})
-        for m in (1, 16):
-            best = max((r for r in rows if r["shape"] == f"{n}x{k}" and r["m"] == m), key=lambda r: r["speedup_vs_bf16"])
-            log(f"tuning {n}x{k} m={m}: best {best['config']} {best['speedup_vs_bf16']:.2f}x "
-                f"{best['pct_copy_bw']:.0f}% of copy")
-        del layouts, ops
-        torch.cuda.empty_cache()
+    counters = torch.zeros(quant_linear.COUNTERS, dtype=torch.int32, device="cuda")
+    for kind, entries in spec.items():
+        for entry in entries:
+            for n, k in entry["shapes"]:
+                ops, _ = build_copies(lambda: bf16_op(n, k, g))
+                base = {m: time_ops(ops, m, k, g) for m in entry["ms"]}
+                del ops
+                bits, group = entry.get("bits", 4), entry.get("group_size", 128)
+                if kind == "weight_only":
+                    made, nbytes = build_copies(lambda: weight_only_op(n, k, bits, group, g))
+                    weights = [op.layout for op in made]
+                else:
+                    made, nbytes = build_copies(lambda: eight_bit_op(n, k, kind == "fp8", g))
+                    weights = [op.weights for op in made]
+                for cfg in entry["configs"]:
+                    for m in entry["ms"]:
+                        if kind == "weight_only":
+                            w0 = weights[0]
+                            tiles = (w0.n_pad // cfg["BN"]) * -(-m // cfg["BM"])
+                            split = wq_triton.split_for(w0.groups, -(-cfg["per_sm"] * sms // tiles))
+                            config = {**cfg, "groups_per_split": w0.groups // split, "split_k": split}
+                            calls = [lambda x, w=w: wq_triton.wq_matmul(x, w, None, counters, cfg.get("asm"), config)
+                                     for w in weights]
+                        else:
+                            codes, scale = weights[0]
+                            tiles = (codes.shape[0] // cfg["BN"]) * -(-m // cfg["BM"])
+                            split = wq_triton.split_for(-(-k // 128), -(-cfg["per_sm"] * sms // tiles))
+                            config = {**cfg, "split_k": split}
+                            calls = [lambda x, w=w: w8_triton.w8_matmul(x, w[0], w[1], None, counters, n, config=config)
+                                     for w in weights]
+                        try:
+                            t = time_ops(calls, m, k, g)
+                        except Exception as exc:
+                            log(f"sweep {kind} {n}x{k} m={m} {cfg}: {type(exc).__name__}: {str(exc)[:200]}")
+                            continue
+                        rows.append({"method": f"{kind}-sweep", "shape": f"{n}x{k}", "m": m,
+                                     "config": {"bits": bits, "group_size": group, **config},
+                                     "time_us": t * 1e6, "bf16_time_us": base[m] * 1e6, "speedup_vs_bf16": base[m] / t,
+                                     "pct_copy_bw": 100 * (nbytes + m * (n + k) * 2) / t / 1e9 / copy_gbps})
+                for m in entry["ms"]:
+                    got = sorted((r for r in rows if r["method"] == f"{kind}-sweep" and r["shape"] == f"{n}x{k}"
+                                  and r["m"] == m), key=lambda r: -r["speedup_vs_bf16"])
+                    for r in got[:3]:
+                        log(f"sweep {kind} {n}x{k} m={m}: {r['speedup_vs_bf16']:.2f}x {r['pct_copy_bw']:.0f}% "
+                            f"{ {k2: v for k2, v in r['config'].items() if k2 not in ('bits', 'group_size')} }")
+                del made, weights
+                torch.cuda.empty_cache()
     return rows
 
 
@@ -352,7 +373,7 @@ def check_asm(log) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--parts", default="kernels,e2e", help="comma-separated: kernels, tuning, e2e")
+    ap.add_argument("--parts", default="kernels,e2e", help="comma-separated: kernels, e2e, sweep=SPEC.json, profile")
     ap.add_argument("--layers", type=int, default=32)
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
@@ -382,10 +403,18 @@ def main() -> None:
         result_path.write_text(json.dumps(result, indent=1) + "\n")
 
     for part in args.parts.split(","):
-        if part == "tuning":
-            rows += tuning_rows(copy_gbps, log)
+        if part.startswith("sweep="):
+            rows += sweep_rows(copy_gbps, log, json.loads(Path(part[len("sweep="):]).read_text()))
         elif part == "kernels":
             kernel_rows(copy_gbps, log, rows, save)
+        elif part == "profile":  # a decode launch for ncu: 4-bit g128, 14336x4096, M=1
+            g = torch.Generator(device="cuda").manual_seed(2)
+            ops, _ = build_copies(lambda: weight_only_op(14336, 4096, 4, 128, g))
+            x = torch.randn(1, 4096, generator=g, device="cuda").to(torch.bfloat16)
+            for _ in range(5):
+                for op in ops:
+                    op(x)
+            torch.cuda.synchronize()
         elif part == "e2e":
             rows += end_to_end_rows(log, args.layers)
         save()

@@ -127,7 +127,8 @@ def test_eight_bit_kernels_match_the_reference(case):
 
 def test_quant_linears_through_the_loader_match_the_float_path(tmp_path):
     """Tiny artifacts loaded for CUDA (QuantLinear on the kernels) against the float loader on
-    the same GPU in bf16: logits agree to bf16 accuracy."""
+    the same GPU in bf16: logits agree to bf16 accuracy (FP8 to 5e-2: its inputs are rounded to
+    3 mantissa bits, so a last-bit difference upstream can move a code by a whole step)."""
     from compressor import api
     from compressor.models.quant_runtime import kernel_summary
     from conftest import make_llama, make_text
@@ -145,4 +146,4 @@ def test_quant_linears_through_the_loader_match_the_float_path(tmp_path):
         slow = api.load(out, dtype=torch.bfloat16).model.cuda()
         with torch.no_grad():
             a, b = fast(ids).logits.float(), slow(ids).logits.float()
-        assert rel(a, b) < 2e-2, (method, options, rel(a, b))
+        assert rel(a, b) < (5e-2 if method == "fp8" else 2e-2), (method, options, rel(a, b))

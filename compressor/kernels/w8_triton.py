@@ -95,16 +95,18 @@ def w8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, wsc_ptr, bias_ptr, y_ptr, ws_ptr, cnt_
                         pid_n, pid_m, pid_k, tl.num_programs(0), split_k, HAS_BIAS, SPLIT, OUT_DT, BN, BM)
 
 
+# Tile shapes by activation rows M (first match), as in wq_triton.CONFIGS.
+CONFIGS = [
+    (16, {"BM": 16, "BN": 64, "num_warps": 4, "num_stages": 4, "per_sm": 4}),
+    (64, {"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 4, "per_sm": 2}),
+    (1 << 62, {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 3, "per_sm": 1}),
+]
+
+
 def _config(m: int, n_pad: int, k_tiles: int, sms: int) -> dict:
-    if m <= 16:
-        bm, bn, warps, stages = 16, 64, 4, 4
-    elif m <= 64:
-        bm, bn, warps, stages = 64, 128, 4, 4
-    else:
-        bm, bn, warps, stages = 128, 128, 8, 3
-    tiles = (n_pad // bn) * -(-m // bm)
-    split = split_for(k_tiles, -(-4 * sms // tiles)) if tiles < 2 * sms else 1
-    return {"BM": bm, "BN": bn, "num_warps": warps, "num_stages": stages, "split_k": split}
+    cfg = dict(next(c for limit, c in CONFIGS if m <= limit))
+    tiles = (n_pad // cfg["BN"]) * -(-m // cfg["BM"])
+    return {**cfg, "split_k": split_for(k_tiles, -(-cfg["per_sm"] * sms // tiles))}
 
 
 def w8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
