@@ -208,7 +208,8 @@ def sweep_rows(copy_gbps: float, log, spec: dict) -> list[dict]:
                 ops, _ = build_copies(lambda: bf16_op(n, k, g))
                 base = {m: time_ops(ops, m, k, g) for m in entry["ms"]}
                 del ops
-                bits, group = entry.get("bits", 4), entry.get("group_size", 128)
+                weight_only = kind == "weight_only"
+                bits, group = entry.get("bits", 4 if weight_only else 8), entry.get("group_size", 128 if weight_only else None)
                 if kind == "weight_only":
                     made, nbytes = build_copies(lambda: weight_only_op(n, k, bits, group, g))
                     weights = [op.layout for op in made]

@@ -76,7 +76,7 @@ def targets(rows: list[dict]) -> list[tuple[str, str, str, str]]:
 def kernel_table(rows: list[dict], shape: str) -> list[str]:
     lines = [f"### {shape} (out × in)", "", "| M | kernel | µs | × bf16 | GB/s | % copy | TFLOP/s |",
              "|---:|---|---:|---:|---:|---:|---:|"]
-    for r in sorted((r for r in rows if r.get("shape") == shape and "time_us" in r and r["method"] != "w4a16-tuning"),
+    for r in sorted((r for r in rows if r.get("shape") == shape and "time_us" in r and not is_sweep(r)),
                     key=lambda r: (r["m"], r["method"] != "bf16", label(r))):
         lines.append(f"| {r['m']} | {label(r)} | {r['time_us']:.1f} | {r['speedup_vs_bf16']:.2f} | {r['gbps']:.0f} | "
                      f"{r['pct_copy_bw']:.0f} | {r['tflops']:.1f} |")
@@ -85,7 +85,26 @@ def kernel_table(rows: list[dict], shape: str) -> list[str]:
     return lines + [""]
 
 
-def render(data: dict) -> str:
+def is_sweep(r: dict) -> bool:
+    return r["method"].endswith(("-sweep", "-tuning"))
+
+
+def sweep_table(rows: list[dict], title: str) -> list[str]:
+    if not rows:
+        return []
+    lines = ["", f"## {title}", "",
+             "| kernel | shape | M | BM | BN | warps | stages | programs/SM | split-K | µs | × bf16 | % copy |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (r["method"], r["shape"], r["m"], -r["speedup_vs_bf16"])):
+        c = r["config"]
+        lines.append(f"| {r['method'].removesuffix('-sweep')} w{c['bits']} | {r['shape']} | {r['m']} | {c.get('BM', 16)} | "
+                     f"{c['BN']} | {c.get('num_warps', '')} | {c['num_stages']} | {c.get('per_sm', c.get('programs_per_sm'))} | "
+                     f"{c['split_k']} | "
+                     f"{r['time_us']:.1f} | {r['speedup_vs_bf16']:.2f} | {r['pct_copy_bw']:.0f} |")
+    return lines
+
+
+def render(data: dict, history: list[Path] = ()) -> str:
     rows, p = data["rows"], data["protocol"]
     lines = [
         "# Kernels: weight-only int-N, W8A8 and FP8 GEMMs on the GPU",
@@ -119,18 +138,15 @@ def render(data: dict) -> str:
             lines.append(f"| {r['method']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['speedup_vs_bf16']:.2f} | "
                          f"{r['prefill_tokens_per_s']:.0f} | {fmt(r['weights_gb'], 1)} | "
                          f"{'yes' if r['cuda_graph'] else 'no: ' + str(r.get('cuda_graph_note'))} |")
-    tuning = [r for r in rows if r["method"] == "w4a16-tuning"]
-    if tuning:
-        lines += ["", "## W4A16 g128 decode configurations (tuning sweep)", "",
-                  "| shape | M | BN | stages | programs/SM | split-K | asm | µs | × bf16 | % copy |",
-                  "|---|---:|---:|---:|---:|---:|---|---:|---:|---:|"]
-        for r in sorted(tuning, key=lambda r: (r["shape"], r["m"], -r["speedup_vs_bf16"])):
-            c = r["config"]
-            lines.append(f"| {r['shape']} | {r['m']} | {c['BN']} | {c['num_stages']} | {c['programs_per_sm']} | "
-                         f"{c['split_k']} | {c['asm']} | {r['time_us']:.1f} | {r['speedup_vs_bf16']:.2f} | "
-                         f"{r['pct_copy_bw']:.0f} |")
+    lines += sweep_table([r for r in rows if is_sweep(r)], "Decode configurations (sweep in the same run)")
+    for path in history:
+        old = json.loads(Path(path).read_text())
+        lines += ["", f"## Earlier run: {Path(path).name} ({old['date']})", "", old.get("note", ""), "",
+                  "| target | measured | goal | met |", "|---|---:|---:|---|"]
+        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in targets(old["rows"]) if b != "n/a"]
+        lines += sweep_table([r for r in old["rows"] if is_sweep(r)], f"Configuration sweep of {Path(path).name}")
     lines += ["", "## Every kernel row", ""]
-    for shape in dict.fromkeys(r["shape"] for r in rows if r.get("shape") and r["method"] != "w4a16-tuning"):
+    for shape in dict.fromkeys(r["shape"] for r in rows if r.get("shape") and not is_sweep(r)):
         lines += kernel_table(rows, shape)
     return "\n".join(lines).rstrip() + "\n"
 
@@ -139,8 +155,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "kernels.json")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "kernels.md")
+    ap.add_argument("--history", type=Path, nargs="*", default=sorted(
+        (ROOT / "benchmarks" / "results").glob("kernels_*.json")), help="earlier runs to summarize")
     args = ap.parse_args()
-    args.out.write_text(render(json.loads(args.results.read_text())))
+    args.out.write_text(render(json.loads(args.results.read_text()), args.history))
     print(f"wrote {args.out}")
 
 

@@ -95,11 +95,11 @@ def w8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, wsc_ptr, bias_ptr, y_ptr, ws_ptr, cnt_
                         pid_n, pid_m, pid_k, tl.num_programs(0), split_k, HAS_BIAS, SPLIT, OUT_DT, BN, BM)
 
 
-# Tile shapes by activation rows M (first match), as in wq_triton.CONFIGS.
+# Tile shapes by activation rows M (first match), from the same sweep as wq_triton.CONFIGS.
 CONFIGS = [
     (16, {"BM": 16, "BN": 64, "num_warps": 4, "num_stages": 4, "per_sm": 4}),
-    (64, {"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 4, "per_sm": 2}),
-    (1 << 62, {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 3, "per_sm": 1}),
+    (64, {"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 4, "per_sm": 1}),
+    (1 << 62, {"BM": 128, "BN": 128, "num_warps": 4, "num_stages": 4, "per_sm": 1}),
 ]
 
 

@@ -69,7 +69,7 @@ def wq_gemm_kernel(x_ptr, perm_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, p0_ptr, p1
                    P0_WORDS, P1_WORDS,
                    BITS: tl.constexpr, PW0: tl.constexpr, PW1: tl.constexpr, LO1: tl.constexpr,
                    ASYM: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                   FP16: tl.constexpr, USE_ASM: tl.constexpr, SPLIT: tl.constexpr, SCALE_IN_A: tl.constexpr,
+                   FP16: tl.constexpr, USE_ASM: tl.constexpr, SPLIT: tl.constexpr,
                    BN: tl.constexpr, BM: tl.constexpr, BK: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_m = tl.program_id(1)
@@ -88,11 +88,20 @@ def wq_gemm_kernel(x_ptr, perm_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, p0_ptr, p1
     if PW1 > 0:
         p1 = p1_ptr + rn[:, None] * P1_WORDS + g_start * W1 + tl.arange(0, W1)[None, :]
     off1 = tl.full((BN,), OFF1, tl.float32)
-    if SCALE_IN_A:
-        acc_mn = tl.zeros((BM, BN), tl.float32)
-    else:
-        tot = tl.zeros((BN, BM), tl.float32)
+    tot = tl.zeros((BN, BM), tl.float32)
+    # Scales (and zero points) are read one group ahead: a plain load in the loop would stall every
+    # iteration for a memory round trip (the compiler pipelines only the operands of the dot).
+    scale_next = tl.load(s_ptr + g_start * n_pad + rn)
+    if ASYM:
+        zero_next = tl.load(z_ptr + g_start * n_pad + rn)
     for g in range(g_start, g_start + groups_per_split):
+        scale = scale_next.to(tl.float32)
+        more = (rn < n_pad) & (g + 1 < G)
+        scale_next = tl.load(s_ptr + (g + 1) * n_pad + rn, mask=more, other=0.0)
+        off0 = tl.full((BN,), OFF0, tl.float32)
+        if ASYM:
+            off0 += zero_next.to(tl.float32)
+            zero_next = tl.load(z_ptr + (g + 1) * n_pad + rn, mask=more, other=0)
         k = g * BK + rk
         if HAS_PERM:
             src = tl.load(perm_ptr + k, mask=k < K, other=0)
@@ -100,40 +109,23 @@ def wq_gemm_kernel(x_ptr, perm_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, p0_ptr, p1
             src = k
         x = tl.load(x_ptr + rm[:, None] * stride_xm + src[None, :], mask=(rm < M)[:, None] & (k < K)[None, :],
                     other=0.0)
-        x = x.to(DT)
-        off0 = tl.full((BN,), OFF0, tl.float32)
-        if ASYM:
-            off0 += tl.load(z_ptr + g * n_pad + rn).to(tl.float32)
-        a0 = _plane_values(tl.load(p0), off0, PW0, 0, FP16, USE_ASM, BN, BK)
+        xt = tl.trans(x.to(DT))
+        acc = tl.dot(_plane_values(tl.load(p0), off0, PW0, 0, FP16, USE_ASM, BN, BK), xt)
         p0 += W0
-        if SCALE_IN_A:
-            # Prefill: the weights, scaled and rounded once as the reference's, go through shared
-            # memory as the matrix unit's second operand; activations are the first, as in a plain GEMM.
-            w = a0.to(tl.float32)
-            if PW1 > 0:
-                w += _plane_values(tl.load(p1), off1, PW1, LO1, FP16, USE_ASM, BN, BK).to(tl.float32)
-                p1 += W1
-            scale = tl.load(s_ptr + g * n_pad + rn).to(tl.float32)
-            acc_mn = tl.dot(x, tl.trans((w * scale[:, None]).to(DT)), acc_mn)
-        else:  # decode: exact integer-valued operands, the group's scale applied to its fp32 sum
-            xt = tl.trans(x)
-            acc = tl.dot(a0, xt)
-            if PW1 > 0:
-                acc = tl.dot(_plane_values(tl.load(p1), off1, PW1, LO1, FP16, USE_ASM, BN, BK), xt, acc)
-                p1 += W1
-            tot += acc * tl.load(s_ptr + g * n_pad + rn).to(tl.float32)[:, None]
-    if SCALE_IN_A:
-        tot = tl.trans(acc_mn)
+        if PW1 > 0:
+            acc = tl.dot(_plane_values(tl.load(p1), off1, PW1, LO1, FP16, USE_ASM, BN, BK), xt, acc)
+            p1 += W1
+        tot += acc * scale[:, None]
     splitk.store_output(tot, y_ptr, bias_ptr, ws_ptr, cnt_ptr, rn, rm, N, M, stride_ym, n_pad, m_pad,
                         pid_n, pid_m, pid_k, tl.num_programs(0), split_k, HAS_BIAS, SPLIT, DT, BN, BM)
 
 
-# Tile shapes by activation rows M (first match): decode rows fit one narrow tile and split K until
-# every multiprocessor has `per_sm` programs; prefill takes wide tiles and folds scales into the weights.
+# Tile shapes by activation rows M (first match), from the H200 sweep in reports/kernels.md: decode
+# rows fit one narrow tile and split K until every multiprocessor has `per_sm` programs.
 CONFIGS = [
-    (16, {"BM": 16, "BN": 64, "num_warps": 4, "num_stages": 4, "per_sm": 4, "scale_in_a": False}),
-    (64, {"BM": 64, "BN": 64, "num_warps": 4, "num_stages": 3, "per_sm": 4, "scale_in_a": False}),
-    (1 << 62, {"BM": 128, "BN": 128, "num_warps": 8, "num_stages": 3, "per_sm": 1, "scale_in_a": True}),
+    (16, {"BM": 16, "BN": 64, "num_warps": 4, "num_stages": 3, "per_sm": 4}),
+    (64, {"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 4, "per_sm": 2}),
+    (1 << 62, {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 3, "per_sm": 1}),
 ]
 
 
@@ -192,6 +184,5 @@ def wq_matmul(x: torch.Tensor, w: WqWeights, bias: torch.Tensor | None, counters
         planes[0].shape[1], planes[-1].shape[1],
         BITS=w.bits, PW0=pw0, PW1=pw1, LO1=lo1, ASYM=w.zeros is not None, HAS_PERM=w.perm is not None,
         HAS_BIAS=bias is not None, FP16=x.dtype == torch.float16, USE_ASM=USE_ASM if use_asm is None else use_asm, SPLIT=split > 1,
-        SCALE_IN_A=cfg.get("scale_in_a", False),
         BN=bn, BM=bm, BK=w.block_k, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.reshape(*shape[:-1], n)
