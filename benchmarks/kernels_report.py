@@ -10,6 +10,20 @@ import json
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+HISTORY_NOTES = {  # what differed in each earlier run (by file-name suffix)
+    "_run1": "First full run: the kernel before the one-group-ahead scale loads, tile tables before the sweep. "
+             "Its copy baseline went through the copy engine (`copy_` in a graph) and read low, so its % of copy "
+             "is left out here.",
+    "_sweep": "Configuration sweep before the scale prefetch, with Triton's wgmma (warpgroup MMA, weights as its "
+              "register operand). It also tried a prefill variant that folds the scales into the weight operand and "
+              "runs a plain GEMM through shared memory; that variant was never among the fastest and was removed.",
+    "_sweep_mmav2": "The same decode sweep with wgmma disabled (DISABLE_MMA_V3=1: Triton falls back to mma.sync).",
+}
+NCU_METRICS = (("Duration", "us"), ("DRAM Throughput", "%"), ("Memory Throughput", "Tbyte/s"),
+               ("L2 Cache Throughput", "%"), ("Issued Warp Per Scheduler", ""), ("Active Warps Per Scheduler", "warp"),
+               ("Eligible Warps Per Scheduler", "warp"), ("Warp Cycles Per Issued Instruction", "cycle"),
+               ("Block Limit Registers", "block"), ("Achieved Occupancy", "%"))
 MLP_8B = ("14336x4096", "4096x14336")
 SHAPES_8B = ("4096x4096", "14336x4096", "4096x14336")
 
@@ -85,6 +99,55 @@ def kernel_table(rows: list[dict], shape: str) -> list[str]:
     return lines + [""]
 
 
+def ncu_metrics(path: Path) -> dict[str, str]:
+    """The decode kernel's headline counters from a saved Nsight Compute report: name → value."""
+    found: dict[str, str] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            for name, unit in NCU_METRICS:
+                words = line.split()
+                if line.strip().startswith(name + " ") and name not in found and len(words) >= 2 and \
+                        (unit == "" or words[-2] == unit):
+                    found[name] = f"{words[-1]} {unit}".strip()
+    return found
+
+
+def analysis(rows: list[dict], history_rows: list[dict]) -> list[str]:
+    """Where the time goes, from the profile saved beside the results, and what was tried."""
+    w4 = pick(rows, "w4a16", ("14336x4096",), 1, 128)
+    gbps = fmt(w4[0]["gbps"], 0, " GB/s") if w4 else "n/a"
+    best = max((r["speedup_vs_bf16"] for r in rows + history_rows if r.get("m") == 1 and "time_us" in r
+                and r["method"] in ("w4a16", "w4a16-tuning", "weight_only-sweep") and r["config"].get("bits") == 4),
+               default=None)
+    ncu = ncu_metrics(next(iter(sorted(RESULTS.glob("kernels_*_ncu_decode.txt"))), RESULTS / "missing"))
+    lines = ["", "## Where the decode time goes, and what was tried", "",
+             f"W4A16 g128 at M=1 on 14336×4096 moves its bytes at {gbps}. Nsight Compute on the same launch "
+             "(an earlier build of the kernel, `kernels_*_ncu_decode.txt`):", ""]
+    lines += [f"- {name}: {value}" for name, value in ncu.items()]
+    lines += [
+        "",
+        f"So the kernel is latency-bound, not bandwidth- or issue-bound: of "
+        f"{ncu.get('Active Warps Per Scheduler', 'n/a')} active per scheduler, "
+        f"{ncu.get('Eligible Warps Per Scheduler', 'n/a')} is ready to issue, and DRAM sits mostly idle. The "
+        "per-element work is small (each int32 word: one shift, one lop3 and one packed fma per pair of weights, "
+        "the tensor cores doing the multiply-add), but each program's loop is a chain of cp.async wait → barrier "
+        "→ ldmatrix → dequantize → a wgmma per 16 columns on a register operand → wait → scale, and with "
+        f"{ncu.get('Block Limit Registers', 'n/a').split()[0]} 4-warp programs per multiprocessor at most (registers) "
+        "too little of it overlaps.",
+        "",
+        "Tried, in order (each measured on the H200, see the sweeps below): tile rows per program and warps per "
+        "program; pipeline depth; programs per multiprocessor (split-K depth); inline PTX for the lop3 and the "
+        "packed fma against plain Triton; mma.sync instead of wgmma; reading scales one group ahead (the "
+        "profile's largest stall was waiting on a global load, which was the in-loop scale load); for prefill, "
+        "folding the scales into the weight operand and running a plain GEMM through shared memory. The best "
+        f"W4A16 M=1 figure over all of these runs is {fmt(best)}× bf16. The next steps the profile points to: a "
+        "persistent kernel with a warp-specialized producer (TMA or cp.async) and consumers, written in CUDA C++ "
+        "or Gluon rather than through Triton's single-loop pipeliner, so that loads for several tiles stay in "
+        "flight while wgmma runs; and for prefill, dequantizing into shared memory ahead of a large-tile GEMM.",
+    ]
+    return lines
+
+
 def is_sweep(r: dict) -> bool:
     return r["method"].endswith(("-sweep", "-tuning"))
 
@@ -139,11 +202,15 @@ def render(data: dict, history: list[Path] = ()) -> str:
                          f"{r['prefill_tokens_per_s']:.0f} | {fmt(r['weights_gb'], 1)} | "
                          f"{'yes' if r['cuda_graph'] else 'no: ' + str(r.get('cuda_graph_note'))} |")
     lines += sweep_table([r for r in rows if is_sweep(r)], "Decode configurations (sweep in the same run)")
+    lines += analysis(rows, [r for path in history for r in json.loads(Path(path).read_text())["rows"]])
     for path in history:
         old = json.loads(Path(path).read_text())
-        lines += ["", f"## Earlier run: {Path(path).name} ({old['date']})", "", old.get("note", ""), "",
+        note = next((v for k, v in sorted(HISTORY_NOTES.items(), key=lambda kv: -len(kv[0]))
+                     if Path(path).stem.endswith(k)), "")
+        lines += ["", f"## Earlier run: {Path(path).name} ({old['date']})", "", note, "",
                   "| target | measured | goal | met |", "|---|---:|---:|---|"]
-        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in targets(old["rows"]) if b != "n/a"]
+        lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in targets(old["rows"])
+                  if b != "n/a" and not b.endswith("%")]
         lines += sweep_table([r for r in old["rows"] if is_sweep(r)], f"Configuration sweep of {Path(path).name}")
     lines += ["", "## Every kernel row", ""]
     for shape in dict.fromkeys(r["shape"] for r in rows if r.get("shape") and not is_sweep(r)):
