@@ -209,7 +209,8 @@ def sweep_rows(copy_gbps: float, log, spec: dict) -> list[dict]:
                 base = {m: time_ops(ops, m, k, g) for m in entry["ms"]}
                 del ops
                 weight_only = kind == "weight_only"
-                bits, group = entry.get("bits", 4 if weight_only else 8), entry.get("group_size", 128 if weight_only else None)
+                bits = entry.get("bits", 4 if weight_only else 8)
+                group = entry.get("group_size", 128 if weight_only else None)
                 if kind == "weight_only":
                     made, nbytes = build_copies(lambda: weight_only_op(n, k, bits, group, g))
                     weights = [op.layout for op in made]

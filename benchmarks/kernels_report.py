@@ -160,10 +160,10 @@ def sweep_table(rows: list[dict], title: str) -> list[str]:
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in sorted(rows, key=lambda r: (r["method"], r["shape"], r["m"], -r["speedup_vs_bf16"])):
         c = r["config"]
-        lines.append(f"| {r['method'].removesuffix('-sweep')} w{c['bits']} | {r['shape']} | {r['m']} | {c.get('BM', 16)} | "
-                     f"{c['BN']} | {c.get('num_warps', '')} | {c['num_stages']} | {c.get('per_sm', c.get('programs_per_sm'))} | "
-                     f"{c['split_k']} | "
-                     f"{r['time_us']:.1f} | {r['speedup_vs_bf16']:.2f} | {r['pct_copy_bw']:.0f} |")
+        per_sm = c.get("per_sm", c.get("programs_per_sm"))
+        lines.append(f"| {r['method'].removesuffix('-sweep')} w{c['bits']} | {r['shape']} | {r['m']} | "
+                     f"{c.get('BM', 16)} | {c['BN']} | {c.get('num_warps', '')} | {c['num_stages']} | {per_sm} | "
+                     f"{c['split_k']} | {r['time_us']:.1f} | {r['speedup_vs_bf16']:.2f} | {r['pct_copy_bw']:.0f} |")
     return lines
 
 

@@ -364,7 +364,8 @@ def bench(
         try:
             batches = tuple(int(b) for b in batch.split(","))
         except ValueError:
-            raise CompressorError(f"--batch must be comma-separated integers, got {batch!r}", "e.g. --batch 1,16") from None
+            raise CompressorError(f"--batch must be comma-separated integers, got {batch!r}",
+                                  "e.g. --batch 1,16") from None
         return api.bench(artifact, device, batches, prompt_len, gen_len, base, progress=_progress())
 
     def render(r):
@@ -372,9 +373,9 @@ def bench(
                       title=f"{r['artifact']} on {r['device']}")
         for label in ("base", "artifact"):
             for row in r[label]["rows"]:
-                table.add_row(f"{label} ({r[label]['dtype']})", str(row["batch"]), f"{row['prefill_tokens_per_s']:.1f}",
-                              f"{row['decode_tokens_per_s']:.1f}", f"{row.get('peak_memory_mb', float('nan')):.0f}",
-                              "yes" if row["cuda_graph"] else "no")
+                table.add_row(f"{label} ({r[label]['dtype']})", str(row["batch"]),
+                              f"{row['prefill_tokens_per_s']:.1f}", f"{row['decode_tokens_per_s']:.1f}",
+                              f"{row.get('peak_memory_mb', float('nan')):.0f}", "yes" if row["cuda_graph"] else "no")
         console.print(table)
         for s in r["speedup"]:
             console.print(f"batch {s['batch']}: prefill {s['prefill_x']:.2f}x, decode {s['decode_x']:.2f}x vs base")

@@ -183,6 +183,6 @@ def wq_matmul(x: torch.Tensor, w: WqWeights, bias: torch.Tensor | None, counters
         m, n, w.in_features, w.groups, cfg["groups_per_split"], split, x2.stride(0), y.stride(0), w.n_pad, m_pad,
         planes[0].shape[1], planes[-1].shape[1],
         BITS=w.bits, PW0=pw0, PW1=pw1, LO1=lo1, ASYM=w.zeros is not None, HAS_PERM=w.perm is not None,
-        HAS_BIAS=bias is not None, FP16=x.dtype == torch.float16, USE_ASM=USE_ASM if use_asm is None else use_asm, SPLIT=split > 1,
-        BN=bn, BM=bm, BK=w.block_k, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        HAS_BIAS=bias is not None, FP16=x.dtype == torch.float16, USE_ASM=USE_ASM if use_asm is None else use_asm,
+        SPLIT=split > 1, BN=bn, BM=bm, BK=w.block_k, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.reshape(*shape[:-1], n)
