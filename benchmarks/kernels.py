@@ -101,7 +101,7 @@ def weight_only_op(n: int, k: int, bits: int, group: int, g: torch.Generator, us
     counters = torch.zeros(quant_linear.COUNTERS, dtype=torch.int32, device="cuda")
     del codes
     def op(x):
-        return wq_triton.wq_matmul(x, w, None, counters, use_asm=use_asm if use_asm is not None else None)
+        return wq_triton.wq_matmul(x, w, None, counters, use_asm=use_asm)
 
     op.layout = w
     return op, w.nbytes()

@@ -181,3 +181,56 @@ def test_bench_on_cuda_without_a_gpu_is_a_one_line_error(built):
 def test_bench_bad_settings_are_one_line_errors(args, phrase, built):
     result = cli("bench", built["w8a8"], *args)
     assert result.exit_code == 2 and phrase in result.stderr
+
+
+# ---------------------------------------------------------------- the kernels' indexing, without a GPU
+
+INTERPRETED = r"""
+import numpy as np, torch
+import triton.runtime.interpreter as interp
+_patch = interp._patch_lang_tensor
+def _patched(tensor, scope):  # Triton 3.6's interpreter calls int() on 1-element arrays (numpy >= 2.4 refuses)
+    _patch(tensor, scope)
+    scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+interp._patch_lang_tensor = _patched
+from compressor.kernels import w8_triton, wq_layout, wq_triton
+from compressor.schemes import dequantize
+g = torch.Generator().manual_seed(0)
+for bits, group, asym, act, m, n, k, split in [(4, 128, False, False, 1, 64, 256, 2), (3, 64, True, True, 3, 70, 256, 1),
+                                              (8, -1, False, False, 17, 64, 200, 1), (2, 32, True, False, 2, 64, 128, 4)]:
+    codes = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (n, k), generator=g, dtype=torch.int8)
+    groups = 1 if group <= 0 else k // group
+    scale = (torch.rand(n, groups, generator=g) * 0.02 + 1e-3).half()
+    zero = torch.randint(-2, 2, (n, groups), generator=g, dtype=torch.int8) if asym else None
+    g_idx = (torch.randperm(k, generator=g) // group).int() if act else None
+    w = wq_layout.repack(codes, scale, zero, bits, group, g_idx)
+    x = torch.randn(m, k, generator=g).half()
+    split = wq_triton.split_for(w.groups, split)
+    config = {"BM": 16 if m <= 16 else 32, "BN": 64, "num_warps": 4, "num_stages": 1,
+              "groups_per_split": w.groups // split, "split_k": split}
+    counters = torch.zeros(64, dtype=torch.int32)
+    y = wq_triton.wq_matmul(x, w, None, counters, use_asm=False, config=config)
+    exact = x.double() @ dequantize(codes, scale, zero, g_idx, torch.float64).T
+    assert float((y.double() - exact).norm() / exact.norm()) < 2e-3 and not counters.any(), (bits, group)
+q = torch.randint(-127, 128, (64, 300), generator=g, dtype=torch.int8)
+x = torch.randn(5, 300, generator=g).half()
+y = w8_triton.w8_matmul(x, q, torch.full((64,), 0.01), None, torch.zeros(64, dtype=torch.int32), 64,
+                        config={"BM": 16, "BN": 64, "num_warps": 4, "num_stages": 1, "split_k": 3})
+xq, xs = w8_triton.quantize_rows(x, False)
+exact = (xq.double() * xs.double()[:, None]) @ (q.double() * 0.01).T
+assert float((y.double() - exact).norm() / exact.norm()) < 2e-3
+print("ok")
+"""
+
+
+def test_kernels_compute_the_reference_in_the_triton_interpreter():
+    """The kernels' index arithmetic, layouts, act-order gather and split-K hand-off, run by
+    Triton's CPU interpreter (fp16: the interpreter has no bf16; the PTX paths need a GPU)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    done = subprocess.run([sys.executable, "-c", INTERPRETED], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]

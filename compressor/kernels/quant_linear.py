@@ -123,7 +123,6 @@ def build(name: str, spec: WeightOnly | EightBit, bias: torch.Tensor | None, dev
             if reason is None:
                 return layer, None
             layer.backend = "torch"
-        layer.bits, layer.group_size = spec.bits, spec.group_size
         layer._set(codes=spec.codes.to(device), scale=spec.scale.to(device),
                    zero=spec.zero.to(device) if spec.zero is not None else None,
                    g_idx=spec.g_idx.to(device) if spec.g_idx is not None else None)

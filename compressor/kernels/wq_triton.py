@@ -3,9 +3,9 @@
 One kernel serves decode and prefill. It computes the transposed product: output rows n are
 the matrix unit's M side, so the weight tile, expanded in registers, is the register operand of
 Hopper's wgmma (mma.sync elsewhere) and the few activation rows of decoding take its narrow N
-side. Per tile (one quantization group): each bit plane's words → `(word >> slot) & mask | magic`
-gives two 16-bit floats 128 + u per int32 (one shift, one logic op, no int→float conversion);
-one packed fma turns them into exact small integers (u − offset)·2^plane; the tensor cores
+side. Per tile (one quantization group): each bit plane's words → `(word >> shift) & mask | magic`
+gives two 16-bit floats 2^e + u per int32 (at most one shift, one logic op, no int→float
+conversion); one packed fma turns them into exact small integers (u − offset)·2^plane; the tensor cores
 accumulate Σ x·(u − zero) in fp32; the group's scale is applied to the tile's sum in fp32.
 Decode shapes split K across programs (splitk.py) so that every multiprocessor streams weights.
 """
