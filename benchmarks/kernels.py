@@ -28,7 +28,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import machine  # noqa: E402
-from compressor.kernels import quant_linear, w8_triton, wq_layout, wq_triton  # noqa: E402
+from compressor.kernels import quant_linear, splitk, w8_triton, wq_layout, wq_triton  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672)]  # (N, K): out × in
 MS = [1, 4, 16, 64, 256]
@@ -220,17 +220,11 @@ def sweep_rows(copy_gbps: float, log, spec: dict) -> list[dict]:
                 for cfg in entry["configs"]:
                     for m in entry["ms"]:
                         if kind == "weight_only":
-                            w0 = weights[0]
-                            tiles = (w0.n_pad // cfg["BN"]) * -(-m // cfg["BM"])
-                            split = wq_triton.split_for(w0.groups, -(-cfg["per_sm"] * sms // tiles))
-                            config = {**cfg, "groups_per_split": w0.groups // split, "split_k": split}
+                            config = splitk.plan([(m, cfg)], m, weights[0].n_pad, weights[0].groups, sms)
                             calls = [lambda x, w=w: wq_triton.wq_matmul(x, w, None, counters, cfg.get("asm"), config)
                                      for w in weights]
                         else:
-                            codes, scale = weights[0]
-                            tiles = (codes.shape[0] // cfg["BN"]) * -(-m // cfg["BM"])
-                            split = wq_triton.split_for(-(-k // 128), -(-cfg["per_sm"] * sms // tiles))
-                            config = {**cfg, "split_k": split}
+                            config = splitk.plan([(m, cfg)], m, weights[0][0].shape[0], -(-k // 128), sms)
                             calls = [lambda x, w=w: w8_triton.w8_matmul(x, w[0], w[1], None, counters, n, config=config)
                                      for w in weights]
                         try:

@@ -193,7 +193,7 @@ def _patched(tensor, scope):  # Triton 3.6's interpreter calls int() on 1-elemen
     _patch(tensor, scope)
     scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
 interp._patch_lang_tensor = _patched
-from compressor.kernels import w8_triton, wq_layout, wq_triton
+from compressor.kernels import splitk, w8_triton, wq_layout, wq_triton
 from compressor.schemes import dequantize
 g = torch.Generator().manual_seed(0)
 for bits, group, asym, act, m, n, k, split in [(4, 128, False, False, 1, 64, 256, 2), (3, 64, True, True, 3, 70, 256, 1),
@@ -205,9 +205,8 @@ for bits, group, asym, act, m, n, k, split in [(4, 128, False, False, 1, 64, 256
     g_idx = (torch.randperm(k, generator=g) // group).int() if act else None
     w = wq_layout.repack(codes, scale, zero, bits, group, g_idx)
     x = torch.randn(m, k, generator=g).half()
-    split = wq_triton.split_for(w.groups, split)
-    config = {"BM": 16 if m <= 16 else 32, "BN": 64, "num_warps": 4, "num_stages": 1,
-              "groups_per_split": w.groups // split, "split_k": split}
+    config = splitk.plan([(m, {"BM": 16 if m <= 16 else 32, "BN": 64, "num_warps": 4, "num_stages": 1})],
+                         m, w.n_pad, w.groups, 132, split=split)
     counters = torch.zeros(64, dtype=torch.int32)
     y = wq_triton.wq_matmul(x, w, None, counters, use_asm=False, config=config)
     exact = x.double() @ dequantize(codes, scale, zero, g_idx, torch.float64).T
@@ -215,7 +214,7 @@ for bits, group, asym, act, m, n, k, split in [(4, 128, False, False, 1, 64, 256
 q = torch.randint(-127, 128, (64, 300), generator=g, dtype=torch.int8)
 x = torch.randn(5, 300, generator=g).half()
 y = w8_triton.w8_matmul(x, q, torch.full((64,), 0.01), None, torch.zeros(64, dtype=torch.int32), 64,
-                        config={"BM": 16, "BN": 64, "num_warps": 4, "num_stages": 1, "split_k": 3})
+                        config={"BM": 16, "BN": 64, "num_warps": 4, "num_stages": 1, "split_k": 3, "units_per_split": 1})
 xq, xs = w8_triton.quantize_rows(x, False)
 exact = (xq.double() * xs.double()[:, None]) @ (q.double() * 0.01).T
 assert float((y.double() - exact).norm() / exact.norm()) < 2e-3

@@ -17,7 +17,7 @@ from compressor.schemes import dequantize
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 triton = pytest.importorskip("triton")
 
-from compressor.kernels import w8_triton, wq_layout, wq_triton  # noqa: E402
+from compressor.kernels import splitk, w8_triton, wq_layout, wq_triton  # noqa: E402
 
 # bits, group, asymmetric, act-order, dtype, M, N, K
 WQ_CASES = [
@@ -75,9 +75,7 @@ def test_weight_only_kernel_matches_the_reference(case):
         reference = F.linear(x, dequantize(codes, scale, zero, g_idx, dtype), bias)
         config = None
         if split is not None:
-            config = wq_triton._config(m, lambda bn: w.n_pad // bn, w.groups, wq_triton.sm_count(x.device))
-            config["split_k"] = wq_triton.split_for(w.groups, split)
-            config["groups_per_split"] = w.groups // config["split_k"]
+            config = splitk.plan(wq_triton.CONFIGS, m, w.n_pad, w.groups, splitk.sm_count(x.device), split=split)
         counters = torch.zeros(4096, dtype=torch.int32, device="cuda")
         out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
         wq_triton.wq_matmul(x, w, bias, counters, use_asm=use_asm, config=config, out=out)

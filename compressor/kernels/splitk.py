@@ -15,6 +15,31 @@ import triton
 import triton.language as tl
 
 _WORKSPACES: dict[torch.device, torch.Tensor] = {}
+_SM_COUNT: dict[int, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def split_for(units: int, wanted: int) -> int:
+    """The divisor of `units` nearest to `wanted` (every K-slice gets the same number of units)."""
+    divisors = [d for d in range(1, units + 1) if units % d == 0]
+    return min(divisors, key=lambda d: (abs(d - max(wanted, 1)), -d))
+
+
+def plan(table: list[tuple[int, dict]], m: int, n_pad: int, units: int, sms: int, split: int | None = None,
+         **override) -> dict:
+    """Launch settings for m activation rows: the tile shape of the first `table` entry whose limit
+    is at least m (fields replaced by `override`), and K cut into slices of whole units (groups or
+    K tiles) so that every multiprocessor gets about the entry's `per_sm` programs (or `split` slices)."""
+    cfg = {**next(c for limit, c in table if m <= limit), **override}
+    tiles = (n_pad // cfg["BN"]) * -(-m // cfg["BM"])
+    slices = split_for(units, split or -(-cfg["per_sm"] * sms // tiles))
+    return {**cfg, "split_k": slices, "units_per_split": units // slices}
 
 
 def workspace(device: torch.device, numel: int) -> torch.Tensor:

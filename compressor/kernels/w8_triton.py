@@ -17,7 +17,6 @@ import triton
 import triton.language as tl
 
 from compressor.kernels import splitk
-from compressor.kernels.wq_triton import sm_count, split_for
 
 INT8_DIVISOR, FP8_MAX = 127.5, 448.0
 
@@ -103,12 +102,6 @@ CONFIGS = [
 ]
 
 
-def _config(m: int, n_pad: int, k_tiles: int, sms: int) -> dict:
-    cfg = dict(next(c for limit, c in CONFIGS if m <= limit))
-    tiles = (n_pad // cfg["BN"]) * -(-m // cfg["BM"])
-    return {**cfg, "split_k": split_for(k_tiles, -(-cfg["per_sm"] * sms // tiles))}
-
-
 def w8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
               counters: torch.Tensor, out_features: int, static_scale: torch.Tensor | None = None,
               config: dict | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -125,7 +118,7 @@ def w8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
     q, s = quantize_rows(x2, fp8, static_scale)
     n_pad = weight.shape[0]
     k_tiles = -(-k // 128)
-    cfg = config or _config(m, n_pad, k_tiles, sm_count(x.device))
+    cfg = config or splitk.plan(CONFIGS, m, n_pad, k_tiles, splitk.sm_count(x.device))
     bm, bn, split = cfg["BM"], cfg["BN"], cfg["split_k"]
     m_tiles = -(-m // bm)
     grid = (n_pad // bn, m_tiles, split)
@@ -133,7 +126,7 @@ def w8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor,
         raise ValueError(f"{grid[0] * grid[1]} output tiles exceed the layer's {counters.numel()} counters")
     ws = splitk.workspace(x.device, split * m_tiles * bm * n_pad) if split > 1 else y
     w8_gemm_kernel[grid](q, s, weight, weight_scale, bias if bias is not None else y, y, ws, counters,
-                         m, out_features, k, k_tiles // split, split, y.stride(0), n_pad, m_tiles * bm,
+                         m, out_features, k, cfg["units_per_split"], split, y.stride(0), n_pad, m_tiles * bm,
                          FP8=fp8, HAS_BIAS=bias is not None, SPLIT=split > 1, OUT_FP16=x.dtype == torch.float16,
                          BN=bn, BM=bm, BK=128, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
     return y.reshape(*shape[:-1], out_features)

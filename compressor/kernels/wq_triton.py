@@ -129,29 +129,6 @@ CONFIGS = [
 ]
 
 
-def _config(m: int, n_tiles_of, groups: int, sm_count: int) -> dict:
-    cfg = dict(next(c for limit, c in CONFIGS if m <= limit))
-    tiles = n_tiles_of(cfg["BN"]) * -(-m // cfg["BM"])
-    split = split_for(groups, -(-cfg["per_sm"] * sm_count // tiles))
-    return {**cfg, "groups_per_split": groups // split, "split_k": split}
-
-
-def split_for(groups: int, wanted: int) -> int:
-    """The divisor of `groups` nearest to `wanted` (every K-slice gets the same number of groups)."""
-    divisors = [d for d in range(1, groups + 1) if groups % d == 0]
-    return min(divisors, key=lambda d: (abs(d - max(wanted, 1)), -d))
-
-
-_SM_COUNT: dict[int, int] = {}
-
-
-def sm_count(device: torch.device) -> int:
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    if index not in _SM_COUNT:
-        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
-    return _SM_COUNT[index]
-
-
 USE_ASM = True  # inline PTX for the lop3 and the packed fma; the plain-Triton path computes the same
 
 
@@ -166,7 +143,7 @@ def wq_matmul(x: torch.Tensor, w: WqWeights, bias: torch.Tensor | None, counters
     y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y.reshape(*shape[:-1], n)
-    cfg = config or _config(m, lambda bn: w.n_pad // bn, w.groups, sm_count(x.device))
+    cfg = config or splitk.plan(CONFIGS, m, w.n_pad, w.groups, splitk.sm_count(x.device))
     bm, bn, split = cfg["BM"], cfg["BN"], cfg["split_k"]
     m_tiles = -(-m // bm)
     m_pad = m_tiles * bm
@@ -180,7 +157,7 @@ def wq_matmul(x: torch.Tensor, w: WqWeights, bias: torch.Tensor | None, counters
     wq_gemm_kernel[grid](
         x2, w.perm if w.perm is not None else x2, bias if bias is not None else y, y, ws, counters,
         planes[0], planes[-1], w.scales, w.zeros if w.zeros is not None else w.scales,
-        m, n, w.in_features, w.groups, cfg["groups_per_split"], split, x2.stride(0), y.stride(0), w.n_pad, m_pad,
+        m, n, w.in_features, w.groups, cfg["units_per_split"], split, x2.stride(0), y.stride(0), w.n_pad, m_pad,
         planes[0].shape[1], planes[-1].shape[1],
         BITS=w.bits, PW0=pw0, PW1=pw1, LO1=lo1, ASYM=w.zeros is not None, HAS_PERM=w.perm is not None,
         HAS_BIAS=bias is not None, FP16=x.dtype == torch.float16, USE_ASM=USE_ASM if use_asm is None else use_asm,
