@@ -65,11 +65,12 @@ def fetch_assets(names: list[str], progress: Progress | None = None) -> list[dic
 # ---------------------------------------------------------------- loading
 
 def load(ref: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
-         progress: Progress | None = None, verify: bool = True) -> LoadedModel:
+         progress: Progress | None = None, verify: bool = True, device: str | None = None) -> LoadedModel:
     """A checkpoint, GGUF file, reference name or compressor artifact, as a float model.
 
     A compressor artifact is checked against its manifest first (every header, tensor and file;
-    `verify=False` skips it), so a tampered artifact is an error rather than a wrong number.
+    `verify=False` skips it), so a tampered artifact is an error rather than a wrong number. With a
+    CUDA `device`, a quantized artifact keeps its linears quantized there (QuantLinear, our kernels).
     """
     progress = progress or Progress()
     path = resolve_model_path(ref, progress.log)
@@ -77,6 +78,14 @@ def load(ref: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool
     if path.is_dir() and (path / manifests.MANIFEST).is_file() and verify:
         manifests.check(path)
         progress.log(f"verified {path} against its manifest")
+    if path.is_dir() and artifacts.is_quantized(path) and device is not None and torch.device(device).type == "cuda":
+        from compressor.models.quant_runtime import load_quantized
+
+        model, dtype = load_quantized(path, dtype, torch.device(device), progress.warn)
+        manifest = read_manifest(path) if (path / "manifest.json").exists() else {}
+        return LoadedModel(model, load_tokenizer(path), adapter_for_config(model.config), path,
+                           manifest.get("source", {}).get("sha256", ""), str(ref), {"manifest": manifest},
+                           stored_dtype=dtype)
     if path.is_dir() and artifacts.is_quantized(path):
         from transformers import AutoConfig
 
@@ -288,7 +297,7 @@ def evaluate(model: str, base: str | None = None, data: str = "wiki", windows: i
     for ref in (model, base):  # both exist before either is loaded
         if ref is not None:
             resolve_model_path(ref, progress.log)
-    candidate = load(model, allow_pickle=allow_pickle, progress=progress, verify=verify)
+    candidate = load(model, allow_pickle=allow_pickle, progress=progress, verify=verify, device=device)
     reference = load(base, allow_pickle=allow_pickle, progress=progress, verify=verify) if base else None
     tokenizer = candidate.tokenizer or (reference.tokenizer if reference else None)
     if reference is not None and candidate.model.config.vocab_size != reference.model.config.vocab_size:
@@ -409,3 +418,55 @@ def unpack(packed_dir: str | Path, out: str | Path, *, overwrite: bool = False) 
     from compressor.methods.lossless import native
 
     return {**packed.unpack(Path(packed_dir), Path(out), overwrite=overwrite), "codec": native.status()}
+
+
+# ---------------------------------------------------------------- bench
+
+def bench(artifact: str, device: str = "auto", batches: tuple[int, ...] = (1, 16), prompt_len: int = 512,
+          gen_len: int = 128, base: str | None = None, repeats: int = 3, progress: Progress | None = None) -> dict:
+    """Prefill and decode tokens/s and peak memory of an artifact through the loader `eval` uses,
+    beside a dense base in the same run (default: the artifact's own weights dequantized)."""
+    from compressor.evaluation.speed import measure
+    from compressor.models.quant_runtime import kernel_summary
+
+    progress = progress or Progress()
+    target = _bench_device(device)
+    if not batches or min(batches) < 1 or prompt_len < 1 or gen_len < 1:
+        raise CompressorError(f"batch sizes, --prompt-len and --gen-len must be positive (got {list(batches)}, "
+                              f"{prompt_len}, {gen_len})", "e.g. --batch 1,16 --prompt-len 512 --gen-len 128")
+    cuda = target.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    runs = {}
+    for label, ref in (("base", base or artifact), ("artifact", artifact)):
+        progress.log(f"loading {label} {ref}")
+        loaded = load(ref, dtype=dtype, progress=progress, device=str(target) if label == "artifact" else None)
+        model = loaded.model.to(target)
+        if cuda:
+            torch.cuda.synchronize(target)
+        weights_mb = (torch.cuda.memory_allocated(target) / 2**20) if cuda else None
+        runtime = kernel_summary(model) or "dense float weights"
+        progress.log(f"measuring {label} on {target} (batches {list(batches)})")
+        rows = measure(model, target, list(batches), prompt_len, gen_len, repeats=repeats)
+        runs[label] = {"ref": str(ref), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                       "runtime": runtime, "weights_memory_mb": weights_mb, "rows": rows}
+        del loaded, model
+        release_memory()
+        if cuda:
+            torch.cuda.empty_cache()
+    speedup = [{"batch": a["batch"],
+                "prefill_x": a["prefill_tokens_per_s"] / b["prefill_tokens_per_s"],
+                "decode_x": a["decode_tokens_per_s"] / b["decode_tokens_per_s"]}
+               for a, b in zip(runs["artifact"]["rows"], runs["base"]["rows"])]
+    note = None if cuda else ("CPU: the artifact runs the reference path (weights dequantized to float32 at load), "
+                              "so it is no faster than the base; speed-ups need the CUDA kernels")
+    return {"artifact": str(artifact), "device": torch.cuda.get_device_name(target) if cuda else "cpu",
+            "peak_rss_mb": peak_rss_mb(), **runs, "speedup": speedup, "note": note}
+
+
+def _bench_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    target = torch.device(check_device(device))
+    if target.type not in ("cpu", "cuda"):
+        raise CompressorError(f"bench runs on cpu or cuda, not {device}", "use --device cpu or --device cuda")
+    return target

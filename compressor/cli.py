@@ -344,6 +344,47 @@ def verify(artifact: Path = typer.Argument(..., help="Artifact directory written
          json_out)
 
 
+# ---------------------------------------------------------------- bench
+
+@app.command()
+def bench(
+    artifact: str = typer.Argument(..., help="Artifact directory (or any checkpoint) to time."),
+    device: str = typer.Option("auto", "--device", help="cuda, cpu, or auto (cuda when there is one)."),
+    batch: str = typer.Option("1,16", "--batch", help="Comma-separated batch sizes (sequences)."),
+    prompt_len: int = typer.Option(512, "--prompt-len", help="Prompt tokens per sequence (prefill)."),
+    gen_len: int = typer.Option(128, "--gen-len", help="Generated tokens per sequence (decode steps)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Dense model to compare with (default: the "
+                                       "artifact's weights dequantized to bf16)."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Prefill and decode tokens/s and peak memory, beside a dense base measured in the same run."""
+    from compressor import api
+
+    def action():
+        try:
+            batches = tuple(int(b) for b in batch.split(","))
+        except ValueError:
+            raise CompressorError(f"--batch must be comma-separated integers, got {batch!r}",
+                                  "e.g. --batch 1,16") from None
+        return api.bench(artifact, device, batches, prompt_len, gen_len, base, progress=_progress())
+
+    def render(r):
+        table = Table("model", "batch", "prefill tok/s", "decode tok/s", "peak MB", "CUDA graph",
+                      title=f"{r['artifact']} on {r['device']}")
+        for label in ("base", "artifact"):
+            for row in r[label]["rows"]:
+                table.add_row(f"{label} ({r[label]['dtype']})", str(row["batch"]),
+                              f"{row['prefill_tokens_per_s']:.1f}", f"{row['decode_tokens_per_s']:.1f}",
+                              f"{row.get('peak_memory_mb', float('nan')):.0f}", "yes" if row["cuda_graph"] else "no")
+        console.print(table)
+        for s in r["speedup"]:
+            console.print(f"batch {s['batch']}: prefill {s['prefill_x']:.2f}x, decode {s['decode_x']:.2f}x vs base")
+        if r.get("note"):
+            console.print(r["note"])
+
+    _run(action, render, json_out)
+
+
 # ---------------------------------------------------------------- pack / unpack (lossless)
 
 @app.command()
