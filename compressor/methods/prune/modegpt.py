@@ -31,7 +31,7 @@ from torch import nn
 
 from compressor.errors import CompressorError
 from compressor.methods.base import METHODS, BlockContext, Method, MethodConfig, ModelContext, Runner
-from compressor.methods.prune.slicegpt import Covariance, _capture_input, eigh, one_thread
+from compressor.methods.prune.slicegpt import Covariance, _capture_input, eigh, one_thread, refuse_experts
 from compressor.models.adapters import Adapter
 from compressor.models.attention import make_reduced_attention
 from compressor.models.sliced import resize_block, set_linear
@@ -140,6 +140,7 @@ class MoDeGPT(Method):
         self.importance: list[float] | None = None
 
     def check(self, model: nn.Module, adapter: Adapter) -> None:
+        refuse_experts(self.name, model, adapter)
         if not 0.0 < self.config.sparsity < 1.0:
             raise CompressorError(f"sparsity must be in (0, 1), got {self.config.sparsity}",
                                   "pass e.g. --sparsity 0.25")

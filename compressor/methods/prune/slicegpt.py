@@ -65,6 +65,12 @@ class SliceGPTConfig(MethodConfig):
                                              "post-norm estimates the full RMS; 0 refits it per channel")
 
 
+def refuse_experts(method: str, model: nn.Module, adapter: Adapter) -> None:
+    if adapter.has_experts(model):
+        raise CompressorError(f"{method} does not prune mixture-of-experts blocks ({model.config.model_type})",
+                              "quantize this model instead (every expert is quantized on its own tokens)")
+
+
 def width_for(hidden: int, sparsity: float, round_to: int, what: str) -> int:
     if not 0.0 <= sparsity < 1.0:  # 0 (a pure rotation) is allowed here for tests; the CLI wants (0, 1)
         raise CompressorError(f"sparsity must be in (0, 1), got {sparsity}", "pass e.g. --sparsity 0.25")
@@ -224,6 +230,7 @@ class SliceGPT(Method):
         self.resumed = False
 
     def check(self, model: nn.Module, adapter: Adapter) -> None:
+        refuse_experts(self.name, model, adapter)
         c = self.config
         hidden = adapter.text_config(model.config).hidden_size
         blocks = len(adapter.blocks(model))

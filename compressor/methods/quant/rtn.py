@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field, field_validator
 from torch import nn
 

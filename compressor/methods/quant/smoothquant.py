@@ -25,7 +25,7 @@ from pydantic import Field
 from torch import nn
 
 from compressor.methods.base import METHODS, BlockContext, Method, MethodConfig, Record
-from compressor.methods.quant.gptq import GPTQConfig, gptq_quantize
+from compressor.methods.quant.gptq import GPTQConfig, gptq_quantize, too_few_tokens
 from compressor.methods.quant.quantizer import dequantize_record, quantize_weight
 from compressor.models.adapters import LinearGroup
 from compressor.schemes import WeightScheme
@@ -102,8 +102,9 @@ class Int8WeightsInt8Inputs(Method):
     def on_group(self, ctx: BlockContext, group: LinearGroup, linears: dict[str, nn.Linear]) -> dict[str, Record]:
         records = {}
         stats = ctx.group_stats(group, {"hessian"}) if self.config.gptq else {}
+        gptq = self.config.gptq and not too_few_tokens(ctx, group, linears, stats)
         for name, linear in linears.items():
-            if self.config.gptq:
+            if gptq:
                 settings = GPTQConfig(bits=8, group_size=-1, sym=True, scale_dtype="float32", damp=self.config.damp)
                 record, _ = gptq_quantize(linear.weight.data, stats["hessian"], settings, name)
             else:
