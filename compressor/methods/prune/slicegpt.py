@@ -38,10 +38,11 @@ from pydantic import Field
 from torch import nn
 
 from compressor.errors import CompressorError
-from compressor.methods.base import METHODS, BlockContext, Method, MethodConfig, ModelContext, Runner
+from compressor.methods.base import METHODS, BlockContext, MethodConfig, ModelContext, Runner
+from compressor.methods.prune.pruner import Pruner
 from compressor.models.adapters import Adapter
-from compressor.models.sliced import (make_sliced_layer, resize_block, rms_scale, set_embedding, set_linear,
-                                      set_norm, set_probed_norm, shortcut)
+from compressor.models.sliced import (make_sliced_layer, rms_scale, set_embedding, set_linear, set_norm,
+                                      set_probed_norm, shortcut)
 from compressor.util import release_memory
 
 
@@ -63,12 +64,6 @@ class SliceGPTConfig(MethodConfig):
     # in accuracy: see the module docstring.
     probe: int = Field(64, ge=0, description="post-norm models (Gemma 3): channels from which a sliced "
                                              "post-norm estimates the full RMS; 0 refits it per channel")
-
-
-def refuse_experts(method: str, model: nn.Module, adapter: Adapter) -> None:
-    if adapter.has_experts(model):
-        raise CompressorError(f"{method} does not prune mixture-of-experts blocks ({model.config.model_type})",
-                              "quantize this model instead (every expert is quantized on its own tokens)")
 
 
 def width_for(hidden: int, sparsity: float, round_to: int, what: str) -> int:
@@ -217,11 +212,8 @@ def _rms_probe(ys: list[torch.Tensor], channels: int) -> torch.Tensor:
 
 
 @METHODS.register("slicegpt")
-class SliceGPT(Method):
-    name = "slicegpt"
+class SliceGPT(Pruner):
     Config = SliceGPTConfig
-    produces = "structure"
-    needs_calibration = True
 
     def __init__(self, config: SliceGPTConfig):
         super().__init__(config)
@@ -230,7 +222,7 @@ class SliceGPT(Method):
         self.resumed = False
 
     def check(self, model: nn.Module, adapter: Adapter) -> None:
-        refuse_experts(self.name, model, adapter)
+        super().check(model, adapter)
         c = self.config
         hidden = adapter.text_config(model.config).hidden_size
         blocks = len(adapter.blocks(model))
@@ -420,8 +412,6 @@ class SliceGPT(Method):
         self.b_in = self.global_basis if carry.get("b_in_is_global") else carry.get("b_in")
         self.resumed = True
 
-    def restore_block(self, block: nn.Module, meta: dict, adapter: Adapter, model: nn.Module) -> None:
-        resize_block(block, meta, model, adapter)
 
     # ------------------------------------------------------------ pieces
 

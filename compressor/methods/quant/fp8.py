@@ -84,7 +84,6 @@ def static_input_scale(act_absmax: torch.Tensor) -> torch.Tensor:
 
 @METHODS.register("fp8")
 class FP8(Method):
-    name = "fp8"
     Config = FP8Config
 
     produces = "weights"

@@ -267,7 +267,6 @@ def too_few_tokens(ctx: BlockContext, group: LinearGroup, linears: dict[str, nn.
 
 @METHODS.register("gptq")
 class GPTQ(Method):
-    name = "gptq"
     Config = GPTQConfig
     produces = "weights"
     needs_calibration = True

@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import torch
 from pydantic import Field
-from torch import nn
 
-from compressor.methods.base import METHODS, BlockContext, Method, Record
-from compressor.methods.quant.quantizer import (SCALE_DTYPES, check_scheme, compute_qparams, dequantize_record,
-                                                make_record)
-from compressor.methods.quant.rtn import WeightQuantConfig
-from compressor.models.adapters import Adapter, LinearGroup
+from compressor.methods.base import METHODS
+from compressor.methods.quant.quantizer import SCALE_DTYPES, compute_qparams
+from compressor.methods.quant.rtn import RTN, WeightQuantConfig
 from compressor.schemes import WeightScheme
 
 
@@ -89,23 +86,10 @@ def hqq_qparams(w: torch.Tensor, scheme: WeightScheme, config: HQQConfig) -> tup
 
 
 @METHODS.register("hqq")
-class HQQ(Method):
-    name = "hqq"
+class HQQ(RTN):
+    """RTN's rounding on scales refined by half-quadratic splitting (no calibration data)."""
+
     Config = HQQConfig
-    produces = "weights"
 
-    def check(self, model: nn.Module, adapter: Adapter) -> None:
-        check_scheme(self.config.scheme(), model, adapter)
-
-    def on_group(self, ctx: BlockContext, group: LinearGroup, linears: dict[str, nn.Linear]) -> dict[str, Record]:
-        scheme = self.config.scheme()
-        records = {}
-        for name, linear in linears.items():
-            w = linear.weight.data
-            record = make_record(w, *hqq_qparams(w, scheme, self.config), scheme)
-            linear.weight.data = dequantize_record(record, w.dtype)
-            records[name] = record
-        return records
-
-    def export(self) -> dict:
-        return {"kind": "weight-int", "scheme": self.config.scheme()}
+    def qparams(self, w: torch.Tensor, scheme: WeightScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return hqq_qparams(w, scheme, self.config)

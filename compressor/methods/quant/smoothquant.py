@@ -70,7 +70,6 @@ def fold_smoothing(norm: nn.Module, linears: list[nn.Linear], scales: torch.Tens
 class SmoothQuant(Method):
     """The smoothing: fold s into each norm-fed group, from the block's input abs-max."""
 
-    name = "smoothquant"
     Config = SmoothQuantConfig
     needs_calibration = True
     default_quantizer = "w8a8"
@@ -91,7 +90,6 @@ class SmoothQuant(Method):
 class Int8WeightsInt8Inputs(Method):
     """int8 weights, one float32 scale per output channel; int8 inputs per token at run time."""
 
-    name = "w8a8"
     Config = Int8Config
     produces = "weights"
 
