@@ -13,7 +13,7 @@ Written from the paper's half-quadratic splitting: with W_e the error variable,
 
 HQQ proper refines a float zero point at a fixed scale; the compressed-tensors layout we write
 keeps scales in float16 and zero points as integers, so the scale is what moves here and the zero
-point stays on the integer grid. Iteration stops early when the lp error stops falling.
+point stays on the integer grid. Each group keeps the iterate with its lowest lp error.
 """
 
 from __future__ import annotations
