@@ -40,11 +40,9 @@ class ModelSession:
     run: BlockRunner
     progress: Any
     calibration_tokens: int = 0  # across every process
-    inputs_replaced: bool = False
 
     def set_inputs(self, hidden: torch.Tensor) -> None:
         self.hidden = hidden
-        self.inputs_replaced = True
 
 
 @dataclass
