@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
 from compressor import api  # noqa: E402
-from compressor.methods.lossless import dfloat, native  # noqa: E402
+from compressor.codecs import dfloat, native  # noqa: E402
 from compressor.safetensors_file import read_tensors  # noqa: E402
 
 OUT = ROOT / "out" / "bench-lossless"

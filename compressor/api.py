@@ -397,8 +397,8 @@ def pack(model: str | Path, out: str | Path, *, dtype: str | None = None, option
          overwrite: bool = False, check: bool = True, verify: bool = True) -> dict:
     """Entropy-code a model's (or a quantized artifact's) tensors losslessly into a packed artifact."""
     from compressor.formats import packed
-    from compressor.methods.lossless import native
-    from compressor.methods.lossless.dfloat import PackConfig
+    from compressor.codecs import native
+    from compressor.codecs.dfloat import PackConfig
     from compressor.models.loading import parse_dtype, source_hash
 
     path = resolve_model_path(model)
@@ -423,7 +423,7 @@ def pack(model: str | Path, out: str | Path, *, dtype: str | None = None, option
 def unpack(packed_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> dict:
     """Rebuild the original tensors of a packed artifact, byte for byte (sha256 checked)."""
     from compressor.formats import packed
-    from compressor.methods.lossless import native
+    from compressor.codecs import native
 
     return {**packed.unpack(Path(packed_dir), Path(out), overwrite=overwrite), "codec": native.status()}
 

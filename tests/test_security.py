@@ -441,7 +441,7 @@ def test_no_fault_injection_hooks_in_production_code():
 
 
 def test_codec_library_that_does_not_match_its_record_is_rebuilt(tmp_path, monkeypatch):
-    from compressor.methods.lossless import native
+    from compressor.codecs import native
 
     monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(native, "_STATE", {})
