@@ -1,0 +1,27 @@
+"""Reports are generated, never edited: every committed report is exactly what its benchmark's
+renderer makes of the committed results (`python benchmarks/<name>.py --report-only`)."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+from benchmarks.common import REPORTS, read_results  # noqa: E402
+
+# report name (results/<name>.json → reports/<name>.md): the module whose render() makes it
+RENDERERS = {"quantize": "quantize", "slicing": "slicing", "spine": "spine", "lossless": "lossless_report"}
+
+
+@pytest.mark.parametrize("name", sorted(RENDERERS))
+def test_committed_report_is_rendered_from_committed_results(name):
+    render = importlib.import_module(RENDERERS[name]).render
+    assert render(read_results(name)) == (REPORTS / f"{name}.md").read_text()
+
+
+def test_every_report_has_a_renderer():
+    assert {p.stem for p in REPORTS.glob("*.md")} == set(RENDERERS)
