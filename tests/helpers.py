@@ -1,4 +1,4 @@
-"""Helpers shared by the CLI tests."""
+"""Helpers shared by the tests."""
 
 from __future__ import annotations
 
@@ -65,3 +65,38 @@ def leftovers(out: Path) -> list[str]:
     """Temporary siblings an artifact write may leave behind (there must be none)."""
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f"{out.name}.tmp-")
                   or p.name.startswith(f"{out.name}.old-"))
+
+
+# The fault is injected here, in the test's own subprocess, never by a hook in production code:
+# block `kill_after` is saved, then the process SIGKILLs itself.
+_QUANTIZE_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+{setup}
+from compressor import api
+from compressor.pipeline.checkpoint import RunDirectory
+kill_after = {kill_after!r}
+if kill_after is not None:
+    save_block = RunDirectory.save_block
+    def save_then_die(self, index, *args, **kwargs):
+        save_block(self, index, *args, **kwargs)
+        if index == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+    RunDirectory.save_block = save_then_die
+api.quantize({model!r}, {method!r}, {out!r}, {options!r}, calib={data!r}, resume={resume}, **{cal!r})
+"""
+
+
+def quantize_in_subprocess(model: Path, method: str, out: Path, options: dict, data: Path, cal: dict, *,
+                           resume: bool = False, kill_after: int | None = None,
+                           setup: str = "") -> subprocess.CompletedProcess:
+    """`api.quantize` in a fresh process that SIGKILLs itself after saving block `kill_after`."""
+    code = _QUANTIZE_SCRIPT.format(tests=str(Path(__file__).parent), setup=setup, model=str(model), method=method,
+                                   out=str(out), options=options, data=str(data), resume=resume, cal=cal,
+                                   kill_after=kill_after)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
+def artifact_files(directory: Path) -> dict[str, bytes]:
+    """Every file of an artifact except build.json (when and where it was built)."""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name != "build.json"}
