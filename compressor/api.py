@@ -23,7 +23,10 @@ from compressor.formats import artifact as artifacts
 from compressor.formats import activations, quantized
 from compressor.formats import manifest as manifests
 from compressor.formats.manifest import read_manifest
+from compressor import export
 from compressor.methods import METHODS, Method
+from compressor.methods.composition import build_methods, method_names
+from compressor.methods.composition import describe as describe_methods
 from compressor.models import assets
 from compressor.models.adapters import adapter_for_config, count_parameters
 from compressor.models.loading import (LoadedModel, build_model, load_model, load_tokenizer, resolve_model_path,
@@ -32,7 +35,7 @@ from compressor.outputs import check_output
 from compressor.pipeline.checkpoint import RunDirectory
 from compressor.pipeline.distributed import World
 from compressor.pipeline.progress import Progress
-from compressor.pipeline.sequential import SequentialPipeline
+from compressor.pipeline.sequential import SequentialPipeline, check_order
 from compressor.util import release_memory
 
 
@@ -62,11 +65,12 @@ def fetch_assets(names: list[str], progress: Progress | None = None) -> list[dic
 # ---------------------------------------------------------------- loading
 
 def load(ref: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
-         progress: Progress | None = None, verify: bool = True) -> LoadedModel:
+         progress: Progress | None = None, verify: bool = True, device: str | None = None) -> LoadedModel:
     """A checkpoint, GGUF file, reference name or compressor artifact, as a float model.
 
     A compressor artifact is checked against its manifest first (every header, tensor and file;
-    `verify=False` skips it), so a tampered artifact is an error rather than a wrong number.
+    `verify=False` skips it), so a tampered artifact is an error rather than a wrong number. With a
+    CUDA `device`, a quantized artifact keeps its linears quantized there (QuantLinear, our kernels).
     """
     progress = progress or Progress()
     path = resolve_model_path(ref, progress.log)
@@ -74,6 +78,14 @@ def load(ref: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool
     if path.is_dir() and (path / manifests.MANIFEST).is_file() and verify:
         manifests.check(path)
         progress.log(f"verified {path} against its manifest")
+    if path.is_dir() and artifacts.is_quantized(path) and device is not None and torch.device(device).type == "cuda":
+        from compressor.formats.quant_runtime import load_quantized
+
+        model, dtype = load_quantized(path, dtype, torch.device(device), progress.warn)
+        manifest = read_manifest(path) if (path / "manifest.json").exists() else {}
+        return LoadedModel(model, load_tokenizer(path), adapter_for_config(model.config), path,
+                           manifest.get("source", {}).get("sha256", ""), str(ref), {"manifest": manifest},
+                           stored_dtype=dtype)
     if path.is_dir() and artifacts.is_quantized(path):
         from transformers import AutoConfig
 
@@ -103,17 +115,13 @@ def refuse_packed(path: Path) -> None:
                               f"rebuild its weights first: compress unpack {path} -o DIR")
 
 
-# ---------------------------------------------------------------- quantize
+# ---------------------------------------------------------------- compress (quantize, prune, lists)
 
-def make_method(name: str, options: dict[str, Any], command: str = "quantize") -> Method:
-    cls = METHODS.get(name)
-    try:
-        return cls.from_options(**{k: v for k, v in options.items() if v is not None})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"])
-        raise CompressorError(f"invalid {name} setting {field}: {err['msg']} (got {err.get('input')!r})",
-                              f"see `compress {command} --help` for valid values") from None
+def make_methods(spec: str | list[str], options: dict[str, Any] | None, command: str = "quantize") -> list[Method]:
+    """Configured methods for a spec (`gptq`, `awq+gptq`, `slicegpt,gptq`), checked as one pass."""
+    methods = build_methods(spec, options, command)
+    check_order(methods)
+    return methods
 
 
 def _fingerprint(*parts: Any) -> str:
@@ -124,20 +132,21 @@ def run_directory_for(out: Path) -> Path:
     return out.with_name(f".{out.name}.run")
 
 
-def quantize(model: str, method: str, out: str | Path, options: dict[str, Any] | None = None, *,
+def compress(model: str, methods: str | list[str], out: str | Path, options: dict[str, Any] | None = None, *,
              calib: str = "wiki", samples: int = 128, seq_len: int = 512, seed: int = 0,
              text_field: str = "text", chat_template: bool = False, device: str = "cpu", batch_size: int = 8,
              dtype: torch.dtype = torch.float32, hessian_dtype: torch.dtype = torch.float32,
              overwrite: bool = False, resume: bool = False, restart: bool = False, allow_pickle: bool = False,
-             verify: bool = True, progress: Progress | None = None) -> dict:
-    """Quantize a model with a registered method and write a compressed-tensors artifact."""
+             verify: bool = True, progress: Progress | None = None, command: str = "quantize") -> dict:
+    """Run a list of methods over a model in one engine pass and write the artifact."""
     started = time.perf_counter()
     device = check_device(device)
     world = World.from_env(device)
     device = world.device(device)
     progress = (progress or Progress()) if world.is_main else Progress()
     out = Path(out)
-    quantizer = make_method(method, options or {})
+    chain = make_methods(methods, options, command)
+    prunes = any(m.produces == "structure" for m in chain)
     if resume and restart:
         raise CompressorError("--resume and --restart contradict each other",
                               "pass --resume to continue the interrupted run or --restart to discard it")
@@ -147,8 +156,10 @@ def quantize(model: str, method: str, out: str | Path, options: dict[str, Any] |
         raise CompressorError(f"Hessians accumulate in float32 or float64, not {hessian_dtype}",
                               "pass --hessian-dtype float32 or float64")
     source = resolve_model_path(model, progress.log)
-    # The run directory keeps every finished block (about the source's size) beside the artifact.
-    check_output(out, overwrite=overwrite, sources=[source], needs_bytes=source_bytes(source) * 3 // 2)
+    # The run directory keeps every finished block (about the source's size) beside the artifact;
+    # per-block slicing can add shortcut matrices, so a sliced model may outgrow its source.
+    check_output(out, overwrite=overwrite, sources=[source],
+                 needs_bytes=source_bytes(source) * (2 if prunes else 3) // (1 if prunes else 2))
     run_path = run_directory_for(out)
     interrupted = (run_path / "run.json").is_file()
     if resume and not interrupted:
@@ -158,92 +169,73 @@ def quantize(model: str, method: str, out: str | Path, options: dict[str, Any] |
                               "pass --resume to continue it or --restart to discard it")
 
     loaded = load(model, dtype=dtype, allow_pickle=allow_pickle, progress=progress, verify=verify)
-    quantizer.check(loaded.model, loaded.adapter)
+    if prunes and getattr(loaded.model.config, "base_model_type", None):
+        raise CompressorError(f"{model} is already a sliced artifact", "prune the original checkpoint instead")
+    for method in chain:
+        method.check(loaded.model, loaded.adapter)
+    original_config = copy.deepcopy(loaded.model.config)
+    params_before = count_parameters(loaded.model)
     tokens = None
-    if quantizer.needs_calibration:
+    if any(m.needs_calibration for m in chain):
         tokens = calibration_set(calib, loaded.tokenizer, samples, seq_len, seed, text_field, chat_template,
                                  progress.log)
-    warnings = _calibration_warnings(quantizer, loaded, tokens)
-    for message in warnings:
-        progress.warn(message)
     blocks = loaded.adapter.blocks(loaded.model)
+    described = describe_methods(chain, methods)
     # Everything that changes the numbers; a resumed run must match it exactly.
-    fingerprint = _fingerprint(__version__, loaded.source_hash, quantizer.describe(),
+    fingerprint = _fingerprint(__version__, loaded.source_hash, described,
                                tokens.sha256 if tokens else None, str(dtype), str(hessian_dtype), batch_size,
                                torch.device(device).type, world.size)
     run = RunDirectory(run_path, fingerprint, len(blocks), rank=world.rank if world.size > 1 else None)
     if restart and run_path.exists() and world.is_main:
         shutil.rmtree(run_path)
     world.barrier()
-    SequentialPipeline(loaded.model, loaded.adapter, quantizer, run, tokens, device=device,
-                       batch_size=batch_size, hessian_dtype=hessian_dtype, progress=progress,
-                       world=world).execute(resume=resume)
-    if not world.is_main:  # every process holds the same quantized model; the first one writes it
+    pipeline = SequentialPipeline(loaded.model, loaded.adapter, chain, run, tokens, device=device,
+                                  batch_size=batch_size, hessian_dtype=hessian_dtype, progress=progress, world=world)
+    pipeline.execute(resume=resume)
+    engine_s = time.perf_counter() - started
+    if not world.is_main:  # every process holds the same result; the first one writes it
         world.barrier()
         return {"output": str(out), "rank": world.rank, "world_size": world.size}
 
-    writer = quantized.writer_for(quantizer.export())
-    tensors, metrics = _quantized_tensors(loaded, writer, run)
-    config = loaded.model.config.to_dict()
-    config.pop("quantization_config", None)
-    config["dtype"] = str(loaded.stored_dtype).removeprefix("torch.")
-    ignore = ["lm_head"]
-    config["quantization_config"] = writer.quantization_config(ignore)
-    wall = time.perf_counter() - started
+    config, tensors, metrics = export.artifact_contents(loaded, chain, pipeline.block_meta, run, original_config,
+                                                        params_before)
+    spec = export.structure(chain, pipeline.block_meta, loaded)
     artifacts.write_artifact(
         out, config=config, tensors=tensors, tokenizer=loaded.tokenizer,
-        generation_config=getattr(loaded.model, "generation_config", None), kind="quantized",
-        source={"ref": loaded.name, "sha256": loaded.source_hash}, method=quantizer.describe(),
+        generation_config=getattr(loaded.model, "generation_config", None), kind=export.artifact_kind(chain),
+        source={"ref": loaded.name, "sha256": loaded.source_hash}, method=described,
         calibration=tokens.describe() | {"seed": seed} if tokens else None, metrics=metrics,
-        overwrite=overwrite, build={"wall_s": wall, "device": device, "processes": world.size})
+        overwrite=overwrite, build={"wall_s": time.perf_counter() - started, "engine_s": engine_s, "device": device,
+                                    "processes": world.size, "peak_rss_mb": peak_rss_mb(),
+                                    **({"spec": spec} if spec else {})})
     shutil.rmtree(run_path, ignore_errors=True)
     world.barrier()
-    return {"output": str(out), "method": quantizer.describe(), **metrics, "warnings": warnings,
-            "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+    result = {"output": str(out), "method": described, **metrics, "wall_s": time.perf_counter() - started,
+              "peak_rss_mb": peak_rss_mb()}
+    if prunes:
+        result.update({"model_type": config["model_type"], "slice_s": engine_s})
+    return result
 
 
-def _calibration_warnings(method: Method, loaded: LoadedModel, tokens) -> list[str]:
-    """A Hessian of n inputs from fewer than n tokens is singular: GPTQ then leans on dampening."""
-    if "hessian" not in method.needs or tokens is None:
-        return []
-    widest = max(l.in_features for block in loaded.adapter.blocks(loaded.model)
-                 for l in loaded.adapter.block_linears(block).values())
-    have = tokens.samples * tokens.seq_len
-    if have >= widest:
-        return []
-    return [f"{have} calibration tokens cannot give full-rank Hessians for linears with {widest} inputs; "
-            f"use at least {widest} tokens (--samples × --seq-len), ideally 10× that"]
+def quantize(model: str, method: str, out: str | Path, options: dict[str, Any] | None = None, **settings) -> dict:
+    """Quantize a model (a method or a list, e.g. "gptq", "awq+gptq") into a compressed-tensors artifact."""
+    return compress(model, method, out, options, command="quantize", **settings)
 
 
-def _quantized_tensors(loaded: LoadedModel, writer: quantized.Writer, run: RunDirectory) -> tuple[dict, dict]:
-    """The artifact's tensors: quantized linears from the run directory, the rest as is."""
-    model, adapter = loaded.model, loaded.adapter
-    keep_dtype = loaded.stored_dtype
-    state = model.state_dict()
-    if adapter.tied_embeddings(model):
-        state.pop("lm_head.weight", None)
-    tensors: dict[str, torch.Tensor] = {}
-    quantized_params = quantized_bytes = 0
-    for index in range(len(adapter.blocks(model))):
-        prefix = adapter.block_prefix(model, index)
-        _, records = run.load_block(index)
-        for name, record in records.items():
-            module = prefix + name
-            original = state.pop(module + ".weight")
-            encoded = writer.encode(module, record)
-            tensors.update(encoded)
-            quantized_params += original.numel()
-            quantized_bytes += sum(t.numel() * t.element_size() for k, t in encoded.items()
-                                   if not k.endswith("weight_shape"))
-        release_memory()
-    for name, value in state.items():
-        tensors[name] = value.to(keep_dtype) if value.is_floating_point() else value
-    metrics = {
-        "quantized_params": quantized_params,
-        "params": count_parameters(model),
-        "bits_per_weight": round(8 * quantized_bytes / max(quantized_params, 1), 4),
-    }
-    return dict(sorted(tensors.items())), metrics
+def prune(model: str, method: str, out: str | Path, sparsity: float | None = None,
+          options: dict[str, Any] | None = None, **settings) -> dict:
+    """Structurally prune a model (SliceGPT, MoDeGPT) into an artifact that transformers loads;
+    `sparsity` None keeps the pruner's default."""
+    if sparsity is not None and not 0.0 < sparsity < 1.0:
+        raise CompressorError(f"sparsity must be in (0, 1), got {sparsity}", "pass e.g. --sparsity 0.25")
+    try:
+        names = method_names(method)
+    except CompressorError:
+        names = []
+    if not any(METHODS.get(n).produces == "structure" for n in names):
+        pruners = [n for n, cls in METHODS.items() if cls.produces == "structure"]
+        raise CompressorError(f"unknown pruning method {method!r}", f"choose one of: {', '.join(pruners)}")
+    return compress(model, method, out, {"sparsity": sparsity, **(options or {})}, command="prune", **settings)
 
 
 # ---------------------------------------------------------------- recipes
@@ -261,7 +253,7 @@ def run_recipe(recipe_path: str | Path, model: str, out: str | Path, *, calib: s
     progress = progress or Progress()
     recipe = load_recipe(recipe_path)
     for stage in recipe.stages:  # every stage's settings, before any work
-        make_method(stage.quantize.method, stage.quantize.options)
+        make_methods(stage.spec.method, stage.spec.options, stage.kind)
     check_device(device)
     out = Path(out)
     path = resolve_model_path(model, progress.log)
@@ -270,7 +262,7 @@ def run_recipe(recipe_path: str | Path, model: str, out: str | Path, *, calib: s
     for index, stage in enumerate(recipe.stages):
         last = index == len(recipe.stages) - 1
         target = out if last else out.with_name(f".{out.name}.stages") / f"{index:02d}-{stage.kind}"
-        spec = stage.quantize
+        spec = stage.spec
         if resume and not last and (target / "manifest.json").is_file():
             progress.log(f"stage {index + 1}/{len(recipe.stages)} finished before; reusing {target}")
             source = str(target)
@@ -278,7 +270,7 @@ def run_recipe(recipe_path: str | Path, model: str, out: str | Path, *, calib: s
         progress.log(f"stage {index + 1}/{len(recipe.stages)}: {stage.kind} {spec.method}")
         cal = spec.calib
         interrupted = (run_directory_for(target) / "run.json").is_file()
-        results.append(quantize(source, spec.method, target, spec.options, calib=calib or cal.data,
+        results.append(compress(source, spec.method, target, spec.options, command=stage.kind, calib=calib or cal.data,
                                 samples=cal.samples, seq_len=cal.seq_len, seed=cal.seed, text_field=cal.text_field,
                                 chat_template=cal.chat_template, batch_size=cal.batch_size, device=device,
                                 overwrite=overwrite or not last, resume=resume and interrupted,
@@ -305,7 +297,7 @@ def evaluate(model: str, base: str | None = None, data: str = "wiki", windows: i
     for ref in (model, base):  # both exist before either is loaded
         if ref is not None:
             resolve_model_path(ref, progress.log)
-    candidate = load(model, allow_pickle=allow_pickle, progress=progress, verify=verify)
+    candidate = load(model, allow_pickle=allow_pickle, progress=progress, verify=verify, device=device)
     reference = load(base, allow_pickle=allow_pickle, progress=progress, verify=verify) if base else None
     tokenizer = candidate.tokenizer or (reference.tokenizer if reference else None)
     if reference is not None and candidate.model.config.vocab_size != reference.model.config.vocab_size:
@@ -428,60 +420,53 @@ def unpack(packed_dir: str | Path, out: str | Path, *, overwrite: bool = False) 
     return {**packed.unpack(Path(packed_dir), Path(out), overwrite=overwrite), "codec": native.status()}
 
 
-# ---------------------------------------------------------------- prune
+# ---------------------------------------------------------------- bench
 
-PRUNE_METHODS = ("slicegpt", "modegpt")
-
-
-def prune(model: str, method: str, out: str | Path, sparsity: float, options: dict[str, Any] | None = None, *,
-          calib: str = "wiki", samples: int = 128, seq_len: int = 512, seed: int = 0, text_field: str = "text",
-          chat_template: bool = False, device: str = "cpu", batch_size: int = 8, overwrite: bool = False,
-          allow_pickle: bool = False, verify: bool = True, progress: Progress | None = None) -> dict:
-    """Structurally prune a model (SliceGPT, MoDeGPT) and write an artifact transformers loads."""
-    from compressor.formats import sliced as sliced_format
-    from compressor.methods import prune as _prune_methods  # noqa: F401  (registers)
-    from compressor.pipeline.structured import run_structured
+def bench(artifact: str, device: str = "auto", batches: tuple[int, ...] = (1, 16), prompt_len: int = 512,
+          gen_len: int = 128, base: str | None = None, repeats: int = 3, progress: Progress | None = None) -> dict:
+    """Prefill and decode tokens/s and peak memory of an artifact through the loader `eval` uses,
+    beside a dense base in the same run (default: the artifact's own weights dequantized)."""
+    from compressor.evaluation.speed import measure
+    from compressor.formats.quant_runtime import kernel_summary
 
     progress = progress or Progress()
-    started = time.perf_counter()
-    out = Path(out)
-    if method not in PRUNE_METHODS:
-        raise CompressorError(f"unknown pruning method {method!r}", f"choose one of: {', '.join(PRUNE_METHODS)}")
-    if not 0.0 < sparsity < 1.0:
-        raise CompressorError(f"sparsity must be in (0, 1), got {sparsity}", "pass e.g. --sparsity 0.25")
-    if batch_size < 1:
-        raise CompressorError(f"batch size must be at least 1 (got {batch_size})", "raise --batch-size")
-    pruner = make_method(method, {"sparsity": sparsity, **(options or {})}, "prune")
-    device = check_device(device)
-    source = resolve_model_path(model, progress.log)
-    # Per-block slicing can add shortcut matrices, so a sliced model may outgrow its source.
-    check_output(out, overwrite=overwrite, sources=[source], needs_bytes=source_bytes(source) * 2)
-    loaded = load(model, allow_pickle=allow_pickle, progress=progress, verify=verify)
-    if getattr(loaded.model.config, "base_model_type", None):
-        raise CompressorError(f"{model} is already a sliced artifact", "prune the original checkpoint instead")
-    pruner.check(loaded.model, loaded.adapter)
-    original_config = copy.deepcopy(loaded.model.config)
-    params_before = count_parameters(loaded.model)
-    tokens = calibration_set(calib, loaded.tokenizer, samples, seq_len, seed, text_field, chat_template,
-                             progress.log)
-    hidden = loaded.adapter.text_config(loaded.model.config).hidden_size
-    if tokens.samples * tokens.seq_len < hidden:
-        raise CompressorError(
-            f"calibration has {tokens.samples * tokens.seq_len} tokens; a stable PCA of the {hidden}-wide residual "
-            f"stream needs at least {hidden}", "raise --samples or --seq-len")
-    spec = run_structured(loaded.model, loaded.adapter, pruner, tokens, device=device, batch_size=batch_size,
-                          progress=progress)
-    slice_s = time.perf_counter() - started
-    params = count_parameters(loaded.model)
-    config, tensors = sliced_format.export(loaded.model, loaded.adapter, spec, original_config, loaded.stored_dtype)
-    metrics = {"params": params, "params_before": params_before, "param_reduction": 1 - params / params_before,
-               "ordinary_config": config.get("model_type") == original_config.model_type}
-    artifacts.write_artifact(
-        out, config=config, tensors=tensors, tokenizer=loaded.tokenizer,
-        generation_config=getattr(loaded.model, "generation_config", None), kind="pruned",
-        source={"ref": loaded.name, "sha256": loaded.source_hash}, method=pruner.describe(),
-        calibration=tokens.describe() | {"seed": seed}, metrics=metrics, overwrite=overwrite,
-        build={"wall_s": time.perf_counter() - started, "slice_s": slice_s, "peak_rss_mb": peak_rss_mb(),
-               "device": device, "spec": spec})
-    return {"output": str(out), "method": pruner.describe(), **metrics, "model_type": config["model_type"],
-            "slice_s": slice_s, "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+    target = _bench_device(device)
+    if not batches or min(batches) < 1 or prompt_len < 1 or gen_len < 1:
+        raise CompressorError(f"batch sizes, --prompt-len and --gen-len must be positive (got {list(batches)}, "
+                              f"{prompt_len}, {gen_len})", "e.g. --batch 1,16 --prompt-len 512 --gen-len 128")
+    cuda = target.type == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    runs = {}
+    for label, ref in (("base", base or artifact), ("artifact", artifact)):
+        progress.log(f"loading {label} {ref}")
+        loaded = load(ref, dtype=dtype, progress=progress, device=str(target) if label == "artifact" else None)
+        model = loaded.model.to(target)
+        if cuda:
+            torch.cuda.synchronize(target)
+        weights_mb = (torch.cuda.memory_allocated(target) / 2**20) if cuda else None
+        runtime = kernel_summary(model) or "dense float weights"
+        progress.log(f"measuring {label} on {target} (batches {list(batches)})")
+        rows = measure(model, target, list(batches), prompt_len, gen_len, repeats=repeats)
+        runs[label] = {"ref": str(ref), "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+                       "runtime": runtime, "weights_memory_mb": weights_mb, "rows": rows}
+        del loaded, model
+        release_memory()
+        if cuda:
+            torch.cuda.empty_cache()
+    speedup = [{"batch": a["batch"],
+                "prefill_x": a["prefill_tokens_per_s"] / b["prefill_tokens_per_s"],
+                "decode_x": a["decode_tokens_per_s"] / b["decode_tokens_per_s"]}
+               for a, b in zip(runs["artifact"]["rows"], runs["base"]["rows"])]
+    note = None if cuda else ("CPU: the artifact runs the reference path (weights dequantized to float32 at load), "
+                              "so it is no faster than the base; speed-ups need the CUDA kernels")
+    return {"artifact": str(artifact), "device": torch.cuda.get_device_name(target) if cuda else "cpu",
+            "peak_rss_mb": peak_rss_mb(), **runs, "speedup": speedup, "note": note}
+
+
+def _bench_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    target = torch.device(check_device(device))
+    if target.type not in ("cpu", "cuda"):
+        raise CompressorError(f"bench runs on cpu or cuda, not {device}", "use --device cpu or --device cuda")
+    return target

@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from compressor import __version__
+from compressor.cli_options import collect, with_method_options
 from compressor.errors import CompressorError
 from compressor.pipeline.progress import Progress, RichProgress
 
@@ -76,10 +77,11 @@ def _progress() -> Progress:
 
 JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON only (also accepted before the command).")
 
-def _quantize_methods() -> list[str]:
-    from compressor.methods import METHODS
+def _method_names(produces: str | None = None) -> list[str]:
+    from compressor.methods import METHOD_LISTS, METHODS
 
-    return METHODS.names()
+    names = [n for n, cls in METHODS.items() if produces is None or cls.produces == produces]
+    return sorted(names + (METHOD_LISTS.names() if produces is None else []))
 
 
 def _shipped_recipes() -> list[str]:
@@ -88,22 +90,9 @@ def _shipped_recipes() -> list[str]:
     return list(shipped())
 
 
-def _default_help(field: str) -> str:
-    """`default: 4 (8 for smoothquant)` from the methods' own settings."""
-    from compressor.methods import METHODS
-
-    by_value: dict[Any, list[str]] = {}
-    for name, method in METHODS.items():
-        info = method.Config.model_fields.get(field)
-        if info is not None:
-            by_value.setdefault(info.default, []).append(name)
-    if not by_value:
-        return ""
-    common = max(by_value, key=lambda v: len(by_value[v]))
-    others = "; ".join(f"{v} for {', '.join(names)}" for v, names in by_value.items() if v != common)
-    return f"default: {common}" + (f" ({others})" if others else "")
-
-
+DEVICE_OPTION = typer.Option("cpu", "--device", help="Compute device for one block at a time (cpu, cuda, cuda:1).")
+RESUME_OPTION = typer.Option(False, "--resume", help="Continue an interrupted run from its last finished block.")
+RESTART_OPTION = typer.Option(False, "--restart", help="Discard an interrupted run and start again.")
 OVERWRITE_OPTION = typer.Option(
     False, "--overwrite", help="Replace an existing compressor artifact (kept until the new one is complete).")
 ALLOW_PICKLE_OPTION = typer.Option(False, "--allow-pickle",
@@ -192,65 +181,40 @@ def assets_list(json_out: bool = JSON_OPTION) -> None:
 # ---------------------------------------------------------------- quantize
 
 @app.command()
+@with_method_options
 def quantize(
     model: str = typer.Argument(..., help="HF model directory, .gguf file or reference name (smollm2-135m)."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
-    method: str = typer.Option("rtn", "--method", "-m", help=f"Quantization method: {', '.join(_quantize_methods())}."),
-    bits: Optional[int] = typer.Option(None, "--bits", help=f"Bits per weight, 2-8; {_default_help('bits')}."),
-    group_size: Optional[int] = typer.Option(None, "--group-size",
-                                             help=f"Columns per scale, -1 per channel; {_default_help('group_size')}."),
-    sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric, or integer zero points."),
-    scale_dtype: Optional[str] = typer.Option(None, "--scale-dtype", help="float16, bfloat16 or float32."),
-    act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order",
-                                             help="GPTQ: columns by descending Hessian diagonal."),
-    damp: Optional[float] = typer.Option(None, "--damp", help="GPTQ: relative dampening (default 0.01)."),
-    mse_clip: Optional[bool] = typer.Option(None, "--mse-clip/--no-mse-clip",
-                                            help="GPTQ: MSE-optimal clipping of group scales."),
-    static_groups: Optional[bool] = typer.Option(None, "--static-groups/--no-static-groups",
-                                                 help="GPTQ: group scales fixed up front (no g_idx)."),
-    fp_target: Optional[bool] = typer.Option(None, "--fp-target/--no-fp-target",
-                                             help="GPTQ: fit the float model's outputs (tracks its hidden states)."),
-    grid: Optional[int] = typer.Option(None, "--grid", help="AWQ/SmoothQuant+: α candidates (default 20)."),
-    search_samples: Optional[int] = typer.Option(None, "--search-samples",
-                                                 help="AWQ/SmoothQuant+: samples the scale search replays."),
-    duo_scaling: Optional[bool] = typer.Option(None, "--duo-scaling/--no-duo-scaling",
-                                               help="AWQ: scales from activations and weights."),
-    alpha: Optional[float] = typer.Option(None, "--alpha", help="SmoothQuant: migration strength 0..1 (default 0.5)."),
-    act_static: Optional[bool] = typer.Option(None, "--act-static/--act-dynamic",
-                                              help="FP8: calibrated per-tensor input scales, or per-token at run time."),
+    method: str = typer.Option("rtn", "--method", "-m", help=f"A method or a list run in one pass, comma-separated "
+                               f"(awq,gptq; slicegpt,gptq): {', '.join(_method_names())}."),
     calib: str = CALIB_OPTION,
     samples: int = SAMPLES_OPTION,
     seq_len: int = SEQ_LEN_OPTION,
     seed: int = SEED_OPTION,
     text_field: str = TEXT_FIELD_OPTION,
     chat_template: bool = CHAT_TEMPLATE_OPTION,
-    device: str = typer.Option("cpu", "--device", help="Compute device for one block at a time."),
+    device: str = DEVICE_OPTION,
     batch_size: int = BATCH_SIZE_OPTION,
     dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32, bfloat16, float16."),
     hessian_dtype: str = typer.Option("float32", "--hessian-dtype", help="Hessian accumulation: float32 or float64."),
     overwrite: bool = OVERWRITE_OPTION,
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last block."),
-    restart: bool = typer.Option(False, "--restart", help="Discard an interrupted run and start again."),
+    resume: bool = RESUME_OPTION,
+    restart: bool = RESTART_OPTION,
     allow_pickle: bool = ALLOW_PICKLE_OPTION,
     no_verify: bool = NO_VERIFY_OPTION,
     json_out: bool = JSON_OPTION,
+    **method_options: Any,
 ) -> None:
-    """Quantize a model and write a compressed-tensors artifact."""
+    """Quantize a model (or run any list of methods) and write a compressed-tensors artifact."""
     from compressor import api
     from compressor.models.loading import parse_dtype
 
-    options = {"bits": bits, "group_size": group_size, "sym": sym, "scale_dtype": scale_dtype,
-               "act_order": act_order, "damp": damp, "mse_clip": mse_clip, "static_groups": static_groups,
-               "fp_target": fp_target, "grid": grid, "search_samples": search_samples, "duo_scaling": duo_scaling,
-               "alpha": alpha, "act_static": act_static}
-
     def action():
-        return api.quantize(model, method, output, options, calib=calib, samples=samples, seq_len=seq_len,
-                            seed=seed, text_field=text_field, chat_template=chat_template, device=device,
-                            batch_size=batch_size, dtype=parse_dtype(dtype),
-                            hessian_dtype=parse_dtype(hessian_dtype), overwrite=overwrite,
-                            resume=resume, restart=restart, allow_pickle=allow_pickle, verify=not no_verify,
-                            progress=_progress())
+        return api.quantize(model, method, output, collect(method_options), calib=calib, samples=samples,
+                            seq_len=seq_len, seed=seed, text_field=text_field, chat_template=chat_template,
+                            device=device, batch_size=batch_size, dtype=parse_dtype(dtype),
+                            hessian_dtype=parse_dtype(hessian_dtype), overwrite=overwrite, resume=resume,
+                            restart=restart, allow_pickle=allow_pickle, verify=not no_verify, progress=_progress())
 
     _run(action, lambda r: _kv_table(f"wrote {r['output']}", r), json_out)
 
@@ -321,50 +285,39 @@ def eval_cmd(
 # ---------------------------------------------------------------- prune
 
 @app.command()
+@with_method_options
 def prune(
     model: str = typer.Argument(..., help="HF model directory, .gguf file or reference name (smollm2-135m)."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
-    method: str = typer.Option("slicegpt", "--method", "-m", help="slicegpt or modegpt."),
-    sparsity: float = typer.Option(0.25, "--sparsity", help="Fraction to remove, in (0, 1)."),
-    rotation: Optional[str] = typer.Option(None, "--rotation",
-                                           help="slicegpt: per-block (shortcuts) or global (ordinary config)."),
-    schedule: Optional[str] = typer.Option(None, "--schedule",
-                                           help="slicegpt per-block: comma-separated sparsity per block."),
-    embeddings: Optional[str] = typer.Option(None, "--embeddings",
-                                             help="slicegpt per-block: slice (reference) or keep (tied, unrotated)."),
-    probe: Optional[int] = typer.Option(None, "--probe",
-                                        help="slicegpt on post-norm models (Gemma 3): RMS probe channels (64)."),
-    modules: Optional[str] = typer.Option(None, "--modules", help="modegpt: all or mlp (ordinary config)."),
-    allocation: Optional[str] = typer.Option(None, "--allocation", help="modegpt: uniform or global (per-layer)."),
+    method: str = typer.Option("slicegpt", "--method", "-m",
+                               help=f"A pruner, or a list starting with one (slicegpt,gptq): "
+                                    f"{', '.join(_method_names('structure'))}."),
     calib: str = CALIB_OPTION,
     samples: int = SAMPLES_OPTION,
     seq_len: int = SEQ_LEN_OPTION,
     seed: int = SEED_OPTION,
     text_field: str = TEXT_FIELD_OPTION,
     chat_template: bool = CHAT_TEMPLATE_OPTION,
-    device: str = typer.Option("cpu", "--device", help="Compute device for one block at a time."),
+    device: str = DEVICE_OPTION,
     batch_size: int = BATCH_SIZE_OPTION,
     overwrite: bool = OVERWRITE_OPTION,
+    resume: bool = RESUME_OPTION,
+    restart: bool = RESTART_OPTION,
     allow_pickle: bool = ALLOW_PICKLE_OPTION,
     no_verify: bool = NO_VERIFY_OPTION,
     json_out: bool = JSON_OPTION,
+    **method_options: Any,
 ) -> None:
     """Structured pruning (SliceGPT, MoDeGPT) into an artifact that transformers loads."""
     from compressor import api
 
     def action():
-        options: dict[str, Any] = {"rotation": rotation, "embeddings": embeddings, "modules": modules,
-                                   "allocation": allocation, "probe": probe}
-        if schedule is not None:
-            try:
-                options["schedule"] = [float(x) for x in schedule.split(",")]
-            except ValueError:
-                raise CompressorError(f"--schedule must be comma-separated numbers, got {schedule!r}",
-                                      "e.g. --schedule 0.2,0.25,0.3") from None
-        return api.prune(model, method, output, sparsity, {k: v for k, v in options.items() if v is not None},
-                         calib=calib, samples=samples, seq_len=seq_len, seed=seed, text_field=text_field,
+        options = collect(method_options)
+        return api.prune(model, method, output, options.pop("sparsity", None), options, calib=calib,
+                         samples=samples, seq_len=seq_len, seed=seed, text_field=text_field,
                          chat_template=chat_template, device=device, batch_size=batch_size, overwrite=overwrite,
-                         allow_pickle=allow_pickle, verify=not no_verify, progress=_progress())
+                         resume=resume, restart=restart, allow_pickle=allow_pickle, verify=not no_verify,
+                         progress=_progress())
 
     _run(action, lambda r: _kv_table(f"wrote {r['output']}", r), json_out)
 
@@ -389,6 +342,47 @@ def verify(artifact: Path = typer.Argument(..., help="Artifact directory written
     _run(lambda: api.verify(artifact),
          lambda r: console.print(f"[green]ok[/green] {r['path']}: {r['tensors']} tensors, {r['files']} files intact"),
          json_out)
+
+
+# ---------------------------------------------------------------- bench
+
+@app.command()
+def bench(
+    artifact: str = typer.Argument(..., help="Artifact directory (or any checkpoint) to time."),
+    device: str = typer.Option("auto", "--device", help="cuda, cpu, or auto (cuda when there is one)."),
+    batch: str = typer.Option("1,16", "--batch", help="Comma-separated batch sizes (sequences)."),
+    prompt_len: int = typer.Option(512, "--prompt-len", help="Prompt tokens per sequence (prefill)."),
+    gen_len: int = typer.Option(128, "--gen-len", help="Generated tokens per sequence (decode steps)."),
+    base: Optional[str] = typer.Option(None, "--base", help="Dense model to compare with (default: the "
+                                       "artifact's weights dequantized to bf16)."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Prefill and decode tokens/s and peak memory, beside a dense base measured in the same run."""
+    from compressor import api
+
+    def action():
+        try:
+            batches = tuple(int(b) for b in batch.split(","))
+        except ValueError:
+            raise CompressorError(f"--batch must be comma-separated integers, got {batch!r}",
+                                  "e.g. --batch 1,16") from None
+        return api.bench(artifact, device, batches, prompt_len, gen_len, base, progress=_progress())
+
+    def render(r):
+        table = Table("model", "batch", "prefill tok/s", "decode tok/s", "peak MB", "CUDA graph",
+                      title=f"{r['artifact']} on {r['device']}")
+        for label in ("base", "artifact"):
+            for row in r[label]["rows"]:
+                table.add_row(f"{label} ({r[label]['dtype']})", str(row["batch"]),
+                              f"{row['prefill_tokens_per_s']:.1f}", f"{row['decode_tokens_per_s']:.1f}",
+                              f"{row.get('peak_memory_mb', float('nan')):.0f}", "yes" if row["cuda_graph"] else "no")
+        console.print(table)
+        for s in r["speedup"]:
+            console.print(f"batch {s['batch']}: prefill {s['prefill_x']:.2f}x, decode {s['decode_x']:.2f}x vs base")
+        if r.get("note"):
+            console.print(r["note"])
+
+    _run(action, render, json_out)
 
 
 # ---------------------------------------------------------------- pack / unpack (lossless)

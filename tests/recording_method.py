@@ -14,11 +14,11 @@ NAME = "test-stats-rtn"
 class StatsRTN(RTN):
     name = NAME
     Config = WeightQuantConfig
-    needs = frozenset({"hessian", "absmax", "mean"})
-    true_sequential = True
+    needs_calibration = True
     seen: list[dict] | None = []  # None: don't record (benchmarks)
 
-    def apply_group(self, block, group, linears, stats):
+    def on_group(self, ctx, group, linears):
+        stats = ctx.group_stats(group, {"hessian", "absmax", "mean"})
         if StatsRTN.seen is not None:
             StatsRTN.seen.append({"group": group.name, **{k: v.clone() for k, v in stats.items()}})
         # A deterministic use of the statistics: clip range shrinks where activations are small.

@@ -405,8 +405,8 @@ def test_failure_midway_keeps_old_output(error, artifact, tiny_llama, tmp_path, 
             raise error
         return original(self, *args, **kwargs)
 
-    original = RTN.apply_group
-    monkeypatch.setattr(RTN, "apply_group", failing)
+    original = RTN.on_group
+    monkeypatch.setattr(RTN, "on_group", failing)
     with pytest.raises(type(error), match="boom"):
         api.quantize(str(tiny_llama), "rtn", out, {"bits": 3, "group_size": 32}, overwrite=True)
     assert snapshot(out) == before
@@ -436,7 +436,7 @@ def test_interrupt_keeps_old_output_and_resumes(artifact, tiny_llama, tmp_path, 
     out = _old_output(artifact, tmp_path)
     before = snapshot(out)
     calls = []
-    original = RTN.apply_group
+    original = RTN.on_group
 
     def interrupted(self, *args, **kwargs):
         calls.append(1)
@@ -444,13 +444,13 @@ def test_interrupt_keeps_old_output_and_resumes(artifact, tiny_llama, tmp_path, 
             raise KeyboardInterrupt
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(RTN, "apply_group", interrupted)
+    monkeypatch.setattr(RTN, "on_group", interrupted)
     args = ["quantize", tiny_llama, "-o", out, "--bits", "3", "--group-size", "32", "--overwrite"]
     result = cli(*args)
     assert result.exit_code == 130
     assert "--resume" in result.stderr
     assert snapshot(out) == before
-    monkeypatch.setattr(RTN, "apply_group", original)
+    monkeypatch.setattr(RTN, "on_group", original)
     result = cli(*args, "--resume")
     assert result.exit_code == 0, result.stderr
     assert snapshot(out) != before
@@ -515,7 +515,7 @@ def test_interrupted_run_requires_resume_or_restart(tiny_llama, tmp_path, monkey
     out = tmp_path / "out"
     options = ["--bits", "4", "--group-size", "32", "--asym"]
     calls = []
-    original = RTN.apply_group
+    original = RTN.on_group
 
     def failing(self, *args, **kwargs):
         calls.append(1)
@@ -524,7 +524,7 @@ def test_interrupted_run_requires_resume_or_restart(tiny_llama, tmp_path, monkey
         return original(self, *args, **kwargs)
 
     with monkeypatch.context() as m:
-        m.setattr(RTN, "apply_group", failing)
+        m.setattr(RTN, "on_group", failing)
         with pytest.raises(RuntimeError, match="2nd block"):
             api.quantize(str(tiny_llama), "rtn", out, RTN_OPTIONS)
     run_dir = api.run_directory_for(out)
@@ -557,7 +557,7 @@ def test_restart_discards_interrupted_run(tiny_llama, tmp_path, monkeypatch):
         raise RuntimeError("boom")
 
     with monkeypatch.context() as m:
-        m.setattr(RTN, "apply_group", failing)
+        m.setattr(RTN, "on_group", failing)
         with pytest.raises(RuntimeError):
             api.quantize(str(tiny_llama), "rtn", out, RTN_OPTIONS)
     assert (api.run_directory_for(out) / "run.json").is_file()

@@ -59,7 +59,7 @@ def test_deterministic_artifact_bytes(tiny_llama, text_file, tmp_path):
 def test_failure_midway_then_resume_is_identical(tiny_llama, text_file, tmp_path, monkeypatch):
     _quantize(tiny_llama, tmp_path / "clean", text_file)
     calls = {"n": 0}
-    original = recording_method.StatsRTN.apply_group
+    original = recording_method.StatsRTN.on_group
 
     def flaky(self, *args, **kwargs):
         calls["n"] += 1
@@ -68,7 +68,7 @@ def test_failure_midway_then_resume_is_identical(tiny_llama, text_file, tmp_path
         return original(self, *args, **kwargs)
 
     out = tmp_path / "resumed"
-    monkeypatch.setattr(recording_method.StatsRTN, "apply_group", flaky)
+    monkeypatch.setattr(recording_method.StatsRTN, "on_group", flaky)
     with pytest.raises(RuntimeError, match="injected fault"):
         _quantize(tiny_llama, out, text_file)
     assert not out.exists()
@@ -76,7 +76,7 @@ def test_failure_midway_then_resume_is_identical(tiny_llama, text_file, tmp_path
     assert (run_dir / "block-0000.safetensors").exists()
     with pytest.raises(CompressorError, match="--resume"):
         _quantize(tiny_llama, out, text_file)
-    monkeypatch.setattr(recording_method.StatsRTN, "apply_group", original)
+    monkeypatch.setattr(recording_method.StatsRTN, "on_group", original)
     _quantize(tiny_llama, out, text_file, resume=True)
     assert artifact_files(out) == artifact_files(tmp_path / "clean")
     assert not run_dir.exists()
@@ -102,15 +102,15 @@ def test_sigkilled_process_resumes_to_identical_artifact(tiny_llama, text_file, 
 
 def test_resume_refuses_other_settings(tiny_llama, text_file, tmp_path, monkeypatch):
     out = tmp_path / "q"
-    original = recording_method.StatsRTN.apply_group
+    original = recording_method.StatsRTN.on_group
 
     def fail(self, *a, **k):
         raise RuntimeError("stop")
 
-    monkeypatch.setattr(recording_method.StatsRTN, "apply_group", fail)
+    monkeypatch.setattr(recording_method.StatsRTN, "on_group", fail)
     with pytest.raises(RuntimeError):
         _quantize(tiny_llama, out, text_file)
-    monkeypatch.setattr(recording_method.StatsRTN, "apply_group", original)
+    monkeypatch.setattr(recording_method.StatsRTN, "on_group", original)
     with pytest.raises(CompressorError, match="other settings"):
         api.quantize(str(tiny_llama), recording_method.NAME, out, {**OPTS, "bits": 3}, calib=str(text_file),
                      resume=True, **CAL)

@@ -38,7 +38,7 @@ def test_shipped_recipe_validates(path):
     recipe = load_recipe(path)
     assert recipe.name == path.stem
     for stage in recipe.stages:
-        api.make_method(stage.quantize.method, stage.quantize.options)
+        api.make_methods(stage.spec.method, stage.spec.options, stage.kind)
 
 
 def test_recipe_run_equals_the_quantize_command(tiny_llama, text_file, tmp_path):

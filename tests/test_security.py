@@ -468,7 +468,7 @@ def test_quantize_help_lists_methods_and_defaults_conventionally():
     assert result.returncode == 0
     for method in ("rtn", "gptq", "awq+gptq", "smoothquant", "fp8"):
         assert method in result.stdout
-    assert "default: 4" in result.stdout and "default: 64" in result.stdout
+    assert "default 4 " in result.stdout and "default 64 " in result.stdout
     assert "<bool>" not in result.stdout and "{model}" not in result.stdout
     assert "compress quantize [OPTIONS] MODEL" in result.stdout
 

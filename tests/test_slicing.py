@@ -4,6 +4,7 @@ that load in plain transformers with the logits of the in-memory pruned model, t
 from __future__ import annotations
 
 import json
+import tempfile
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +21,8 @@ from compressor.methods.prune.modegpt import MoDeGPT
 from compressor.methods.prune.slicegpt import SliceGPT
 from compressor.models.adapters import count_parameters
 from compressor.models.loading import load_model
-from compressor.pipeline.structured import run_structured
+from compressor.pipeline.checkpoint import RunDirectory
+from compressor.pipeline.sequential import SequentialPipeline
 from helpers import assert_cli_error, cli
 
 SAMPLES, SEQ = 16, 64
@@ -40,8 +42,11 @@ def prune_in_memory(model_dir: Path, data: Path, method) -> tuple:
     loaded = load_model(model_dir)
     tokens = calibration_set(data, loaded.tokenizer, SAMPLES, SEQ, 0)
     method.check(loaded.model, loaded.adapter)
-    spec = run_structured(loaded.model, loaded.adapter, method, tokens)
-    return loaded, spec
+    with tempfile.TemporaryDirectory() as tmp:
+        run = RunDirectory(Path(tmp) / "run", "in-memory", len(loaded.adapter.blocks(loaded.model)))
+        engine = SequentialPipeline(loaded.model, loaded.adapter, [method], run, tokens)
+        engine.execute(resume=False)
+    return loaded, method.structure(engine.block_meta, loaded.model, loaded.adapter)
 
 
 def prune_cli(model_dir: Path, data: Path, out: Path, *args) -> dict:

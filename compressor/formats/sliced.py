@@ -31,8 +31,8 @@ def export(model: nn.Module, adapter: Adapter, spec: dict, original_config, keep
     full = text.hidden_size
     tied = adapter.tied_embeddings(model)
     state = {k: v.detach() for k, v in model.state_dict().items()}
-    if tied:
-        state.pop("lm_head.weight", None)
+    for name in adapter.tied_weight_names(model):
+        state.pop(name, None)
     if is_ordinary(spec, full):
         width = spec["embedding"]
         inter = spec["layers"][0].get("intermediate")

@@ -83,6 +83,10 @@ class Adapter:
 
     # Norms on a module's output before the residual add: (after attention, after MLP).
     post_norms: ClassVar[tuple[str | None, str | None]] = (None, None)
+    # Norms over each query and key head, inside attention (Qwen3, Gemma 3), where present.
+    query_key_norms: ClassVar[tuple[str, str]] = ("self_attn.q_norm", "self_attn.k_norm")
+    # The output head, relative to the model; artifacts keep it unquantized.
+    head_name: ClassVar[str] = "lm_head"
 
     def text_config(self, config):
         """The decoder's config (a multimodal config nests it as text_config)."""
@@ -105,10 +109,22 @@ class Adapter:
         return self.decoder(model).norm
 
     def head(self, model: nn.Module) -> nn.Linear:
-        return model.lm_head
+        return model.get_submodule(self.head_name)
 
     def tied_embeddings(self, model: nn.Module) -> bool:
         return self.head(model).weight is self.embedding(model).weight
+
+    def tied_weight_names(self, model: nn.Module) -> list[str]:
+        """State-dict names that alias another weight (the head, when tied to the embedding)."""
+        return [f"{self.head_name}.weight"] if self.tied_embeddings(model) else []
+
+    def normalizes_query_key(self, model: nn.Module) -> bool:
+        block = self.blocks(model)[0]
+        return any(_has_submodule(block, name) for name in self.query_key_norms)
+
+    def attention_has_bias(self, model: nn.Module) -> bool:
+        block = self.blocks(model)[0]
+        return any(block.get_submodule(n).bias is not None for n in self.layout.attn_inputs)
 
     def shortcut_of(self, linear: str) -> Shortcut | None:
         """The shortcut submodule (attention, MLP) that contains a linear."""
@@ -117,12 +133,22 @@ class Adapter:
                 return shortcut
         return None
 
-    def linear_names(self) -> list[str]:
+    def shortcut_ending_at(self, linear: str) -> Shortcut | None:
+        """The shortcut whose last linear this is (o_proj ends attention, down_proj the MLP)."""
+        return next((s for s in self.shortcuts if s.last_linear == linear), None)
+
+    def block_groups(self, block: nn.Module) -> tuple[LinearGroup, ...]:
+        """The block's linear groups in execution order (a block of a mixture of experts has one
+        group pair per expert, so the groups may depend on the block)."""
+        return self.groups
+
+    def linear_names(self, block: nn.Module | None = None) -> list[str]:
         """Names of the block's linears, relative to the block, in execution order."""
-        return [name for group in self.groups for name in group.linears]
+        groups = self.groups if block is None else self.block_groups(block)
+        return [name for group in groups for name in group.linears]
 
     def block_linears(self, block: nn.Module) -> dict[str, nn.Linear]:
-        return {name: block.get_submodule(name) for name in self.linear_names()}
+        return {name: block.get_submodule(name) for name in self.linear_names(block)}
 
 
 ADAPTERS: Registry[type[Adapter]] = Registry("architecture")
@@ -167,6 +193,14 @@ class Gemma3Adapter(Adapter):
         # Gemma3ForConditionalGeneration nests the text decoder one level deeper.
         inner = model.model
         return getattr(inner, "language_model", inner)
+
+
+def _has_submodule(module: nn.Module, name: str) -> bool:
+    try:
+        module.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
 
 
 def _module_path(model: nn.Module, target: nn.Module) -> str:

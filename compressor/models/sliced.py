@@ -141,55 +141,60 @@ def shortcut(d_from: int, d_to: int, like: torch.Tensor) -> nn.Linear:
 def resize_to_spec(model: nn.Module, adapter: Adapter, spec: dict) -> None:
     """Reshape a freshly built model of the original architecture to a slicing spec (weights
     are left uninitialized: loading fills them)."""
-    layout = adapter.layout
     emb = adapter.embedding(model)
     set_embedding(emb, _empty_like(emb.weight, emb.weight.shape[0], spec["embedding"]))
     for layer, dims in zip(adapter.blocks(model), spec["layers"], strict=True):
-        make_sliced_layer(layer, layout)
-        d_in, d_mid, d_out = dims["in"], dims["mid"], dims["out"]
-        for name in layout.attn_inputs:
-            lin = layer.get_submodule(name)
-            out_features = lin.out_features
-            if dims.get("qk_head_dim") and name != layout.attn_inputs[-1]:
-                out_features = out_features // _head_dim(model, adapter) * dims["qk_head_dim"]
-            if dims.get("v_head_dim") and name == layout.attn_inputs[-1]:
-                out_features = out_features // _head_dim(model, adapter) * dims["v_head_dim"]
-            set_linear(lin, _empty_like(lin.weight, out_features, d_in))
-        o = layer.get_submodule(layout.attn_output)
-        o_in = o.in_features
-        if dims.get("v_head_dim"):
-            o_in = o_in // _head_dim(model, adapter) * dims["v_head_dim"]
-        attn_probe, mlp_probe = dims.get("attn_probe", 0), dims.get("mlp_probe", 0)
-        set_linear(o, _empty_like(o.weight, d_mid + attn_probe, o_in))
-        inter = dims.get("intermediate")
-        for name in layout.mlp_inputs:
-            lin = layer.get_submodule(name)
-            set_linear(lin, _empty_like(lin.weight, inter or lin.out_features, d_mid))
-        down = layer.get_submodule(layout.mlp_output)
-        set_linear(down, _empty_like(down.weight, d_out + mlp_probe, inter or down.in_features))
-        full = adapter.text_config(model.config).hidden_size
-        for norm_name, width, probe in ((layout.attn_norm, d_in, 0), (layout.mlp_norm, d_mid, 0),
-                                        (layout.attn_post_norm, d_mid, attn_probe),
-                                        (layout.mlp_post_norm, d_out, mlp_probe)):
-            if norm_name and probe:
-                set_probed_norm(layer, norm_name, width, probe, full)
-            elif norm_name:
-                norm = layer.get_submodule(norm_name)
-                set_norm(norm, _empty_like(norm.weight, width))
-        like = o.weight
-        layer.attn_shortcut = shortcut(d_in, d_mid, like) if dims.get("attn_shortcut") else None
-        layer.mlp_shortcut = shortcut(d_mid, d_out, like) if dims.get("mlp_shortcut") else None
-        if dims.get("qk_head_dim") or dims.get("v_head_dim"):
-            from compressor.models.attention import make_reduced_attention
-
-            config = adapter.text_config(model.config)
-            make_reduced_attention(layer.get_submodule(layout.attention), dims.get("qk_head_dim"),
-                                   dims.get("v_head_dim"), config.num_key_value_heads)
+        resize_block(layer, dims, model, adapter)
     norm = adapter.final_norm(model)
     set_norm(norm, _empty_like(norm.weight, spec["head"]))
     head = adapter.head(model)
     if head.weight is not emb.weight:
         set_linear(head, _empty_like(head.weight, head.weight.shape[0], spec["head"]))
+
+
+def resize_block(layer: nn.Module, dims: dict, model: nn.Module, adapter: Adapter) -> None:
+    """Reshape one decoder layer to its entry of a slicing spec (uninitialized weights)."""
+    layout = adapter.layout
+    make_sliced_layer(layer, layout)
+    d_in, d_mid, d_out = dims["in"], dims["mid"], dims["out"]
+    for name in layout.attn_inputs:
+        lin = layer.get_submodule(name)
+        out_features = lin.out_features
+        if dims.get("qk_head_dim") and name != layout.attn_inputs[-1]:
+            out_features = out_features // _head_dim(model, adapter) * dims["qk_head_dim"]
+        if dims.get("v_head_dim") and name == layout.attn_inputs[-1]:
+            out_features = out_features // _head_dim(model, adapter) * dims["v_head_dim"]
+        set_linear(lin, _empty_like(lin.weight, out_features, d_in))
+    o = layer.get_submodule(layout.attn_output)
+    o_in = o.in_features
+    if dims.get("v_head_dim"):
+        o_in = o_in // _head_dim(model, adapter) * dims["v_head_dim"]
+    attn_probe, mlp_probe = dims.get("attn_probe", 0), dims.get("mlp_probe", 0)
+    set_linear(o, _empty_like(o.weight, d_mid + attn_probe, o_in))
+    inter = dims.get("intermediate")
+    for name in layout.mlp_inputs:
+        lin = layer.get_submodule(name)
+        set_linear(lin, _empty_like(lin.weight, inter or lin.out_features, d_mid))
+    down = layer.get_submodule(layout.mlp_output)
+    set_linear(down, _empty_like(down.weight, d_out + mlp_probe, inter or down.in_features))
+    full = adapter.text_config(model.config).hidden_size
+    for norm_name, width, probe in ((layout.attn_norm, d_in, 0), (layout.mlp_norm, d_mid, 0),
+                                    (layout.attn_post_norm, d_mid, attn_probe),
+                                    (layout.mlp_post_norm, d_out, mlp_probe)):
+        if norm_name and probe:
+            set_probed_norm(layer, norm_name, width, probe, full)
+        elif norm_name:
+            norm = layer.get_submodule(norm_name)
+            set_norm(norm, _empty_like(norm.weight, width))
+    like = o.weight
+    layer.attn_shortcut = shortcut(d_in, d_mid, like) if dims.get("attn_shortcut") else None
+    layer.mlp_shortcut = shortcut(d_mid, d_out, like) if dims.get("mlp_shortcut") else None
+    if dims.get("qk_head_dim") or dims.get("v_head_dim"):
+        from compressor.models.attention import make_reduced_attention
+
+        config = adapter.text_config(model.config)
+        make_reduced_attention(layer.get_submodule(layout.attention), dims.get("qk_head_dim"),
+                               dims.get("v_head_dim"), config.num_key_value_heads)
 
 
 def _head_dim(model: nn.Module, adapter: Adapter) -> int:

@@ -1,20 +1,23 @@
-"""The run directory of a pipeline: one file per finished block, the inputs of the next
+"""The run directory of a pipeline: one file per finished block (its parameters, the methods'
+records, its metadata and what each method carries to the next block), the inputs of the next
 block, and a small state file, all written atomically so a killed run resumes exactly."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import save_file
 
 from compressor.errors import CompressorError
-from compressor.safetensors_file import read_tensors
+from compressor.safetensors_file import read_header, read_tensors
 from compressor.util import write_atomic
 
 STATE = "run.json"
 RECORD_PREFIX = "__record__."
+CARRY_PREFIX = "__carry__."
 
 
 class RunDirectory:
@@ -53,16 +56,25 @@ class RunDirectory:
         suffix = "" if self.rank is None else f"-rank{self.rank}"
         return self.path / f"inputs-{index:04d}{suffix}.safetensors"
 
-    def save_block(self, index: int, params: dict[str, torch.Tensor],
-                   records: dict[str, dict[str, torch.Tensor]]) -> None:
+    def save_block(self, index: int, params: dict[str, torch.Tensor], records: dict[str, dict[str, torch.Tensor]],
+                   meta: dict[str, Any] | None = None, carries: list[dict[str, Any]] | None = None) -> None:
         """Persist block `index` and mark it done (after its successor's inputs are saved)."""
         tensors = {f"param.{k}": v.detach().cpu().contiguous() for k, v in params.items()}
         for linear, record in records.items():
             for key, value in record.items():
                 tensors[f"{RECORD_PREFIX}{linear}::{key}"] = value.cpu().contiguous()
-        _save_atomic(tensors, self.block_file(index))
+        plain_carries = []
+        for i, carry in enumerate(carries or []):
+            plain = {}
+            for key, value in carry.items():
+                if isinstance(value, torch.Tensor):
+                    tensors[f"{CARRY_PREFIX}{i}::{key}"] = value.detach().cpu().contiguous()
+                else:
+                    plain[key] = value
+            plain_carries.append(plain)
+        metadata = {"meta": json.dumps(meta or {}, sort_keys=True), "carries": json.dumps(plain_carries, sort_keys=True)}
+        _save_atomic(tensors, self.block_file(index), metadata)
         self._write_state(index + 1)
-
     def save_inputs(self, index: int, hidden: torch.Tensor, fp_hidden: torch.Tensor | None = None) -> None:
         tensors = {"hidden": hidden.contiguous()}
         if fp_hidden is not None:
@@ -72,16 +84,33 @@ class RunDirectory:
     def drop_inputs(self, index: int) -> None:
         self.hidden_file(index).unlink(missing_ok=True)
 
-    def load_block(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
-        tensors = read_tensors(self.block_file(index))
+    def load_block(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]],
+                                                 dict[str, Any]]:
+        """(parameters, records, metadata) of a finished block."""
+        tensors, metadata = self._read(index)
         params, records = {}, {}
         for k, v in tensors.items():
             if k.startswith(RECORD_PREFIX):
                 linear, key = k[len(RECORD_PREFIX):].split("::")
                 records.setdefault(linear, {})[key] = v
-            else:
+            elif k.startswith("param."):
                 params[k[len("param."):]] = v
-        return params, records
+        return params, records, json.loads(metadata.get("meta", "{}"))
+
+    def load_carry(self, index: int) -> list[dict[str, Any]]:
+        """What each method carried on after block `index`."""
+        tensors, metadata = self._read(index)
+        carries = json.loads(metadata.get("carries", "[]"))
+        for k, v in tensors.items():
+            if k.startswith(CARRY_PREFIX):
+                i, key = k[len(CARRY_PREFIX):].split("::")
+                carries[int(i)][key] = v
+        return carries
+
+    def _read(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        path = self.block_file(index)
+        _, metadata = read_header(path)
+        return read_tensors(path), metadata
 
     def load_inputs(self, index: int) -> dict[str, torch.Tensor] | None:
         """{"hidden": ..., and "fp_hidden" where the float model's path is tracked too}."""
@@ -89,7 +118,7 @@ class RunDirectory:
         return read_tensors(f) if f.exists() else None
 
 
-def _save_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
     tmp = path.with_name(path.name + ".part")
-    save_file(tensors, str(tmp))
+    save_file(tensors, str(tmp), metadata=metadata)
     tmp.replace(path)

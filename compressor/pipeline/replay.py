@@ -66,7 +66,7 @@ def record_block(block: nn.Module, adapter: Adapter, hidden: torch.Tensor, kwarg
     whole = ModuleReplay(block, world)
     modules = {s.module: ModuleReplay(block.get_submodule(s.module), world) for s in adapter.shortcuts}
     linears = adapter.block_linears(block)
-    targets = {g.name: [linears[n] for n in g.linears] for g in adapter.groups}
+    targets = {g.name: [linears[n] for n in g.linears] for g in adapter.block_groups(block)}
     with ExitStack() as stack:
         for replay in modules.values():
             handle = replay.module.register_forward_hook(

@@ -3,7 +3,7 @@
     name: w4a16-gptq
     stages:
       - quantize:
-          method: gptq
+          method: gptq                  # or a list run in one pass: [awq, gptq], [slicegpt, gptq]
           options: {bits: 4, group_size: 64, act_order: true}
           calib: {data: wiki, samples: 128, seq_len: 512}
 
@@ -36,14 +36,17 @@ class CalibSpec(_Strict):
     batch_size: int = Field(8, ge=1)
 
 
-class QuantizeStage(_Strict):
-    method: str
+class MethodsStage(_Strict):
+    """One engine pass: a method, a list name (awq+gptq) or a list ([slicegpt, gptq])."""
+
+    method: str | list[str]
     options: dict[str, Any] = Field(default_factory=dict)
     calib: CalibSpec = CalibSpec()
 
 
 class Stage(_Strict):
-    quantize: QuantizeStage | None = None
+    quantize: MethodsStage | None = None
+    prune: MethodsStage | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> "Stage":
@@ -55,6 +58,10 @@ class Stage(_Strict):
     @property
     def kind(self) -> str:
         return next(k for k, v in self if v is not None)
+
+    @property
+    def spec(self) -> MethodsStage:
+        return getattr(self, self.kind)
 
 
 class Recipe(_Strict):

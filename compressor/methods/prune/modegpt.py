@@ -13,7 +13,7 @@ the closed-form reconstruction that minimizes the pair's output error on calibra
   its rotary partner are kept or dropped together, and the kept channels' frequencies travel in
   a per-layer index. Skipped on architectures that normalize q and k over the whole head width
   (Gemma 3's q_norm/k_norm): dropping channels changes that norm, so the decomposition does not
-  hold there; those models compress MLP and V/O only.
+  hold there; those models compress MLP and V/O only (the adapter says whether q/k are normed).
 
 Sparsity is the fraction of decoder-block parameters removed. Per-layer allocation ('global')
 follows the paper: layer l gets sparsity L * s * softmax(-importance_l / temperature), with
@@ -30,26 +30,28 @@ from pydantic import Field
 from torch import nn
 
 from compressor.errors import CompressorError
-from compressor.methods.base import METHODS, Method, MethodConfig
-from compressor.methods.prune.slicegpt import BlockRunner, Covariance, _capture_input, eigh, one_thread
+from compressor.methods.base import METHODS, BlockContext, Method, MethodConfig, ModelContext, Runner
+from compressor.methods.prune.slicegpt import Covariance, _capture_input, eigh, one_thread
 from compressor.models.adapters import Adapter
 from compressor.models.attention import make_reduced_attention
-from compressor.models.sliced import set_linear
+from compressor.models.sliced import resize_block, set_linear
 from compressor.util import release_memory
 
 
 class MoDeGPTConfig(MethodConfig):
-    sparsity: float = Field(0.25, description="Fraction of decoder-block parameters to remove.")
-    modules: Literal["all", "mlp"] = "all"
-    allocation: Literal["uniform", "global"] = "global"
-    temperature: float = Field(0.1, gt=0)
-    # Ridge for leverage scores and the Nystrom solve, relative to the mean diagonal of C.
-    ridge: float = Field(1e-2, gt=0)
-    round_to: int = Field(8, ge=1)
-    max_layer_sparsity: float = Field(0.9, gt=0, lt=1)
+    sparsity: float = Field(0.25, description="fraction of decoder-block parameters to remove, in (0, 1)")
+    modules: Literal["all", "mlp"] = Field("all", description="compress MLP, V/O and Q/K, or the MLP alone "
+                                                              "(an ordinary config)")
+    allocation: Literal["uniform", "global"] = Field("global", description="per-layer sparsity: the same "
+                                                                           "everywhere, or by block importance")
+    temperature: float = Field(0.1, gt=0, description="softmax temperature of the global allocation")
+    ridge: float = Field(1e-2, gt=0, description="ridge of leverage scores and the Nystrom solve, relative to "
+                                                 "the mean correlation diagonal")
+    round_to: int = Field(8, ge=1, description="round kept widths down to a multiple of this")
+    max_layer_sparsity: float = Field(0.9, gt=0, lt=1, description="cap on any one layer's sparsity")
     # Block importance (for the global allocation) is a mean cosine: this many calibration
     # samples estimate it well, and the pass over all of them was a fifth of the run time.
-    importance_samples: int = Field(32, ge=1)
+    importance_samples: int = Field(32, ge=1, description="calibration samples that estimate block importance")
 
 
 def _kept(total: int, sparsity: float, round_to: int, what: str) -> int:
@@ -129,7 +131,13 @@ def cr_qk(q: nn.Linear, k: nn.Linear, corr: torch.Tensor, heads: int, kv_heads: 
 class MoDeGPT(Method):
     name = "modegpt"
     Config = MoDeGPTConfig
-    needs = frozenset({"inputs"})
+    produces = "structure"
+    needs_calibration = True
+
+    def __init__(self, config: MoDeGPTConfig):
+        super().__init__(config)
+        self.allocation: list[float] | None = None
+        self.importance: list[float] | None = None
 
     def check(self, model: nn.Module, adapter: Adapter) -> None:
         if not 0.0 < self.config.sparsity < 1.0:
@@ -162,8 +170,7 @@ class MoDeGPT(Method):
 
     @staticmethod
     def _qk_supported(model: nn.Module, adapter: Adapter) -> bool:
-        attention = adapter.blocks(model)[0].get_submodule(adapter.layout.attention)
-        return not hasattr(attention, "q_norm") and getattr(attention, "q_proj").bias is None
+        return not adapter.normalizes_query_key(model) and not adapter.attention_has_bias(model)
 
     def allocate(self, importance: list[float], target: float) -> list[float]:
         c = self.config
@@ -181,71 +188,87 @@ class MoDeGPT(Method):
             alloc = alloc.clamp(max=c.max_layer_sparsity)
         return alloc.tolist()
 
+    # ------------------------------------------------------------ engine hooks
+
     @torch.no_grad()
-    def slice(self, model: nn.Module, adapter: Adapter, hidden: torch.Tensor, block_kwargs: list[dict],
-              run: BlockRunner, progress=None) -> dict:
-        c = self.config
-        shapes = self._shapes(model, adapter)
-        layout = adapter.layout
+    def on_start(self, ctx: ModelContext) -> None:
+        """Per-layer sparsities from block importance (carried: not recomputed on resume)."""
+        model, adapter = ctx.model, ctx.adapter
+        self.shapes = self._shapes(model, adapter)
+        if ctx.calibration_tokens < self.shapes["hidden"]:
+            raise CompressorError(
+                f"calibration has {ctx.calibration_tokens} tokens; stable correlations of the "
+                f"{self.shapes['hidden']}-wide inputs need at least {self.shapes['hidden']}", "raise --samples or --seq-len")
+        self.qk = self.config.modules == "all" and self._qk_supported(model, adapter)
+        if self.allocation is not None:
+            return
         blocks = adapter.blocks(model)
-        target = self._module_sparsity(model, adapter)
-        importance = [0.0] * len(blocks)
-        if c.allocation == "global":
-            importance = self._importance(blocks, hidden[:c.importance_samples], block_kwargs, run, progress)
-        alloc = self.allocate(importance, target)
-        qk = c.modules == "all" and self._qk_supported(model, adapter)
-        layers = []
-        with (progress.task("modegpt: blocks", total=len(blocks)) if progress else _null()) as bar:
-            for index, layer in enumerate(blocks):
-                kwargs = block_kwargs[index]
-                mlp_in = [layer.get_submodule(n) for n in layout.mlp_inputs]
-                down = layer.get_submodule(layout.mlp_output)
-                v = layer.get_submodule(layout.attn_inputs[-1])
-                o = layer.get_submodule(layout.attn_output)
-                cov_mlp, cov_attn = Covariance(), Covariance()
-                handles = [_capture_input(down, cov_mlp.add)]
-                if c.modules == "all":
-                    handles.append(_capture_input(v, cov_attn.add))
-                try:
-                    run(layer, hidden, kwargs)
-                finally:
-                    for h in handles:
-                        h.remove()
-                inter = _kept(shapes["inter"], alloc[index], c.round_to, "MLP")
-                nystrom_mlp(mlp_in, down, cov_mlp.sum / cov_mlp.tokens, inter, c.ridge)
-                dims = {"in": shapes["hidden"], "mid": shapes["hidden"], "out": shapes["hidden"],
-                        "attn_shortcut": False, "mlp_shortcut": False, "intermediate": inter}
-                if c.modules == "all":
-                    vdim = _kept(shapes["hd"], alloc[index], 1, "value head")
-                    corr = cov_attn.sum / cov_attn.tokens
-                    svd_vo(v, o, corr, shapes["heads"], shapes["kv"], shapes["hd"], vdim)
-                    qkdim, qk_index = None, None
-                    if qk:
-                        qkdim = 2 * _kept(shapes["hd"] // 2, alloc[index], 1, "query/key head")
-                        qk_index = cr_qk(layer.get_submodule(layout.attn_inputs[0]),
-                                         layer.get_submodule(layout.attn_inputs[1]), corr, shapes["heads"],
-                                         shapes["kv"], shapes["hd"], qkdim)
-                        dims["qk_head_dim"] = qkdim
-                    attention = make_reduced_attention(layer.get_submodule(layout.attention), qkdim, vdim,
-                                                       shapes["kv"])
-                    if qk_index is not None:
-                        attention.qk_index = qk_index
-                    dims["v_head_dim"] = vdim
-                del cov_mlp, cov_attn
-                layers.append(dims)
-                if index + 1 < len(blocks):
-                    hidden = run(layer, hidden, kwargs)
-                release_memory()
-                bar.advance()
-        hidden_size = shapes["hidden"]
-        return {"embedding": hidden_size, "head": hidden_size, "layers": layers,
-                "allocation": [round(a, 4) for a in alloc], "importance": [round(i, 5) for i in importance]}
+        self.importance = [0.0] * len(blocks)
+        if self.config.allocation == "global":
+            self.importance = self._importance(blocks, ctx.hidden[:self.config.importance_samples],
+                                               ctx.block_kwargs, ctx.run, ctx.progress)
+        self.allocation = self.allocate(self.importance, self._module_sparsity(model, adapter))
+
+    @torch.no_grad()
+    def on_block_start(self, ctx: BlockContext) -> None:
+        """Decompose the block's MLP (and V/O, Q/K) on its calibration inputs; the engine then
+        propagates the compressed block's outputs."""
+        c, shapes, layout, layer = self.config, self.shapes, ctx.adapter.layout, ctx.block
+        sparsity = self.allocation[ctx.index]
+        mlp_in = [layer.get_submodule(n) for n in layout.mlp_inputs]
+        down = layer.get_submodule(layout.mlp_output)
+        v = layer.get_submodule(layout.attn_inputs[-1])
+        o = layer.get_submodule(layout.attn_output)
+        cov_mlp, cov_attn = Covariance(), Covariance()
+        handles = [_capture_input(down, cov_mlp.add)]
+        if c.modules == "all":
+            handles.append(_capture_input(v, cov_attn.add))
+        try:
+            ctx.run(layer, ctx.hidden, ctx.kwargs)
+        finally:
+            for h in handles:
+                h.remove()
+        inter = _kept(shapes["inter"], sparsity, c.round_to, "MLP")
+        nystrom_mlp(mlp_in, down, cov_mlp.sum / cov_mlp.tokens, inter, c.ridge)
+        dims = {"in": shapes["hidden"], "mid": shapes["hidden"], "out": shapes["hidden"],
+                "attn_shortcut": False, "mlp_shortcut": False, "intermediate": inter}
+        if c.modules == "all":
+            vdim = _kept(shapes["hd"], sparsity, 1, "value head")
+            corr = cov_attn.sum / cov_attn.tokens
+            svd_vo(v, o, corr, shapes["heads"], shapes["kv"], shapes["hd"], vdim)
+            qkdim, qk_index = None, None
+            if self.qk:
+                qkdim = 2 * _kept(shapes["hd"] // 2, sparsity, 1, "query/key head")
+                qk_index = cr_qk(layer.get_submodule(layout.attn_inputs[0]), layer.get_submodule(layout.attn_inputs[1]),
+                                 corr, shapes["heads"], shapes["kv"], shapes["hd"], qkdim)
+                dims["qk_head_dim"] = qkdim
+            attention = make_reduced_attention(layer.get_submodule(layout.attention), qkdim, vdim, shapes["kv"])
+            if qk_index is not None:
+                attention.qk_index = qk_index
+            dims["v_head_dim"] = vdim
+        ctx.meta.update(dims)
+        release_memory()
+
+    def structure(self, block_meta: list[dict], model: nn.Module, adapter: Adapter) -> dict:
+        hidden = self.shapes["hidden"]
+        return {"embedding": hidden, "head": hidden, "layers": block_meta,
+                "allocation": [round(a, 4) for a in self.allocation],
+                "importance": [round(i, 5) for i in self.importance]}
+
+    def carry(self) -> dict:
+        return {"allocation": self.allocation, "importance": self.importance}
+
+    def restore(self, carry: dict) -> None:
+        self.allocation, self.importance = carry["allocation"], carry["importance"]
+
+    def restore_block(self, block: nn.Module, meta: dict, adapter: Adapter, model: nn.Module) -> None:
+        resize_block(block, meta, model, adapter)
 
     @staticmethod
-    def _importance(blocks, hidden, block_kwargs, run: BlockRunner, progress) -> list[float]:
+    def _importance(blocks, hidden, block_kwargs, run: Runner, progress) -> list[float]:
         """1 - mean cosine similarity between each block's input and output (dense model)."""
         scores = []
-        with (progress.task("modegpt: layer importance", total=len(blocks)) if progress else _null()) as bar:
+        with progress.task("modegpt: layer importance", total=len(blocks)) as bar:
             for index, layer in enumerate(blocks):
                 out = run(layer, hidden, block_kwargs[index])
                 cos = torch.nn.functional.cosine_similarity(hidden.float(), out.float(), dim=-1)
@@ -253,14 +276,3 @@ class MoDeGPT(Method):
                 hidden = out
                 bar.advance()
         return scores
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
-
-    def advance(self, steps: int = 1) -> None:
-        pass

@@ -31,43 +31,38 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Callable, Literal
+from typing import Callable, Literal
 
 import torch
 from pydantic import Field
 from torch import nn
 
 from compressor.errors import CompressorError
-from compressor.methods.base import METHODS, Method, MethodConfig
+from compressor.methods.base import METHODS, BlockContext, Method, MethodConfig, ModelContext, Runner
 from compressor.models.adapters import Adapter
-from compressor.models.sliced import (make_sliced_layer, rms_scale, set_embedding, set_linear, set_norm,
-                                      set_probed_norm, shortcut)
+from compressor.models.sliced import (make_sliced_layer, resize_block, rms_scale, set_embedding, set_linear,
+                                      set_norm, set_probed_norm, shortcut)
 from compressor.util import release_memory
-
-# The pipeline hands the method a way to run one block over the calibration inputs
-# (pipeline.structured.BlockRunner): run(block, hidden, kwargs, stop=None) -> outputs, and
-# run.map(block, fn, *inputs) -> fn applied batch by batch on the compute device.
-BlockRunner = Any
 
 
 class SliceGPTConfig(MethodConfig):
-    sparsity: float = Field(0.25, description="Fraction of the residual width to delete.")
-    rotation: Literal["per-block", "global"] = "per-block"
-    # Per-layer sparsities (one per decoder block) instead of one constant; per-block rotation only.
-    schedule: list[float] | None = None
-    # Widths are rounded down to a multiple of this (SliceGPT's round_interval).
-    round_to: int = Field(8, ge=1)
-    # per-block: 'slice' rotates and slices the embeddings and rotates the head (the reference
-    # behaviour, which unties tied embeddings); 'keep' leaves embedding and head in the original
-    # basis (still tied) and slices only between the first and last block.
-    embeddings: Literal["slice", "keep"] = "slice"
-    # Relative dampening added to the covariance diagonal before the eigendecomposition.
-    damp: float = Field(0.01, ge=0)
-    # Post-norms (Gemma 3) compute their RMS over the module's full, unrotated output; the
-    # module also writes this many probe channels from which the sliced norm estimates it.
-    # 0: no probes, the norm is refit per channel (keeps Gemma's own architecture, so a global
-    # slice is an ordinary config, at a large cost in accuracy: see the module docstring).
-    probe: int = Field(64, ge=0)
+    sparsity: float = Field(0.25, description="fraction of the residual width to delete, in (0, 1)")
+    rotation: Literal["per-block", "global"] = Field(
+        "per-block", description="a basis per residual point (shortcut matrices), or one for the whole stream "
+                                 "(an ordinary config)")
+    schedule: list[float] | None = Field(None, description="per-block rotation: one sparsity per decoder block "
+                                                           "instead of one for all")
+    round_to: int = Field(8, ge=1, description="round widths down to a multiple of this (SliceGPT's "
+                                               "round_interval)")
+    # 'slice' is the reference behaviour, which unties tied embeddings.
+    embeddings: Literal["slice", "keep"] = Field(
+        "slice", description="per-block: rotate and slice the embeddings and head, or keep them in the original "
+                             "basis (still tied) and slice between the first and last block")
+    damp: float = Field(0.01, ge=0, description="dampening added to the covariance diagonal, relative to its mean")
+    # 0 keeps Gemma's own architecture (so a global slice is an ordinary config) at a large cost
+    # in accuracy: see the module docstring.
+    probe: int = Field(64, ge=0, description="post-norm models (Gemma 3): channels from which a sliced "
+                                             "post-norm estimates the full RMS; 0 refits it per channel")
 
 
 def width_for(hidden: int, sparsity: float, round_to: int, what: str) -> int:
@@ -219,7 +214,14 @@ def _rms_probe(ys: list[torch.Tensor], channels: int) -> torch.Tensor:
 class SliceGPT(Method):
     name = "slicegpt"
     Config = SliceGPTConfig
-    needs = frozenset({"inputs"})
+    produces = "structure"
+    needs_calibration = True
+
+    def __init__(self, config: SliceGPTConfig):
+        super().__init__(config)
+        self.b_in: torch.Tensor | None = None  # basis of the stream entering the next block
+        self.global_basis: torch.Tensor | None = None
+        self.resumed = False
 
     def check(self, model: nn.Module, adapter: Adapter) -> None:
         c = self.config
@@ -252,150 +254,167 @@ class SliceGPT(Method):
         step = self.width_step(config)
         return [width_for(config.hidden_size, s, step, "residual stream") for s in (c.schedule or [c.sparsity] * blocks)]
 
-    # ------------------------------------------------------------ the algorithm
+    @property
+    def keep_ends(self) -> bool:
+        return self.config.rotation == "per-block" and self.config.embeddings == "keep"
+
+    # ------------------------------------------------------------ the algorithm, as engine hooks
 
     @torch.no_grad()
-    def slice(self, model: nn.Module, adapter: Adapter, hidden: torch.Tensor, block_kwargs: list[dict],
-              run: BlockRunner, progress=None) -> dict:
-        """Rotate and slice `model` in place; `hidden` holds the calibration inputs of block 0.
-        Returns the slicing spec (widths and shortcuts per block)."""
+    def on_start(self, ctx: ModelContext) -> None:
+        """Fuse every pre-norm's scale into its readers, find the global basis (global rotation),
+        rotate and slice the embedding and the calibration inputs. Deterministic: it runs again
+        on resume, where the carried bases stand in for what was computed before."""
         c = self.config
+        model, adapter, hidden = ctx.model, ctx.adapter, ctx.hidden
         cfg = adapter.text_config(model.config)
-        full = cfg.hidden_size
+        self.full = cfg.hidden_size
         blocks = adapter.blocks(model)
-        widths = self.widths(cfg, len(blocks))
-        off = adapter.norm_weight_offset
-        layout = adapter.layout
-        keep_ends = c.rotation == "per-block" and c.embeddings == "keep"
-        tokens = hidden.shape[0] * hidden.shape[1]
-        if tokens < full:
+        self.slice_widths = self.widths(cfg, len(blocks))
+        self.dtype = blocks[0].get_submodule(adapter.layout.attn_output).weight.dtype
+        tokens = ctx.calibration_tokens
+        if tokens < self.full:
             raise CompressorError(
-                f"calibration has {tokens} tokens; a stable PCA of the {full}-wide residual stream needs at "
-                f"least {full}", "raise --samples or --seq-len")
-        self._fuse_norms(model, adapter, fuse_head=not keep_ends)
-        dtype = blocks[0].get_submodule(layout.attn_output).weight.dtype
-
-        global_basis = None
-        if c.rotation == "global":
-            global_basis = self._global_basis(blocks, layout.mlp_norm, hidden, block_kwargs, run, widths[0],
-                                                progress)
-
-        def basis_from(cov: Covariance, width: int) -> torch.Tensor:
-            return global_basis if global_basis is not None else cov.basis(width, c.damp)
-
-        # Embeddings
+                f"calibration has {tokens} tokens; a stable PCA of the {self.full}-wide residual stream needs at "
+                f"least {self.full}", "raise --samples or --seq-len")
+        self._fuse_norms(model, adapter, fuse_head=not self.keep_ends)
+        if c.rotation == "global" and self.global_basis is None:
+            self.global_basis = self._global_basis(blocks, adapter.layout.mlp_norm, hidden, ctx.block_kwargs, ctx.run,
+                                                   self.slice_widths[0], ctx.progress)
+        if self.keep_ends:
+            return
+        cov = Covariance()
+        for i in range(0, hidden.shape[0], 8):
+            cov.add(hidden[i:i + 8])
+        b_emb = self._basis(cov, self.slice_widths[0])
         emb = adapter.embedding(model)
-        b_in = None
-        if not keep_ends:
-            cov = Covariance()
-            for i in range(0, hidden.shape[0], 8):
-                cov.add(hidden[i:i + 8])
-            b_in = basis_from(cov, widths[0])
-            set_embedding(emb, (emb.weight.double() @ b_in).to(emb.weight.dtype))
-            hidden = self._project(hidden, b_in)
-        spec_layers = []
-        last = len(blocks) - 1
-        needs_signals = global_basis is None or bool(layout.attn_post_norm or layout.mlp_post_norm)
-        task = progress.task(f"slicegpt ({c.rotation}): blocks", total=len(blocks)) if progress else None
-        bar = task.__enter__() if task else None
-        try:
-            for index, layer in enumerate(blocks):
-                make_sliced_layer(layer, layout)
-                d_in = b_in.shape[1] if b_in is not None else full
-                kwargs = block_kwargs[index]
-                for name in layout.attn_inputs:
-                    if b_in is not None:
-                        _rotate_inputs(layer.get_submodule(name), b_in)
-                _set_norm_gain(layer.get_submodule(layout.attn_norm),
-                               torch.full((d_in,), rms_scale(full, d_in), dtype=torch.float64), off)
-                # Pass 1: attention up to its output projection's input, once; the stream between
-                # attention and MLP (in the original basis) follows from it with cheap matmuls.
-                layer.attn_shortcut = _shortcut(dtype, hidden.device, b_in, None, full)
-                o_proj = layer.get_submodule(layout.attn_output)
-                cov_mid, y_attn, attn = Covariance(), [], None
-                if needs_signals:
-                    chunks: list[torch.Tensor] = []
-                    handle = _capture_input(o_proj, lambda a: chunks.append(a.to("cpu")), stop=True)
-                    try:
-                        run(layer, hidden, kwargs, stop=_Stop)
-                    finally:
-                        handle.remove()
-                    attn = torch.cat(chunks)
-                    del chunks
+        set_embedding(emb, (emb.weight.double() @ b_emb).to(emb.weight.dtype))
+        ctx.set_inputs(self._project(hidden, b_emb))
+        if not self.resumed:
+            self.b_in = b_emb
 
-                    def mid_signal(x, a):
-                        y = o_proj(a)
-                        if layout.attn_post_norm:
-                            y_attn.append(y.to("cpu"))
-                        cov_mid.add(layer.attention_residual(x, y))
+    def _basis(self, cov: Covariance, width: int) -> torch.Tensor:
+        return self.global_basis if self.global_basis is not None else cov.basis(width, self.config.damp)
 
-                    run.map(layer, mid_signal, hidden, attn)
-                b_mid = basis_from(cov_mid, widths[index])
-                d_mid = b_mid.shape[1]
-                attn_probe = self._write_stream(layer, layout.attn_output, layout.attn_post_norm, b_mid, y_attn,
-                                                off, full)
-                y_attn.clear()
-                layer.attn_shortcut = _shortcut(dtype, hidden.device, b_in, b_mid, full)
-                for name in layout.mlp_inputs:
-                    _rotate_inputs(layer.get_submodule(name), b_mid)
-                _set_norm_gain(layer.get_submodule(layout.mlp_norm),
-                               torch.full((d_mid,), rms_scale(full, d_mid), dtype=torch.float64), off)
-                # Pass 2: the block's output in the original basis.
-                layer.mlp_shortcut = _shortcut(dtype, hidden.device, b_mid, None, full)
-                is_last = index == last
-                want_out = not (is_last and (keep_ends or global_basis is None))
-                out, y_mlp = None, []
-                if needs_signals and (not is_last or (want_out and layout.mlp_post_norm)):
-                    handle = None
-                    if layout.mlp_post_norm:
-                        handle = _capture_input(layer.get_submodule(layout.mlp_post_norm),
-                                                lambda y: y_mlp.append(y.to("cpu")))
-                    try:
-                        out = run.map(layer, lambda x, a: layer.mlp_residual(layer.attention_residual(x, o_proj(a))),
-                                      hidden, attn)
-                    finally:
-                        if handle:
-                            handle.remove()
-                del attn
-                if want_out:
-                    if global_basis is not None:
-                        b_out = global_basis
-                    else:
-                        cov_out = Covariance()
-                        for i in range(0, out.shape[0], 8):
-                            cov_out.add(out[i:i + 8])
-                        b_out = cov_out.basis(widths[index], c.damp)
-                else:
-                    b_out = None  # the last block writes the original basis; the head reads it unchanged
-                d_out = b_out.shape[1] if b_out is not None else full
-                mlp_probe = 0
-                if b_out is not None:
-                    mlp_probe = self._write_stream(layer, layout.mlp_output, layout.mlp_post_norm, b_out, y_mlp,
-                                                   off, full)
-                y_mlp.clear()
-                layer.mlp_shortcut = _shortcut(dtype, hidden.device, b_mid, b_out, full)
-                spec_layers.append({"in": d_in, "mid": d_mid, "out": d_out,
-                                    "attn_shortcut": layer.attn_shortcut is not None,
-                                    "mlp_shortcut": layer.mlp_shortcut is not None,
-                                    **({"attn_probe": attn_probe} if attn_probe else {}),
-                                    **({"mlp_probe": mlp_probe} if mlp_probe else {})})
-                if out is not None and not is_last:
-                    hidden = self._project(out, b_out) if b_out is not None else out
-                del out
-                b_in = b_out
-                release_memory()
-                if bar:
-                    bar.advance()
-        finally:
-            if task:
-                task.__exit__(None, None, None)
-        d_head = b_in.shape[1] if b_in is not None else full
+    @torch.no_grad()
+    def on_block_start(self, ctx: BlockContext) -> None:
+        """Rotate and slice one block; its projected outputs are the next block's inputs."""
+        full, dtype, layout, run = self.full, self.dtype, ctx.adapter.layout, ctx.run
+        off = ctx.adapter.norm_weight_offset
+        layer, index, hidden, kwargs, b_in = ctx.block, ctx.index, ctx.hidden, ctx.kwargs, self.b_in
+        width = self.slice_widths[index]
+        is_last = index == len(self.slice_widths) - 1
+        needs_signals = self.global_basis is None or bool(layout.attn_post_norm or layout.mlp_post_norm)
+        make_sliced_layer(layer, layout)
+        d_in = b_in.shape[1] if b_in is not None else full
+        for name in layout.attn_inputs:
+            if b_in is not None:
+                _rotate_inputs(layer.get_submodule(name), b_in)
+        _set_norm_gain(layer.get_submodule(layout.attn_norm),
+                       torch.full((d_in,), rms_scale(full, d_in), dtype=torch.float64), off)
+        # Pass 1: attention up to its output projection's input, once; the stream between
+        # attention and MLP (in the original basis) follows from it with cheap matmuls.
+        layer.attn_shortcut = _shortcut(dtype, hidden.device, b_in, None, full)
+        o_proj = layer.get_submodule(layout.attn_output)
+        cov_mid, y_attn, attn = Covariance(), [], None
+        if needs_signals:
+            chunks: list[torch.Tensor] = []
+            handle = _capture_input(o_proj, lambda a: chunks.append(a.to("cpu")), stop=True)
+            try:
+                run(layer, hidden, kwargs, stop=_Stop)
+            finally:
+                handle.remove()
+            attn = torch.cat(chunks)
+            del chunks
+
+            def mid_signal(x, a):
+                y = o_proj(a)
+                if layout.attn_post_norm:
+                    y_attn.append(y.to("cpu"))
+                cov_mid.add(layer.attention_residual(x, y))
+
+            run.map(layer, mid_signal, hidden, attn)
+        b_mid = self._basis(cov_mid, width)
+        d_mid = b_mid.shape[1]
+        attn_probe = self._write_stream(layer, layout.attn_output, layout.attn_post_norm, b_mid, y_attn, off, full)
+        y_attn.clear()
+        layer.attn_shortcut = _shortcut(dtype, hidden.device, b_in, b_mid, full)
+        for name in layout.mlp_inputs:
+            _rotate_inputs(layer.get_submodule(name), b_mid)
+        _set_norm_gain(layer.get_submodule(layout.mlp_norm),
+                       torch.full((d_mid,), rms_scale(full, d_mid), dtype=torch.float64), off)
+        # Pass 2: the block's output in the original basis.
+        layer.mlp_shortcut = _shortcut(dtype, hidden.device, b_mid, None, full)
+        want_out = not (is_last and (self.keep_ends or self.global_basis is None))
+        out, y_mlp = None, []
+        if needs_signals and (not is_last or (want_out and layout.mlp_post_norm)):
+            handle = None
+            if layout.mlp_post_norm:
+                handle = _capture_input(layer.get_submodule(layout.mlp_post_norm), lambda y: y_mlp.append(y.to("cpu")))
+            try:
+                out = run.map(layer, lambda x, a: layer.mlp_residual(layer.attention_residual(x, o_proj(a))),
+                              hidden, attn)
+            finally:
+                if handle:
+                    handle.remove()
+        del attn
+        if want_out:
+            if self.global_basis is not None:
+                b_out = self.global_basis
+            else:
+                cov_out = Covariance()
+                for i in range(0, out.shape[0], 8):
+                    cov_out.add(out[i:i + 8])
+                b_out = cov_out.basis(width, self.config.damp)
+        else:
+            b_out = None  # the last block writes the original basis; the head reads it unchanged
+        d_out = b_out.shape[1] if b_out is not None else full
+        mlp_probe = 0
+        if b_out is not None:
+            mlp_probe = self._write_stream(layer, layout.mlp_output, layout.mlp_post_norm, b_out, y_mlp, off, full)
+        y_mlp.clear()
+        layer.mlp_shortcut = _shortcut(dtype, hidden.device, b_mid, b_out, full)
+        ctx.meta.update({"in": d_in, "mid": d_mid, "out": d_out,
+                         "attn_shortcut": layer.attn_shortcut is not None,
+                         "mlp_shortcut": layer.mlp_shortcut is not None,
+                         **({"attn_probe": attn_probe} if attn_probe else {}),
+                         **({"mlp_probe": mlp_probe} if mlp_probe else {})})
+        if out is not None and not is_last:
+            ctx.set_outputs(self._project(out, b_out) if b_out is not None else out)
+        del out
+        self.b_in = b_out
+        release_memory()
+
+    @torch.no_grad()
+    def on_end(self, ctx: ModelContext) -> None:
+        """The head reads the last block's basis (the final norm's width follows)."""
+        if self.b_in is not None:
+            d_head = self.b_in.shape[1]
+            _rotate_inputs(ctx.adapter.head(ctx.model), self.b_in)
+            _set_norm_gain(ctx.adapter.final_norm(ctx.model),
+                           torch.full((d_head,), rms_scale(self.full, d_head), dtype=torch.float64),
+                           ctx.adapter.norm_weight_offset)
+
+    def structure(self, block_meta: list[dict], model: nn.Module, adapter: Adapter) -> dict:
         head = adapter.head(model)
-        if b_in is not None:
-            _rotate_inputs(head, b_in)
-            _set_norm_gain(adapter.final_norm(model),
-                           torch.full((d_head,), rms_scale(full, d_head), dtype=torch.float64), off)
-        return {"embedding": emb.weight.shape[1], "head": d_head, "layers": spec_layers}
+        return {"embedding": adapter.embedding(model).weight.shape[1], "head": head.weight.shape[1],
+                "layers": block_meta}
+
+    def carry(self) -> dict:
+        carry: dict = {"global_basis": self.global_basis} if self.global_basis is not None else {}
+        if self.b_in is not None and self.b_in is self.global_basis:
+            carry["b_in_is_global"] = True  # one basis for the whole stream: no shortcut to make
+        elif self.b_in is not None:
+            carry["b_in"] = self.b_in
+        return carry
+
+    def restore(self, carry: dict) -> None:
+        self.global_basis = carry.get("global_basis", self.global_basis)
+        self.b_in = self.global_basis if carry.get("b_in_is_global") else carry.get("b_in")
+        self.resumed = True
+
+    def restore_block(self, block: nn.Module, meta: dict, adapter: Adapter, model: nn.Module) -> None:
+        resize_block(block, meta, model, adapter)
 
     # ------------------------------------------------------------ pieces
 
@@ -448,7 +467,7 @@ class SliceGPT(Method):
             _scale_columns(head, gain)
             _set_norm_gain(norm, torch.ones_like(gain), off)
 
-    def _global_basis(self, blocks, mlp_norm: str, hidden, block_kwargs, run: BlockRunner, width: int, progress) -> torch.Tensor:
+    def _global_basis(self, blocks, mlp_norm: str, hidden, block_kwargs, run: Runner, width: int, progress) -> torch.Tensor:
         """One basis for the whole stream: PCA of the sum of every residual point's covariance,
         each normalized by its trace so deep (large-norm) layers do not drown the early ones."""
         total = None
@@ -483,6 +502,3 @@ class SliceGPT(Method):
             if task:
                 task.__exit__(None, None, None)
         return Covariance(total, 1).basis(width, self.config.damp)
-
-    def describe(self) -> dict:
-        return {"name": self.name, "config": self.config.model_dump(mode="json")}

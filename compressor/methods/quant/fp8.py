@@ -13,7 +13,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from compressor.methods.base import METHODS, Method, MethodConfig, Record
+from compressor.methods.base import METHODS, BlockContext, Method, MethodConfig, Record
 from compressor.methods.quant.gptq import inverse_hessian_cholesky
 from compressor.methods.quant.quantizer import dequantize_record
 from compressor.models.adapters import LinearGroup
@@ -22,7 +22,8 @@ FP8_MAX = float(torch.finfo(torch.float8_e4m3fn).max)  # 448
 
 
 class FP8Config(MethodConfig):
-    act_static: bool = Field(False, description="calibrated per-tensor input scales instead of per-token ones")
+    act_static: bool = Field(False, description="calibrated per-tensor input scales, or per-token at run time",
+                             json_schema_extra={"flag": "--act-static/--act-dynamic"})
     gptq: bool = Field(False, description="round the weights with GPTQ error feedback (needs calibration)")
     damp: float = Field(0.01, gt=0, le=1.0, description="GPTQ: relative dampening of the Hessian")
     block_size: int = Field(128, ge=1, description="GPTQ: columns per lazy-update block")
@@ -86,16 +87,24 @@ class FP8(Method):
     name = "fp8"
     Config = FP8Config
 
+    produces = "weights"
+
     def __init__(self, config: FP8Config):
         super().__init__(config)
         # Dynamic inputs need no calibration data; static scales come from the inputs' abs-max.
-        self.needs = frozenset({"absmax"} if config.act_static else set()) | \
-            frozenset({"hessian"} if config.gptq else set())
+        self.kinds = ({"absmax"} if config.act_static else set()) | ({"hessian"} if config.gptq else set())
+        self.stats: dict[str, dict[str, torch.Tensor]] = {}
 
-    def apply_group(
-        self, block: nn.Module, group: LinearGroup, linears: dict[str, nn.Linear],
-        stats: dict[str, torch.Tensor],
-    ) -> dict[str, Record]:
+    @property
+    def needs_calibration(self) -> bool:
+        return bool(self.kinds)
+
+    def on_block_start(self, ctx: BlockContext) -> None:
+        # Input scales and Hessians of the block as it enters, all groups in one pass.
+        self.stats = ctx.block_stats(self.kinds) if self.kinds else {}
+
+    def on_group(self, ctx: BlockContext, group: LinearGroup, linears: dict[str, nn.Linear]) -> dict[str, Record]:
+        stats = self.stats.get(group.name, {})
         records = {}
         for name, linear in linears.items():
             if self.config.gptq:

@@ -22,7 +22,7 @@ from pydantic import Field, model_validator
 from torch import nn
 
 from compressor.errors import CompressorError
-from compressor.methods.base import METHODS, Method, Record
+from compressor.methods.base import METHODS, BlockContext, Method, ModelContext, Record
 from compressor.methods.quant.quantizer import (
     SCALE_DTYPES, check_scheme, compute_qparams, dequantize_record, qparams_from_range,
 )
@@ -256,18 +256,28 @@ def split_rows(record: Record, rows: list[int]) -> list[Record]:
 class GPTQ(Method):
     name = "gptq"
     Config = GPTQConfig
-    needs = frozenset({"hessian"})
-    true_sequential = True
+    produces = "weights"
+    needs_calibration = True
 
     @property
-    def needs_fp_inputs(self) -> bool:
+    def needs_float_path(self) -> bool:
         return self.config.fp_target
 
     def check(self, model: nn.Module, adapter: Adapter) -> None:
         check_scheme(self.config.scheme(), model, adapter)
 
-    def apply_group(self, block: nn.Module, group: LinearGroup, linears: dict[str, nn.Linear],
-                    stats: dict[str, torch.Tensor]) -> dict[str, Record]:
+    def on_start(self, ctx: ModelContext) -> None:
+        """A Hessian of n inputs from fewer than n tokens is singular: GPTQ then leans on dampening."""
+        widest = max(l.in_features for block in ctx.adapter.blocks(ctx.model)
+                     for l in ctx.adapter.block_linears(block).values())
+        if ctx.calibration_tokens < widest:
+            ctx.progress.warn(f"{ctx.calibration_tokens} calibration tokens cannot give full-rank Hessians for "
+                              f"linears with {widest} inputs; use at least {widest} tokens (--samples × --seq-len), "
+                              "ideally 10× that")
+
+    def on_group(self, ctx: BlockContext, group: LinearGroup, linears: dict[str, nn.Linear]) -> dict[str, Record]:
+        # True-sequential: the Hessian of inputs that already pass through the quantized groups.
+        stats = ctx.group_stats(group, {"hessian", "cross"} if self.config.fp_target else {"hessian"})
         # GPTQ treats rows independently given the Hessian, so linears sharing an input are
         # quantized as one stacked matrix: one inverse Hessian and one column sweep per group.
         names = list(linears)

@@ -11,7 +11,7 @@ import torch
 from pydantic import Field, field_validator
 from torch import nn
 
-from compressor.methods.base import METHODS, Method, MethodConfig, Record
+from compressor.methods.base import METHODS, BlockContext, Method, MethodConfig, Record
 from compressor.methods.quant.quantizer import check_scheme, dequantize_record, quantize_weight
 from compressor.models.adapters import Adapter, LinearGroup
 from compressor.schemes import WeightScheme
@@ -20,8 +20,9 @@ from compressor.schemes import WeightScheme
 class WeightQuantConfig(MethodConfig):
     bits: int = Field(4, ge=2, le=8, description="bits per weight, 2..8")
     group_size: int = Field(64, ge=-1, description="columns sharing a scale; -1 for per-channel")
-    sym: bool = Field(True, description="symmetric (no zero point); False: integer zero points")
-    scale_dtype: Literal["float16", "bfloat16", "float32"] = "float16"
+    sym: bool = Field(True, description="symmetric (no zero point), or integer zero points",
+                      json_schema_extra={"flag": "--sym/--asym"})
+    scale_dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="dtype of the stored scales")
 
     @field_validator("group_size")
     @classmethod
@@ -38,14 +39,12 @@ class WeightQuantConfig(MethodConfig):
 class RTN(Method):
     name = "rtn"
     Config = WeightQuantConfig
+    produces = "weights"
 
     def check(self, model: nn.Module, adapter: Adapter) -> None:
         check_scheme(self.config.scheme(), model, adapter)
 
-    def apply_group(
-        self, block: nn.Module, group: LinearGroup, linears: dict[str, nn.Linear],
-        stats: dict[str, torch.Tensor],
-    ) -> dict[str, Record]:
+    def on_group(self, ctx: BlockContext, group: LinearGroup, linears: dict[str, nn.Linear]) -> dict[str, Record]:
         records = {}
         scheme = self.config.scheme()
         for name, linear in linears.items():

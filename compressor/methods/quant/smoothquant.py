@@ -10,8 +10,9 @@ from the calibration abs-max of the group's input and the largest weight of that
 the group's linears. The norm's output is divided by s (its weight w becomes w/s, or for a
 (1 + w) RMSNorm such as Gemma's, (1 + w)/s − 1) and the linears' columns are multiplied by s,
 so the float model computes the same function while the activations become easier to quantize.
-Linears without a norm in front (o_proj, down_proj) are quantized unsmoothed. With `gptq`, the
-int8 weights are rounded by GPTQ against the Hessian of the smoothed inputs instead of to nearest.
+Linears without a norm in front (o_proj, down_proj) are quantized unsmoothed. The smoothing is
+its own method; `w8a8` quantizes after it (with `gptq`, rounding the int8 weights by GPTQ against
+the Hessian of the smoothed inputs, true-sequentially, instead of to nearest).
 
 α = 0 leaves the activations alone (s from the weights only), α = 1 moves all of the range into
 the weights. Channels whose activation or weight maximum is zero keep s = 1.
@@ -23,10 +24,10 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from compressor.methods.base import METHODS, Method, MethodConfig, Record
+from compressor.methods.base import METHODS, BlockContext, Method, MethodConfig, Record
 from compressor.methods.quant.gptq import GPTQConfig, gptq_quantize
 from compressor.methods.quant.quantizer import dequantize_record, quantize_weight
-from compressor.models.adapters import Adapter, LinearGroup
+from compressor.models.adapters import LinearGroup
 from compressor.schemes import WeightScheme
 
 # Weights: symmetric int8 with one float32 scale per output channel.
@@ -35,11 +36,13 @@ INT8_PER_CHANNEL = WeightScheme(8, -1, True, "float32")
 
 class SmoothQuantConfig(MethodConfig):
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="migration strength, 0..1")
+
+
+class Int8Config(MethodConfig):
     gptq: bool = Field(False, description="round the int8 weights with GPTQ instead of to nearest")
     damp: float = Field(0.01, gt=0, le=1.0, description="GPTQ: relative dampening of the Hessian")
 
 
-@torch.no_grad()
 def smoothing_scales(act_absmax: torch.Tensor, weights: list[torch.Tensor], alpha: float) -> torch.Tensor:
     """Per-input-channel factors s = max|X|^α / max|W|^(1−α) (float32; 1 where either max is 0)."""
     a = act_absmax.float()
@@ -65,33 +68,40 @@ def fold_smoothing(norm: nn.Module, linears: list[nn.Linear], scales: torch.Tens
 
 @METHODS.register("smoothquant")
 class SmoothQuant(Method):
+    """The smoothing: fold s into each norm-fed group, from the block's input abs-max."""
+
     name = "smoothquant"
     Config = SmoothQuantConfig
-    needs = frozenset({"absmax"})
+    needs_calibration = True
+    default_quantizer = "w8a8"
 
-    def __init__(self, config: SmoothQuantConfig):
-        super().__init__(config)
-        self.norm_offset: float | None = None
-        if config.gptq:
-            self.needs = frozenset({"absmax", "hessian"})
+    def on_block_start(self, ctx: BlockContext) -> None:
+        stats = ctx.block_stats({"absmax"})  # every group of the unmodified block, in one pass
+        linears = ctx.linears()
+        for group in ctx.groups:
+            if group.norm is None:
+                continue
+            mods = [linears[n] for n in group.linears]
+            scales = smoothing_scales(stats[group.name]["absmax"], [m.weight.data for m in mods], self.config.alpha)
+            fold_smoothing(ctx.block.get_submodule(group.norm), mods, scales.to(mods[0].weight.device),
+                           ctx.adapter.norm_weight_offset)
 
-    def check(self, model: nn.Module, adapter: Adapter) -> None:
-        self.norm_offset = adapter.norm_weight_offset
 
-    def apply_group(
-        self, block: nn.Module, group: LinearGroup, linears: dict[str, nn.Linear],
-        stats: dict[str, torch.Tensor],
-    ) -> dict[str, Record]:
-        if group.norm is not None:
-            if self.norm_offset is None:
-                raise RuntimeError("SmoothQuant.check(model, adapter) must run before apply_group")
-            mods = list(linears.values())
-            scales = smoothing_scales(stats["absmax"], [m.weight.data for m in mods], self.config.alpha)
-            scales = scales.to(mods[0].weight.device)
-            fold_smoothing(block.get_submodule(group.norm), mods, scales, self.norm_offset)
-            if "hessian" in stats:  # the Hessian of the smoothed inputs X / s
-                stats = {**stats, "hessian": stats["hessian"] / scales[:, None] / scales[None, :]}
+@METHODS.register("w8a8")
+class Int8WeightsInt8Inputs(Method):
+    """int8 weights, one float32 scale per output channel; int8 inputs per token at run time."""
+
+    name = "w8a8"
+    Config = Int8Config
+    produces = "weights"
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.config.gptq
+
+    def on_group(self, ctx: BlockContext, group: LinearGroup, linears: dict[str, nn.Linear]) -> dict[str, Record]:
         records = {}
+        stats = ctx.group_stats(group, {"hessian"}) if self.config.gptq else {}
         for name, linear in linears.items():
             if self.config.gptq:
                 settings = GPTQConfig(bits=8, group_size=-1, sym=True, scale_dtype="float32", damp=self.config.damp)
