@@ -14,7 +14,8 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from benchmarks.common import REPORTS, read_results  # noqa: E402
 
 # report name (results/<name>.json → reports/<name>.md): the module whose render() makes it
-RENDERERS = {"quantize": "quantize", "slicing": "slicing", "spine": "spine", "lossless": "lossless_report"}
+RENDERERS = {"quantize": "quantize", "slicing": "slicing", "spine": "spine", "lossless": "lossless_report",
+             "kernels": "kernels_report"}
 
 
 @pytest.mark.parametrize("name", sorted(RENDERERS))
