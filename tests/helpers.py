@@ -69,7 +69,7 @@ def leftovers(out: Path) -> list[str]:
 
 # The fault is injected here, in the test's own subprocess, never by a hook in production code:
 # block `kill_after` is saved, then the process SIGKILLs itself.
-_QUANTIZE_SCRIPT = """
+_KILLABLE_SCRIPT = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
 {setup}
@@ -83,17 +83,18 @@ if kill_after is not None:
         if index == kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     RunDirectory.save_block = save_then_die
-api.quantize({model!r}, {method!r}, {out!r}, {options!r}, calib={data!r}, resume={resume}, **{cal!r})
+api.{command}(*{args!r}, **{kwargs!r})
 """
 
 
-def quantize_in_subprocess(model: Path, method: str, out: Path, options: dict, data: Path, cal: dict, *,
-                           resume: bool = False, kill_after: int | None = None,
-                           setup: str = "") -> subprocess.CompletedProcess:
-    """`api.quantize` in a fresh process that SIGKILLs itself after saving block `kill_after`."""
-    code = _QUANTIZE_SCRIPT.format(tests=str(Path(__file__).parent), setup=setup, model=str(model), method=method,
-                                   out=str(out), options=options, data=str(data), resume=resume, cal=cal,
-                                   kill_after=kill_after)
+def api_in_subprocess(command: str, *args, kill_after: int | None = None, setup: str = "",
+                      **kwargs) -> subprocess.CompletedProcess:
+    """`api.<command>(*args, **kwargs)` in a fresh process that SIGKILLs itself after saving block
+    `kill_after` (paths are passed as strings)."""
+    args = tuple(str(a) if isinstance(a, Path) else a for a in args)
+    kwargs = {k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()}
+    code = _KILLABLE_SCRIPT.format(tests=str(Path(__file__).parent), setup=setup, kill_after=kill_after,
+                                   command=command, args=args, kwargs=kwargs)
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 
 

@@ -11,7 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from compressor import api
 from compressor.methods.quant.scale_search import fold, scalable
-from helpers import artifact_files, quantize_in_subprocess
+from helpers import api_in_subprocess, artifact_files
 
 CAL = dict(samples=16, seq_len=64)
 
@@ -75,10 +75,10 @@ def test_awq_is_deterministic_and_resumes_after_sigkill_to_identical_bytes(tiny_
     api.quantize(str(tiny_llama), "awq", tmp_path / "b", opts, calib=str(text_file), **CAL)
     assert artifact_files(tmp_path / "a") == artifact_files(tmp_path / "b")
     out = tmp_path / "killed"
-    killed = quantize_in_subprocess(tiny_llama, "awq", out, opts, text_file, CAL, kill_after=0)
+    killed = api_in_subprocess("quantize", tiny_llama, "awq", out, opts, calib=text_file, kill_after=0, **CAL)
     assert killed.returncode == -9, killed.stderr
     assert not out.exists() and (api.run_directory_for(out) / "block-0000.safetensors").exists()
-    resumed = quantize_in_subprocess(tiny_llama, "awq", out, opts, text_file, CAL, resume=True)
+    resumed = api_in_subprocess("quantize", tiny_llama, "awq", out, opts, calib=text_file, resume=True, **CAL)
     assert resumed.returncode == 0, resumed.stderr
     assert artifact_files(out) == artifact_files(tmp_path / "a")
 

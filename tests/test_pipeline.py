@@ -15,7 +15,7 @@ from compressor.errors import CompressorError
 
 sys.path.insert(0, str(Path(__file__).parent))
 import recording_method  # noqa: E402
-from helpers import artifact_files, quantize_in_subprocess  # noqa: E402
+from helpers import api_in_subprocess, artifact_files  # noqa: E402
 
 recording_method.register()
 OPTS = {"bits": 4, "group_size": 32, "sym": False}
@@ -83,8 +83,8 @@ def test_failure_midway_then_resume_is_identical(tiny_llama, text_file, tmp_path
 
 
 def _run_script(tiny_llama, text_file, out, resume, kill_after=None):
-    return quantize_in_subprocess(tiny_llama, recording_method.NAME, out, OPTS, text_file, CAL, resume=resume,
-                                  kill_after=kill_after, setup="import recording_method; recording_method.register()")
+    return api_in_subprocess("quantize", tiny_llama, recording_method.NAME, out, OPTS, calib=text_file, resume=resume,
+                             kill_after=kill_after, setup="import recording_method; recording_method.register()", **CAL)
 
 
 def test_sigkilled_process_resumes_to_identical_artifact(tiny_llama, text_file, tmp_path):
