@@ -20,7 +20,7 @@ from compressor.calib.data import calibration_set, evaluation_set
 from compressor.devices import check_device
 from compressor.errors import CompressorError
 from compressor.formats import artifact as artifacts
-from compressor.formats import activations, quantized
+from compressor.formats import activations
 from compressor.formats import manifest as manifests
 from compressor.formats.manifest import read_manifest
 from compressor import export

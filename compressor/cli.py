@@ -178,45 +178,64 @@ def assets_list(json_out: bool = JSON_OPTION) -> None:
     _run(assets.status, render, json_out)
 
 
-# ---------------------------------------------------------------- quantize
+# ---------------------------------------------------------------- quantize / prune
 
-@app.command()
-@with_method_options
-def quantize(
-    model: str = typer.Argument(..., help="HF model directory, .gguf file or reference name (smollm2-135m)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
-    method: str = typer.Option("rtn", "--method", "-m", help=f"A method or a list run in one pass, comma-separated "
-                               f"(awq,gptq; slicegpt,gptq): {', '.join(_method_names())}."),
-    calib: str = CALIB_OPTION,
-    samples: int = SAMPLES_OPTION,
-    seq_len: int = SEQ_LEN_OPTION,
-    seed: int = SEED_OPTION,
-    text_field: str = TEXT_FIELD_OPTION,
-    chat_template: bool = CHAT_TEMPLATE_OPTION,
-    device: str = DEVICE_OPTION,
-    batch_size: int = BATCH_SIZE_OPTION,
-    dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32, bfloat16, float16."),
-    hessian_dtype: str = typer.Option("float32", "--hessian-dtype", help="Hessian accumulation: float32 or float64."),
-    overwrite: bool = OVERWRITE_OPTION,
-    resume: bool = RESUME_OPTION,
-    restart: bool = RESTART_OPTION,
-    allow_pickle: bool = ALLOW_PICKLE_OPTION,
-    no_verify: bool = NO_VERIFY_OPTION,
-    json_out: bool = JSON_OPTION,
-    **method_options: Any,
-) -> None:
-    """Quantize a model (or run any list of methods) and write a compressed-tensors artifact."""
-    from compressor import api
-    from compressor.models.loading import parse_dtype
+def _methods_command(name: str, default_method: str, method_help: str, doc: str) -> None:
+    """`quantize` and `prune`: both run a list of methods in one engine pass; they differ in the
+    default method and in that `prune` wants a pruner in the list."""
 
-    def action():
-        return api.quantize(model, method, output, collect(method_options), calib=calib, samples=samples,
-                            seq_len=seq_len, seed=seed, text_field=text_field, chat_template=chat_template,
-                            device=device, batch_size=batch_size, dtype=parse_dtype(dtype),
-                            hessian_dtype=parse_dtype(hessian_dtype), overwrite=overwrite, resume=resume,
-                            restart=restart, allow_pickle=allow_pickle, verify=not no_verify, progress=_progress())
+    def command(
+        model: str = typer.Argument(..., help="HF model directory, .gguf file or reference name (smollm2-135m)."),
+        output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
+        method: str = typer.Option(default_method, "--method", "-m", help=method_help),
+        calib: str = CALIB_OPTION,
+        samples: int = SAMPLES_OPTION,
+        seq_len: int = SEQ_LEN_OPTION,
+        seed: int = SEED_OPTION,
+        text_field: str = TEXT_FIELD_OPTION,
+        chat_template: bool = CHAT_TEMPLATE_OPTION,
+        device: str = DEVICE_OPTION,
+        batch_size: int = BATCH_SIZE_OPTION,
+        dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32, bfloat16, float16."),
+        hessian_dtype: str = typer.Option("float32", "--hessian-dtype",
+                                          help="Hessian accumulation: float32 or float64."),
+        overwrite: bool = OVERWRITE_OPTION,
+        resume: bool = RESUME_OPTION,
+        restart: bool = RESTART_OPTION,
+        allow_pickle: bool = ALLOW_PICKLE_OPTION,
+        no_verify: bool = NO_VERIFY_OPTION,
+        json_out: bool = JSON_OPTION,
+        **method_options: Any,
+    ) -> None:
+        from compressor import api
+        from compressor.models.loading import parse_dtype
 
-    _run(action, lambda r: _kv_table(f"wrote {r['output']}", r), json_out)
+        def action():
+            run = api.prune if name == "prune" else api.quantize
+            settings = dict(calib=calib, samples=samples, seq_len=seq_len, seed=seed, text_field=text_field,
+                            chat_template=chat_template, device=device, batch_size=batch_size,
+                            dtype=parse_dtype(dtype), hessian_dtype=parse_dtype(hessian_dtype), overwrite=overwrite,
+                            resume=resume, restart=restart, allow_pickle=allow_pickle, verify=not no_verify,
+                            progress=_progress())
+            options = collect(method_options)
+            if name == "prune":
+                return run(model, method, output, None, options, **settings)
+            return run(model, method, output, options, **settings)
+
+        _run(action, lambda r: _kv_table(f"wrote {r['output']}", r), json_out)
+
+    command.__doc__ = doc
+    app.command(name)(with_method_options(command))
+
+
+_methods_command(
+    "quantize", "rtn",
+    f"A method or a list run in one pass, comma-separated (awq,gptq; slicegpt,gptq): {', '.join(_method_names())}.",
+    "Quantize a model (or run any list of methods) and write a compressed-tensors artifact.")
+_methods_command(
+    "prune", "slicegpt",
+    f"A pruner, or a list starting with one (slicegpt,gptq): {', '.join(_method_names('structure'))}.",
+    "Structured pruning (SliceGPT, MoDeGPT) into an artifact that transformers loads.")
 
 
 # ---------------------------------------------------------------- run
@@ -280,46 +299,6 @@ def eval_cmd(
         return result
 
     _run(action, lambda r: _kv_table(f"evaluation of {model}", r), json_out)
-
-
-# ---------------------------------------------------------------- prune
-
-@app.command()
-@with_method_options
-def prune(
-    model: str = typer.Argument(..., help="HF model directory, .gguf file or reference name (smollm2-135m)."),
-    output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
-    method: str = typer.Option("slicegpt", "--method", "-m",
-                               help=f"A pruner, or a list starting with one (slicegpt,gptq): "
-                                    f"{', '.join(_method_names('structure'))}."),
-    calib: str = CALIB_OPTION,
-    samples: int = SAMPLES_OPTION,
-    seq_len: int = SEQ_LEN_OPTION,
-    seed: int = SEED_OPTION,
-    text_field: str = TEXT_FIELD_OPTION,
-    chat_template: bool = CHAT_TEMPLATE_OPTION,
-    device: str = DEVICE_OPTION,
-    batch_size: int = BATCH_SIZE_OPTION,
-    overwrite: bool = OVERWRITE_OPTION,
-    resume: bool = RESUME_OPTION,
-    restart: bool = RESTART_OPTION,
-    allow_pickle: bool = ALLOW_PICKLE_OPTION,
-    no_verify: bool = NO_VERIFY_OPTION,
-    json_out: bool = JSON_OPTION,
-    **method_options: Any,
-) -> None:
-    """Structured pruning (SliceGPT, MoDeGPT) into an artifact that transformers loads."""
-    from compressor import api
-
-    def action():
-        options = collect(method_options)
-        return api.prune(model, method, output, options.pop("sparsity", None), options, calib=calib,
-                         samples=samples, seq_len=seq_len, seed=seed, text_field=text_field,
-                         chat_template=chat_template, device=device, batch_size=batch_size, overwrite=overwrite,
-                         resume=resume, restart=restart, allow_pickle=allow_pickle, verify=not no_verify,
-                         progress=_progress())
-
-    _run(action, lambda r: _kv_table(f"wrote {r['output']}", r), json_out)
 
 
 # ---------------------------------------------------------------- inspect / verify

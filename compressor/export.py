@@ -28,8 +28,11 @@ def artifact_contents(loaded: LoadedModel, methods: list[Method], block_meta: li
     quantizer = next((m for m in methods if m.produces == "weights"), None)
     params = count_parameters(model)
     metrics: dict[str, Any] = {"params": params}
+    fallbacks = {k: v for meta in block_meta for k, v in meta.get("fallbacks", {}).items()}
+    if fallbacks:
+        metrics["fallbacks"] = fallbacks
     if pruner is not None:
-        spec = pruner.structure(block_meta, model, adapter)
+        spec = pruner.structure(_structure_meta(block_meta), model, adapter)
         config, tensors = sliced_format.export(model, adapter, spec, original_config, loaded.stored_dtype)
         metrics.update({"params_before": params_before, "param_reduction": 1 - params / params_before,
                         "ordinary_config": config.get("model_type") == original_config.model_type})
@@ -68,4 +71,9 @@ def artifact_kind(methods: list[Method]) -> str:
 
 def structure(methods: list[Method], block_meta: list[dict[str, Any]], loaded: LoadedModel) -> dict | None:
     pruner = next((m for m in methods if m.produces == "structure"), None)
-    return pruner.structure(block_meta, loaded.model, loaded.adapter) if pruner else None
+    return pruner.structure(_structure_meta(block_meta), loaded.model, loaded.adapter) if pruner else None
+
+
+def _structure_meta(block_meta: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each block's widths as its pruner recorded them (without the quantizer's fallback notes)."""
+    return [{k: v for k, v in meta.items() if k != "fallbacks"} for meta in block_meta]

@@ -11,14 +11,17 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, names_items: bool = False):
         self.kind = kind
+        self.names_items = names_items  # registering a class sets its `name` to the registered one
         self._items: dict[str, T] = {}
 
     def register(self, name: str) -> Callable[[T], T]:
         def add(item: T) -> T:
             if name in self._items:
                 raise ValueError(f"{self.kind} {name!r} is registered twice")
+            if self.names_items:
+                item.name = name
             self._items[name] = item
             return item
 

@@ -65,6 +65,19 @@ def make_gemma3(directory: Path, layers: int = 2) -> Path:
     return directory
 
 
+def make_qwen3_moe(directory: Path, layers: int = 2, experts: int = 8) -> Path:
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen3MoeConfig(vocab_size=256, hidden_size=64, intermediate_size=128, moe_intermediate_size=32,
+                            num_experts=experts, num_experts_per_tok=2, num_hidden_layers=layers,
+                            num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                            tie_word_embeddings=True, bos_token_id=1, eos_token_id=2)
+    Qwen3MoeForCausalLM(config).eval().save_pretrained(directory, safe_serialization=True)
+    make_tokenizer(directory)
+    return directory
+
+
 @pytest.fixture(autouse=True, scope="session")
 def quiet_transformers():
     """What `compress`'s main() does before running the app: no transformers progress bars or logs."""
@@ -90,6 +103,11 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_gemma3(tmp_path_factory) -> Path:
     return make_gemma3(tmp_path_factory.mktemp("tiny-gemma3"))
+
+
+@pytest.fixture(scope="session")
+def tiny_moe(tmp_path_factory) -> Path:
+    return make_qwen3_moe(tmp_path_factory.mktemp("tiny-moe"))
 
 
 @pytest.fixture(scope="session")

@@ -65,8 +65,8 @@ def test_quantize_writes_artifact(mode, artifacts):
 def test_quantize_json_summary(tiny_llama, tmp_path):
     summary = ok_json("quantize", tiny_llama, "-o", tmp_path / "q", "--bits", "4", "--group-size", "32")
     assert summary["output"] == str(tmp_path / "q")
-    assert summary["method"] == {"name": "rtn", "config": {"bits": 4, "group_size": 32, "sym": True,
-                                                           "scale_dtype": "float16"}}
+    config = {"bits": 4, "group_size": 32, "sym": True, "scale_dtype": "float16"}
+    assert summary["method"] == {"name": "rtn", "config": config, "methods": [{"name": "rtn", "config": config}]}
     assert summary["bits_per_weight"] == EXPECTED_BPW["sym"]
     assert 0 < summary["quantized_params"] < summary["params"]
 

@@ -58,6 +58,9 @@ class _MeanOf(Collector):
         self.count += tokens
 
     def result(self) -> torch.Tensor:
+        if self.sum is None:  # no token reached it (an expert the router never chose)
+            shape = (self.features, self.features) if self.square else (self.features,)
+            return torch.zeros(shape, dtype=self.dtype)
         return (self.sum / max(self.count, 1)).to(self.dtype)
 
     def _state(self) -> list[tuple[str, tuple[int, ...], str, torch.dtype]]:
@@ -103,6 +106,8 @@ class AbsMaxCollector(Collector):
         self.count += x.shape[0]
 
     def result(self) -> torch.Tensor:
+        if self.value is None:
+            return torch.zeros(self.features, dtype=self.dtype)
         return self.value.to(self.dtype)
 
     def _state(self) -> list[tuple[str, tuple[int, ...], str, torch.dtype]]:

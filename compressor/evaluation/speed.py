@@ -112,7 +112,7 @@ def measure(model: nn.Module, device: torch.device, batches: list[int], prompt_l
         prefill_s = timed(gen.prefill, device, repeats)
         step, note = (_capture(gen) if graphs and device.type == "cuda" else (gen.step, None))
 
-        def decode() -> None:
+        def decode(gen=gen) -> None:
             gen.rewind(prompt_len)
             for _ in range(gen_len):
                 step()

@@ -31,6 +31,12 @@ def split_for(units: int, wanted: int) -> int:
     return min(divisors, key=lambda d: (abs(d - max(wanted, 1)), -d))
 
 
+def tile_table(*rows: tuple[int, int, int, int, int, int]) -> list[tuple[int, dict]]:
+    """A launch table from rows (up to M rows, BM, BN, warps, stages, programs per SM), first match wins."""
+    return [(limit, {"BM": bm, "BN": bn, "num_warps": warps, "num_stages": stages, "per_sm": per_sm})
+            for limit, bm, bn, warps, stages, per_sm in rows]
+
+
 def plan(table: list[tuple[int, dict]], m: int, n_pad: int, units: int, sms: int, split: int | None = None,
          **override) -> dict:
     """Launch settings for m activation rows: the tile shape of the first `table` entry whose limit

@@ -95,11 +95,7 @@ def w8_gemm_kernel(xq_ptr, xs_ptr, w_ptr, wsc_ptr, bias_ptr, y_ptr, ws_ptr, cnt_
 
 
 # Tile shapes by activation rows M (first match), from the same sweep as wq_triton.CONFIGS.
-CONFIGS = [
-    (16, {"BM": 16, "BN": 64, "num_warps": 4, "num_stages": 4, "per_sm": 4}),
-    (64, {"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 4, "per_sm": 1}),
-    (1 << 62, {"BM": 128, "BN": 128, "num_warps": 4, "num_stages": 4, "per_sm": 1}),
-]
+CONFIGS = splitk.tile_table((16, 16, 64, 4, 4, 4), (64, 64, 128, 4, 4, 1), (1 << 62, 128, 128, 4, 4, 1))
 
 
 def w8_matmul(x: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,

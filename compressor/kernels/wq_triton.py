@@ -122,11 +122,7 @@ def wq_gemm_kernel(x_ptr, perm_ptr, bias_ptr, y_ptr, ws_ptr, cnt_ptr, p0_ptr, p1
 
 # Tile shapes by activation rows M (first match), from the H200 sweep in reports/kernels.md: decode
 # rows fit one narrow tile and split K until every multiprocessor has `per_sm` programs.
-CONFIGS = [
-    (16, {"BM": 16, "BN": 64, "num_warps": 4, "num_stages": 3, "per_sm": 4}),
-    (64, {"BM": 64, "BN": 128, "num_warps": 4, "num_stages": 4, "per_sm": 2}),
-    (1 << 62, {"BM": 128, "BN": 64, "num_warps": 4, "num_stages": 3, "per_sm": 1}),
-]
+CONFIGS = splitk.tile_table((16, 16, 64, 4, 3, 4), (64, 64, 128, 4, 4, 2), (1 << 62, 128, 64, 4, 3, 1))
 
 
 USE_ASM = True  # inline PTX for the lop3 and the packed fma; the plain-Triton path computes the same

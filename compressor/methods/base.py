@@ -113,7 +113,7 @@ class MethodConfig(BaseModel):
 
 
 class Method:
-    name: ClassVar[str]
+    name: ClassVar[str]  # set by METHODS.register
     Config: ClassVar[type[MethodConfig]]
     # What the method contributes to the artifact: quantized weights ("weights", a record per
     # linear that a format stores), a new structure ("structure", pruned shapes), or nothing of
@@ -173,6 +173,6 @@ class Method:
         return {"name": self.name, "config": self.config.model_dump(mode="json")}
 
 
-METHODS: Registry[type[Method]] = Registry("method")
+METHODS: Registry[type[Method]] = Registry("method", names_items=True)
 # Names for lists of methods, e.g. "awq+gptq" → ("awq", "gptq").
 METHOD_LISTS: Registry[tuple[str, ...]] = Registry("method list")

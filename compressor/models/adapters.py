@@ -88,6 +88,14 @@ class Adapter:
     # The output head, relative to the model; artifacts keep it unquantized.
     head_name: ClassVar[str] = "lm_head"
 
+    def prepare(self, model: nn.Module) -> nn.Module:
+        """Put the model in the form the engine works on (in place), e.g. one nn.Linear per expert;
+        the state dict keeps the checkpoint's names. Called by the loader on every model it builds."""
+        return model
+
+    def has_experts(self, model: nn.Module) -> bool:
+        return False
+
     def text_config(self, config):
         """The decoder's config (a multimodal config nests it as text_config)."""
         return getattr(config, "text_config", None) or config
@@ -171,6 +179,48 @@ class LlamaAdapter(Adapter):
     model_types = ("llama", "mistral", "qwen2", "qwen3", "smollm3")
     groups = _LLAMA_GROUPS
     shortcuts = _ATTENTION_AND_MLP
+
+
+@ADAPTERS.register("moe")
+class MixtureOfExpertsAdapter(LlamaAdapter):
+    """Qwen3-MoE and Mixtral: Llama-style attention, then a router and a list of expert MLPs.
+
+    Each expert is two groups, gate/up (reading the tokens routed to it) and down; the router
+    (`mlp.gate`) stays in float. The post-attention norm feeds the router and every expert, so
+    no scale is folded into it per expert (expert gate/up groups have no norm to scale); down's
+    scale folds into its own expert's up. Dense layers of a partly sparse model keep the Llama
+    groups. Structured pruning of experts is not supported.
+    """
+
+    model_types = ("qwen3_moe", "mixtral")
+    experts_path = "mlp.experts"
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        from compressor.models.experts import unfuse
+
+        for block in self.blocks(model):
+            unfuse(block, self.experts_path)
+        return model
+
+    def experts(self, block: nn.Module) -> int:
+        try:
+            return len(block.get_submodule(self.experts_path))
+        except (AttributeError, TypeError):
+            return 0
+
+    def has_experts(self, model: nn.Module) -> bool:
+        return any(self.experts(block) for block in self.blocks(model))
+
+    def block_groups(self, block: nn.Module) -> tuple[LinearGroup, ...]:
+        count = self.experts(block)
+        if not count:
+            return self.groups
+        groups = list(self.groups[:2])
+        for e in range(count):
+            prefix = f"{self.experts_path}.{e}"
+            groups.append(LinearGroup(f"expert{e}_in", (f"{prefix}.gate_proj", f"{prefix}.up_proj")))
+            groups.append(LinearGroup(f"expert{e}_out", (f"{prefix}.down_proj",), source=f"{prefix}.up_proj"))
+        return tuple(groups)
 
 
 @ADAPTERS.register("gemma3")

@@ -154,6 +154,7 @@ def build_model(config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype)
 
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    adapter_for_config(config).prepare(model)
     state_dict = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state_dict.items()}
     if getattr(config, "tie_word_embeddings", False):
         state_dict.pop("lm_head.weight", None)
@@ -184,7 +185,9 @@ def load_model(
     if path.is_file():
         log(f"loading {path} ({human_bytes(path.stat().st_size)}, dequantizing GGUF)")
         model, tokenizer = load_gguf(path, dtype)
-        return LoadedModel(model, tokenizer, adapter_for_config(model.config), path, source_hash(path), str(ref))
+        adapter = adapter_for_config(model.config)
+        adapter.prepare(model)
+        return LoadedModel(model, tokenizer, adapter, path, source_hash(path), str(ref))
     config = read_config(path)
     adapter = adapter_for_config(config)
     from_pickle = check_checkpoint_files(path, allow_pickle)
@@ -204,6 +207,7 @@ def load_model(
         except (OSError, RuntimeError, ValueError) as exc:
             raise CompressorError(f"cannot load {path}: {str(exc).splitlines()[0]}",
                                   "check that the checkpoint is complete and matches its config") from None
+        adapter.prepare(model)
     model.eval()
     log(f"hashing {human_bytes(source_bytes(path))} of weights (recorded in the artifact's manifest)")
     return LoadedModel(model, load_tokenizer(path), adapter, path, source_hash(path), str(ref),

@@ -159,6 +159,8 @@ class BlockSession:
         stats = {}
         for group in groups:
             values = {kind: collector.result() for kind, collector in collectors[group.name].items()}
+            # How many tokens reached the group (experts see only those routed to them).
+            values["tokens"] = torch.tensor(max((c.count for c in collectors[group.name].values()), default=0))
             if not all(torch.isfinite(v).all() for v in values.values()):
                 raise CompressorError(
                     f"the calibration activations entering {self.prefix}{'/'.join(group.linears)} contain NaN or "

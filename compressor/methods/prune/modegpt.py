@@ -30,11 +30,12 @@ from pydantic import Field
 from torch import nn
 
 from compressor.errors import CompressorError
-from compressor.methods.base import METHODS, BlockContext, Method, MethodConfig, ModelContext, Runner
+from compressor.methods.base import METHODS, BlockContext, MethodConfig, ModelContext, Runner
+from compressor.methods.prune.pruner import Pruner
 from compressor.methods.prune.slicegpt import Covariance, _capture_input, eigh, one_thread
 from compressor.models.adapters import Adapter
 from compressor.models.attention import make_reduced_attention
-from compressor.models.sliced import resize_block, set_linear
+from compressor.models.sliced import set_linear
 from compressor.util import release_memory
 
 
@@ -128,11 +129,8 @@ def cr_qk(q: nn.Linear, k: nn.Linear, corr: torch.Tensor, heads: int, kv_heads: 
 
 
 @METHODS.register("modegpt")
-class MoDeGPT(Method):
-    name = "modegpt"
+class MoDeGPT(Pruner):
     Config = MoDeGPTConfig
-    produces = "structure"
-    needs_calibration = True
 
     def __init__(self, config: MoDeGPTConfig):
         super().__init__(config)
@@ -140,6 +138,7 @@ class MoDeGPT(Method):
         self.importance: list[float] | None = None
 
     def check(self, model: nn.Module, adapter: Adapter) -> None:
+        super().check(model, adapter)
         if not 0.0 < self.config.sparsity < 1.0:
             raise CompressorError(f"sparsity must be in (0, 1), got {self.config.sparsity}",
                                   "pass e.g. --sparsity 0.25")
@@ -261,8 +260,6 @@ class MoDeGPT(Method):
     def restore(self, carry: dict) -> None:
         self.allocation, self.importance = carry["allocation"], carry["importance"]
 
-    def restore_block(self, block: nn.Module, meta: dict, adapter: Adapter, model: nn.Module) -> None:
-        resize_block(block, meta, model, adapter)
 
     @staticmethod
     def _importance(blocks, hidden, block_kwargs, run: Runner, progress) -> list[float]:

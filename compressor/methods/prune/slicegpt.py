@@ -38,10 +38,11 @@ from pydantic import Field
 from torch import nn
 
 from compressor.errors import CompressorError
-from compressor.methods.base import METHODS, BlockContext, Method, MethodConfig, ModelContext, Runner
+from compressor.methods.base import METHODS, BlockContext, MethodConfig, ModelContext, Runner
+from compressor.methods.prune.pruner import Pruner
 from compressor.models.adapters import Adapter
-from compressor.models.sliced import (make_sliced_layer, resize_block, rms_scale, set_embedding, set_linear,
-                                      set_norm, set_probed_norm, shortcut)
+from compressor.models.sliced import (make_sliced_layer, rms_scale, set_embedding, set_linear, set_norm,
+                                      set_probed_norm, shortcut)
 from compressor.util import release_memory
 
 
@@ -211,11 +212,8 @@ def _rms_probe(ys: list[torch.Tensor], channels: int) -> torch.Tensor:
 
 
 @METHODS.register("slicegpt")
-class SliceGPT(Method):
-    name = "slicegpt"
+class SliceGPT(Pruner):
     Config = SliceGPTConfig
-    produces = "structure"
-    needs_calibration = True
 
     def __init__(self, config: SliceGPTConfig):
         super().__init__(config)
@@ -224,6 +222,7 @@ class SliceGPT(Method):
         self.resumed = False
 
     def check(self, model: nn.Module, adapter: Adapter) -> None:
+        super().check(model, adapter)
         c = self.config
         hidden = adapter.text_config(model.config).hidden_size
         blocks = len(adapter.blocks(model))
@@ -413,8 +412,6 @@ class SliceGPT(Method):
         self.b_in = self.global_basis if carry.get("b_in_is_global") else carry.get("b_in")
         self.resumed = True
 
-    def restore_block(self, block: nn.Module, meta: dict, adapter: Adapter, model: nn.Module) -> None:
-        resize_block(block, meta, model, adapter)
 
     # ------------------------------------------------------------ pieces
 

@@ -67,7 +67,6 @@ class _ScaleSearch(Method):
 
 @METHODS.register("awq")
 class AWQ(_ScaleSearch):
-    name = "awq"
     Config = AWQConfig
     search_needs = frozenset({"absmean"})
 
@@ -89,7 +88,6 @@ class AWQ(_ScaleSearch):
 
 @METHODS.register("smoothquant+")
 class SmoothQuantPlus(_ScaleSearch):
-    name = "smoothquant+"
     search_needs = frozenset({"absmax"})
 
     def search_and_fold(self, ctx: BlockContext, linears: dict[str, nn.Linear], replays: Replays) -> None:

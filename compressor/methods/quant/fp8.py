@@ -14,7 +14,7 @@ from pydantic import Field
 from torch import nn
 
 from compressor.methods.base import METHODS, BlockContext, Method, MethodConfig, Record
-from compressor.methods.quant.gptq import inverse_hessian_cholesky
+from compressor.methods.quant.gptq import inverse_hessian_cholesky, too_few_tokens
 from compressor.methods.quant.quantizer import dequantize_record
 from compressor.models.adapters import LinearGroup
 
@@ -84,7 +84,6 @@ def static_input_scale(act_absmax: torch.Tensor) -> torch.Tensor:
 
 @METHODS.register("fp8")
 class FP8(Method):
-    name = "fp8"
     Config = FP8Config
 
     produces = "weights"
@@ -105,9 +104,10 @@ class FP8(Method):
 
     def on_group(self, ctx: BlockContext, group: LinearGroup, linears: dict[str, nn.Linear]) -> dict[str, Record]:
         stats = self.stats.get(group.name, {})
+        gptq = self.config.gptq and not too_few_tokens(ctx, group, linears, stats)
         records = {}
         for name, linear in linears.items():
-            if self.config.gptq:
+            if gptq:
                 record = gptq_fp8_weight(linear.weight.data, stats["hessian"], self.config.damp,
                                          self.config.block_size, name)
             else:

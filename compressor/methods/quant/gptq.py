@@ -26,7 +26,7 @@ from compressor.methods.base import METHODS, BlockContext, Method, ModelContext,
 from compressor.methods.quant.quantizer import (
     SCALE_DTYPES, check_scheme, compute_qparams, dequantize_record, qparams_from_range,
 )
-from compressor.methods.quant.rtn import WeightQuantConfig
+from compressor.methods.quant.rtn import RTN, WeightQuantConfig
 from compressor.models.adapters import Adapter, LinearGroup
 from compressor.schemes import WeightScheme, group_index
 
@@ -252,9 +252,21 @@ def split_rows(record: Record, rows: list[int]) -> list[Record]:
     return parts
 
 
+def too_few_tokens(ctx: BlockContext, group: LinearGroup, linears: dict[str, nn.Linear],
+                   stats: dict[str, torch.Tensor]) -> bool:
+    """Fewer calibration tokens than inputs (an expert the router rarely or never chose) leave
+    the Hessian rank-deficient: such a group is rounded to nearest instead, and the artifact's
+    manifest says so."""
+    tokens, width = int(stats["tokens"]), next(iter(linears.values())).in_features
+    if tokens >= width:
+        return False
+    ctx.meta.setdefault("fallbacks", {})[f"{ctx.prefix}{'/'.join(group.linears)}"] = (
+        f"round-to-nearest: {tokens} calibration tokens for {width} inputs")
+    return True
+
+
 @METHODS.register("gptq")
 class GPTQ(Method):
-    name = "gptq"
     Config = GPTQConfig
     produces = "weights"
     needs_calibration = True
@@ -278,6 +290,8 @@ class GPTQ(Method):
     def on_group(self, ctx: BlockContext, group: LinearGroup, linears: dict[str, nn.Linear]) -> dict[str, Record]:
         # True-sequential: the Hessian of inputs that already pass through the quantized groups.
         stats = ctx.group_stats(group, {"hessian", "cross"} if self.config.fp_target else {"hessian"})
+        if too_few_tokens(ctx, group, linears, stats):
+            return RTN(self.config).on_group(ctx, group, linears)
         # GPTQ treats rows independently given the Hessian, so linears sharing an input are
         # quantized as one stacked matrix: one inverse Hessian and one column sweep per group.
         names = list(linears)

@@ -20,13 +20,10 @@ from __future__ import annotations
 
 import torch
 from pydantic import Field
-from torch import nn
 
-from compressor.methods.base import METHODS, BlockContext, Method, Record
-from compressor.methods.quant.quantizer import (SCALE_DTYPES, check_scheme, compute_qparams, dequantize_record,
-                                                make_record)
-from compressor.methods.quant.rtn import WeightQuantConfig
-from compressor.models.adapters import Adapter, LinearGroup
+from compressor.methods.base import METHODS
+from compressor.methods.quant.quantizer import SCALE_DTYPES, compute_qparams
+from compressor.methods.quant.rtn import RTN, WeightQuantConfig
 from compressor.schemes import WeightScheme
 
 
@@ -45,56 +42,54 @@ def _shrink(x: torch.Tensor, beta: float, p: float) -> torch.Tensor:
 
 @torch.no_grad()
 def hqq_qparams(w: torch.Tensor, scheme: WeightScheme, config: HQQConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Refined scale [out, groups] (in its storage dtype) and integer zero point (or None)."""
+    """Refined scale [out, groups] (in its storage dtype) and integer zero point (or None).
+
+    The splitting runs on the weights in units of their min-max scale (as HQQ runs in the
+    quantized domain, where beta's threshold means the same for every layer); each group keeps
+    the iterate with its lowest lp error, so no group ends worse than min-max rounding.
+    """
     out, cols = w.shape
-    groups = scheme.groups(cols)
-    g = w.float().reshape(out, groups, -1)
+    storage = SCALE_DTYPES[scheme.scale_dtype]
+    g = w.float().reshape(out, scheme.groups(cols), -1)
     scale, zero = compute_qparams(w, scheme)
-    s = scale.float()[..., None]
-    z = zero.float()[..., None] if zero is not None else torch.zeros_like(s)
-    beta, best, best_params = config.beta, None, (scale, zero)
+    s0 = scale.float()[..., None]
+    normalized = g / s0
+    z = zero.float()[..., None] if zero is not None else torch.zeros_like(s0)
+
+    def lp_error(relative: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        q = (torch.round(normalized / relative) + z).clamp(scheme.qmin, scheme.qmax)
+        return (normalized - relative * (q - z)).abs().pow(config.lp).sum(-1, keepdim=True)
+
+    relative = torch.ones_like(s0)
+    best_error, best_scale, best_zero = lp_error(relative, z), scale.float()[..., None], z
+    beta = config.beta
     for _ in range(config.iters):
-        q = (torch.round(g / s) + z).clamp(scheme.qmin, scheme.qmax)
-        w_e = _shrink(g - s * (q - z), beta, config.lp)
-        target = g - w_e
+        q = (torch.round(normalized / relative) + z).clamp(scheme.qmin, scheme.qmax)
+        target = normalized - _shrink(normalized - relative * (q - z), beta, config.lp)
         centred = q - z
         denom = centred.pow(2).sum(-1, keepdim=True)
-        s_new = (centred * target).sum(-1, keepdim=True) / denom.clamp_min(1e-12)
-        s = torch.where((denom > 0) & (s_new > 0), s_new, s)
+        fitted = (centred * target).sum(-1, keepdim=True) / denom.clamp_min(1e-12)
+        relative = torch.where((denom > 0) & (fitted > 0), fitted, relative)
         if zero is not None:
-            z = torch.round((q - target / s).mean(-1, keepdim=True)).clamp(scheme.qmin, scheme.qmax)
-        stored = s.squeeze(-1).to(SCALE_DTYPES[scheme.scale_dtype])
-        tiny = torch.finfo(stored.dtype).tiny
-        stored = torch.where(stored.float() > tiny, stored, torch.ones_like(stored))
-        s = stored.float()[..., None]
-        q = (torch.round(g / s) + z).clamp(scheme.qmin, scheme.qmax)
-        error = (g - s * (q - z)).abs().pow(config.lp).sum().item()
-        if best is not None and error >= best:
-            break
-        best = error
-        best_params = (stored, z.squeeze(-1).to(torch.int8) if zero is not None else None)
+            z = torch.round((q - target / relative).mean(-1, keepdim=True)).clamp(scheme.qmin, scheme.qmax)
+        stored = (relative * s0).to(storage)
+        stored = torch.where(stored.float() > torch.finfo(storage).tiny, stored, torch.ones_like(stored))
+        relative = stored.float() / s0  # what the stored scale really is
+        error = lp_error(relative, z)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        best_scale = torch.where(better, stored.float(), best_scale)
+        best_zero = torch.where(better, z, best_zero)
         beta *= config.kappa
-    return best_params
+    return (best_scale.squeeze(-1).to(storage),
+            best_zero.squeeze(-1).to(torch.int8) if zero is not None else None)
 
 
 @METHODS.register("hqq")
-class HQQ(Method):
-    name = "hqq"
+class HQQ(RTN):
+    """RTN's rounding on scales refined by half-quadratic splitting (no calibration data)."""
+
     Config = HQQConfig
-    produces = "weights"
 
-    def check(self, model: nn.Module, adapter: Adapter) -> None:
-        check_scheme(self.config.scheme(), model, adapter)
-
-    def on_group(self, ctx: BlockContext, group: LinearGroup, linears: dict[str, nn.Linear]) -> dict[str, Record]:
-        scheme = self.config.scheme()
-        records = {}
-        for name, linear in linears.items():
-            w = linear.weight.data
-            record = make_record(w, *hqq_qparams(w, scheme, self.config), scheme)
-            linear.weight.data = dequantize_record(record, w.dtype)
-            records[name] = record
-        return records
-
-    def export(self) -> dict:
-        return {"kind": "weight-int", "scheme": self.config.scheme()}
+    def qparams(self, w: torch.Tensor, scheme: WeightScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return hqq_qparams(w, scheme, self.config)

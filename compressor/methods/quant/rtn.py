@@ -12,7 +12,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from compressor.methods.base import METHODS, BlockContext, Method, MethodConfig, Record
-from compressor.methods.quant.quantizer import check_scheme, dequantize_record, quantize_weight
+from compressor.methods.quant.quantizer import check_scheme, compute_qparams, dequantize_record, make_record
 from compressor.models.adapters import Adapter, LinearGroup
 from compressor.schemes import WeightScheme
 
@@ -37,19 +37,23 @@ class WeightQuantConfig(MethodConfig):
 
 @METHODS.register("rtn")
 class RTN(Method):
-    name = "rtn"
     Config = WeightQuantConfig
     produces = "weights"
 
     def check(self, model: nn.Module, adapter: Adapter) -> None:
         check_scheme(self.config.scheme(), model, adapter)
 
+    def qparams(self, w: torch.Tensor, scheme: WeightScheme) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Scale (and integer zero point) per row and group: min-max here; refinements override it."""
+        return compute_qparams(w, scheme)
+
     def on_group(self, ctx: BlockContext, group: LinearGroup, linears: dict[str, nn.Linear]) -> dict[str, Record]:
         records = {}
         scheme = self.config.scheme()
         for name, linear in linears.items():
-            record = quantize_weight(linear.weight.data, scheme)
-            linear.weight.data = dequantize_record(record, linear.weight.dtype)
+            w = linear.weight.data
+            record = make_record(w, *self.qparams(w, scheme), scheme)
+            linear.weight.data = dequantize_record(record, w.dtype)
             records[name] = record
         return records
 

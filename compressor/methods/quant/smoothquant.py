@@ -25,7 +25,7 @@ from pydantic import Field
 from torch import nn
 
 from compressor.methods.base import METHODS, BlockContext, Method, MethodConfig, Record
-from compressor.methods.quant.gptq import GPTQConfig, gptq_quantize
+from compressor.methods.quant.gptq import GPTQConfig, gptq_quantize, too_few_tokens
 from compressor.methods.quant.quantizer import dequantize_record, quantize_weight
 from compressor.models.adapters import LinearGroup
 from compressor.schemes import WeightScheme
@@ -70,7 +70,6 @@ def fold_smoothing(norm: nn.Module, linears: list[nn.Linear], scales: torch.Tens
 class SmoothQuant(Method):
     """The smoothing: fold s into each norm-fed group, from the block's input abs-max."""
 
-    name = "smoothquant"
     Config = SmoothQuantConfig
     needs_calibration = True
     default_quantizer = "w8a8"
@@ -91,7 +90,6 @@ class SmoothQuant(Method):
 class Int8WeightsInt8Inputs(Method):
     """int8 weights, one float32 scale per output channel; int8 inputs per token at run time."""
 
-    name = "w8a8"
     Config = Int8Config
     produces = "weights"
 
@@ -102,8 +100,9 @@ class Int8WeightsInt8Inputs(Method):
     def on_group(self, ctx: BlockContext, group: LinearGroup, linears: dict[str, nn.Linear]) -> dict[str, Record]:
         records = {}
         stats = ctx.group_stats(group, {"hessian"}) if self.config.gptq else {}
+        gptq = self.config.gptq and not too_few_tokens(ctx, group, linears, stats)
         for name, linear in linears.items():
-            if self.config.gptq:
+            if gptq:
                 settings = GPTQConfig(bits=8, group_size=-1, sym=True, scale_dtype="float32", damp=self.config.damp)
                 record, _ = gptq_quantize(linear.weight.data, stats["hessian"], settings, name)
             else:

@@ -1,0 +1,179 @@
+"""Issue-11 benchmark: the restructured engine against the one before it, in the same sitting, and
+the quantizer added as one file (HQQ-style) against RTN on the reference model.
+
+- Engine overhead: `compress quantize smollm2-135m --method gptq --bits 4 --group-size 64
+  --act-order` wall time, and `compress prune` (SliceGPT, MoDeGPT at 25%) peak RSS, each run by
+  the current checkout and by a worktree of the engine's previous commit, alternating A B A B so
+  both see the same machine load; medians.
+- Quality: RTN and HQQ at W4 g64 (symmetric and asymmetric) and W3 g64 on the held-out windows,
+  with KL to fp32 (one shared fp32 forward).
+
+Writes benchmarks/results/engine.json and reports/engine.md.
+
+    python benchmarks/engine.py [--before 9de96b1] [--repeats 2] [--skip-timing] [--skip-quality]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, median, print_table, write_results  # noqa: E402
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = "smollm2-135m"
+TIMED = {
+    "gptq-w4": ["quantize", MODEL, "--method", "gptq", "--bits", "4", "--group-size", "64", "--asym", "--act-order"],
+    "slicegpt-25": ["prune", MODEL, "--method", "slicegpt", "--sparsity", "0.25"],
+    "modegpt-25": ["prune", MODEL, "--method", "modegpt", "--sparsity", "0.25"],
+}
+QUALITY = {  # row name: (method, config, flags)
+    "rtn-w4-sym": ("rtn", {"bits": 4, "group_size": 64, "sym": True}, ["--bits", "4", "--sym"]),
+    "hqq-w4-sym": ("hqq", {"bits": 4, "group_size": 64, "sym": True}, ["--bits", "4", "--sym"]),
+    "rtn-w4": ("rtn", {"bits": 4, "group_size": 64, "sym": False}, ["--bits", "4", "--asym"]),
+    "hqq-w4": ("hqq", {"bits": 4, "group_size": 64, "sym": False}, ["--bits", "4", "--asym"]),
+    "rtn-w3": ("rtn", {"bits": 3, "group_size": 64, "sym": False}, ["--bits", "3", "--asym"]),
+    "hqq-w3": ("hqq", {"bits": 3, "group_size": 64, "sym": False}, ["--bits", "3", "--asym"]),
+}
+
+
+def checkout(commit: str, work: Path) -> Path:
+    path = work / f"engine-{commit}"
+    if not (path / "compressor").is_dir():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--force", "--detach", str(path), commit],
+                       check=True, capture_output=True)
+    return path
+
+
+def run(code: Path, args: list[str], out: Path) -> dict:
+    """One command in a fresh process with `code` first on the path; its JSON plus process wall time."""
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "compressor.cli", "--json", *args, "-o", str(out), "--overwrite",
+                           "--restart"], capture_output=True, text=True, env=env, cwd=code)
+    wall = time.perf_counter() - started
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(args)} with {code} failed: {proc.stderr.strip()[-1500:]}")
+    result = json.loads(proc.stdout)
+    return {"process_wall_s": wall, "peak_rss_mb": result["peak_rss_mb"], "wall_s": result["wall_s"]}
+
+
+def timing_rows(before: str, repeats: int, work: Path) -> list[dict]:
+    codes = {"before": checkout(before, work), "now": ROOT}
+    rows = []
+    for name, args in TIMED.items():
+        runs: dict[str, list[dict]] = {"before": [], "now": []}
+        for i in range(repeats):
+            for label in ("before", "now") if i % 2 == 0 else ("now", "before"):
+                print(f"{name}: {label} run {i + 1}/{repeats}", flush=True)
+                runs[label].append(run(codes[label], args, work / f"{name}-{label}"))
+        row = {"model": MODEL, "method": f"engine:{name}", "config": {"command": " ".join(args), "before": before}}
+        for label, results in runs.items():
+            row[f"{label}_wall_s"] = round(median([r["process_wall_s"] for r in results]), 1)
+            row[f"{label}_wall_runs_s"] = [round(r["process_wall_s"], 1) for r in results]
+            row[f"{label}_peak_rss_mb"] = round(max(r["peak_rss_mb"] for r in results))
+        row["wall_ratio"] = round(row["now_wall_s"] / row["before_wall_s"], 3)
+        row["peak_rss_ratio"] = round(row["now_peak_rss_mb"] / row["before_peak_rss_mb"], 3)
+        rows.append(row)
+    return rows
+
+
+def quality_rows(windows: int, work: Path) -> list[dict]:
+    from compressor import api
+    from compressor.calib.data import evaluation_set
+    from compressor.evaluation.perplexity import evaluate_models
+
+    timings = {}
+    for name, (method, _, flags) in QUALITY.items():
+        print(f"quantizing {name}", flush=True)
+        timings[name] = run(ROOT, ["quantize", MODEL, "--method", method, "--group-size", "64", *flags],
+                            work / name)
+    base = api.load(MODEL)
+    tokens = evaluation_set("wiki", base.tokenizer, windows, 512)
+    models = {name: api.load(work / name).model for name in QUALITY}
+    results = evaluate_models(models, tokens, base.model, batch_size=4)
+    base_ppl = results["base"]["ppl"]
+    rows = [{"model": MODEL, "method": "fp32", "config": {}, "bits_per_weight": 32.0, "ppl": base_ppl, "kl": 0.0}]
+    for name, (method, config, _) in QUALITY.items():
+        manifest = json.loads((work / name / "manifest.json").read_text())
+        rows.append({"model": MODEL, "method": method, "config": config, "row": name,
+                     "bits_per_weight": manifest["metrics"]["bits_per_weight"],
+                     "size_bytes": sum(f.stat().st_size for f in (work / name).glob("*.safetensors")),
+                     "ppl": results[name]["ppl"], "kl": results[name]["kl"],
+                     "ppl_increase_pct": 100 * (results[name]["ppl"] / base_ppl - 1),
+                     "wall_s": round(timings[name]["process_wall_s"], 1),
+                     "peak_rss_mb": round(timings[name]["peak_rss_mb"])})
+    return rows
+
+
+def write_report(data: dict) -> Path:
+    lines = ["# Engine restructuring (issue 11): overhead and the one-file quantizer", "",
+             f"Generated by `benchmarks/engine.py` from `benchmarks/results/engine.json` ({data['date']}, "
+             f"{data['machine']}).", ""]
+    timed = [r for r in data["rows"] if r["method"].startswith("engine:")]
+    if timed:
+        lines += ["## Engine overhead, same sitting", "",
+                  f"Each command ran {len(timed[0]['now_wall_runs_s'])}× with the engine before "
+                  f"(`{timed[0]['config']['before']}`) and now, alternating; medians of process wall time.", "",
+                  "| command | wall before | wall now | ratio | peak RSS before | peak RSS now | ratio |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in timed:
+            lines.append(f"| `{r['config']['command']}` | {r['before_wall_s']} s | {r['now_wall_s']} s | "
+                         f"{r['wall_ratio']} | {r['before_peak_rss_mb']} MB | {r['now_peak_rss_mb']} MB | "
+                         f"{r['peak_rss_ratio']} |")
+        lines.append("")
+    quality = [r for r in data["rows"] if not r["method"].startswith("engine:")]
+    if quality:
+        lines += ["## HQQ-style refinement against RTN (calibration-free)", "",
+                  f"{data['protocol']['eval_windows']} held-out windows × 512 tokens of wiki:eval, KL to fp32.", "",
+                  "| row | bits/weight | perplexity | increase | KL | quantize wall |", "|---|---|---|---|---|---|"]
+        for r in quality:
+            increase = f"+{r['ppl_increase_pct']:.1f}%" if "ppl_increase_pct" in r else ""
+            lines.append(f"| {r.get('row', r['method'])} | {r['bits_per_weight']} | {r['ppl']:.3f} | {increase} | "
+                         f"{r['kl']:.4f} | {r.get('wall_s', '')} |")
+        lines.append("")
+    path = ROOT / "reports" / "engine.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--before", default="9de96b1", help="commit of the engine to compare against")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--windows", type=int, default=64)
+    parser.add_argument("--work", default="out/bench-engine")
+    parser.add_argument("--skip-timing", action="store_true")
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--report-only", action="store_true")
+    args = parser.parse_args()
+    if args.report_only:
+        print(write_report(json.loads((RESULTS / "engine.json").read_text())))
+        return
+    work = Path(args.work).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    previous = json.loads((RESULTS / "engine.json").read_text())["rows"] if (RESULTS / "engine.json").is_file() else []
+    rows = [] if args.skip_timing else timing_rows(args.before, args.repeats, work)
+    rows += [] if args.skip_quality else quality_rows(args.windows, work)
+    kept = {r["method"] if r["method"].startswith("engine:") else r.get("row", r["method"]) for r in rows}
+    rows += [r for r in previous if (r["method"] if r["method"].startswith("engine:") else
+                                     r.get("row", r["method"])) not in kept]
+    protocol = {"eval_windows": args.windows, "window": 512, "timing_repeats": args.repeats}
+    path = write_results("engine", rows, protocol)
+    data = json.loads(path.read_text())
+    print_table([r for r in rows if r["method"].startswith("engine:")],
+                ["method", "before_wall_s", "now_wall_s", "wall_ratio", "before_peak_rss_mb", "now_peak_rss_mb"],
+                "engine overhead")
+    print_table([r for r in rows if not r["method"].startswith("engine:")],
+                ["row", "bits_per_weight", "ppl", "kl", "ppl_increase_pct"], "HQQ vs RTN")
+    print(write_report(data))
+
+
+if __name__ == "__main__":
+    main()
