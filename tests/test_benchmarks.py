@@ -15,14 +15,11 @@ from benchmarks.common import REPORTS, read_results  # noqa: E402
 
 # report name (results/<name>.json → reports/<name>.md): the module whose render() makes it
 RENDERERS = {"quantize": "quantize", "slicing": "slicing", "spine": "spine", "lossless": "lossless_report",
-             "kernels": "kernels_report"}
+             "kernels": "kernels_report", "engine": "engine"}
 
 
-@pytest.mark.parametrize("name", sorted(RENDERERS))
+@pytest.mark.parametrize("name", sorted(p.stem for p in REPORTS.glob("*.md")))
 def test_committed_report_is_rendered_from_committed_results(name):
+    assert name in RENDERERS, f"reports/{name}.md has no renderer: add its benchmark module to RENDERERS"
     render = importlib.import_module(RENDERERS[name]).render
     assert render(read_results(name)) == (REPORTS / f"{name}.md").read_text()
-
-
-def test_every_report_has_a_renderer():
-    assert {p.stem for p in REPORTS.glob("*.md")} == set(RENDERERS)
