@@ -11,7 +11,6 @@ so both models read every layer's weights from device memory.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -21,6 +20,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import write_results  # noqa: E402
 from compressor.kernels import entropy_decode  # noqa: E402
 from compressor.codecs.dfloat import PackConfig, pack_tensors  # noqa: E402
 from compressor.formats.packed import stream_spec  # noqa: E402
@@ -289,9 +289,8 @@ def main() -> None:
         lines.append(msg)
 
     def save():
-        (args.out / "lossless_gpu.json").write_text(json.dumps(
-            {"device": device, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows,
-             "log": lines}, indent=2) + "\n")
+        write_results("lossless_gpu", rows, {"dtype": "bfloat16"}, {"device": device, "log": lines},
+                      path=args.out / "lossless_gpu.json")
 
     from compressor.codecs import native
 
