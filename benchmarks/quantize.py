@@ -7,6 +7,7 @@ KL. Writes benchmarks/results/quantize.json and reports/quantize.md.
 
     python benchmarks/quantize.py                      # all rows
     python benchmarks/quantize.py --rows gptq-w4 --timing-repeats 3
+    python benchmarks/quantize.py --report-only        # the report from the committed results
 """
 
 from __future__ import annotations

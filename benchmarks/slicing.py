@@ -8,7 +8,8 @@ reference implementation on the same model, calibration tokens and protocol when
 
 The reference implementation needs transformers 4.41: set SLICEGPT_PYTHON (a venv's python with
 transformers==4.41 and ml-collections) and SLICEGPT_SRC (TransformerCompression's src/ folder);
-otherwise its rows are skipped with the reason printed. Writes benchmarks/results/slicing.json.
+otherwise its rows are skipped with the reason printed. Writes benchmarks/results/slicing.json and
+reports/slicing.md (`--report-only`: the report alone, from the committed results).
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 
     python benchmarks/spine.py [--repeats 3] [--windows 64]
 
-Writes benchmarks/results/spine.json and prints a table.
+Writes benchmarks/results/spine.json and reports/spine.md (`--report-only`: the report alone).
 """
 
 from __future__ import annotations
