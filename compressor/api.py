@@ -79,7 +79,7 @@ def load(ref: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool
         manifests.check(path)
         progress.log(f"verified {path} against its manifest")
     if path.is_dir() and artifacts.is_quantized(path) and device is not None and torch.device(device).type == "cuda":
-        from compressor.models.quant_runtime import load_quantized
+        from compressor.formats.quant_runtime import load_quantized
 
         model, dtype = load_quantized(path, dtype, torch.device(device), progress.warn)
         manifest = read_manifest(path) if (path / "manifest.json").exists() else {}
@@ -389,8 +389,8 @@ def pack(model: str | Path, out: str | Path, *, dtype: str | None = None, option
          overwrite: bool = False, check: bool = True, verify: bool = True) -> dict:
     """Entropy-code a model's (or a quantized artifact's) tensors losslessly into a packed artifact."""
     from compressor.formats import packed
-    from compressor.methods.lossless import native
-    from compressor.methods.lossless.dfloat import PackConfig
+    from compressor.codecs import native
+    from compressor.codecs.dfloat import PackConfig
     from compressor.models.loading import parse_dtype, source_hash
 
     path = resolve_model_path(model)
@@ -415,7 +415,7 @@ def pack(model: str | Path, out: str | Path, *, dtype: str | None = None, option
 def unpack(packed_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> dict:
     """Rebuild the original tensors of a packed artifact, byte for byte (sha256 checked)."""
     from compressor.formats import packed
-    from compressor.methods.lossless import native
+    from compressor.codecs import native
 
     return {**packed.unpack(Path(packed_dir), Path(out), overwrite=overwrite), "codec": native.status()}
 
@@ -427,7 +427,7 @@ def bench(artifact: str, device: str = "auto", batches: tuple[int, ...] = (1, 16
     """Prefill and decode tokens/s and peak memory of an artifact through the loader `eval` uses,
     beside a dense base in the same run (default: the artifact's own weights dequantized)."""
     from compressor.evaluation.speed import measure
-    from compressor.models.quant_runtime import kernel_summary
+    from compressor.formats.quant_runtime import kernel_summary
 
     progress = progress or Progress()
     target = _bench_device(device)

@@ -124,3 +124,20 @@ def jsonl_file(tmp_path_factory) -> Path:
         for i in range(60):
             f.write(json.dumps({"text": make_text(300, seed=100 + i)}) + "\n")
     return path
+
+
+@pytest.fixture
+def without_compressed_tensors(monkeypatch):
+    """As on a host where compressed-tensors is not installed: importing it fails."""
+    import sys
+
+    from compressor.formats import activations, bitpack
+
+    for name in [n for n in sys.modules if n == "compressed_tensors" or n.startswith("compressed_tensors.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "compressed_tensors", None)
+    bitpack._library_unpack.cache_clear()
+    activations._library.cache_clear()
+    yield
+    bitpack._library_unpack.cache_clear()
+    activations._library.cache_clear()

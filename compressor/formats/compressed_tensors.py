@@ -11,39 +11,23 @@ from __future__ import annotations
 import torch
 
 from compressor.errors import CompressorError
-from compressor.formats import bitpack
+from compressor.formats import bitpack, ct_config
 from compressor.schemes import WeightScheme, dequantize
 
 FORMAT = "pack-quantized"
 SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
 
 
+def weight_args(scheme: WeightScheme, actorder: str | None = None):
+    """The library's QuantizationArgs of our integer weight scheme."""
+    return ct_config.args(num_bits=scheme.bits, type="int", symmetric=scheme.symmetric,
+                          strategy="channel" if scheme.per_channel else "group",
+                          group_size=None if scheme.per_channel else scheme.group_size, dynamic=False,
+                          actorder=actorder, observer="minmax")
+
+
 def quantization_config(scheme: WeightScheme, ignore: list[str], actorder: str | None = None) -> dict:
-    weights = {
-        "num_bits": scheme.bits,
-        "type": "int",
-        "symmetric": scheme.symmetric,
-        "strategy": "channel" if scheme.per_channel else "group",
-        "group_size": None if scheme.per_channel else scheme.group_size,
-        "dynamic": False,
-        "actorder": actorder,
-        "observer": "minmax",
-        "observer_kwargs": {},
-        "block_structure": None,
-    }
-    return {
-        "quant_method": "compressed-tensors",
-        "format": FORMAT,
-        "quantization_status": "compressed",
-        "config_groups": {
-            "group_0": {"targets": ["Linear"], "weights": weights, "input_activations": None,
-                        "output_activations": None, "format": FORMAT}
-        },
-        "ignore": ignore,
-        "kv_cache_scheme": None,
-        "sparsity_config": {},
-        "transform_config": {},
-    }
+    return ct_config.quantization_config(FORMAT, weight_args(scheme, actorder), None, ignore)
 
 
 def encode(module: str, record: dict[str, torch.Tensor], scheme: WeightScheme) -> dict[str, torch.Tensor]:
@@ -62,6 +46,7 @@ def encode(module: str, record: dict[str, torch.Tensor], scheme: WeightScheme) -
 
 
 def scheme_from_config(qconfig: dict) -> WeightScheme:
+    # Read without the library's models: evaluation hosts may not have compressed-tensors installed.
     if qconfig.get("quant_method") != "compressed-tensors" or qconfig.get("format") != FORMAT:
         raise CompressorError(
             f"unsupported quantization format {qconfig.get('quant_method')}/{qconfig.get('format')}",
@@ -93,9 +78,29 @@ def decode(tensors: dict[str, torch.Tensor], qconfig: dict, dtype: torch.dtype) 
             if scale.shape != (shape[0], expected_groups):
                 raise ValueError(f"scale shape {tuple(scale.shape)} != {(shape[0], expected_groups)}")
             g_idx = tensors.get(f"{m}.weight_g_idx")
+            # Our rule, not the library's `dequantize`: that one multiplies in the scale's dtype (float16),
+            # ours in float32 as the pipeline's simulated model does, so reloading gives its exact weights.
             out[f"{m}.weight"] = dequantize(codes, scale, zero, g_idx, dtype)
         except (KeyError, ValueError, RuntimeError) as exc:
             raise CompressorError(
                 f"tensors of {m} do not match the artifact's quantization config ({exc})",
                 "the artifact is damaged or its config.json was edited; rebuild it") from None
     return out
+
+
+class PackQuantized:
+    """The registered format of integer weight-only quantization (export kind "weight-int")."""
+
+    name = FORMAT
+    kind = "weight-int"
+    suffixes = SUFFIXES
+    decode = staticmethod(decode)
+
+    def __init__(self, export: dict):
+        self.scheme, self.actorder = export["scheme"], export.get("actorder")
+
+    def quantization_config(self, ignore: list[str]) -> dict:
+        return quantization_config(self.scheme, ignore, self.actorder)
+
+    def encode(self, module: str, record: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return encode(module, record, self.scheme)

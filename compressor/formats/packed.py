@@ -23,8 +23,8 @@ import torch
 
 from compressor.errors import CompressorError
 from compressor.formats.manifest import build_manifest, read_manifest, verify, write_manifest
-from compressor.methods.lossless import dfloat
-from compressor.methods.lossless.codec import CorruptStream
+from compressor.codecs import dfloat
+from compressor.codecs.lanes import CorruptStream
 from compressor.safetensors_file import read_header, read_tensors, tensor_bytes, write_tensors
 from compressor.outputs import atomic_dir, check_output
 from compressor.util import sha256_file
@@ -338,7 +338,7 @@ def unpack(packed_dir: Path, out: Path, *, overwrite: bool = False) -> dict:
 def stream_spec(p: dfloat.PackedTensor, out_offset: int):
     """A coded 16-bit float tensor as a kernels.entropy_decode.StreamSpec (None if not decodable there)."""
     from compressor.kernels.entropy_decode import StreamSpec
-    from compressor.methods.lossless import tans
+    from compressor.codecs import tans
 
     m = p.meta
     if m["kind"] != "coded" or m["dtype"] not in ("bfloat16", "float16") or int(m["mode"]) not in (1, 2):
