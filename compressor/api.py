@@ -146,6 +146,7 @@ def compress(model: str, methods: str | list[str], out: str | Path, options: dic
     progress = (progress or Progress()) if world.is_main else Progress()
     out = Path(out)
     chain = make_methods(methods, options, command)
+    export.check_formats(chain)
     prunes = any(m.produces == "structure" for m in chain)
     if resume and restart:
         raise CompressorError("--resume and --restart contradict each other",

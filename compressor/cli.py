@@ -219,7 +219,7 @@ def _methods_command(name: str, default_method: str, method_help: str, doc: str)
                             progress=_progress())
             options = collect(method_options)
             if name == "prune":
-                return run(model, method, output, None, options, **settings)
+                return run(model, method, output, options.pop("sparsity", None), options, **settings)
             return run(model, method, output, options, **settings)
 
         _run(action, lambda r: _kv_table(f"wrote {r['output']}", r), json_out)
