@@ -361,7 +361,7 @@ def verify(path: str | Path) -> dict:
 # ---------------------------------------------------------------- lossless packing
 
 def pack(model: str | Path, out: str | Path, *, dtype: str | None = None, options: dict[str, Any] | None = None,
-         overwrite: bool = False, check: bool = True) -> dict:
+         overwrite: bool = False, check: bool = True, progress: Progress | None = None) -> dict:
     """Entropy-code a model's (or a quantized artifact's) tensors losslessly into a packed artifact."""
     from compressor.formats import packed
     from compressor.methods.lossless import native
@@ -380,7 +380,7 @@ def pack(model: str | Path, out: str | Path, *, dtype: str | None = None, option
                               "see `compress pack --help`") from None
     cast = None if dtype in (None, "keep") else parse_dtype(dtype)
     result = packed.pack(path, Path(out), config, cast, overwrite=overwrite, check=check,
-                         source={"path": str(path), "hash": source_hash(path)})
+                         source={"path": str(path), "hash": source_hash(path)}, progress=progress)
     return {**{k: v for k, v in result.items() if k != "files"}, "codec": native.status()}
 
 

@@ -13,7 +13,7 @@ from rich.table import Table
 
 from compressor import __version__
 from compressor.errors import CompressorError
-from compressor.pipeline.progress import Progress, RichProgress
+from compressor.progress import Progress, for_terminal
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="compressor: quantize, evaluate and verify LLM checkpoints.")
@@ -50,7 +50,7 @@ def main_options(
 
 
 def _progress() -> Progress:
-    return Progress() if (OPTS.json or OPTS.quiet) else RichProgress()
+    return Progress() if (OPTS.json or OPTS.quiet) else for_terminal()
 
 
 JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON only (also accepted before the command).")
@@ -335,7 +335,8 @@ def pack(
     from compressor import api
 
     options = {"lanes": lanes, "steps": steps, "table_log": table_log}
-    _run(lambda: api.pack(model, output, dtype=dtype, options=options, overwrite=overwrite, check=check),
+    _run(lambda: api.pack(model, output, dtype=dtype, options=options, overwrite=overwrite, check=check,
+                          progress=_progress()),
          lambda r: _kv_table(f"wrote {r['output']}", r), json_out)
 
 
