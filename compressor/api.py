@@ -19,14 +19,13 @@ from compressor import __version__
 from compressor.calib.data import calibration_set, evaluation_set
 from compressor.errors import CompressorError
 from compressor.formats import artifact as artifacts
-from compressor.formats import activations, quantized
+from compressor.formats import quantized
 from compressor.formats.manifest import read_manifest
 from compressor.formats.manifest import verify as verify_artifact
 from compressor.methods import METHODS, Method
 from compressor.models import assets
 from compressor.models.adapters import adapter_for_config, count_parameters
-from compressor.models.loading import (LoadedModel, build_model, load_model, load_tokenizer, resolve_model_path,
-                                      stored_float_dtype)
+from compressor.models.loading import LoadedModel, load_model, resolve_model_path
 from compressor.pipeline.checkpoint import RunDirectory
 from compressor.pipeline.distributed import World
 from compressor.pipeline.progress import Progress
@@ -65,21 +64,9 @@ def load(ref: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool
     progress = progress or Progress()
     path = resolve_model_path(ref, progress.log)
     if path.is_dir() and artifacts.is_quantized(path):
-        from transformers import AutoConfig
+        from compressor.models.universal import load_quantized_artifact
 
-        config_dict, state = artifacts.load_quantized_state(path, dtype)
-        config_dict = {k: v for k, v in config_dict.items() if k not in ("transformers_version",)}
-        model_type = config_dict.pop("model_type", None)
-        config = AutoConfig.for_model(model_type, **config_dict)
-        adapter = adapter_for_config(config)
-        input_scales = activations.pop_input_scales(state)
-        model = build_model(config, state, dtype)
-        # Artifacts that quantize linear inputs (W8A8, FP8) compute as transformers would.
-        activations.attach(model, artifacts.read_config(path)["quantization_config"], input_scales)
-        manifest = read_manifest(path) if (path / "manifest.json").exists() else {}
-        source = manifest.get("source", {}).get("sha256", "")
-        return LoadedModel(model, load_tokenizer(path), adapter, path, source, str(ref), {"manifest": manifest},
-                           stored_dtype=stored_float_dtype(artifacts.weight_files(path)) or dtype)
+        return load_quantized_artifact(path, str(ref), dtype)
     loaded = load_model(path, dtype=dtype, allow_pickle=allow_pickle, log=progress.log)
     loaded.name = str(ref)
     return loaded
@@ -280,8 +267,10 @@ def evaluate(model: str, base: str | None = None, data: str = "wiki", windows: i
     started = time.perf_counter()
     if batch_size < 1:
         raise CompressorError(f"batch size must be at least 1 (got {batch_size})", "raise --batch-size")
-    candidate = load(model, allow_pickle=allow_pickle, progress=progress)
-    reference = load(base, allow_pickle=allow_pickle, progress=progress) if base else None
+    from compressor.models.universal import open_model
+
+    candidate = open_model(model, allow_pickle=allow_pickle, device=device, log=progress.log)
+    reference = open_model(base, allow_pickle=allow_pickle, device=device, log=progress.log) if base else None
     tokenizer = candidate.tokenizer or (reference.tokenizer if reference else None)
     if reference is not None and candidate.model.config.vocab_size != reference.model.config.vocab_size:
         raise CompressorError(

@@ -60,8 +60,26 @@ READERS = {
     naive_quantized.FLOAT_FORMAT: naive_quantized.decode,
 }
 
+SCHEME_PARSERS = {
+    compressed_tensors.FORMAT: compressed_tensors.group_schemes,
+    naive_quantized.INT_FORMAT: naive_quantized.scheme_from_config,
+    naive_quantized.FLOAT_FORMAT: naive_quantized.scheme_from_config,
+}
+
 # Leaf names of quantization parameters, which are not model parameters.
 SUFFIXES = tuple(dict.fromkeys(compressed_tensors.SUFFIXES + naive_quantized.SUFFIXES))
+
+
+def supports(qconfig: dict) -> bool:
+    """Whether `decode` reads this quantization config (a single config group of a scheme we write)."""
+    reader = READERS.get(qconfig.get("format")) if qconfig.get("quant_method") == "compressed-tensors" else None
+    if reader is None:
+        return False
+    try:
+        SCHEME_PARSERS[qconfig["format"]](qconfig)
+    except (CompressorError, KeyError, TypeError, ValueError):
+        return False
+    return True
 
 
 def decode(tensors: dict[str, torch.Tensor], qconfig: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
