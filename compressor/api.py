@@ -294,6 +294,18 @@ def evaluate(model: str, base: str | None = None, data: str = "wiki", windows: i
     return out
 
 
+def evaluate_tasks(model: str, tasks: list[str], *, limit: float | None = None, num_fewshot: int | None = None,
+                   device: str = "cpu", batch_size: int = 1, add_bos_token: bool | None = None,
+                   chat_template: bool = False, progress: Progress | None = None) -> dict:
+    """lm-eval tasks (local or any whose data is available offline) on any artifact, in-process."""
+    from compressor.evaluation.lm_eval_bridge import run_tasks
+
+    started = time.perf_counter()
+    result = run_tasks(model, tasks, limit=limit, num_fewshot=num_fewshot, device=device, batch_size=batch_size,
+                       add_bos_token=add_bos_token, apply_chat_template=chat_template, progress=progress)
+    return {"model": str(model), **result, "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+
+
 def _size_on_disk(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size

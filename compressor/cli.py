@@ -218,22 +218,36 @@ def run_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Argument(..., help="Artifact, HF directory, .gguf file or reference name."),
+    model: str = typer.Argument(..., help="Artifact (quantized, pruned, packed), HF directory, .gguf file, "
+                                          "compressed-tensors checkpoint or reference name."),
     base: Optional[str] = typer.Option(None, "--base", help="Base model for per-token KL."),
-    data: str = typer.Option("wiki", "--data", help="Held-out text: file, saved dataset or 'wiki'."),
+    data: str = typer.Option("wiki", "--data", help="Held-out text: file, saved dataset, 'wiki' or 'austen'."),
     windows: int = typer.Option(64, "--windows", help="Number of non-overlapping windows."),
     window_len: int = typer.Option(512, "--window-len", help="Tokens per window."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Windows (or lm-eval requests) per forward pass."),
     device: str = typer.Option("cpu", "--device", help="Device to evaluate on."),
     text_field: str = TEXT_FIELD_OPTION,
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-eval tasks instead of perplexity, comma-separated "
+                                        "(local: compressor_wiki_cloze, compressor_wiki_ppl, compressor_austen_ppl)."),
+    limit: Optional[float] = typer.Option(None, "--limit", help="lm-eval: documents per task (a fraction if < 1)."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="lm-eval: few-shot examples."),
+    bos: Optional[bool] = typer.Option(None, "--bos/--no-bos", help="lm-eval: prepend BOS (default: as the "
+                                       "tokenizer does; recorded with the results)."),
+    chat_template: bool = typer.Option(False, "--chat-template", help="lm-eval: render prompts with the chat template."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write a Markdown report here."),
     allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) checkpoints."),
     json_out: bool = JSON_OPTION,
 ) -> None:
-    """Perplexity on held-out text, and per-token KL to a base model."""
+    """Perplexity on held-out text and per-token KL to a base model, or lm-eval tasks (--tasks)."""
     from compressor import api
 
     def action():
+        if tasks is not None:
+            names = [t.strip() for t in tasks.split(",") if t.strip()]
+            limit_n = int(limit) if limit is not None and limit >= 1 else limit
+            return api.evaluate_tasks(model, names, limit=limit_n, num_fewshot=num_fewshot, device=device,
+                                      batch_size=batch_size, add_bos_token=bos, chat_template=chat_template,
+                                      progress=_progress())
         result = api.evaluate(model, base, data, windows, window_len, batch_size, device, text_field,
                               allow_pickle, _progress())
         if report is not None:
@@ -242,7 +256,23 @@ def eval_cmd(
             result["report"] = str(write_eval_report(report, result, api.inspect(model)))
         return result
 
-    _run(action, lambda r: _kv_table(f"evaluation of {model}", r), json_out)
+    def render(r):
+        if "tasks" not in r:
+            return _kv_table(f"evaluation of {model}", r)
+        table = Table("task", "metric", "value", "stderr", "samples", title=f"lm-eval on {model}")
+        for task, metrics in r["tasks"].items():
+            for metric, value in metrics.items():
+                if metric.endswith("_stderr") or metric in ("samples", "data") or value is None:
+                    continue
+                stderr = metrics.get(f"{metric}_stderr")
+                table.add_row(task, metric, f"{value:.4f}", f"{stderr:.4f}" if isinstance(stderr, float) else "-",
+                              str(metrics.get("samples")))
+        console.print(table)
+        s = r["settings"]
+        console.print(f"BOS {'prepended' if s['add_bos_token'] else 'not prepended'} (from {s['bos_from']}), "
+                      f"chat template {'applied' if s['chat_template'] else 'not applied'}, lm-eval {s['lm_eval_version']}")
+
+    _run(action, render, json_out)
 
 
 # ---------------------------------------------------------------- prune
