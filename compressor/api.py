@@ -306,6 +306,48 @@ def evaluate_tasks(model: str, tasks: list[str], *, limit: float | None = None, 
     return {"model": str(model), **result, "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
 
 
+def report(artifacts_: list[str], base: str, out: str | Path, *, texts: tuple[str, ...] = ("wiki", "austen"),
+           windows: int = 64, window_len: int = 512, tasks: tuple[str, ...] = (), limit: float | None = None,
+           batch_size: int = 4, device: str = "cpu", allow_mixed_base: bool = False, cache: str | Path | None = None,
+           title: str | None = None, overwrite: bool = False, progress: Progress | None = None) -> dict:
+    """Evaluate candidates against a base (cached by content hash) and write report.md + report.html.
+
+    Candidates that cannot be read are named in the report and in the error raised after it is
+    written; the others are still reported."""
+    from compressor.evaluation.suite import EvalCache, SuiteSettings, evaluate_all
+    from compressor.reporting import render
+    from compressor.reporting.compare import build_page
+    from compressor.util import atomic_dir
+
+    progress = progress or Progress()
+    started = time.perf_counter()
+    if not artifacts_:
+        raise CompressorError("no artifacts to report on", "pass one or more artifact paths")
+    if batch_size < 1 or windows < 1:
+        raise CompressorError("--batch-size and --windows must be at least 1", "raise them")
+    out = Path(out)
+    artifacts.check_output(out, overwrite)
+    settings = SuiteSettings(tuple(texts), windows, window_len, tuple(tasks), limit, batch_size, device)
+    base_c, candidates = evaluate_all(list(artifacts_), base, settings, EvalCache(cache), allow_mixed_base, progress)
+    page = build_page(base_c, candidates, settings, title)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        written = render.write(page, tmp)
+        data = {"base": base_c.ref, "settings": settings.key(),
+                "rows": [{"ref": c.ref, "identity": c.identity, "error": c.error, "flags": c.flags,
+                          "cached": c.cached, "result": c.result} for c in [base_c, *candidates]]}
+        (tmp / "report.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    evaluated = sum(1 for c in [base_c, *candidates] if c.result is not None and not c.cached)
+    result = {"output": str(out), "report": str(out / "report.md"), "html": str(out / "report.html"),
+              "figures": len(written["figures"]), "candidates": len(candidates), "evaluated": evaluated,
+              "cached": sum(1 for c in [base_c, *candidates] if c.cached), "wall_s": time.perf_counter() - started}
+    failed = [c for c in candidates if c.error]
+    if failed:
+        names = "; ".join(f"{c.ref}: {c.error}" for c in failed)
+        raise CompressorError(f"report written to {out} without {len(failed)} of {len(candidates)} artifacts "
+                              f"({names})", "fix or remove the named artifacts and rerun (evaluations are cached)")
+    return result
+
+
 def _size_on_disk(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size

@@ -275,6 +275,43 @@ def eval_cmd(
     _run(action, render, json_out)
 
 
+# ---------------------------------------------------------------- report
+
+@app.command("report")
+def report_cmd(
+    artifacts: list[str] = typer.Argument(..., help="Artifacts and checkpoints to compare (any kind eval takes)."),
+    base: str = typer.Option(..., "--base", help="The base model every candidate is compared with."),
+    output: Path = typer.Option(..., "-o", "--output", help="Directory for report.md, report.html and figures."),
+    texts: str = typer.Option("wiki,austen", "--texts", help="Held-out texts for perplexity and KL, comma-separated."),
+    windows: int = typer.Option(64, "--windows", help="Windows per text."),
+    window_len: int = typer.Option(512, "--window-len", help="Tokens per window."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-eval tasks too, comma-separated."),
+    limit: Optional[float] = typer.Option(None, "--limit", help="lm-eval: documents per task."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),
+    device: str = typer.Option("cpu", "--device", help="Device to evaluate on."),
+    allow_mixed_base: bool = typer.Option(False, "--allow-mixed-base",
+                                          help="Allow candidates of other base models (flagged in the report)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Evaluation cache (default: the asset cache)."),
+    title: Optional[str] = typer.Option(None, "--title", help="Report title."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Compare artifacts against a base: tables with deltas, Pareto plot, per-layer maps, provenance."""
+    from compressor import api
+
+    def action():
+        names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+        limit_n = int(limit) if limit is not None and limit >= 1 else limit
+        return api.report(artifacts, base, output, texts=tuple(t.strip() for t in texts.split(",") if t.strip()),
+                          windows=windows, window_len=window_len, tasks=tuple(names), limit=limit_n,
+                          batch_size=batch_size, device=device, allow_mixed_base=allow_mixed_base, cache=cache,
+                          title=title, overwrite=overwrite, progress=_progress())
+
+    _run(action, lambda r: console.print(f"[green]wrote[/green] {r['report']} and {r['html']} "
+                                         f"({r['evaluated']} evaluated, {r['cached']} from cache, "
+                                         f"{r['wall_s']:.1f} s)"), json_out)
+
+
 # ---------------------------------------------------------------- prune
 
 @app.command()
