@@ -348,6 +348,17 @@ def report(artifacts_: list[str], base: str, out: str | Path, *, texts: tuple[st
     return result
 
 
+def publish(results: str | Path, out: str | Path) -> dict:
+    """reports/index.md and reports/index.html from the committed benchmark results."""
+    from compressor.reporting import render
+    from compressor.reporting.published import build_index
+
+    page = build_index(Path(results))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    written = render.write(page, Path(out), stem="index")
+    return {**written, "sections": [s.title for s in page.sections], "rows": sum(len(s.rows) for s in page.sections)}
+
+
 def _size_on_disk(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size

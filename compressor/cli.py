@@ -312,6 +312,19 @@ def report_cmd(
                                          f"{r['wall_s']:.1f} s)"), json_out)
 
 
+@app.command("publish")
+def publish_cmd(
+    results: Path = typer.Argument(Path("benchmarks/results"), help="Directory of benchmark results (*.json)."),
+    output: Path = typer.Option(Path("reports"), "-o", "--output", help="Where index.md and index.html go."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Regenerate the published comparison (index.md, index.html) from committed benchmark results."""
+    from compressor import api
+
+    _run(lambda: api.publish(results, output),
+         lambda r: console.print(f"[green]wrote[/green] {r['markdown']} and {r['html']} ({r['rows']} rows)"), json_out)
+
+
 # ---------------------------------------------------------------- prune
 
 @app.command()
