@@ -106,3 +106,17 @@ def jsonl_file(tmp_path_factory) -> Path:
         for i in range(60):
             f.write(json.dumps({"text": make_text(300, seed=100 + i)}) + "\n")
     return path
+
+
+@pytest.fixture
+def fake_wiki():
+    """A `wiki` asset already in the (per-test) cache: synthetic articles, nothing downloaded."""
+    from compressor.models import assets
+
+    root = assets.text_dir("wiki")
+    root.mkdir(parents=True)
+    docs = [{"title": f"article {i}", "text": make_text(150, seed=500 + i)} for i in range(40)]
+    for split in ("calib", "eval"):
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (root / "meta.json").write_text(json.dumps({"name": "wiki", "splits": {}}))
+    return root

@@ -10,25 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_text
 from helpers import cli
 
 pytest.importorskip("lm_eval")
 TASK = "compressor_wiki_cloze"
-
-
-@pytest.fixture
-def fake_wiki(tmp_path):
-    """A `wiki` asset already in the (per-test) cache: synthetic articles, no download."""
-    from compressor.models import assets
-
-    root = assets.text_dir("wiki")
-    root.mkdir(parents=True)
-    docs = [{"title": f"article {i}", "text": make_text(90, seed=500 + i)} for i in range(40)]
-    for split in ("calib", "eval"):
-        (root / f"{split}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (root / "meta.json").write_text(json.dumps({"name": "wiki", "splits": {}}))
-    return root
 
 
 def test_cloze_docs_are_deterministic_with_similar_length_choices(fake_wiki):

@@ -10,23 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_llama, make_text
+from conftest import make_llama
 from helpers import cli
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = ["--texts", "wiki", "--windows", "3", "--window-len", "64"]
-
-
-@pytest.fixture
-def fake_wiki(tmp_path):
-    from compressor.models import assets
-
-    root = assets.text_dir("wiki")
-    root.mkdir(parents=True)
-    docs = [{"title": f"a{i}", "text": make_text(200, seed=900 + i)} for i in range(30)]
-    for split in ("calib", "eval"):
-        (root / f"{split}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
-    (root / "meta.json").write_text(json.dumps({"name": "wiki", "splits": {}}))
 
 
 @pytest.fixture(scope="module")
