@@ -25,7 +25,8 @@ METRICS = [
 def _settings(config) -> str:
     if not isinstance(config, dict):
         return str(config or "")
-    return ", ".join(f"{k}={v}" for k, v in config.items() if not isinstance(v, (dict, list)))
+    return ", ".join(f"{k}={v}" for k, v in config.items()
+                     if not isinstance(v, (dict, list)) and len(str(v)) <= 24)
 
 
 def _model(row: dict, data: dict) -> str:
@@ -76,7 +77,8 @@ def build_index(results_dir: Path) -> Page:
             name = f"{method} ({settings})" if settings else method
             if label and str(label) not in name:
                 name += f" [{label}]"
-            identity = (model, device, name, round(metrics.get("ppl", 0), 6), round(metrics.get("ratio", 0), 6))
+            identity = (model, device, method, settings, round(metrics.get("ppl", 0), 4),
+                        round(metrics.get("ratio", 0), 4))
             if identity in seen:
                 continue  # the same measurement reported by two benchmarks
             seen.add(identity)

@@ -113,7 +113,7 @@ body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,sans-serif;margin:2re
 color:#1d2329;padding:0 1rem;line-height:1.45}
 h1{font-size:1.6rem}h2{margin-top:2.2rem;border-bottom:1px solid #d0d7de;padding-bottom:.2rem}
 h3{font-size:1rem;margin:1.2rem 0 .4rem}
-table{border-collapse:collapse;margin:.3rem 0 1rem;font-size:.9rem}
+table{border-collapse:collapse;margin:.3rem 0 1rem;font-size:.88rem;width:100%}
 th,td{border:1px solid #d0d7de;padding:.25rem .6rem;text-align:right}
 th:first-child,td:first-child{text-align:left}th{background:#f3f5f7}
 tr.base td{font-weight:600;background:#fff8e6}td.better{color:#116329}td.worse{color:#a40e26}
@@ -121,7 +121,7 @@ tr.base td{font-weight:600;background:#fff8e6}td.better{color:#116329}td.worse{c
 .flag{color:#9a6700}figure{margin:1rem 0}figure img{max-width:100%;border:1px solid #eaeef2}
 figcaption{font-size:.85rem;color:#57606a}dl{font-size:.85rem}dt{font-weight:600;margin-top:.5rem}
 dd{margin-left:1rem;color:#3d444d}code{font-size:.85em}
-.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:0 1.5rem}
+.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(500px,1fr));gap:0 1.5rem}
 """
 
 
