@@ -17,15 +17,17 @@ from pydantic import ValidationError
 
 from compressor import __version__
 from compressor.calib.data import calibration_set, evaluation_set
+from compressor.devices import check_device
 from compressor.errors import CompressorError
 from compressor.formats import artifact as artifacts
+from compressor.formats import manifest as manifests
 from compressor.formats import quantized
 from compressor.formats.manifest import read_manifest
-from compressor.formats.manifest import verify as verify_artifact
 from compressor.methods import METHODS, Method
 from compressor.models import assets
 from compressor.models.adapters import adapter_for_config, count_parameters
-from compressor.models.loading import LoadedModel, load_model, resolve_model_path
+from compressor.models.loading import LoadedModel, load_model, resolve_model_path, source_bytes
+from compressor.outputs import check_output
 from compressor.pipeline.checkpoint import RunDirectory
 from compressor.pipeline.distributed import World
 from compressor.pipeline.progress import Progress
@@ -59,17 +61,33 @@ def fetch_assets(names: list[str], progress: Progress | None = None) -> list[dic
 # ---------------------------------------------------------------- loading
 
 def load(ref: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
-         progress: Progress | None = None) -> LoadedModel:
-    """A checkpoint, GGUF file, reference name or compressor artifact, as a float model."""
+         progress: Progress | None = None, verify: bool = True) -> LoadedModel:
+    """A checkpoint, GGUF file, reference name or compressor artifact, as a float model.
+
+    A compressor artifact is checked against its manifest first (every header, tensor and file;
+    `verify=False` skips it), so a tampered artifact is an error rather than a wrong number.
+    """
     progress = progress or Progress()
     path = resolve_model_path(ref, progress.log)
+    refuse_packed(path)
+    if path.is_dir() and (path / manifests.MANIFEST).is_file() and verify:
+        manifests.check(path)
+        progress.log(f"verified {path} against its manifest")
     if path.is_dir() and artifacts.is_quantized(path):
         from compressor.models.universal import load_quantized_artifact
 
         return load_quantized_artifact(path, str(ref), dtype)
-    loaded = load_model(path, dtype=dtype, allow_pickle=allow_pickle, log=progress.log)
+    loaded = load_model(path, dtype=dtype, allow_pickle=allow_pickle, log=progress.log, warn=progress.warn)
     loaded.name = str(ref)
     return loaded
+
+
+def refuse_packed(path: Path) -> None:
+    from compressor.formats import packed
+
+    if packed.is_packed(path):
+        raise CompressorError(f"{path} is a packed (lossless) artifact, which this command cannot read directly",
+                              f"rebuild its weights first: compress unpack {path} -o DIR")
 
 
 # ---------------------------------------------------------------- quantize
@@ -98,9 +116,10 @@ def quantize(model: str, method: str, out: str | Path, options: dict[str, Any] |
              text_field: str = "text", chat_template: bool = False, device: str = "cpu", batch_size: int = 8,
              dtype: torch.dtype = torch.float32, hessian_dtype: torch.dtype = torch.float32,
              overwrite: bool = False, resume: bool = False, restart: bool = False, allow_pickle: bool = False,
-             progress: Progress | None = None) -> dict:
+             verify: bool = True, progress: Progress | None = None) -> dict:
     """Quantize a model with a registered method and write a compressed-tensors artifact."""
     started = time.perf_counter()
+    device = check_device(device)
     world = World.from_env(device)
     device = world.device(device)
     progress = (progress or Progress()) if world.is_main else Progress()
@@ -114,6 +133,9 @@ def quantize(model: str, method: str, out: str | Path, options: dict[str, Any] |
     if hessian_dtype not in (torch.float32, torch.float64):
         raise CompressorError(f"Hessians accumulate in float32 or float64, not {hessian_dtype}",
                               "pass --hessian-dtype float32 or float64")
+    source = resolve_model_path(model, progress.log)
+    # The run directory keeps every finished block (about the source's size) beside the artifact.
+    check_output(out, overwrite=overwrite, sources=[source], needs_bytes=source_bytes(source) * 3 // 2)
     run_path = run_directory_for(out)
     interrupted = (run_path / "run.json").is_file()
     if resume and not interrupted:
@@ -121,12 +143,8 @@ def quantize(model: str, method: str, out: str | Path, options: dict[str, Any] |
     if interrupted and not (resume or restart):
         raise CompressorError(f"an interrupted run of this output exists at {run_path}",
                               "pass --resume to continue it or --restart to discard it")
-    artifacts.check_output(out, overwrite)
 
-    loaded = load(model, dtype=dtype, allow_pickle=allow_pickle, progress=progress)
-    if out.resolve() == loaded.path.resolve() or loaded.path.resolve() in out.resolve().parents:
-        raise CompressorError(f"output {out} would overwrite the source model {loaded.path}",
-                              "write the artifact to another -o path")
+    loaded = load(model, dtype=dtype, allow_pickle=allow_pickle, progress=progress, verify=verify)
     quantizer.check(loaded.model, loaded.adapter)
     tokens = None
     if quantizer.needs_calibration:
@@ -219,7 +237,7 @@ def _quantized_tensors(loaded: LoadedModel, writer: quantized.Writer, run: RunDi
 
 def run_recipe(recipe_path: str | Path, model: str, out: str | Path, *, calib: str | None = None,
                device: str = "cpu", overwrite: bool = False, resume: bool = False, restart: bool = False,
-               allow_pickle: bool = False, progress: Progress | None = None) -> dict:
+               allow_pickle: bool = False, verify: bool = True, progress: Progress | None = None) -> dict:
     """Run a recipe's stages in order; each stage's output is the next one's input.
 
     A one-stage recipe writes OUT directly; longer chains keep intermediates in `.OUT.stages/`.
@@ -231,8 +249,10 @@ def run_recipe(recipe_path: str | Path, model: str, out: str | Path, *, calib: s
     recipe = load_recipe(recipe_path)
     for stage in recipe.stages:  # every stage's settings, before any work
         make_method(stage.quantize.method, stage.quantize.options)
+    check_device(device)
     out = Path(out)
-    artifacts.check_output(out, overwrite)
+    path = resolve_model_path(model, progress.log)
+    check_output(out, overwrite=overwrite, sources=[path], needs_bytes=source_bytes(path) * 3 // 2)
     source, results = model, []
     for index, stage in enumerate(recipe.stages):
         last = index == len(recipe.stages) - 1
@@ -249,7 +269,8 @@ def run_recipe(recipe_path: str | Path, model: str, out: str | Path, *, calib: s
                                 samples=cal.samples, seq_len=cal.seq_len, seed=cal.seed, text_field=cal.text_field,
                                 chat_template=cal.chat_template, batch_size=cal.batch_size, device=device,
                                 overwrite=overwrite or not last, resume=resume and interrupted,
-                                restart=restart and interrupted, allow_pickle=allow_pickle, progress=progress))
+                                restart=restart and interrupted, allow_pickle=allow_pickle, verify=verify,
+                                progress=progress))
         source = str(target)
     shutil.rmtree(out.with_name(f".{out.name}.stages"), ignore_errors=True)
     return {"recipe": recipe.name, "output": str(out), "stages": results}
@@ -259,18 +280,24 @@ def run_recipe(recipe_path: str | Path, model: str, out: str | Path, *, calib: s
 
 def evaluate(model: str, base: str | None = None, data: str = "wiki", windows: int = 64, window_len: int = 512,
              batch_size: int = 4, device: str = "cpu", text_field: str = "text", allow_pickle: bool = False,
-             progress: Progress | None = None) -> dict:
+             verify: bool = True, progress: Progress | None = None) -> dict:
     """Perplexity (and KL to `base`) on the held-out windows of the protocol."""
     from compressor.evaluation.perplexity import evaluate_models
 
     progress = progress or Progress()
     started = time.perf_counter()
+    device = check_device(device)
     if batch_size < 1:
         raise CompressorError(f"batch size must be at least 1 (got {batch_size})", "raise --batch-size")
+    for ref in (model, base):  # both exist before either is loaded
+        if ref is not None:
+            resolve_model_path(ref, progress.log)
     from compressor.models.universal import open_model
 
-    candidate = open_model(model, allow_pickle=allow_pickle, device=device, log=progress.log)
-    reference = open_model(base, allow_pickle=allow_pickle, device=device, log=progress.log) if base else None
+    candidate = open_model(model, allow_pickle=allow_pickle, device=device, verify=verify, log=progress.log,
+                           warn=progress.warn)
+    reference = (open_model(base, allow_pickle=allow_pickle, device=device, verify=verify, log=progress.log,
+                            warn=progress.warn) if base else None)
     tokenizer = candidate.tokenizer or (reference.tokenizer if reference else None)
     if reference is not None and candidate.model.config.vocab_size != reference.model.config.vocab_size:
         raise CompressorError(
@@ -296,13 +323,16 @@ def evaluate(model: str, base: str | None = None, data: str = "wiki", windows: i
 
 def evaluate_tasks(model: str, tasks: list[str], *, limit: float | None = None, num_fewshot: int | None = None,
                    device: str = "cpu", batch_size: int = 1, add_bos_token: bool | None = None,
-                   chat_template: bool = False, progress: Progress | None = None) -> dict:
+                   chat_template: bool = False, verify: bool = True, progress: Progress | None = None) -> dict:
     """lm-eval tasks (local or any whose data is available offline) on any artifact, in-process."""
     from compressor.evaluation.lm_eval_bridge import run_tasks
 
     started = time.perf_counter()
+    device = check_device(device)
+    resolve_model_path(model)
     result = run_tasks(model, tasks, limit=limit, num_fewshot=num_fewshot, device=device, batch_size=batch_size,
-                       add_bos_token=add_bos_token, apply_chat_template=chat_template, progress=progress)
+                       add_bos_token=add_bos_token, apply_chat_template=chat_template, verify=verify,
+                       progress=progress)
     return {"model": str(model), **result, "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
 
 
@@ -316,8 +346,8 @@ def report(artifacts_: list[str], base: str, out: str | Path, *, texts: tuple[st
     written; the others are still reported."""
     from compressor.evaluation.suite import EvalCache, SuiteSettings, evaluate_all
     from compressor.reporting import render
+    from compressor.outputs import atomic_dir
     from compressor.reporting.compare import build_page
-    from compressor.util import atomic_dir
 
     progress = progress or Progress()
     started = time.perf_counter()
@@ -326,7 +356,8 @@ def report(artifacts_: list[str], base: str, out: str | Path, *, texts: tuple[st
     if batch_size < 1 or windows < 1:
         raise CompressorError("--batch-size and --windows must be at least 1", "raise them")
     out = Path(out)
-    artifacts.check_output(out, overwrite)
+    device = check_device(device)
+    _check_report_output(out, overwrite)
     settings = SuiteSettings(tuple(texts), windows, window_len, tuple(tasks), limit, batch_size, device)
     base_c, candidates = evaluate_all(list(artifacts_), base, settings, EvalCache(cache), allow_mixed_base, progress)
     page = build_page(base_c, candidates, settings, title)
@@ -346,6 +377,18 @@ def report(artifacts_: list[str], base: str, out: str | Path, *, texts: tuple[st
         raise CompressorError(f"report written to {out} without {len(failed)} of {len(candidates)} artifacts "
                               f"({names})", "fix or remove the named artifacts and rerun (evaluations are cached)")
     return result
+
+
+REPORT_ENTRIES = {"report.md", "report.html", "report.json", "report_files"}
+
+
+def _check_report_output(out: Path, overwrite: bool) -> None:
+    """A report directory `compress report` wrote may be replaced with --overwrite; anything else
+    goes through the artifact output checks."""
+    if overwrite and out.is_dir() and not out.is_symlink() and (out / "report.json").is_file() \
+            and {p.name for p in out.iterdir()} <= REPORT_ENTRIES:
+        return
+    check_output(out, overwrite=overwrite, kind="report")
 
 
 def publish(results: str | Path, out: str | Path) -> dict:
@@ -377,9 +420,10 @@ def inspect(ref: str) -> dict:
         return {"path": str(path), "kind": "gguf", "architecture": (config.get("architectures") or ["?"])[0],
                 "model_type": config.get("model_type"), "layers": config.get("num_hidden_layers"),
                 "hidden_size": config.get("hidden_size"), "params": params, "size_bytes": size,
-                "bits_per_weight": round(8 * size / params, 3)}
+                "bits_per_weight_linears": None, "bits_per_weight_file": round(8 * size / params, 3)}
     config = artifacts.read_config(path)
-    params, stored = artifacts.parameter_count(path)
+    storage = artifacts.storage_summary(path)
+    params, stored = storage["params"], storage["stored_bytes"]
     manifest = read_manifest(path) if (path / "manifest.json").exists() else {}
     qconfig = config.get("quantization_config")
     try:
@@ -392,8 +436,13 @@ def inspect(ref: str) -> dict:
         "architecture": (config.get("architectures") or ["?"])[0], "model_type": config.get("model_type"),
         "adapter": adapter,
         "layers": config.get("num_hidden_layers"), "hidden_size": config.get("hidden_size"),
-        "params": params, "size_bytes": stored, "bits_per_weight": round(8 * stored / max(params, 1), 3),
-        "quantized_bits_per_weight": manifest.get("metrics", {}).get("bits_per_weight"),
+        "params": params, "size_bytes": stored,
+        # The quantized linears' own bits (codes, scales, zero points), and the whole file's per
+        # parameter, which also counts what stays in 16/32 bits (embeddings, norms, the head).
+        "bits_per_weight_linears": (round(8 * storage["quantized_bytes"] / storage["quantized_params"], 4)
+                                    if storage["quantized_params"] else None),
+        "quantized_params": storage["quantized_params"],
+        "bits_per_weight_file": round(8 * stored / max(params, 1), 3),
         "quantization": qconfig["config_groups"]["group_0"]["weights"] if qconfig else None,
         "method": manifest.get("method"), "source": manifest.get("source"),
     }
@@ -403,7 +452,9 @@ def verify(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise CompressorError(f"artifact {path} does not exist", "pass the directory written by compress")
-    problems = verify_artifact(path)
+    from compressor.formats import packed
+
+    problems = packed.verify_packed(path) if packed.is_packed(path) else manifests.verify(path)
     if problems:
         raise CompressorError(f"{path} failed verification: {'; '.join(problems)}",
                               "rebuild the artifact or restore it from a good copy")
@@ -415,7 +466,8 @@ def verify(path: str | Path) -> dict:
 # ---------------------------------------------------------------- lossless packing
 
 def pack(model: str | Path, out: str | Path, *, dtype: str | None = None, options: dict[str, Any] | None = None,
-         overwrite: bool = False, check: bool = True, progress: Progress | None = None) -> dict:
+         overwrite: bool = False, check: bool = True, verify: bool = True,
+         progress: Progress | None = None) -> dict:
     """Entropy-code a model's (or a quantized artifact's) tensors losslessly into a packed artifact."""
     from compressor.formats import packed
     from compressor.methods.lossless import native
@@ -426,6 +478,8 @@ def pack(model: str | Path, out: str | Path, *, dtype: str | None = None, option
     if path.is_file():
         raise CompressorError(f"{path} is a GGUF file; pack works on safetensors directories",
                               "convert it first (e.g. `compress assets fetch` for the reference models)")
+    if verify and (path / manifests.MANIFEST).is_file() and not packed.is_packed(path):
+        manifests.check(path)  # never pack (and so bless) a tampered artifact
     try:
         config = PackConfig(**{k: v for k, v in (options or {}).items() if v is not None})
     except ValidationError as exc:
@@ -433,6 +487,7 @@ def pack(model: str | Path, out: str | Path, *, dtype: str | None = None, option
         raise CompressorError(f"invalid pack option {'.'.join(map(str, first['loc']))}: {first['msg']}",
                               "see `compress pack --help`") from None
     cast = None if dtype in (None, "keep") else parse_dtype(dtype)
+    check_output(Path(out), overwrite=overwrite, sources=[path])  # before hashing the source
     result = packed.pack(path, Path(out), config, cast, overwrite=overwrite, check=check,
                          source={"path": str(path), "hash": source_hash(path)}, progress=progress)
     return {**{k: v for k, v in result.items() if k != "files"}, "codec": native.status()}
@@ -454,7 +509,7 @@ PRUNE_METHODS = ("slicegpt", "modegpt")
 def prune(model: str, method: str, out: str | Path, sparsity: float, options: dict[str, Any] | None = None, *,
           calib: str = "wiki", samples: int = 128, seq_len: int = 512, seed: int = 0, text_field: str = "text",
           chat_template: bool = False, device: str = "cpu", batch_size: int = 8, overwrite: bool = False,
-          allow_pickle: bool = False, progress: Progress | None = None) -> dict:
+          allow_pickle: bool = False, verify: bool = True, progress: Progress | None = None) -> dict:
     """Structurally prune a model (SliceGPT, MoDeGPT) and write an artifact transformers loads."""
     from compressor.formats import sliced as sliced_format
     from compressor.methods import prune as _prune_methods  # noqa: F401  (registers)
@@ -470,11 +525,11 @@ def prune(model: str, method: str, out: str | Path, sparsity: float, options: di
     if batch_size < 1:
         raise CompressorError(f"batch size must be at least 1 (got {batch_size})", "raise --batch-size")
     pruner = make_method(method, {"sparsity": sparsity, **(options or {})}, "prune")
-    artifacts.check_output(out, overwrite)
-    loaded = load(model, allow_pickle=allow_pickle, progress=progress)
-    if out.resolve() == loaded.path.resolve() or loaded.path.resolve() in out.resolve().parents:
-        raise CompressorError(f"output {out} would overwrite the source model {loaded.path}",
-                              "write the artifact to another -o path")
+    device = check_device(device)
+    source = resolve_model_path(model, progress.log)
+    # Per-block slicing can add shortcut matrices, so a sliced model may outgrow its source.
+    check_output(out, overwrite=overwrite, sources=[source], needs_bytes=source_bytes(source) * 2)
+    loaded = load(model, allow_pickle=allow_pickle, progress=progress, verify=verify)
     if getattr(loaded.model.config, "base_model_type", None):
         raise CompressorError(f"{model} is already a sliced artifact", "prune the original checkpoint instead")
     pruner.check(loaded.model, loaded.adapter)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -14,6 +15,26 @@ from rich.table import Table
 from compressor import __version__
 from compressor.errors import CompressorError
 from compressor.progress import Progress, for_terminal
+
+
+def _conventional_help() -> None:
+    """Typer 0.2x shows `--overwrite <bool>` for flags and `{model}` for arguments; show flags bare
+    and arguments as MODEL / [MODEL], as click and every other CLI do."""
+    from typer import core
+
+    option_type = getattr(core.TyperOption, "display_type_rich", None)
+    if option_type is not None:
+        core.TyperOption.display_type_rich = lambda self, ctx: None if self.is_flag else option_type(self, ctx)
+    if hasattr(core.TyperArgument, "_usage_display_name"):
+        def usage_name(self) -> str:
+            name = self.display_name_raw.upper() + ("..." if self.nargs != 1 else "")
+            return name if self.required else f"[{name}]"
+
+        core.TyperArgument._usage_display_name = usage_name
+        core.TyperArgument.display_type_rich = lambda self, ctx: None
+
+
+_conventional_help()
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="compressor: quantize, evaluate and verify LLM checkpoints.")
@@ -55,6 +76,41 @@ def _progress() -> Progress:
 
 JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON only (also accepted before the command).")
 
+def _quantize_methods() -> list[str]:
+    from compressor.methods import METHODS
+
+    return METHODS.names()
+
+
+def _shipped_recipes() -> list[str]:
+    from compressor.recipes import shipped
+
+    return list(shipped())
+
+
+def _default_help(field: str) -> str:
+    """`default: 4 (8 for smoothquant)` from the methods' own settings."""
+    from compressor.methods import METHODS
+
+    by_value: dict[Any, list[str]] = {}
+    for name, method in METHODS.items():
+        info = method.Config.model_fields.get(field)
+        if info is not None:
+            by_value.setdefault(info.default, []).append(name)
+    if not by_value:
+        return ""
+    common = max(by_value, key=lambda v: len(by_value[v]))
+    others = "; ".join(f"{v} for {', '.join(names)}" for v, names in by_value.items() if v != common)
+    return f"default: {common}" + (f" ({others})" if others else "")
+
+
+OVERWRITE_OPTION = typer.Option(
+    False, "--overwrite", help="Replace an existing compressor artifact (kept until the new one is complete).")
+ALLOW_PICKLE_OPTION = typer.Option(False, "--allow-pickle",
+                                   help="Allow loading pickle (.bin) checkpoints (weights-only; trusted sources only).")
+NO_VERIFY_OPTION = typer.Option(False, "--no-verify",
+                                help="Skip checking a compressor artifact against its manifest on load.")
+
 # Calibration options shared by every command that calibrates.
 CALIB_OPTION = typer.Option("wiki", "--calib", help="Calibration data: file, saved dataset or 'wiki'.")
 SAMPLES_OPTION = typer.Option(128, "--samples", help="Calibration samples.")
@@ -65,14 +121,22 @@ CHAT_TEMPLATE_OPTION = typer.Option(False, "--chat-template", help="Render calib
 BATCH_SIZE_OPTION = typer.Option(8, "--batch-size", help="Calibration samples per forward pass.")
 
 
+def _fail(message: str, hint: str | None = None, exit_code: int = 2) -> None:
+    """One `error:` line on stderr; under --json also a JSON error object on stdout."""
+    text = CompressorError(message, hint).one_line()
+    if OPTS.json:
+        print(json.dumps({"error": {"message": message, "hint": hint, "exit_code": exit_code}}))
+    err_console.print(f"[bold red]error:[/bold red] {text}", highlight=False, soft_wrap=True)
+
+
 def _run(action: Callable[[], Any], render: Callable[[Any], None], json_out: bool = False) -> None:
     OPTS.json = OPTS.json or json_out
     try:
         result = action()
     except CompressorError as exc:
         if OPTS.debug:
-            raise
-        err_console.print(f"[bold red]error:[/bold red] {exc.one_line()}", highlight=False, soft_wrap=True)
+            traceback.print_exc()
+        _fail(exc.message, exc.hint, exc.exit_code)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/bold red]; rerun with --resume to continue where it stopped")
@@ -131,9 +195,10 @@ def assets_list(json_out: bool = JSON_OPTION) -> None:
 def quantize(
     model: str = typer.Argument(..., help="HF model directory, .gguf file or reference name (smollm2-135m)."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
-    method: str = typer.Option("rtn", "--method", "-m", help="Quantization method."),
-    bits: Optional[int] = typer.Option(None, "--bits", help="Bits per weight (2-8)."),
-    group_size: Optional[int] = typer.Option(None, "--group-size", help="Columns per scale; -1 per channel."),
+    method: str = typer.Option("rtn", "--method", "-m", help=f"Quantization method: {', '.join(_quantize_methods())}."),
+    bits: Optional[int] = typer.Option(None, "--bits", help=f"Bits per weight, 2-8; {_default_help('bits')}."),
+    group_size: Optional[int] = typer.Option(None, "--group-size",
+                                             help=f"Columns per scale, -1 per channel; {_default_help('group_size')}."),
     sym: Optional[bool] = typer.Option(None, "--sym/--asym", help="Symmetric, or integer zero points."),
     scale_dtype: Optional[str] = typer.Option(None, "--scale-dtype", help="float16, bfloat16 or float32."),
     act_order: Optional[bool] = typer.Option(None, "--act-order/--no-act-order",
@@ -163,10 +228,11 @@ def quantize(
     batch_size: int = BATCH_SIZE_OPTION,
     dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32, bfloat16, float16."),
     hessian_dtype: str = typer.Option("float32", "--hessian-dtype", help="Hessian accumulation: float32 or float64."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (kept until done)."),
+    overwrite: bool = OVERWRITE_OPTION,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run from its last block."),
     restart: bool = typer.Option(False, "--restart", help="Discard an interrupted run and start again."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) checkpoints."),
+    allow_pickle: bool = ALLOW_PICKLE_OPTION,
+    no_verify: bool = NO_VERIFY_OPTION,
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Quantize a model and write a compressed-tensors artifact."""
@@ -183,7 +249,8 @@ def quantize(
                             seed=seed, text_field=text_field, chat_template=chat_template, device=device,
                             batch_size=batch_size, dtype=parse_dtype(dtype),
                             hessian_dtype=parse_dtype(hessian_dtype), overwrite=overwrite,
-                            resume=resume, restart=restart, allow_pickle=allow_pickle, progress=_progress())
+                            resume=resume, restart=restart, allow_pickle=allow_pickle, verify=not no_verify,
+                            progress=_progress())
 
     _run(action, lambda r: _kv_table(f"wrote {r['output']}", r), json_out)
 
@@ -192,15 +259,16 @@ def quantize(
 
 @app.command("run")
 def run_cmd(
-    recipe: Path = typer.Argument(..., help="Recipe YAML (see recipes/)."),
+    recipe: str = typer.Argument(..., help=f"A shipped recipe ({', '.join(_shipped_recipes())}) or a recipe YAML file."),
     model: str = typer.Argument(..., help="HF model directory, .gguf file or reference name."),
     output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data for every stage (overrides the recipe)."),
     device: str = typer.Option("cpu", "--device", help="Compute device."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (kept until done)."),
+    overwrite: bool = OVERWRITE_OPTION,
     resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
     restart: bool = typer.Option(False, "--restart", help="Discard an interrupted run and start again."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) checkpoints."),
+    allow_pickle: bool = ALLOW_PICKLE_OPTION,
+    no_verify: bool = NO_VERIFY_OPTION,
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Run a recipe: its stages in order, from MODEL to the artifact OUT."""
@@ -210,7 +278,8 @@ def run_cmd(
         _kv_table(f"recipe {r['recipe']}: wrote {r['output']}", r["stages"][-1])
 
     _run(lambda: api.run_recipe(recipe, model, output, calib=calib, device=device, overwrite=overwrite,
-                                resume=resume, restart=restart, allow_pickle=allow_pickle, progress=_progress()),
+                                resume=resume, restart=restart, allow_pickle=allow_pickle, verify=not no_verify,
+                            progress=_progress()),
          render, json_out)
 
 
@@ -235,11 +304,13 @@ def eval_cmd(
                                        "tokenizer does; recorded with the results)."),
     chat_template: bool = typer.Option(False, "--chat-template", help="lm-eval: render prompts with the chat template."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write a Markdown report here."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) checkpoints."),
+    allow_pickle: bool = ALLOW_PICKLE_OPTION,
+    no_verify: bool = NO_VERIFY_OPTION,
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Perplexity on held-out text and per-token KL to a base model, or lm-eval tasks (--tasks)."""
     from compressor import api
+    from compressor.outputs import report_path
 
     def action():
         if tasks is not None:
@@ -247,9 +318,11 @@ def eval_cmd(
             limit_n = int(limit) if limit is not None and limit >= 1 else limit
             return api.evaluate_tasks(model, names, limit=limit_n, num_fewshot=num_fewshot, device=device,
                                       batch_size=batch_size, add_bos_token=bos, chat_template=chat_template,
-                                      progress=_progress())
+                                      verify=not no_verify, progress=_progress())
+        if report is not None:
+            report_path(report)  # before the evaluation, not after it
         result = api.evaluate(model, base, data, windows, window_len, batch_size, device, text_field,
-                              allow_pickle, _progress())
+                              allow_pickle, verify=not no_verify, progress=_progress())
         if report is not None:
             from compressor.reporting.markdown import write_eval_report
 
@@ -351,8 +424,9 @@ def prune(
     chat_template: bool = CHAT_TEMPLATE_OPTION,
     device: str = typer.Option("cpu", "--device", help="Compute device for one block at a time."),
     batch_size: int = BATCH_SIZE_OPTION,
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (kept until done)."),
-    allow_pickle: bool = typer.Option(False, "--allow-pickle", help="Allow loading pickle (.bin) checkpoints."),
+    overwrite: bool = OVERWRITE_OPTION,
+    allow_pickle: bool = ALLOW_PICKLE_OPTION,
+    no_verify: bool = NO_VERIFY_OPTION,
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Structured pruning (SliceGPT, MoDeGPT) into an artifact that transformers loads."""
@@ -370,7 +444,7 @@ def prune(
         return api.prune(model, method, output, sparsity, {k: v for k, v in options.items() if v is not None},
                          calib=calib, samples=samples, seq_len=seq_len, seed=seed, text_field=text_field,
                          chat_template=chat_template, device=device, batch_size=batch_size, overwrite=overwrite,
-                         allow_pickle=allow_pickle, progress=_progress())
+                         allow_pickle=allow_pickle, verify=not no_verify, progress=_progress())
 
     _run(action, lambda r: _kv_table(f"wrote {r['output']}", r), json_out)
 
@@ -408,7 +482,8 @@ def pack(
     steps: Optional[int] = typer.Option(None, "--steps", help="Symbols per lane."),
     table_log: Optional[int] = typer.Option(None, "--table-log", help="log2 of the tANS table size (8-12)."),
     check: bool = typer.Option(True, "--check/--no-check", help="Decode everything before publishing."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (kept until done)."),
+    overwrite: bool = OVERWRITE_OPTION,
+    no_verify: bool = NO_VERIFY_OPTION,
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Losslessly pack a model's tensors (entropy-coded exponents, raw sign and mantissa)."""
@@ -416,7 +491,7 @@ def pack(
 
     options = {"lanes": lanes, "steps": steps, "table_log": table_log}
     _run(lambda: api.pack(model, output, dtype=dtype, options=options, overwrite=overwrite, check=check,
-                          progress=_progress()),
+                          verify=not no_verify, progress=_progress()),
          lambda r: _kv_table(f"wrote {r['output']}", r), json_out)
 
 
@@ -424,7 +499,7 @@ def pack(
 def unpack(
     packed: Path = typer.Argument(..., help="Packed artifact directory written by `compress pack`."),
     output: Path = typer.Option(..., "-o", "--output", help="Directory for the rebuilt model."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output (kept until done)."),
+    overwrite: bool = OVERWRITE_OPTION,
     json_out: bool = JSON_OPTION,
 ) -> None:
     """Rebuild the original safetensors files of a packed artifact (every tensor's sha256 checked)."""
@@ -454,22 +529,40 @@ def _click_exceptions():
     return exceptions
 
 
+GLOBAL_FLAGS = ("--debug", "--quiet", "-q")
+
+
+def hoist_global_flags(argv: list[str]) -> list[str]:
+    """Global flags work anywhere on the line (`compress eval X --debug`): move them in front of
+    the command, as `--json` already works either side of it."""
+    end = argv.index("--") if "--" in argv else len(argv)
+    flags = [a for a in argv[:end] if a in GLOBAL_FLAGS]
+    return flags + [a for a in argv[:end] if a not in GLOBAL_FLAGS] + argv[end:]
+
+
 def main() -> None:
     exceptions = _click_exceptions()
     _quiet_libraries()
+    args = hoist_global_flags(sys.argv[1:])
     try:
-        code = app(standalone_mode=False)
+        code = app(args, standalone_mode=False)
     except exceptions.NoArgsIsHelpError as exc:
         print(exc.ctx.get_help() if exc.ctx else "")
         code = 0
     except exceptions.UsageError as exc:
         command = exc.ctx.command_path if exc.ctx else "compress"
-        err_console.print(f"[bold red]error:[/bold red] {exc.format_message().rstrip('.')}; see `{command} --help`",
-                          highlight=False, soft_wrap=True)
+        OPTS.json = OPTS.json or "--json" in args
+        _fail(exc.format_message().rstrip("."), f"see `{command} --help`")
         code = 2
     except getattr(exceptions, "Abort", ()):
         err_console.print("[bold red]interrupted[/bold red]")
         code = 130
+    except Exception as exc:  # a bug, not bad input: say so in one line, traceback with --debug
+        if OPTS.debug:
+            traceback.print_exc()
+        _fail(f"internal error {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
+              "this is a bug; rerun with --debug and report the traceback", 1)
+        code = 1
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -32,8 +32,31 @@ class TensorEntry:
     end: int
 
 
+def header_bytes(path: Path) -> bytes:
+    """The length prefix and JSON header of a safetensors file, as stored."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise CompressorError(f"{path} is truncated (no safetensors header)", "re-download or re-create the file")
+        (header_len,) = struct.unpack("<Q", raw)
+        if header_len > _MAX_HEADER:
+            raise CompressorError(f"{path} is not a safetensors file (header length {header_len})",
+                                  "re-download or re-create the file")
+        return raw + f.read(header_len)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Tensor entries and metadata of a safetensors file; CompressorError if it is damaged."""
+    """Tensor entries and metadata of a safetensors file; CompressorError if it is damaged.
+
+    Checked as the safetensors format requires: known dtypes, shapes of non-negative integers,
+    byte ranges that match dtype × shape and tile the data section exactly (no gaps, overlaps
+    or trailing bytes), metadata of strings. So every byte of the file is accounted for, and
+    nothing allocated from a header can exceed the file's own size.
+    """
     path = Path(path)
     fix = "re-download or re-create the file"
     size = path.stat().st_size
@@ -46,25 +69,42 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
             raise CompressorError(f"{path} is truncated or not a safetensors file (header length {header_len})", fix)
         try:
             header = json.loads(f.read(header_len))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
             raise CompressorError(f"{path} has a corrupted safetensors header", fix) from None
     if not isinstance(header, dict):
         raise CompressorError(f"{path} has a corrupted safetensors header", fix)
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                 for k, v in metadata.items()):
+        raise CompressorError(f"{path} has corrupted safetensors metadata (it must map strings to strings)", fix)
     data_start = 8 + header_len
     entries: dict[str, TensorEntry] = {}
     for name, info in header.items():
         try:
-            dtype, shape, (begin, end) = info["dtype"], tuple(info["shape"]), info["data_offsets"]
-            expected = math.prod(shape) * DTYPE_BYTES[dtype]
-        except (KeyError, TypeError, ValueError):
-            raise CompressorError(f"{path}: tensor {name!r} has a corrupted header entry", fix) from None
-        if end - begin != expected or begin < 0:
+            dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+            valid = (isinstance(dtype, str) and dtype in DTYPE_BYTES and isinstance(shape, list)
+                     and all(_is_count(d) for d in shape) and isinstance(offsets, list) and len(offsets) == 2
+                     and all(_is_count(o) for o in offsets))
+        except (KeyError, TypeError):
+            valid = False
+        if not valid:
+            raise CompressorError(f"{path}: tensor {name!r} has a corrupted header entry "
+                                  "(dtype, shape of non-negative integers, two byte offsets)", fix)
+        begin, end = offsets
+        if end - begin != math.prod(shape) * DTYPE_BYTES[dtype]:
             raise CompressorError(f"{path}: tensor {name!r} has inconsistent size in its header", fix)
         if data_start + end > size:
             raise CompressorError(
                 f"{path} is truncated: tensor {name!r} ends at byte {data_start + end} but the file has {size}", fix)
-        entries[name] = TensorEntry(name, dtype, shape, data_start + begin, data_start + end)
+        entries[name] = TensorEntry(name, dtype, tuple(shape), data_start + begin, data_start + end)
+    position = data_start
+    for e in sorted(entries.values(), key=lambda e: (e.start, e.end)):
+        if e.start != position:
+            raise CompressorError(f"{path}: tensor {e.name!r} {'overlaps another' if e.start < position else 'leaves a gap'} "
+                                  "in the data section", fix)
+        position = e.end
+    if position != size:
+        raise CompressorError(f"{path} has {size - position} bytes after its last tensor", fix)
     return entries, metadata
 
 

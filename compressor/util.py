@@ -1,14 +1,10 @@
-"""Small helpers shared across layers: hashing and atomic directory writes."""
+"""Small helpers shared across layers: hashing, atomic file writes, sizes, memory."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-import shutil
-import uuid
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -17,35 +13,6 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
-
-
-@contextmanager
-def atomic_dir(target: Path, overwrite: bool = True) -> Iterator[Path]:
-    """Yield a fresh sibling temp directory; on success it replaces `target` in one rename.
-
-    An existing `target` is moved aside only after the new directory is complete, and
-    deleted after the swap, so a crash at any point leaves either the old or the new
-    directory under the final name, never a half-written one.
-    """
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if target.exists():
-        if not overwrite:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise FileExistsError(target)
-        old = target.with_name(f"{target.name}.old-{uuid.uuid4().hex[:8]}")
-        target.rename(old)
-        tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(target)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

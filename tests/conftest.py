@@ -109,10 +109,11 @@ def jsonl_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
-def fake_wiki():
-    """A `wiki` asset already in the (per-test) cache: synthetic articles, nothing downloaded."""
+def fake_wiki(tmp_path, monkeypatch):
+    """A `wiki` asset already in a per-test cache (slow tests too): synthetic articles, nothing downloaded."""
     from compressor.models import assets
 
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
     root = assets.text_dir("wiki")
     root.mkdir(parents=True)
     docs = [{"title": f"article {i}", "text": make_text(150, seed=500 + i)} for i in range(40)]

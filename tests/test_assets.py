@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import zipfile
+from pathlib import Path
 
 import pytest
 
@@ -32,17 +33,64 @@ def _wheel(directory, name: str, module: str, files: dict[str, bytes]):
     return path
 
 
-def test_file_is_extracted_from_a_downloaded_wheel(tmp_path, monkeypatch):
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@pytest.fixture
+def local_index(tmp_path, monkeypatch):
     index = tmp_path / "index"
     index.mkdir()
-    _wheel(index, "compressor-test-asset", "compressor_test_asset", {"data/x.txt": b"payload"})
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(index))
-    item = assets.PackageFile("compressor-test-asset", "compressor_test_asset", "data/x.txt")
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+    return index
+
+
+def test_file_is_extracted_from_a_downloaded_wheel(local_index):
+    wheel = _wheel(local_index, "compressor-test-asset", "compressor_test_asset", {"data/x.txt": b"payload"})
+    item = assets.PackageFile("compressor-test-asset", "compressor_test_asset", "data/x.txt", "1.0",
+                              _sha(wheel.read_bytes()), _sha(b"payload"))
     path = assets.locate(item)
     assert path.read_bytes() == b"payload"
     assert assets.cache_dir() in path.parents
     assert assets.locate(item) == path  # cached: no second download
+
+
+def test_wheel_that_does_not_match_its_pin_is_refused(local_index):
+    _wheel(local_index, "compressor-test-asset", "compressor_test_asset", {"data/x.txt": b"payload"})
+    item = assets.PackageFile("compressor-test-asset", "compressor_test_asset", "data/x.txt", "1.0", "0" * 64)
+    with pytest.raises(CompressorError, match="does not match the sha256 compressor pins for "
+                                              "compressor-test-asset==1.0"):
+        assets.locate(item)
+    assert not (assets.cache_dir() / "packages" / "compressor_test_asset").exists()
+
+
+def test_file_that_does_not_match_its_pin_is_refused(local_index):
+    wheel = _wheel(local_index, "compressor-test-asset", "compressor_test_asset", {"data/x.txt": b"evil"})
+    item = assets.PackageFile("compressor-test-asset", "compressor_test_asset", "data/x.txt", "1.0",
+                              _sha(wheel.read_bytes()), _sha(b"payload"))
+    with pytest.raises(CompressorError, match="does not match the sha256"):
+        assets.locate(item)
+    assert not (assets.cache_dir() / "packages" / "compressor_test_asset" / "data" / "x.txt").exists()
+
+
+def test_other_release_is_not_taken_for_the_pinned_one(local_index):
+    _wheel(local_index, "compressor-test-asset", "compressor_test_asset", {"data/x.txt": b"payload"})
+    item = assets.PackageFile("compressor-test-asset", "compressor_test_asset", "data/x.txt", "2.0", "0" * 64)
+    with pytest.raises(CompressorError, match="compressor-test-asset==2.0 is neither installed nor reachable"):
+        assets.locate(item)
+
+
+def test_reference_assets_are_pinned():
+    items = [p for a in assets.MODEL_ASSETS.values() for p in a.parts] + [t.source for t in
+                                                                         assets.TEXT_ASSETS.values() if t.source]
+    for item in items:
+        assert item.version and len(item.wheel_sha256) == 64, item
+    for item in (f for t in assets.TEXT_ASSETS.values() for f in t.debian):  # Debian files: pinned by content
+        assert len(item.sha256) == 64, item
+    for asset in assets.MODEL_ASSETS.values():
+        assert len(asset.gguf_sha256) == 64
 
 
 def test_unreachable_package_is_a_clear_error(tmp_path, monkeypatch):
@@ -50,13 +98,16 @@ def test_unreachable_package_is_a_clear_error(tmp_path, monkeypatch):
     empty.mkdir()
     monkeypatch.setenv("PIP_NO_INDEX", "1")
     monkeypatch.setenv("PIP_FIND_LINKS", str(empty))
-    item = assets.PackageFile("compressor-no-such-package", "compressor_no_such_package", "f.bin")
-    with pytest.raises(CompressorError, match="compressor-no-such-package is neither installed nor reachable"):
+    item = assets.PackageFile("compressor-no-such-package", "compressor_no_such_package", "f.bin", "1.0", "0" * 64)
+    with pytest.raises(CompressorError, match="compressor-no-such-package==1.0 is neither installed nor reachable"):
         assets.locate(item)
 
 
 def test_installed_package_is_read_in_place():
-    item = assets.PackageFile("pytest", "_pytest", "__init__.py")
+    import _pytest
+
+    source = (Path(_pytest.__file__).parent / "__init__.py").read_bytes()
+    item = assets.PackageFile("pytest", "_pytest", "__init__.py", "any", "0" * 64, _sha(source))
     path = assets.locate(item)
     assert path.name == "__init__.py" and assets.cache_dir() not in path.parents
 
@@ -111,3 +162,9 @@ def test_austen_chapters_from_the_debian_package():
     docs = [json.loads(line) for line in (path / "eval.jsonl").read_text().splitlines()]
     assert docs[1]["title"] == "emma 1" and docs[1]["text"].startswith("CHAPTER I\n\nEmma Woodhouse, handsome")
     assert sum(len(d["text"]) for d in docs) > 4_000_000  # six novels
+
+
+def test_installed_package_with_another_file_is_refused():
+    item = assets.PackageFile("pytest", "_pytest", "__init__.py", "9.9", "0" * 64, "0" * 64)
+    with pytest.raises(CompressorError, match="pip install --no-deps pytest==9.9"):
+        assets.locate(item)

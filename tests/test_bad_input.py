@@ -3,12 +3,9 @@ stderr, exit code 2; API: CompressorError), and nothing already on disk is lost.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -20,58 +17,7 @@ from compressor.errors import CompressorError
 from compressor.methods.quant.rtn import RTN
 from compressor.models.adapters import LlamaAdapter
 from compressor.safetensors_file import read_header
-from helpers import cli
-
-ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-
-
-# ---------------------------------------------------------------- helpers
-
-
-
-def compress_command() -> list[str]:
-    exe = Path(sys.executable).with_name("compress")
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "compressor.cli"]
-
-
-def run_compress(*args, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([*compress_command(), *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          timeout=120)
-
-
-def error_line(stderr: str) -> str:
-    """The whole of stderr, which must be exactly one line `error: ...`; returns the message."""
-    lines = [ln for ln in ANSI.sub("", stderr).splitlines() if ln.strip()]
-    assert len(lines) == 1, f"expected one error line, got:\n{stderr}"
-    assert lines[0].startswith("error: "), lines[0]
-    assert "Traceback" not in stderr
-    return lines[0][len("error: "):]
-
-
-def assert_cli_error(result, *phrases: str) -> str:
-    """Exit code 2, nothing on stdout, one `error:` line on stderr containing every phrase."""
-    assert result.exit_code == 2, (result.exit_code, result.stdout, result.stderr, result.exception)
-    assert result.stdout == ""
-    message = error_line(result.stderr)
-    for phrase in phrases:
-        assert phrase in message, f"{phrase!r} not in {message!r}"
-    return message
-
-
-def snapshot(path: Path) -> dict[str, str]:
-    """Relative path → sha256 of every file under `path` (or of `path` itself)."""
-    path = Path(path)
-    if path.is_file():
-        return {path.name: hashlib.sha256(path.read_bytes()).hexdigest()}
-    return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(path.rglob("*")) if f.is_file()}
-
-
-def leftovers(out: Path) -> list[str]:
-    """Temporary siblings an artifact write may leave behind (there must be none)."""
-    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f"{out.name}.tmp-")
-                  or p.name.startswith(f"{out.name}.old-"))
-
+from helpers import assert_cli_error, cli, error_line, leftovers, run_compress, snapshot
 
 def copy_model(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
@@ -394,19 +340,45 @@ def test_other_bad_settings(args, phrase, tiny_llama, tmp_path):
 
 # ---------------------------------------------------------------- 8. existing output
 
-def test_existing_output_needs_overwrite(tiny_llama, tmp_path):
+def test_existing_output_needs_overwrite(artifact, tiny_llama, tmp_path):
+    out = copy_model(artifact, tmp_path / "out")
+    before = snapshot(out)
+    assert_cli_error(cli("quantize", tiny_llama, "-o", out, "--group-size", "32"), f"output {out} already exists",
+                     "--overwrite")
+    assert snapshot(out) == before
+
+    result = cli("quantize", tiny_llama, "-o", out, "--bits", "3", "--group-size", "32", "--overwrite")
+    assert result.exit_code == 0, result.stderr
+    assert snapshot(out) != before
+    assert json.loads((out / "manifest.json").read_text())["method"]["config"]["bits"] == 3
+    assert cli("verify", out).exit_code == 0
+    assert leftovers(out) == []
+
+
+def test_overwrite_refuses_a_directory_compressor_did_not_write(tiny_llama, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "sentinel.txt").write_text("precious")
-    assert_cli_error(cli("quantize", tiny_llama, "-o", out, "--group-size", "32"), f"output {out} already exists",
-                     "--overwrite")
+    assert_cli_error(cli("quantize", tiny_llama, "-o", out, "--group-size", "32", "--overwrite"),
+                     "is not a compressor artifact")
     assert (out / "sentinel.txt").read_text() == "precious"
 
+
+def test_overwrite_refuses_an_artifact_holding_foreign_files(artifact, tiny_llama, tmp_path):
+    out = copy_model(artifact, tmp_path / "out")
+    (out / "notes.txt").write_text("precious")
+    before = snapshot(out)
+    assert_cli_error(cli("quantize", tiny_llama, "-o", out, "--group-size", "32", "--overwrite"),
+                     "files compressor did not write (notes.txt)")
+    assert snapshot(out) == before
+
+
+def test_overwrite_replaces_an_empty_directory(tiny_llama, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
     result = cli("quantize", tiny_llama, "-o", out, "--group-size", "32", "--overwrite")
     assert result.exit_code == 0, result.stderr
-    assert not (out / "sentinel.txt").exists()
     assert cli("verify", out).exit_code == 0
-    assert leftovers(out) == []
 
 
 def test_output_is_a_file(tiny_llama, tmp_path):
@@ -418,9 +390,7 @@ def test_output_is_a_file(tiny_llama, tmp_path):
 
 
 def _old_output(artifact: Path, tmp_path: Path) -> Path:
-    out = copy_model(artifact, tmp_path / "out")
-    (out / "sentinel.txt").write_text("precious")
-    return out
+    return copy_model(artifact, tmp_path / "out")
 
 
 @pytest.mark.parametrize("error", [RuntimeError("boom"), CompressorError("boom", "fix it")])
@@ -483,7 +453,8 @@ def test_interrupt_keeps_old_output_and_resumes(artifact, tiny_llama, tmp_path, 
     monkeypatch.setattr(RTN, "apply_group", original)
     result = cli(*args, "--resume")
     assert result.exit_code == 0, result.stderr
-    assert not (out / "sentinel.txt").exists()
+    assert snapshot(out) != before
+    assert json.loads((out / "manifest.json").read_text())["method"]["config"]["bits"] == 3
     assert cli("verify", out).exit_code == 0
 
 

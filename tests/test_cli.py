@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 import math
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from compressor import __version__
 from compressor.safetensors_file import read_header
-from helpers import cli
+from helpers import cli, compress_command
 
 
 
@@ -26,11 +25,6 @@ def ok(*args):
 def ok_json(*args):
     """Run with --json; stdout must be exactly one JSON document."""
     return json.loads(ok("--json", *args).stdout)
-
-
-def compress_command() -> list[str]:
-    exe = Path(sys.executable).with_name("compress")
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "compressor.cli"]
 
 
 # Bits per quantized weight of int4, group 32, float16 scales: 4 + 16/32, plus 4/32 for the zero points.
@@ -91,10 +85,14 @@ def test_inspect_json(mode, artifacts, tiny_llama):
     assert info["layers"] == 3 and info["hidden_size"] == 64
     # Packed weights are counted by their logical shape: the same parameters as the float model.
     assert info["params"] == base["params"] > 100_000
-    assert base["bits_per_weight"] == pytest.approx(32.0)
-    assert info["quantized_bits_per_weight"] == pytest.approx(EXPECTED_BPW[mode])
+    assert base["bits_per_weight_file"] == pytest.approx(32.0) and base["bits_per_weight_linears"] is None
+    # The linears' bits come from the file's own tensors and agree with what the manifest recorded.
+    assert info["bits_per_weight_linears"] == pytest.approx(EXPECTED_BPW[mode])
+    manifest = json.loads((artifacts[mode] / "manifest.json").read_text())
+    assert info["bits_per_weight_linears"] == pytest.approx(manifest["metrics"]["bits_per_weight"])
+    assert info["quantized_params"] == manifest["metrics"]["quantized_params"]
     # Over all tensors (float32 embedding and norms included) it lies between the two.
-    assert info["quantized_bits_per_weight"] < info["bits_per_weight"] < base["bits_per_weight"]
+    assert info["bits_per_weight_linears"] < info["bits_per_weight_file"] < base["bits_per_weight_file"]
     assert info["size_bytes"] < base["size_bytes"] / 3
     assert info["quantization"]["num_bits"] == 4 and info["quantization"]["group_size"] == 32
     assert info["source"]["ref"] == str(tiny_llama)
@@ -102,7 +100,7 @@ def test_inspect_json(mode, artifacts, tiny_llama):
 
 def test_inspect_table(artifacts):
     result = ok("inspect", artifacts["sym"])
-    assert "quantized_bits_per_weight" in result.stdout and "LlamaAdapter" in result.stdout
+    assert "bits_per_weight_linears" in result.stdout and "LlamaAdapter" in result.stdout
 
 
 @pytest.mark.parametrize("mode", ["sym", "asym"])
@@ -175,11 +173,21 @@ def test_assets_list_json_without_network(monkeypatch):
     assert "smollm2-135m" in table.stdout
 
 
-def test_json_errors_keep_stdout_empty(tmp_path):
-    result = cli("--json", "inspect", tmp_path / "nosuch")
+@pytest.mark.parametrize("where", ["before", "after"])
+def test_json_errors_are_a_json_object_on_stdout(where, tmp_path):
+    args = ["inspect", tmp_path / "nosuch"]
+    result = cli(*(["--json", *args] if where == "before" else [*args, "--json"]))
     assert result.exit_code == 2
-    assert result.stdout == ""
+    error = json.loads(result.stdout)["error"]
+    assert "does not exist" in error["message"] and error["hint"] and error["exit_code"] == 2
     assert result.stderr.startswith("error: ") and result.stderr.count("\n") == 1
+
+
+def test_usage_errors_under_json_are_json_too(tiny_llama, tmp_path):
+    result = subprocess.run([*compress_command(), "quantize", str(tiny_llama), "-o", str(tmp_path / "q"),
+                             "--no-such-flag", "--json"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "--no-such-flag" in json.loads(result.stdout)["error"]["message"]
 
 
 def test_console_script_json_on_stdout_only(tiny_llama, tmp_path):

@@ -415,4 +415,4 @@ def test_inspect_counts_packed_parameters(packed_tiny, tiny_llama):
     info = json.loads(r.stdout)
     base = json.loads(cli("--json", "inspect", tiny_llama).stdout)
     assert info["kind"] == "packed" and info["params"] == base["params"]
-    assert info["bits_per_weight"] < 16
+    assert info["bits_per_weight_file"] < 16

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,6 @@ from compressor import api
 from compressor.calib.data import calibration_set
 from compressor.calib.stats import collect_inputs
 from compressor.errors import CompressorError
-from compressor.pipeline.sequential import KILL_AFTER_BLOCK_ENV
 
 sys.path.insert(0, str(Path(__file__).parent))
 import recording_method  # noqa: E402
@@ -88,24 +86,31 @@ def test_failure_midway_then_resume_is_identical(tiny_llama, text_file, tmp_path
     assert not run_dir.exists()
 
 
+# The fault is injected here, in the test's own process, never by a hook in production code:
+# block `kill_after` is saved, then the process SIGKILLs itself.
 _KILL_SCRIPT = """
-import sys
+import os, signal, sys
 sys.path.insert(0, {tests!r})
 import recording_method
 recording_method.register()
 from compressor import api
+from compressor.pipeline.checkpoint import RunDirectory
+kill_after = {kill_after!r}
+if kill_after is not None:
+    save_block = RunDirectory.save_block
+    def save_then_die(self, index, *args, **kwargs):
+        save_block(self, index, *args, **kwargs)
+        if index == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+    RunDirectory.save_block = save_then_die
 api.quantize({model!r}, recording_method.NAME, {out!r}, {opts!r}, calib={data!r}, resume={resume}, **{cal!r})
 """
 
 
 def _run_script(tiny_llama, text_file, out, resume, kill_after=None):
     code = _KILL_SCRIPT.format(tests=str(Path(__file__).parent), model=str(tiny_llama), out=str(out), opts=OPTS,
-                               data=str(text_file), resume=resume, cal=CAL)
-    env = dict(os.environ)
-    env.pop(KILL_AFTER_BLOCK_ENV, None)
-    if kill_after is not None:
-        env[KILL_AFTER_BLOCK_ENV] = str(kill_after)
-    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+                               data=str(text_file), resume=resume, cal=CAL, kill_after=kill_after)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
 
 
 def test_sigkilled_process_resumes_to_identical_artifact(tiny_llama, text_file, tmp_path):

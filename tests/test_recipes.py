@@ -7,15 +7,30 @@ from pathlib import Path
 import pytest
 
 from compressor import api
-from compressor.recipes import load_recipe
+from compressor.recipes import load_recipe, recipe_path, shipped
 from helpers import cli
 
-RECIPES = sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml"))
+RECIPES = sorted(shipped().values())
 
 
 def test_the_issue_recipes_are_shipped():
     names = {p.stem for p in RECIPES}
     assert {"w4a16-gptq", "w4a16-awq-gptq", "w8a8-smoothquant", "fp8"} <= names
+
+
+def test_recipes_are_package_data_addressable_by_name():
+    import compressor
+
+    package = Path(compressor.__file__).parent
+    assert all(package in p.parents for p in RECIPES)
+    assert load_recipe("w4a16-gptq").name == "w4a16-gptq"
+    assert recipe_path("fp8") == shipped()["fp8"]
+
+
+def test_unknown_recipe_name_lists_the_shipped_ones(tiny_llama, tmp_path):
+    result = cli("run", "w4a16-nope", tiny_llama, "-o", tmp_path / "o")
+    assert result.exit_code == 2
+    assert "w4a16-gptq" in result.stderr and "neither a file nor a shipped recipe" in result.stderr
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.stem)

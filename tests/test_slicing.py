@@ -21,7 +21,7 @@ from compressor.methods.prune.slicegpt import SliceGPT
 from compressor.models.adapters import count_parameters
 from compressor.models.loading import load_model
 from compressor.pipeline.structured import run_structured
-from helpers import cli
+from helpers import assert_cli_error, cli
 
 SAMPLES, SEQ = 16, 64
 
@@ -283,12 +283,7 @@ def test_qk_channel_selection_keeps_rotary_pairs_and_full_width_is_exact():
 # ---------------------------------------------------------------- bad input
 
 def one_line_error(result, *phrases):
-    assert result.exit_code == 2, (result.stdout, result.stderr)
-    message = result.stderr.strip()
-    assert "\n" not in message and "Traceback" not in message, message
-    for phrase in phrases:
-        assert phrase in message, message
-    return message
+    return assert_cli_error(result, *phrases)
 
 
 @pytest.mark.parametrize("sparsity", ["0", "1", "1.5", "-0.1"])

@@ -34,7 +34,7 @@ MODEL_NAME = "compressor"
 OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
 
 
-def _flag(value: Any) -> bool | None:
+def _flag(value: Any, name: str = "add_bos_token") -> bool | None:
     """lm-eval passes model_args from the command line as strings."""
     if value is None or isinstance(value, bool):
         return value
@@ -45,7 +45,7 @@ def _flag(value: Any) -> bool | None:
         return False
     if text in ("auto", "none", ""):
         return None
-    raise CompressorError(f"add_bos_token must be true, false or auto, not {value!r}", "e.g. add_bos_token=true")
+    raise CompressorError(f"{name} must be true, false or auto, not {value!r}", f"e.g. {name}=true")
 
 
 def tokenizer_adds_bos(tokenizer) -> bool:
@@ -77,7 +77,7 @@ class CompressorLM(HFLM):
 
     def __init__(self, pretrained: str, device: str | None = "cpu", dtype: str | torch.dtype = "float32",
                  add_bos_token: Any = None, batch_size: int | str = 1, max_length: int | None = None,
-                 progress: Progress | None = None, **kwargs):
+                 verify: Any = True, progress: Progress | None = None, **kwargs):
         if not isinstance(pretrained, str):
             raise CompressorError("the compressor lm-eval model takes a path or reference name",
                                   "pass --model_args pretrained=PATH")
@@ -86,7 +86,7 @@ class CompressorLM(HFLM):
             logging.getLogger(__name__).warning("CUDA is not available; evaluating on cpu")  # hf falls back too
             device = "cpu"
         dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
-        loaded = open_model(pretrained, dtype=dtype, device=device)
+        loaded = open_model(pretrained, dtype=dtype, device=device, verify=_flag(verify, "verify") is not False)
         if loaded.tokenizer is None:
             raise CompressorError(f"{pretrained} has no tokenizer", "lm-eval tasks need the model's tokenizer files")
         loaded.model.to(device)
@@ -200,7 +200,7 @@ def _quiet_lm_eval() -> None:
 
 def run_tasks(model: str, tasks: list[str], *, limit: int | float | None = None, num_fewshot: int | None = None,
               device: str = "cpu", batch_size: int = 1, add_bos_token: bool | None = None,
-              apply_chat_template: bool = False, bootstrap_iters: int = 1000, seed: int = 0,
+              apply_chat_template: bool = False, bootstrap_iters: int = 1000, seed: int = 0, verify: bool = True,
               progress: Progress | None = None) -> dict:
     """lm-eval on any artifact, in-process: metrics with lm-eval's stderr, and the settings."""
     import lm_eval
@@ -215,7 +215,7 @@ def run_tasks(model: str, tasks: list[str], *, limit: int | float | None = None,
         manager = task_manager(tasks, progress.log)
         check_tasks(tasks, manager)
         lm = CompressorLM(model, device=device, add_bos_token=add_bos_token, batch_size=batch_size,
-                          progress=progress)
+                          verify=verify, progress=progress)
         out = lm_eval.simple_evaluate(model=lm, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
                                       task_manager=manager, apply_chat_template=apply_chat_template,
                                       log_samples=False, bootstrap_iters=bootstrap_iters, random_seed=seed,

@@ -23,7 +23,8 @@ from typing import Callable
 import yaml
 
 from compressor.models import assets
-from compressor.util import atomic_dir, sha256_file
+from compressor.outputs import atomic_dir
+from compressor.util import sha256_file
 
 VERSION = 1
 CLOZE_CHOICES = 4

@@ -228,13 +228,14 @@ def evaluate_all(refs: list[str], base_ref: str, settings: SuiteSettings, cache:
         if c.result is None:
             todo.append(c)
     if todo:
-        base_loaded = open_model(base_ref, device=settings.device, log=progress.log)
+        base_loaded = open_model(base_ref, device=settings.device, verify=False, log=progress.log)
         tokenizer = base_loaded.tokenizer
         token_sets = {t: evaluation_set(t, tokenizer, settings.windows, settings.window_len, log=progress.log)
                       for t in settings.texts}
         for c in todo:
             try:
-                loaded = base_loaded if c is base else open_model(c.ref, device=settings.device, log=progress.log)
+                loaded = base_loaded if c is base else open_model(c.ref, device=settings.device, verify=False,
+                                                                  log=progress.log)  # identify() verified it
                 if loaded.model.config.vocab_size != base_loaded.model.config.vocab_size:
                     raise CompressorError(f"vocabulary {loaded.model.config.vocab_size} differs from the base's "
                                           f"{base_loaded.model.config.vocab_size}", "KL needs the base's tokenizer")

@@ -21,18 +21,11 @@ from compressor.errors import CompressorError
 from compressor.formats import quantized
 from compressor.formats.manifest import build_manifest, verify, write_manifest
 from compressor.safetensors_file import int_values, read_header, read_tensors, write_tensors
-from compressor.util import atomic_dir
+from compressor.outputs import atomic_dir, check_output
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 4 * 1024**3
-
-
-def check_output(out: Path, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise CompressorError(f"output {out} already exists", "choose another -o path or pass --overwrite")
-    if out.exists() and not out.is_dir():
-        raise CompressorError(f"output {out} exists and is not a directory", "choose another -o path")
 
 
 def save_tensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
@@ -71,8 +64,7 @@ def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
 def write_artifact(out: Path, *, config: dict, tensors: dict[str, torch.Tensor], tokenizer, generation_config,
                    kind: str, source: dict, method: dict | None, calibration: dict | None, metrics: dict,
                    overwrite: bool, build: dict | None = None) -> Path:
-    out = Path(out)
-    check_output(out, overwrite)
+    out = check_output(Path(out), overwrite=overwrite)
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         save_tensors(tmp, tensors)
@@ -110,25 +102,41 @@ def weights_size(directory: Path) -> int:
 def parameter_count(directory: Path) -> tuple[int, int]:
     """Logical parameters and stored bytes of a directory's safetensors files; packed weights
     count by their unpacked shape, quantization metadata (scales, zero points) not at all."""
-    params = stored = 0
+    summary = storage_summary(directory)
+    return summary["params"], summary["stored_bytes"]
+
+
+def storage_summary(directory: Path) -> dict[str, int]:
+    """Parameters and bytes of the whole checkpoint, and of its quantized linears alone (their
+    codes, scales and zero points; the stored shape is metadata and not counted)."""
+    params = stored = linear_params = linear_bytes = 0
     for f in weight_files(directory):
         entries, metadata = read_header(f)
         if metadata.get("format") == "compressor-packed":  # formats/packed.py: shapes are in the metadata
             stored += sum(e.end - e.start for e in entries.values())
             params += sum(math.prod(m["shape"]) for m in json.loads(metadata.get("tensors", "{}")).values())
             continue
+        quantized_modules = {name.rpartition(".")[0] for name in entries if name.endswith(".weight_scale")}
         for name, e in entries.items():
             stored += e.end - e.start
             module, _, leaf = name.rpartition(".")
+            if module in quantized_modules and leaf != "weight_shape":
+                linear_bytes += e.end - e.start
             if leaf == "weight_packed":
                 shape = entries.get(f"{module}.weight_shape")
                 if shape is None:
                     raise CompressorError(f"{f}: {module} has packed weights but no weight_shape",
                                           "the artifact is damaged; rebuild it")
-                params += math.prod(int_values(f, shape))
+                count = math.prod(int_values(f, shape))
             elif leaf not in quantized.SUFFIXES:
-                params += math.prod(e.shape)
-    return params, stored
+                count = math.prod(e.shape)
+            else:
+                continue
+            params += count
+            if module in quantized_modules:
+                linear_params += count
+    return {"params": params, "stored_bytes": stored, "quantized_params": linear_params,
+            "quantized_bytes": linear_bytes}
 
 
 def read_config(directory: Path) -> dict:

@@ -22,19 +22,26 @@ import numpy as np
 import torch
 
 from compressor.errors import CompressorError
-from compressor.formats.artifact import check_output
 from compressor.formats.manifest import build_manifest, read_manifest, verify, write_manifest
 from compressor.methods.lossless import dfloat
 from compressor.methods.lossless.codec import CorruptStream
 from compressor.progress import Progress
 from compressor.safetensors_file import read_header, read_tensors, tensor_bytes, write_tensors
-from compressor.util import atomic_dir, sha256_file
+from compressor.outputs import atomic_dir, check_output
+from compressor.util import sha256_file
 
 SUFFIX = ".packed.safetensors"
 FORMAT = "compressor-packed"
-SKIP_FILES = {"manifest.json", "build.json", "pack.json"}
+# The source artifact's own manifest travels as SOURCE_MANIFEST and comes back on unpack.
+SOURCE_MANIFEST = "source-manifest.json"
+SKIP_FILES = {"manifest.json", "build.json", "pack.json", SOURCE_MANIFEST}
 ARRAY_DTYPES = {"words": np.uint32, "lane_bits": np.uint16, "norm": np.uint16, "values": np.uint16}
 BATCH_ELEMENTS = 48_000_000
+
+
+def is_packed(path: Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and ((path / "pack.json").is_file() or any(path.glob("*" + SUFFIX)))
 
 
 def _source_files(src: Path) -> list[Path]:
@@ -145,8 +152,9 @@ def _split(blob: np.ndarray, pieces) -> dict[str, np.ndarray]:
 def read_packed_file(path: Path) -> tuple[dict, dict[str, dfloat.PackedTensor]]:
     """Metadata and packed tensors of one packed file (structure checked, nothing decoded)."""
     entries, metadata = read_header(path)
-    if metadata.get("format") != FORMAT:
-        raise CompressorError(f"{path} is not a packed file", "pass a directory written by `compress pack`")
+    problem = metadata_problem(path.name, metadata)
+    if problem:
+        raise CompressorError(f"{path}: {problem}", "pass a directory written by `compress pack`")
     try:
         metas = json.loads(metadata["tensors"])
     except (KeyError, json.JSONDecodeError):
@@ -163,6 +171,42 @@ def read_packed_file(path: Path) -> tuple[dict, dict[str, dfloat.PackedTensor]]:
                                   "restore the artifact from a good copy") from None
         out[name] = dfloat.PackedTensor({k: v for k, v in meta.items() if k != "pieces"}, arrays)
     return metadata, out
+
+
+def source_name(packed_name: str) -> str:
+    """The file a packed file rebuilds, derived from its own name (never from its metadata)."""
+    return packed_name[: -len(SUFFIX)] + ".safetensors"
+
+
+def metadata_problem(packed_name: str, metadata: dict) -> str | None:
+    """Why a packed file's metadata cannot be trusted, or None. The rebuilt file's name comes
+    from the packed file's own name; the metadata must agree with it, so a crafted name such
+    as `../x` or `/etc/x` is refused before anything is written."""
+    if metadata.get("format") != FORMAT:
+        return "not a packed file"
+    if not packed_name.endswith(SUFFIX):
+        return f"packed file names end in {SUFFIX}"
+    if metadata.get("source_file") != source_name(packed_name):
+        return (f"its metadata names source file {metadata.get('source_file')!r}, not "
+                f"{source_name(packed_name)!r} (a crafted or damaged artifact)")
+    return None
+
+
+def verify_packed(directory: Path) -> list[str]:
+    """Manifest problems plus untrusted names in the packed files' metadata."""
+    problems = verify(directory)
+    for f in sorted(Path(directory).glob("*" + SUFFIX)):
+        if f.is_symlink() or not f.is_file():
+            continue
+        try:
+            _, metadata = read_header(f)
+        except CompressorError as exc:
+            problems.append(exc.message)
+            continue
+        problem = metadata_problem(f.name, metadata)
+        if problem:
+            problems.append(f"{f.name}: {problem}")
+    return problems
 
 
 def decode_file(path: Path, verify_hashes: bool = True) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -213,7 +257,7 @@ def pack(src: Path, out: Path, config: dfloat.PackConfig, cast: torch.dtype | No
     """Pack a model or artifact directory into `out` (atomically, verified before publishing)."""
     src, out = Path(src), Path(out)
     files = _source_files(src)
-    check_output(out, overwrite)
+    check_output(out, overwrite=overwrite, sources=[src], needs_bytes=sum(f.stat().st_size for f in files))
     started = time.perf_counter()
     progress = progress or Progress()
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -221,6 +265,8 @@ def pack(src: Path, out: Path, config: dfloat.PackConfig, cast: torch.dtype | No
             results = [pack_file(f, tmp / (f.stem + SUFFIX), config, cast, bar) for f in files]
         pack_s = time.perf_counter() - started
         _copy_other_files(src, tmp)
+        if (src / "manifest.json").is_file():
+            shutil.copy2(src / "manifest.json", tmp / SOURCE_MANIFEST)
         if cast is not None and (tmp / "config.json").is_file():
             cfg = json.loads((tmp / "config.json").read_text())
             for key in ("torch_dtype", "dtype"):
@@ -253,27 +299,46 @@ def check_artifact(path: Path) -> None:
     if not path.is_dir() or not (path / "pack.json").is_file():
         raise CompressorError(f"{path} is not a packed artifact", "pass a directory written by `compress pack`")
     read_manifest(path)
-    problems = verify(path)
+    problems = verify_packed(path)
     if problems:
         raise CompressorError(f"{path} is damaged: {problems[0]}" + (f" (+{len(problems) - 1} more)"
                                                                        if len(problems) > 1 else ""),
                               "restore the artifact from a good copy")
 
 
+def _raw_bytes(packed_dir: Path) -> int:
+    """The unpacked size recorded in pack.json (hashed by the manifest), 0 if unreadable."""
+    try:
+        value = json.loads((packed_dir / "pack.json").read_text()).get("raw_bytes", 0)
+    except (OSError, ValueError, AttributeError):
+        return 0
+    return value if isinstance(value, int) and value >= 0 else 0
+
+
 def unpack(packed_dir: Path, out: Path, *, overwrite: bool = False) -> dict:
     """Rebuild the original safetensors files (sha256 of every tensor checked) and other files."""
     packed_dir, out = Path(packed_dir), Path(out)
     check_artifact(packed_dir)
-    check_output(out, overwrite)
+    check_output(out, overwrite=overwrite, sources=[packed_dir], needs_bytes=_raw_bytes(packed_dir))
     started = time.perf_counter()
     total = 0
     with atomic_dir(out, overwrite=overwrite) as tmp:
         for f in sorted(packed_dir.glob("*" + SUFFIX)):
             metadata, tensors = decode_file(f)
             total += sum(t.numel() * t.element_size() for t in tensors.values())
-            _write_original(tmp / metadata["source_file"], metadata, tensors)
+            _write_original(tmp / source_name(f.name), metadata, tensors)
             del tensors
         _copy_other_files(packed_dir, tmp)
+        # The rebuilt directory is an artifact too: its original manifest, or one of its own.
+        if (packed_dir / SOURCE_MANIFEST).is_file():
+            shutil.copy2(packed_dir / SOURCE_MANIFEST, tmp / "manifest.json")
+        else:
+            write_manifest(tmp, build_manifest(tmp, kind="unpacked", source={"path": str(packed_dir)}, method=None,
+                                               calibration=None, metrics={}))
+        problems = verify(tmp)
+        if problems:
+            raise CompressorError(f"rebuilt files do not match the packed artifact's record: {problems[0]}",
+                                  "the artifact is damaged; restore it from a good copy")
     return {"output": str(out), "bytes": total, "wall_s": time.perf_counter() - started}
 
 

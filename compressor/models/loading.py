@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -16,7 +17,7 @@ from compressor.errors import CompressorError
 from compressor.models import assets
 from compressor.models.adapters import Adapter, adapter_for_config
 from compressor.safetensors_file import read_header, read_tensors
-from compressor.util import sha256_file
+from compressor.util import human_bytes, sha256_file
 
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "float64": torch.float64, "fp64": torch.float64, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
@@ -174,28 +175,47 @@ def load_model(
     dtype: torch.dtype = torch.float32,
     allow_pickle: bool = False,
     log: Callable[[str], None] = lambda _: None,
+    warn: Callable[[str], None] = lambda _: None,
 ) -> LoadedModel:
     """Load an HF directory, a .gguf file or a reference name as a float model."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(ref, log)
     if path.is_file():
+        log(f"loading {path} ({human_bytes(path.stat().st_size)}, dequantizing GGUF)")
         model, tokenizer = load_gguf(path, dtype)
         return LoadedModel(model, tokenizer, adapter_for_config(model.config), path, source_hash(path), str(ref))
     config = read_config(path)
     adapter = adapter_for_config(config)
     from_pickle = check_checkpoint_files(path, allow_pickle)
+    log(f"loading {path} ({human_bytes(source_bytes(path))} of weights)")
+    if from_pickle:
+        warn(f"loading pickle weights from {path} (--allow-pickle); torch's weights-only loader refuses code, "
+             "but only load checkpoints whose source you trust")
     model = None if from_pickle else _load_safetensors_directly(path, config, dtype)
     if model is None:
         try:
             model = AutoModelForCausalLM.from_pretrained(
                 path, dtype=dtype, use_safetensors=not from_pickle, trust_remote_code=False)
+        except pickle.UnpicklingError as exc:
+            raise CompressorError(f"refused to load {path}: its pickle holds objects or code that a weights-only "
+                                  f"load does not allow ({str(exc).splitlines()[0][:120]})",
+                                  "do not use this checkpoint; ask its source for safetensors weights") from None
         except (OSError, RuntimeError, ValueError) as exc:
             raise CompressorError(f"cannot load {path}: {str(exc).splitlines()[0]}",
                                   "check that the checkpoint is complete and matches its config") from None
     model.eval()
+    log(f"hashing {human_bytes(source_bytes(path))} of weights (recorded in the artifact's manifest)")
     return LoadedModel(model, load_tokenizer(path), adapter, path, source_hash(path), str(ref),
                        stored_dtype=stored_float_dtype(weight_files(path)) or dtype)
+
+
+def source_bytes(path: Path) -> int:
+    """Bytes of a checkpoint's weights on disk; a GGUF counts as its dequantized float32 size
+    (about eight times a 4-bit file), which is what the commands hold and write."""
+    if path.is_file():
+        return 8 * path.stat().st_size
+    return sum(f.stat().st_size for f in [*weight_files(path), *pickle_files(path)])
 
 
 def stored_float_dtype(files: list[Path]) -> torch.dtype | None:

@@ -21,6 +21,7 @@ from compressor.errors import CompressorError
 from compressor.formats import activations, quantized
 from compressor.formats import artifact as artifact_format
 from compressor.formats import packed as packed_format
+from compressor.formats import manifest as manifests
 from compressor.formats.manifest import MANIFEST, read_manifest, verify
 from compressor.models.adapters import adapter_for_config
 from compressor.models.loading import (LoadedModel, build_model, load_model, load_tokenizer, resolve_model_path,
@@ -134,11 +135,15 @@ def _load_foreign_compressed_tensors(path: Path, ref: str, dtype: torch.dtype) -
 
 
 def open_model(ref: str | Path, dtype: torch.dtype = torch.float32, device: str = "cpu", allow_pickle: bool = False,
-               log: Callable[[str], None] = lambda _: None) -> LoadedModel:
-    """Any supported model as a float causal LM; `extra["kind"]` says which kind it was."""
+               verify: bool = True, log: Callable[[str], None] = lambda _: None,
+               warn: Callable[[str], None] = lambda _: None) -> LoadedModel:
+    """Any supported model as a float causal LM; `extra["kind"]` says which kind it was. Our
+    artifacts are checked against their manifests first (packed ones always are)."""
     path = resolve_model_path(ref, log)
     kind = kind_of(path)
     name = str(ref)
+    if verify and kind == "artifact":
+        manifests.check(path)
     if kind == "packed":
         loaded = _load_packed(path, name, dtype, device)
     elif "quantization_config" in (qconfig := artifact_format.read_config(path)) if path.is_dir() else False:
@@ -147,7 +152,7 @@ def open_model(ref: str | Path, dtype: torch.dtype = torch.float32, device: str 
         else:
             loaded = _load_foreign_compressed_tensors(path, name, dtype)
     else:
-        loaded = load_model(path, dtype=dtype, allow_pickle=allow_pickle, log=log)
+        loaded = load_model(path, dtype=dtype, allow_pickle=allow_pickle, log=log, warn=warn)
         loaded.name = name
     loaded.extra["kind"] = kind
     return loaded
@@ -161,7 +166,7 @@ def identify(ref: str | Path, log: Callable[[str], None] = lambda _: None) -> di
     path = resolve_model_path(ref, log)
     kind = kind_of(path)
     if (path / MANIFEST).is_file() if path.is_dir() else False:
-        problems = verify(path)
+        problems = packed_format.verify_packed(path) if kind == "packed" else verify(path)
         if problems:
             raise CompressorError(f"{ref} is damaged: {problems[0]}"
                                   + (f" (+{len(problems) - 1} more)" if len(problems) > 1 else ""),

@@ -9,8 +9,6 @@ finished block with the same result as an uninterrupted one.
 
 from __future__ import annotations
 
-import os
-import signal
 from contextlib import ExitStack, contextmanager
 from typing import Any, Iterator
 
@@ -29,7 +27,6 @@ from compressor.pipeline.replay import record_block
 from compressor.util import release_memory
 
 # Test hook: SIGKILL the process right after this block's checkpoint is written.
-KILL_AFTER_BLOCK_ENV = "COMPRESSOR_KILL_AFTER_BLOCK"
 
 
 class _Captured(Exception):
@@ -264,7 +261,6 @@ class SequentialPipeline:
             if not self.method.needs_fp_inputs:
                 fp_hidden = None
 
-        kill_after = os.environ.get(KILL_AFTER_BLOCK_ENV)
         with self.progress.task(f"{self.method.name}: blocks", total=len(blocks)) as bar:
             bar.advance(start)
             for index in range(start, len(blocks)):
@@ -288,8 +284,6 @@ class SequentialPipeline:
                 hidden, fp_hidden = next_hidden, fp_next
                 release_memory()
                 bar.advance()
-                if kill_after is not None and int(kill_after) == index:
-                    os.kill(os.getpid(), signal.SIGKILL)
 
     def _process_block(self, block: nn.Module, hidden: torch.Tensor | None, fp_hidden: torch.Tensor | None,
                        kwargs: dict[str, Any] | None, want_outputs: bool,

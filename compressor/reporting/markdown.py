@@ -22,7 +22,7 @@ def write_eval_report(path: Path, result: dict, info: dict) -> Path:
     method = (info.get("method") or {}).get("name", "-")
     config = (info.get("method") or {}).get("config", {})
     settings = ", ".join(f"{k}={v}" for k, v in config.items())
-    bpw = info.get("quantized_bits_per_weight") or info.get("bits_per_weight")
+    bpw = info.get("bits_per_weight_linears") or info.get("bits_per_weight_file")
     if result.get("base"):
         lines.append(f"| `{result['base']}` (base) | - | - | - | {result['base_ppl']:.3f} | 0 |")
     kl = f"{result['kl']:.4f}" if "kl" in result else "-"

@@ -63,10 +63,28 @@ class Recipe(_Strict):
     stages: list[Stage] = Field(min_length=1)
 
 
-def load_recipe(path: str | Path) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise CompressorError(f"recipe {path} does not exist", "pass the path of a recipe YAML file")
+SHIPPED = Path(__file__).parent
+
+
+def shipped() -> dict[str, Path]:
+    """The recipes that come with compressor, by name (`compress run w4a16-gptq ...`)."""
+    return {p.stem: p for p in sorted(SHIPPED.glob("*.yaml"))}
+
+
+def recipe_path(ref: str | Path) -> Path:
+    """A recipe file, or the shipped recipe of that name."""
+    path = Path(ref)
+    if path.is_file():
+        return path
+    by_name = shipped()
+    if str(ref) in by_name:
+        return by_name[str(ref)]
+    raise CompressorError(f"recipe {ref} is neither a file nor a shipped recipe",
+                          f"pass a recipe YAML file or one of: {', '.join(by_name)}")
+
+
+def load_recipe(ref: str | Path) -> Recipe:
+    path = recipe_path(ref)
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
@@ -79,4 +97,4 @@ def load_recipe(path: str | Path) -> Recipe:
         err = exc.errors()[0]
         field = ".".join(str(p) for p in err["loc"]) or "recipe"
         raise CompressorError(f"recipe {path}: {field}: {err['msg']}",
-                              "see recipes/*.yaml for the recipe keys") from None
+                              f"see the shipped recipes in {SHIPPED} for the recipe keys") from None
