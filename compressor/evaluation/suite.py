@@ -97,9 +97,12 @@ def _architecture(path: str) -> tuple:
     from compressor.formats.artifact import read_config
 
     p = Path(path)
-    if p.is_file():
-        return ("gguf",)
-    c = read_config(p)
+    if p.is_file():  # GGUF: the config transformers derives from its metadata
+        from transformers import AutoConfig
+
+        c = AutoConfig.from_pretrained(p.parent, gguf_file=p.name).to_dict()
+    else:
+        c = read_config(p)
     c = c.get("text_config", c) if "vocab_size" not in c else c
     return (c.get("base_model_type") or c.get("model_type"), c.get("vocab_size"), c.get("num_hidden_layers"))
 
