@@ -14,6 +14,7 @@ the others are still evaluated.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
@@ -93,6 +94,7 @@ def _lineage(info: dict) -> str | None:
     return source.get("sha256") or source.get("hash")
 
 
+@functools.lru_cache(maxsize=64)
 def _architecture(path: str) -> tuple:
     from compressor.formats.artifact import read_config
 
@@ -113,16 +115,18 @@ def check_bases(base: Candidate, candidates: list[Candidate], allow_mixed: bool)
     records it, by architecture (model type, vocabulary, depth)."""
     known = {base.identity["sha256"], _content_hash(base)}
     pending = [c for c in candidates if c.error is None]
-    changed = True
-    while changed:  # close over chains: base -> quantized -> packed
-        changed = False
+    hashed: set[int] = set()
+    while True:  # close over chains (base -> quantized -> packed), hashing contents only when needed
         for c in pending:
-            if c.identity.get("lineage_ok"):
-                continue
-            if _lineage(c.info) in known:
+            if not c.identity.get("lineage_ok") and _lineage(c.info) in known:
                 c.identity["lineage_ok"] = True
-                known |= {c.identity["sha256"], _content_hash(c)}
-                changed = True
+                known.add(c.identity["sha256"])
+        matched = [c for c in pending if c.identity.get("lineage_ok") and id(c) not in hashed]
+        if all(c.identity.get("lineage_ok") for c in pending) or not matched:
+            break
+        for c in matched:
+            hashed.add(id(c))
+            known.add(_content_hash(c))
     for c in pending:
         if c.identity.get("lineage_ok"):
             continue
@@ -139,7 +143,10 @@ def check_bases(base: Candidate, candidates: list[Candidate], allow_mixed: bool)
 
 
 def _content_hash(c: Candidate) -> str:
-    """The source hash our artifacts record for a checkpoint they are built from."""
+    """The source hash our artifacts record for a checkpoint they are built from (for a plain
+    checkpoint, the identity hash itself)."""
+    if c.identity.get("kind") in ("hf", "gguf", "compressed-tensors"):
+        return c.identity["sha256"]
     if "content" not in c.identity:
         c.identity["content"] = source_hash(Path(c.identity["path"]))
     return c.identity["content"]
