@@ -94,12 +94,11 @@ def _load_packed(path: Path, ref: str, dtype: torch.dtype, device: str) -> Loade
     are decoded in memory from the packed streams, never written out."""
     from compressor.models.packed_runner import load_packed
 
-    packed_format.check_artifact(path)
     config_dict = artifact_format.read_config(path)
     extra = {"manifest": read_manifest(path)}
     if "quantization_config" not in config_dict:
         try:
-            runner = load_packed(path, device=device)
+            runner = load_packed(path, device=device)  # checks every stored piece first
         except CompressorError as exc:
             if "single 16-bit float" not in exc.message:
                 raise
@@ -108,6 +107,7 @@ def _load_packed(path: Path, ref: str, dtype: torch.dtype, device: str) -> Loade
             return LoadedModel(runner.model, load_tokenizer(path), adapter_for_config(runner.model.config), path,
                                extra["manifest"].get("source", {}).get("hash", ""), ref, extra,
                                stored_dtype=runner.buffer.dtype)
+    packed_format.check_artifact(path)
     tensors: dict[str, torch.Tensor] = {}
     for f in sorted(path.glob("*" + packed_format.SUFFIX)):
         tensors.update(packed_format.decode_file(f)[1])
@@ -144,10 +144,11 @@ def open_model(ref: str | Path, dtype: torch.dtype = torch.float32, device: str 
     name = str(ref)
     if verify and kind == "artifact":
         manifests.check(path)
+    qconfig = artifact_format.read_config(path).get("quantization_config") if path.is_dir() else None
     if kind == "packed":
         loaded = _load_packed(path, name, dtype, device)
-    elif "quantization_config" in (qconfig := artifact_format.read_config(path)) if path.is_dir() else False:
-        if quantized.supports(qconfig["quantization_config"]):
+    elif qconfig is not None:
+        if quantized.supports(qconfig):
             loaded = load_quantized_artifact(path, name, dtype)
         else:
             loaded = _load_foreign_compressed_tensors(path, name, dtype)
