@@ -339,7 +339,8 @@ def evaluate_tasks(model: str, tasks: list[str], *, limit: float | None = None, 
 def report(artifacts_: list[str], base: str, out: str | Path, *, texts: tuple[str, ...] = ("wiki", "austen"),
            windows: int = 64, window_len: int = 512, tasks: tuple[str, ...] = (), limit: float | None = None,
            batch_size: int = 4, device: str = "cpu", allow_mixed_base: bool = False, cache: str | Path | None = None,
-           title: str | None = None, overwrite: bool = False, progress: Progress | None = None) -> dict:
+           title: str | None = None, overwrite: bool = False, bench: list[str | Path] = (),
+           progress: Progress | None = None) -> dict:
     """Evaluate candidates against a base (cached by content hash) and write report.md + report.html.
 
     Candidates that cannot be read are named in the report and in the error raised after it is
@@ -360,7 +361,7 @@ def report(artifacts_: list[str], base: str, out: str | Path, *, texts: tuple[st
     _check_report_output(out, overwrite)
     settings = SuiteSettings(tuple(texts), windows, window_len, tuple(tasks), limit, batch_size, device)
     base_c, candidates = evaluate_all(list(artifacts_), base, settings, EvalCache(cache), allow_mixed_base, progress)
-    page = build_page(base_c, candidates, settings, title)
+    page = build_page(base_c, candidates, settings, title, [_read_json(p, "bench result") for p in bench])
     with atomic_dir(out, overwrite=overwrite) as tmp:
         written = render.write(page, tmp)
         data = {"base": base_c.ref, "settings": settings.key(),
@@ -377,6 +378,16 @@ def report(artifacts_: list[str], base: str, out: str | Path, *, texts: tuple[st
         raise CompressorError(f"report written to {out} without {len(failed)} of {len(candidates)} artifacts "
                               f"({names})", "fix or remove the named artifacts and rerun (evaluations are cached)")
     return result
+
+
+def _read_json(path: str | Path, what: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CompressorError(f"cannot read {what} {path} ({exc})", "pass the JSON `compress bench --json` printed")
+    if not isinstance(data, dict):
+        raise CompressorError(f"{what} {path} is not a JSON object", "pass the JSON `compress bench --json` printed")
+    return data
 
 
 REPORT_ENTRIES = {"report.md", "report.html", "report.json", "report_files"}

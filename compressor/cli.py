@@ -366,6 +366,8 @@ def report_cmd(
                                           help="Allow candidates of other base models (flagged in the report)."),
     cache: Optional[Path] = typer.Option(None, "--cache", help="Evaluation cache (default: the asset cache)."),
     title: Optional[str] = typer.Option(None, "--title", help="Report title."),
+    bench: list[Path] = typer.Option([], "--bench", help="`compress bench --json` output to show as speed "
+                                     "(repeatable; matched to candidates by path)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
     json_out: bool = JSON_OPTION,
 ) -> None:
@@ -378,7 +380,7 @@ def report_cmd(
         return api.report(artifacts, base, output, texts=tuple(t.strip() for t in texts.split(",") if t.strip()),
                           windows=windows, window_len=window_len, tasks=tuple(names), limit=limit_n,
                           batch_size=batch_size, device=device, allow_mixed_base=allow_mixed_base, cache=cache,
-                          title=title, overwrite=overwrite, progress=_progress())
+                          title=title, overwrite=overwrite, bench=bench, progress=_progress())
 
     _run(action, lambda r: console.print(f"[green]wrote[/green] {r['report']} and {r['html']} "
                                          f"({r['evaluated']} evaluated, {r['cached']} from cache, "

@@ -49,11 +49,17 @@ def test_report_tables_figures_provenance_and_cache(tiny_llama, candidates, fake
     # again, with one new candidate: only that one is evaluated
     w3 = tmp_path / "w3"
     assert cli("quantize", tiny_llama, "-o", w3, "--bits", "3", "--group-size", "32").exit_code == 0
-    r = cli("--json", *args[:4], w3, *args[4:], "-o", tmp_path / "r2")
+    # the shape `compress bench --json` prints (its "artifact" key is the artifact's run)
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps({"device": "cpu", "artifact": {"ref": str(candidates["w8"]), "rows": []},
+                                 "base": {"rows": []}, "speedup": [{"batch": 1, "prefill_x": 0.5, "decode_x": 1.25}]}))
+    r = cli("--json", *args[:4], w3, *args[4:], "-o", tmp_path / "r2", "--bench", bench)
     assert r.exit_code == 0, r.output
     second = json.loads(r.stdout)
     assert (second["evaluated"], second["cached"]) == (1, 4)
-    assert (tmp_path / "r2" / "report.md").read_text().count("| w3 |") >= 3
+    md = (tmp_path / "r2" / "report.md").read_text()
+    assert md.count("| w3 |") >= 3
+    assert "### decode speed-up vs dense, batch 1 (cpu) (×) — higher is better" in md and "| w8 | 1.25 |" in md
 
 
 def test_damaged_artifact_is_named_and_the_others_reported(tiny_llama, candidates, fake_wiki, tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from compressor.evaluation.suite import Candidate, SuiteSettings
@@ -70,6 +71,34 @@ def _row(c: Candidate, is_base: bool) -> Row:
     return row
 
 
+def _bench_key(path: str) -> str:
+    return os.path.normpath(os.path.abspath(path))
+
+
+def add_bench(rows: list[Row], refs: list[str], benches: list[dict]) -> list[Metric]:
+    """Speed from `compress bench --json` outputs, matched to rows by the artifact path they name
+    (compared as text, never opened): speed-up over the dense base measured in the same run, and
+    decode tokens/s, per batch size."""
+    by_path = {_bench_key(ref): row for ref, row in zip(refs, rows)}
+    metrics: dict[str, Metric] = {}
+    for bench in benches:
+        run = bench.get("artifact")
+        ref = run.get("ref") if isinstance(run, dict) else run
+        row = by_path.get(_bench_key(str(ref or "")))
+        if row is None or row.error:
+            continue
+        device = str(bench.get("device", "?"))
+        for item in bench.get("speedup") or []:
+            for name, label in (("decode_x", "decode speed-up"), ("prefill_x", "prefill speed-up")):
+                if isinstance(item, dict) and isinstance(item.get(name), (int, float)):
+                    key = f"bench:{name}:{item.get('batch')}"
+                    row.metrics[key] = float(item[name])
+                    metrics[key] = Metric(key, f"{label} vs dense, batch {item.get('batch')} ({device})",
+                                          "higher", 2, "×", kind="other")
+        row.provenance["speed"] = f"compress bench on {device}"
+    return list(metrics.values())
+
+
 def _names(rows: list[Row]) -> None:
     """Short unique display names: the last path component, more where two collide."""
     parts = {id(r): Path(r.name).parts or (r.name,) for r in rows}
@@ -88,8 +117,11 @@ def _names(rows: list[Row]) -> None:
         r.name = "/".join(parts[id(r)][-depth[id(r)]:])
 
 
-def build_page(base: Candidate, candidates: list[Candidate], settings: SuiteSettings, title: str | None = None) -> Page:
-    rows = [_row(base, True)] + [_row(c, False) for c in candidates if c.ref != base.ref]
+def build_page(base: Candidate, candidates: list[Candidate], settings: SuiteSettings, title: str | None = None,
+               benches: list[dict] = ()) -> Page:
+    included = [base] + [c for c in candidates if c.ref != base.ref]
+    rows = [_row(c, c is base) for c in included]
+    speed = add_bench(rows, [c.identity.get("path", c.ref) for c in included], list(benches))
     _names(rows)
     metrics = []
     for text in settings.texts:
@@ -102,7 +134,7 @@ def build_page(base: Candidate, candidates: list[Candidate], settings: SuiteSett
         for metric, better in TASK_METRICS.items():
             metrics.append(Metric(f"{task}:{metric}", f"{task} {metric} (lm-eval)", better, 4))
     metrics += [Metric("bits_per_weight", "Bits per weight (whole checkpoint)", "lower", 3, kind="size"),
-                Metric("size_mb", "Size on disk", "lower", 1, "MB", kind="size")]
+                Metric("size_mb", "Size on disk", "lower", 1, "MB", kind="size"), *speed]
     pareto = [("size_mb", f"ppl:{settings.texts[0]}")] if settings.texts else []
     pareto += [("size_mb", f"kl:{settings.texts[0]}")] if settings.texts else []
     intro = [f"Perplexity over the first {settings.windows} non-overlapping windows of {settings.window_len} tokens "
