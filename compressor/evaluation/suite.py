@@ -155,8 +155,7 @@ def _content_hash(c: Candidate) -> str:
 def _layer_maps(path: str, model: torch.nn.Module, base: torch.nn.Module | None) -> dict:
     maps: dict[str, dict] = {}
     bits = block_linear_bits(Path(path)) if Path(path).is_dir() else {}
-    values = [v for per in bits.values() for v in per if v is not None]
-    if values and max(values) - min(values) > 1e-6:  # a uniform map says nothing a table does not
+    if bits:
         maps["bits per weight"] = bits
     if base is None or model is base:
         return maps

@@ -47,6 +47,13 @@ def provenance(c: Candidate) -> dict[str, str]:
     return out
 
 
+def _varies(values: dict[str, list]) -> bool:
+    """A per-layer map worth drawing: its values differ by more than 1% (a uniform map, e.g. the
+    bits of a uniformly quantized model, says nothing the tables do not)."""
+    flat = [v for per in values.values() for v in per if isinstance(v, (int, float))]
+    return bool(flat) and max(flat) - min(flat) > 0.01 * max(abs(max(flat)), abs(min(flat)), 1e-12)
+
+
 def _row(c: Candidate, is_base: bool) -> Row:
     row = Row(c.ref if not is_base else c.ref, is_base=is_base, flags=list(c.flags), error=c.error)
     if c.error:
@@ -66,7 +73,7 @@ def _row(c: Candidate, is_base: bool) -> Row:
                 stderr = metrics.get(f"{metric}_stderr")
                 if isinstance(stderr, (int, float)):
                     row.stderr[f"{task}:{metric}"] = stderr
-    row.layers = result.get("layers", {})
+    row.layers = {title: values for title, values in result.get("layers", {}).items() if _varies(values)}
     row.provenance = provenance(c)
     return row
 
