@@ -20,8 +20,8 @@ from compressor.calib.data import calibration_set, evaluation_set
 from compressor.devices import check_device
 from compressor.errors import CompressorError
 from compressor.formats import artifact as artifacts
-from compressor.formats import activations
 from compressor.formats import manifest as manifests
+from compressor.formats import quantized
 from compressor.formats.manifest import read_manifest
 from compressor import export
 from compressor.methods import METHODS, Method
@@ -29,8 +29,7 @@ from compressor.methods.composition import build_methods, method_names
 from compressor.methods.composition import describe as describe_methods
 from compressor.models import assets
 from compressor.models.adapters import adapter_for_config, count_parameters
-from compressor.models.loading import (LoadedModel, build_model, load_model, load_tokenizer, resolve_model_path,
-                                      source_bytes, stored_float_dtype)
+from compressor.models.loading import LoadedModel, load_model, resolve_model_path, source_bytes
 from compressor.outputs import check_output
 from compressor.pipeline.checkpoint import RunDirectory
 from compressor.pipeline.distributed import World
@@ -79,29 +78,13 @@ def load(ref: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool
         manifests.check(path)
         progress.log(f"verified {path} against its manifest")
     if path.is_dir() and artifacts.is_quantized(path) and device is not None and torch.device(device).type == "cuda":
-        from compressor.formats.quant_runtime import load_quantized
+        from compressor.formats.universal import load_with_kernels
 
-        model, dtype = load_quantized(path, dtype, torch.device(device), progress.warn)
-        manifest = read_manifest(path) if (path / "manifest.json").exists() else {}
-        return LoadedModel(model, load_tokenizer(path), adapter_for_config(model.config), path,
-                           manifest.get("source", {}).get("sha256", ""), str(ref), {"manifest": manifest},
-                           stored_dtype=dtype)
+        return load_with_kernels(path, str(ref), dtype, str(device), progress.warn)
     if path.is_dir() and artifacts.is_quantized(path):
-        from transformers import AutoConfig
+        from compressor.formats.universal import load_quantized_artifact
 
-        config_dict, state = artifacts.load_quantized_state(path, dtype)
-        config_dict = {k: v for k, v in config_dict.items() if k not in ("transformers_version",)}
-        model_type = config_dict.pop("model_type", None)
-        config = AutoConfig.for_model(model_type, **config_dict)
-        adapter = adapter_for_config(config)
-        input_scales = activations.pop_input_scales(state)
-        model = build_model(config, state, dtype)
-        # Artifacts that quantize linear inputs (W8A8, FP8) compute as transformers would.
-        activations.attach(model, artifacts.read_config(path)["quantization_config"], input_scales)
-        manifest = read_manifest(path) if (path / "manifest.json").exists() else {}
-        source = manifest.get("source", {}).get("sha256", "")
-        return LoadedModel(model, load_tokenizer(path), adapter, path, source, str(ref), {"manifest": manifest},
-                           stored_dtype=stored_float_dtype(artifacts.weight_files(path)) or dtype)
+        return load_quantized_artifact(path, str(ref), dtype)
     loaded = load_model(path, dtype=dtype, allow_pickle=allow_pickle, log=progress.log, warn=progress.warn)
     loaded.name = str(ref)
     return loaded
@@ -298,8 +281,12 @@ def evaluate(model: str, base: str | None = None, data: str = "wiki", windows: i
     for ref in (model, base):  # both exist before either is loaded
         if ref is not None:
             resolve_model_path(ref, progress.log)
-    candidate = load(model, allow_pickle=allow_pickle, progress=progress, verify=verify, device=device)
-    reference = load(base, allow_pickle=allow_pickle, progress=progress, verify=verify) if base else None
+    from compressor.formats.universal import open_model
+
+    candidate = open_model(model, allow_pickle=allow_pickle, device=device, verify=verify, log=progress.log,
+                           warn=progress.warn)
+    reference = (open_model(base, allow_pickle=allow_pickle, verify=verify, log=progress.log,
+                            warn=progress.warn) if base else None)
     tokenizer = candidate.tokenizer or (reference.tokenizer if reference else None)
     if reference is not None and candidate.model.config.vocab_size != reference.model.config.vocab_size:
         raise CompressorError(
@@ -321,6 +308,98 @@ def evaluate(model: str, base: str | None = None, data: str = "wiki", windows: i
     if reference is not None:
         out.update({"kl": row["kl"], "base_ppl": results["base"]["ppl"]})
     return out
+
+
+def evaluate_tasks(model: str, tasks: list[str], *, limit: float | None = None, num_fewshot: int | None = None,
+                   device: str = "cpu", batch_size: int = 1, add_bos_token: bool | None = None,
+                   chat_template: bool = False, verify: bool = True, progress: Progress | None = None) -> dict:
+    """lm-eval tasks (local or any whose data is available offline) on any artifact, in-process."""
+    from compressor.evaluation.lm_eval_bridge import run_tasks
+
+    started = time.perf_counter()
+    device = check_device(device)
+    resolve_model_path(model)
+    result = run_tasks(model, tasks, limit=limit, num_fewshot=num_fewshot, device=device, batch_size=batch_size,
+                       add_bos_token=add_bos_token, apply_chat_template=chat_template, verify=verify,
+                       progress=progress)
+    return {"model": str(model), **result, "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+
+
+def report(artifacts_: list[str], base: str, out: str | Path, *, texts: tuple[str, ...] = ("wiki", "austen"),
+           windows: int = 64, window_len: int = 512, tasks: tuple[str, ...] = (), limit: float | None = None,
+           batch_size: int = 4, device: str = "cpu", allow_mixed_base: bool = False, cache: str | Path | None = None,
+           title: str | None = None, overwrite: bool = False, bench: list[str | Path] = (),
+           progress: Progress | None = None) -> dict:
+    """Evaluate candidates against a base (cached by content hash) and write report.md + report.html.
+
+    Candidates that cannot be read are named in the report and in the error raised after it is
+    written; the others are still reported."""
+    from compressor.evaluation.suite import EvalCache, SuiteSettings, evaluate_all
+    from compressor.reporting import render
+    from compressor.outputs import atomic_dir
+    from compressor.reporting.compare import build_page
+
+    progress = progress or Progress()
+    started = time.perf_counter()
+    if not artifacts_:
+        raise CompressorError("no artifacts to report on", "pass one or more artifact paths")
+    if batch_size < 1 or windows < 1:
+        raise CompressorError("--batch-size and --windows must be at least 1", "raise them")
+    out = Path(out)
+    device = check_device(device)
+    _check_report_output(out, overwrite)
+    settings = SuiteSettings(tuple(texts), windows, window_len, tuple(tasks), limit, batch_size, device)
+    base_c, candidates = evaluate_all(list(artifacts_), base, settings, EvalCache(cache), allow_mixed_base, progress)
+    page = build_page(base_c, candidates, settings, title, [_read_json(p, "bench result") for p in bench])
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        written = render.write(page, tmp)
+        data = {"base": base_c.ref, "settings": settings.key(),
+                "rows": [{"ref": c.ref, "identity": c.identity, "error": c.error, "flags": c.flags,
+                          "cached": c.cached, "result": c.result} for c in [base_c, *candidates]]}
+        (tmp / "report.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    evaluated = sum(1 for c in [base_c, *candidates] if c.result is not None and not c.cached)
+    result = {"output": str(out), "report": str(out / "report.md"), "html": str(out / "report.html"),
+              "figures": len(written["figures"]), "candidates": len(candidates), "evaluated": evaluated,
+              "cached": sum(1 for c in [base_c, *candidates] if c.cached), "wall_s": time.perf_counter() - started}
+    failed = [c for c in candidates if c.error]
+    if failed:
+        names = "; ".join(f"{c.ref}: {c.error}" for c in failed)
+        raise CompressorError(f"report written to {out} without {len(failed)} of {len(candidates)} artifacts "
+                              f"({names})", "fix or remove the named artifacts and rerun (evaluations are cached)")
+    return result
+
+
+def _read_json(path: str | Path, what: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CompressorError(f"cannot read {what} {path} ({exc})", "pass the JSON `compress bench --json` printed")
+    if not isinstance(data, dict):
+        raise CompressorError(f"{what} {path} is not a JSON object", "pass the JSON `compress bench --json` printed")
+    return data
+
+
+REPORT_ENTRIES = {"report.md", "report.html", "report.json", "report_files"}
+
+
+def _check_report_output(out: Path, overwrite: bool) -> None:
+    """A report directory `compress report` wrote may be replaced with --overwrite; anything else
+    goes through the artifact output checks."""
+    if overwrite and out.is_dir() and not out.is_symlink() and (out / "report.json").is_file() \
+            and {p.name for p in out.iterdir()} <= REPORT_ENTRIES:
+        return
+    check_output(out, overwrite=overwrite, kind="report")
+
+
+def publish(results: str | Path, out: str | Path) -> dict:
+    """reports/index.md and reports/index.html from the committed benchmark results."""
+    from compressor.reporting import render
+    from compressor.reporting.published import build_index
+
+    page = build_index(Path(results))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    written = render.write(page, Path(out), stem="index")
+    return {**written, "sections": [s.title for s in page.sections], "rows": sum(len(s.rows) for s in page.sections)}
 
 
 def _size_on_disk(path: Path) -> int:
@@ -387,7 +466,8 @@ def verify(path: str | Path) -> dict:
 # ---------------------------------------------------------------- lossless packing
 
 def pack(model: str | Path, out: str | Path, *, dtype: str | None = None, options: dict[str, Any] | None = None,
-         overwrite: bool = False, check: bool = True, verify: bool = True) -> dict:
+         overwrite: bool = False, check: bool = True, verify: bool = True,
+         progress: Progress | None = None) -> dict:
     """Entropy-code a model's (or a quantized artifact's) tensors losslessly into a packed artifact."""
     from compressor.formats import packed
     from compressor.codecs import native
@@ -409,7 +489,7 @@ def pack(model: str | Path, out: str | Path, *, dtype: str | None = None, option
     cast = None if dtype in (None, "keep") else parse_dtype(dtype)
     check_output(Path(out), overwrite=overwrite, sources=[path])  # before hashing the source
     result = packed.pack(path, Path(out), config, cast, overwrite=overwrite, check=check,
-                         source={"path": str(path), "hash": source_hash(path)})
+                         source={"path": str(path), "hash": source_hash(path)}, progress=progress)
     return {**{k: v for k, v in result.items() if k != "files"}, "codec": native.status()}
 
 

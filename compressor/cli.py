@@ -15,7 +15,7 @@ from rich.table import Table
 from compressor import __version__
 from compressor.cli_options import collect, with_method_options
 from compressor.errors import CompressorError
-from compressor.pipeline.progress import Progress, RichProgress
+from compressor.progress import Progress, for_terminal
 
 
 def _conventional_help() -> None:
@@ -72,7 +72,7 @@ def main_options(
 
 
 def _progress() -> Progress:
-    return Progress() if (OPTS.json or OPTS.quiet) else RichProgress()
+    return Progress() if (OPTS.json or OPTS.quiet) else for_terminal()
 
 
 JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON only (also accepted before the command).")
@@ -270,24 +270,38 @@ def run_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Argument(..., help="Artifact, HF directory, .gguf file or reference name."),
+    model: str = typer.Argument(..., help="Artifact (quantized, pruned, packed), HF directory, .gguf file, "
+                                          "compressed-tensors checkpoint or reference name."),
     base: Optional[str] = typer.Option(None, "--base", help="Base model for per-token KL."),
-    data: str = typer.Option("wiki", "--data", help="Held-out text: file, saved dataset or 'wiki'."),
+    data: str = typer.Option("wiki", "--data", help="Held-out text: file, saved dataset, 'wiki' or 'austen'."),
     windows: int = typer.Option(64, "--windows", help="Number of non-overlapping windows."),
     window_len: int = typer.Option(512, "--window-len", help="Tokens per window."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Windows (or lm-eval requests) per forward pass."),
     device: str = typer.Option("cpu", "--device", help="Device to evaluate on."),
     text_field: str = TEXT_FIELD_OPTION,
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-eval tasks instead of perplexity, comma-separated "
+                                        "(local: compressor_wiki_cloze, compressor_wiki_ppl, compressor_austen_ppl)."),
+    limit: Optional[float] = typer.Option(None, "--limit", help="lm-eval: documents per task (a fraction if < 1)."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="lm-eval: few-shot examples."),
+    bos: Optional[bool] = typer.Option(None, "--bos/--no-bos", help="lm-eval: prepend BOS (default: as the "
+                                       "tokenizer does; recorded with the results)."),
+    chat_template: bool = typer.Option(False, "--chat-template", help="lm-eval: render prompts with the chat template."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write a Markdown report here."),
     allow_pickle: bool = ALLOW_PICKLE_OPTION,
     no_verify: bool = NO_VERIFY_OPTION,
     json_out: bool = JSON_OPTION,
 ) -> None:
-    """Perplexity on held-out text, and per-token KL to a base model."""
+    """Perplexity on held-out text and per-token KL to a base model, or lm-eval tasks (--tasks)."""
     from compressor import api
     from compressor.outputs import report_path
 
     def action():
+        if tasks is not None:
+            names = [t.strip() for t in tasks.split(",") if t.strip()]
+            limit_n = int(limit) if limit is not None and limit >= 1 else limit
+            return api.evaluate_tasks(model, names, limit=limit_n, num_fewshot=num_fewshot, device=device,
+                                      batch_size=batch_size, add_bos_token=bos, chat_template=chat_template,
+                                      verify=not no_verify, progress=_progress())
         if report is not None:
             report_path(report)  # before the evaluation, not after it
         result = api.evaluate(model, base, data, windows, window_len, batch_size, device, text_field,
@@ -298,7 +312,75 @@ def eval_cmd(
             result["report"] = str(write_eval_report(report, result, api.inspect(model)))
         return result
 
-    _run(action, lambda r: _kv_table(f"evaluation of {model}", r), json_out)
+    def render(r):
+        if "tasks" not in r:
+            return _kv_table(f"evaluation of {model}", r)
+        table = Table("task", "metric", "value", "stderr", "samples", title=f"lm-eval on {model}")
+        for task, metrics in r["tasks"].items():
+            for metric, value in metrics.items():
+                if metric.endswith("_stderr") or metric in ("samples", "data") or value is None:
+                    continue
+                stderr = metrics.get(f"{metric}_stderr")
+                table.add_row(task, metric, f"{value:.4f}", f"{stderr:.4f}" if isinstance(stderr, float) else "-",
+                              str(metrics.get("samples")))
+        console.print(table)
+        s = r["settings"]
+        console.print(f"BOS {'prepended' if s['add_bos_token'] else 'not prepended'} (from {s['bos_from']}), "
+                      f"chat template {'applied' if s['chat_template'] else 'not applied'}, lm-eval {s['lm_eval_version']}")
+
+    _run(action, render, json_out)
+
+
+# ---------------------------------------------------------------- report
+
+@app.command("report")
+def report_cmd(
+    artifacts: list[str] = typer.Argument(..., help="Artifacts and checkpoints to compare (any kind eval takes)."),
+    base: str = typer.Option(..., "--base", help="The base model every candidate is compared with."),
+    output: Path = typer.Option(..., "-o", "--output", help="Directory for report.md, report.html and figures."),
+    texts: str = typer.Option("wiki,austen", "--texts", help="Held-out texts for perplexity and KL, comma-separated."),
+    windows: int = typer.Option(64, "--windows", help="Windows per text."),
+    window_len: int = typer.Option(512, "--window-len", help="Tokens per window."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-eval tasks too, comma-separated."),
+    limit: Optional[float] = typer.Option(None, "--limit", help="lm-eval: documents per task."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),
+    device: str = typer.Option("cpu", "--device", help="Device to evaluate on."),
+    allow_mixed_base: bool = typer.Option(False, "--allow-mixed-base",
+                                          help="Allow candidates of other base models (flagged in the report)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Evaluation cache (default: the asset cache)."),
+    title: Optional[str] = typer.Option(None, "--title", help="Report title."),
+    bench: list[Path] = typer.Option([], "--bench", help="`compress bench --json` output to show as speed "
+                                     "(repeatable; matched to candidates by path)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Compare artifacts against a base: tables with deltas, Pareto plot, per-layer maps, provenance."""
+    from compressor import api
+
+    def action():
+        names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+        limit_n = int(limit) if limit is not None and limit >= 1 else limit
+        return api.report(artifacts, base, output, texts=tuple(t.strip() for t in texts.split(",") if t.strip()),
+                          windows=windows, window_len=window_len, tasks=tuple(names), limit=limit_n,
+                          batch_size=batch_size, device=device, allow_mixed_base=allow_mixed_base, cache=cache,
+                          title=title, overwrite=overwrite, bench=bench, progress=_progress())
+
+    _run(action, lambda r: console.print(f"[green]wrote[/green] {r['report']} and {r['html']} "
+                                         f"({r['evaluated']} evaluated, {r['cached']} from cache, "
+                                         f"{r['wall_s']:.1f} s)"), json_out)
+
+
+@app.command("publish")
+def publish_cmd(
+    results: Path = typer.Argument(Path("benchmarks/results"), help="Directory of benchmark results (*.json)."),
+    output: Path = typer.Option(Path("reports"), "-o", "--output", help="Where index.md and index.html go."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Regenerate the published comparison (index.md, index.html) from committed benchmark results."""
+    from compressor import api
+
+    _run(lambda: api.publish(results, output),
+         lambda r: console.print(f"[green]wrote[/green] {r['markdown']} and {r['html']} ({r['rows']} rows)"), json_out)
 
 
 # ---------------------------------------------------------------- inspect / verify
@@ -384,7 +466,7 @@ def pack(
 
     options = {"lanes": lanes, "steps": steps, "table_log": table_log}
     _run(lambda: api.pack(model, output, dtype=dtype, options=options, overwrite=overwrite, check=check,
-                          verify=not no_verify),
+                          verify=not no_verify, progress=_progress()),
          lambda r: _kv_table(f"wrote {r['output']}", r), json_out)
 
 

@@ -301,7 +301,8 @@ def test_bad_device_is_one_line_and_leaves_no_run_directory(device, phrase, tiny
     assert_cli_error(cli("eval", tiny_llama, "--device", device), phrase)
 
 
-@pytest.mark.parametrize("command", [["eval"], ["quantize", "-o", "OUT"], ["prune", "-o", "OUT"]])
+# `compress eval` runs packed artifacts from their packed weights (tests/test_universal.py).
+@pytest.mark.parametrize("command", [["quantize", "-o", "OUT"], ["prune", "-o", "OUT"]])
 def test_packed_artifact_where_weights_are_read_names_unpack(command, packed, tmp_path):
     args = [a if a != "OUT" else tmp_path / "o" for a in command]
     assert_cli_error(cli(args[0], packed, *args[1:]), "is a packed (lossless) artifact", "compress unpack")

@@ -8,6 +8,8 @@ vLLM load the artifact. Reading dequantizes back to float weights for our own ev
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from compressor.errors import CompressorError
@@ -45,28 +47,70 @@ def encode(module: str, record: dict[str, torch.Tensor], scheme: WeightScheme) -
     return out
 
 
-def scheme_from_config(qconfig: dict) -> WeightScheme:
+def _weight_scheme(weights: dict) -> WeightScheme:
+    if weights.get("type") != "int":
+        raise CompressorError(f"unsupported weight type {weights.get('type')!r}", "this reader handles integer weights")
+    group_size = weights.get("group_size") if weights.get("strategy") == "group" else -1
+    return WeightScheme(int(weights["num_bits"]), int(group_size or -1), bool(weights["symmetric"]))
+
+
+def group_schemes(qconfig: dict) -> list[tuple[list[str], WeightScheme]]:
+    """(targets, scheme) of every config group; one group is what compressor writes, several
+    what mixed-precision tools (llm-compressor recipes with per-module schemes) write."""
     # Read without the library's models: evaluation hosts may not have compressed-tensors installed.
     if qconfig.get("quant_method") != "compressed-tensors" or qconfig.get("format") != FORMAT:
         raise CompressorError(
             f"unsupported quantization format {qconfig.get('quant_method')}/{qconfig.get('format')}",
             f"this reader handles compressed-tensors {FORMAT}")
     groups = qconfig.get("config_groups") or {}
-    if len(groups) != 1:
-        raise CompressorError(f"expected one config group, found {len(groups)}", "the artifact config is damaged")
-    w = next(iter(groups.values()))["weights"]
-    if w.get("type") != "int":
-        raise CompressorError(f"unsupported weight type {w.get('type')!r}", "this reader handles integer weights")
-    group_size = w.get("group_size") if w.get("strategy") == "group" else -1
-    return WeightScheme(int(w["num_bits"]), int(group_size or -1), bool(w["symmetric"]))
+    if not groups:
+        raise CompressorError("the quantization config has no config groups", "the artifact config is damaged")
+    out = []
+    for group in groups.values():
+        if group.get("format") not in (None, FORMAT):
+            raise CompressorError(f"unsupported config group format {group.get('format')!r}",
+                                  f"this reader handles {FORMAT}")
+        out.append((list(group.get("targets") or []), _weight_scheme(group["weights"])))
+    return out
+
+
+def scheme_from_config(qconfig: dict) -> WeightScheme:
+    """The scheme of a one-group config (as compressor writes)."""
+    schemes = group_schemes(qconfig)
+    if len(schemes) != 1:
+        raise CompressorError(f"expected one config group, found {len(schemes)}", "the artifact config is damaged")
+    return schemes[0][1]
+
+
+def _matches(module: str, target: str) -> bool:
+    """compressed-tensors target matching for a quantized linear: its class name, `re:` + a
+    regex matched from the start of the module name, or the module name itself."""
+    if target == "Linear":
+        return True
+    if target.startswith("re:"):
+        try:
+            return re.match(target[3:], module) is not None
+        except re.error as exc:
+            raise CompressorError(f"config group target {target!r} is not a valid regex ({exc})",
+                                  "the artifact config is damaged") from None
+    return module == target
+
+
+def scheme_for(module: str, schemes: list[tuple[list[str], WeightScheme]]) -> WeightScheme:
+    for targets, scheme in schemes:
+        if any(_matches(module, t) for t in targets):
+            return scheme
+    raise CompressorError(f"{module} has quantized weights but no config group targets it",
+                          "the artifact config is damaged or was edited")
 
 
 def decode(tensors: dict[str, torch.Tensor], qconfig: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Dequantize every packed module; other tensors pass through. Errors name the module."""
-    scheme = scheme_from_config(qconfig)
+    schemes = group_schemes(qconfig)
     modules = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_packed")})
     out = {k: v for k, v in tensors.items() if not k.rsplit(".", 1)[-1] in SUFFIXES}
     for m in modules:
+        scheme = scheme_for(m, schemes)
         try:
             shape = tuple(int(x) for x in tensors[f"{m}.weight_shape"].tolist())
             scale = tensors[f"{m}.weight_scale"]
@@ -95,6 +139,7 @@ class PackQuantized:
     kind = "weight-int"
     suffixes = SUFFIXES
     decode = staticmethod(decode)
+    schemes = staticmethod(group_schemes)
 
     def __init__(self, export: dict):
         self.scheme, self.actorder = export["scheme"], export.get("actorder")

@@ -92,6 +92,7 @@ class NaiveQuantized:
     type: str
     suffixes = SUFFIXES
     decode = staticmethod(decode)
+    schemes = staticmethod(scheme_from_config)
 
     def __init__(self, export: dict):
         self.scheme = W8Scheme(self.type, export.get("act_dynamic", True))

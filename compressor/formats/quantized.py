@@ -32,6 +32,10 @@ class QuantizedFormat(Protocol):
     @staticmethod
     def decode(tensors: dict[str, torch.Tensor], qconfig: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]: ...
 
+    @staticmethod
+    def schemes(qconfig: dict) -> object:
+        """The config's schemes as this reader understands them; CompressorError if it cannot."""
+
 
 FORMATS: Registry[type[QuantizedFormat]] = Registry("quantized format")
 for _format in (compressed_tensors.PackQuantized, naive_quantized.IntQuantized, naive_quantized.FloatQuantized):
@@ -49,6 +53,18 @@ def writer_for(export: dict) -> QuantizedFormat:
 
 # Leaf names of quantization parameters, which are not model parameters.
 SUFFIXES = tuple(dict.fromkeys(s for _, fmt in FORMATS.items() for s in fmt.suffixes))
+
+
+def supports(qconfig: dict) -> bool:
+    """Whether `decode` reads this quantization config (config groups of schemes we read)."""
+    fmt = qconfig.get("format")
+    if qconfig.get("quant_method") != "compressed-tensors" or fmt not in FORMATS:
+        return False
+    try:
+        FORMATS.get(fmt).schemes(qconfig)
+    except (CompressorError, KeyError, TypeError, ValueError):
+        return False
+    return True
 
 
 def decode(tensors: dict[str, torch.Tensor], qconfig: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
