@@ -21,7 +21,6 @@ from compressor.devices import check_device
 from compressor.errors import CompressorError
 from compressor.formats import artifact as artifacts
 from compressor.formats import manifest as manifests
-from compressor.formats import quantized
 from compressor.formats.manifest import read_manifest
 from compressor import export
 from compressor.methods import METHODS, Method

@@ -18,7 +18,8 @@ RENDERERS = {"quantize": "quantize", "slicing": "slicing", "spine": "spine", "lo
              "kernels": "kernels_report", "engine": "engine"}
 
 
-@pytest.mark.parametrize("name", sorted(p.stem for p in REPORTS.glob("*.md")))
+# reports/index.md is `compress publish`'s, held to its results by tests/test_report.py.
+@pytest.mark.parametrize("name", sorted(p.stem for p in REPORTS.glob("*.md") if p.stem != "index"))
 def test_committed_report_is_rendered_from_committed_results(name):
     assert name in RENDERERS, f"reports/{name}.md has no renderer: add its benchmark module to RENDERERS"
     render = importlib.import_module(RENDERERS[name]).render

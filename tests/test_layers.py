@@ -17,6 +17,7 @@ FOUNDATION = {"compressor", "errors", "registry", "util", "devices", "outputs", 
 # The layers each layer builds on (DESIGN.md's arrows; the closure is taken below).
 BUILDS_ON: dict[str, set[str]] = {
     "__main__": {"cli"},
+    "lm_eval": {"evaluation"},  # `python -m compressor.lm_eval`: lm-eval's CLI with our model registered
     "cli": {"api", "cli_options"},
     "cli_options": {"api"},  # the CLI's options, derived from the method configs
     "api": {"export", "pipeline", "evaluation", "reporting", "formats", "models", "recipes"},

@@ -11,7 +11,7 @@ import torch
 
 from compressor.errors import CompressorError
 from compressor.formats import packed as packed_format
-from compressor.methods.lossless.dfloat import PackConfig
+from compressor.codecs.dfloat import PackConfig
 from compressor.formats.universal import describe, identify, kind_of, open_model
 from helpers import cli
 
