@@ -29,12 +29,12 @@ from compressor.methods.composition import describe as describe_methods
 from compressor.models import assets
 from compressor.models.adapters import adapter_for_config, count_parameters
 from compressor.models.loading import LoadedModel, load_model, resolve_model_path, source_bytes
-from compressor.outputs import check_output
+from compressor.outputs import check_output, is_safe_name
 from compressor.pipeline.checkpoint import RunDirectory
 from compressor.pipeline.distributed import World
 from compressor.pipeline.progress import Progress
 from compressor.pipeline.sequential import SequentialPipeline, check_order
-from compressor.util import release_memory
+from compressor.util import release_memory, write_atomic
 
 
 def peak_rss_mb() -> float:
@@ -223,45 +223,131 @@ def prune(model: str, method: str, out: str | Path, sparsity: float | None = Non
 
 # ---------------------------------------------------------------- recipes
 
+RECIPE_STATE = "recipe-run.json"
+
+
 def run_recipe(recipe_path: str | Path, model: str, out: str | Path, *, calib: str | None = None,
                device: str = "cpu", overwrite: bool = False, resume: bool = False, restart: bool = False,
                allow_pickle: bool = False, verify: bool = True, progress: Progress | None = None) -> dict:
-    """Run a recipe's stages in order; each stage's output is the next one's input.
-
-    A one-stage recipe writes OUT directly; longer chains keep intermediates in `.OUT.stages/`.
-    `calib` overrides every stage's calibration data (the recipe's is the default).
-    """
+    """Run a recipe's stages in order, each reading what the stage before it made; every stage's
+    output goes under OUT (`01-prune/`, `02-quantize/`, ..., `04-eval.json`, `05-report/`), and
+    `--resume` continues after the last finished stage (inside an interrupted engine pass, from its
+    last finished block). `calib` overrides every stage's calibration data."""
     from compressor.recipes import load_recipe
 
     progress = progress or Progress()
     recipe = load_recipe(recipe_path)
+    names = recipe.stage_names()
     for stage in recipe.stages:  # every stage's settings, before any work
-        make_methods(stage.spec.method, stage.spec.options, stage.kind)
+        if stage.kind in ("prune", "quantize"):
+            make_methods(stage.spec.method, stage.spec.options, stage.kind)
+        elif stage.kind == "pack":
+            _pack_config(stage.spec.options)
+    if resume and restart:
+        raise CompressorError("--resume and --restart contradict each other",
+                              "pass --resume to continue the interrupted run or --restart to discard it")
     check_device(device)
     out = Path(out)
-    path = resolve_model_path(model, progress.log)
-    check_output(out, overwrite=overwrite, sources=[path], needs_bytes=source_bytes(path) * 3 // 2)
-    source, results = model, []
-    for index, stage in enumerate(recipe.stages):
-        last = index == len(recipe.stages) - 1
-        target = out if last else out.with_name(f".{out.name}.stages") / f"{index:02d}-{stage.kind}"
-        spec = stage.spec
-        if resume and not last and (target / "manifest.json").is_file():
-            progress.log(f"stage {index + 1}/{len(recipe.stages)} finished before; reusing {target}")
-            source = str(target)
-            continue
-        progress.log(f"stage {index + 1}/{len(recipe.stages)}: {stage.kind} {spec.method}")
+    source = resolve_model_path(model, progress.log)
+    if not out.exists():
+        check_output(out, overwrite=False, sources=[source], needs_bytes=source_bytes(source) * 2)
+    state = _recipe_state(out, recipe, names, str(source), overwrite, resume, restart)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / RECIPE_STATE, json.dumps(state, indent=2, default=str).encode())
+    current, made, eval_settings = model, [], None
+    for index, (stage, name) in enumerate(zip(recipe.stages, names)):
+        spec, target = stage.spec, out / name
+        if stage.kind == "eval":
+            eval_settings = spec
+        if name in state["done"]:
+            progress.log(f"stage {index + 1}/{len(names)} {name}: finished before")
+        else:
+            progress.log(f"stage {index + 1}/{len(names)} {name}")
+            result = _run_stage(stage, target, current, model, made, eval_settings, out, calib=calib, device=device,
+                                resume=resume, allow_pickle=allow_pickle, verify=verify, progress=progress)
+            state["done"][name] = result
+            write_atomic(out / RECIPE_STATE, json.dumps(state, indent=2, default=str).encode())
+        if stage.makes_artifact:
+            current = str(target)
+            made.append(current)
+    return {"recipe": recipe.name, "output": str(out), "stages": state["done"], "artifact": current}
+
+
+def _recipe_state(out: Path, recipe, names: list[str], source: str, overwrite: bool, resume: bool,
+                  restart: bool) -> dict:
+    """The recipe run's state file: a new one, or the interrupted one to resume; an existing
+    finished run is replaced only with --overwrite, and a directory we did not write never."""
+    fresh = {"tool": "compressor", "recipe": recipe.model_dump(mode="json"), "source": source,
+             "stages": names, "done": {}}
+    state_file = out / RECIPE_STATE
+    if not out.exists():
+        if resume:
+            raise CompressorError(f"no interrupted recipe run to resume at {out}", "drop --resume to start one")
+        return fresh
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        state = None
+    if not isinstance(state, dict) or state.get("tool") != "compressor":
+        check_output(out, overwrite=overwrite)  # the same rules as any output: refused unless ours
+        return fresh
+    finished = set(state.get("done", {})) >= set(state.get("stages", []))
+    if resume:
+        if state.get("recipe") != fresh["recipe"] or state.get("source") != source:
+            raise CompressorError(f"the recipe run in {out} was started with another recipe or model",
+                                  "rerun with the original ones, or pass --restart to discard it")
+        return state
+    if not (restart or (finished and overwrite)):
+        raise CompressorError(
+            f"{'a finished' if finished else 'an interrupted'} recipe run exists at {out}",
+            "pass --overwrite to replace it" if finished else "pass --resume to continue it or --restart to discard it")
+    for name in state.get("stages", []):  # only what that run wrote
+        entry = out / name
+        if is_safe_name(name) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        for extra in (out / f"{name}.json", run_directory_for(entry)):
+            if is_safe_name(name) and extra.is_file():
+                extra.unlink()
+            elif is_safe_name(name) and extra.is_dir():
+                shutil.rmtree(extra)
+    return fresh
+
+
+def _run_stage(stage, target: Path, current: str, source: str, made: list[str], eval_settings, out: Path, *,
+               calib: str | None, device: str, resume: bool, allow_pickle: bool, verify: bool,
+               progress: Progress) -> dict:
+    spec = stage.spec
+    if stage.kind in ("prune", "quantize"):
         cal = spec.calib
         interrupted = (run_directory_for(target) / "run.json").is_file()
-        results.append(compress(source, spec.method, target, spec.options, command=stage.kind, calib=calib or cal.data,
-                                samples=cal.samples, seq_len=cal.seq_len, seed=cal.seed, text_field=cal.text_field,
-                                chat_template=cal.chat_template, batch_size=cal.batch_size, device=device,
-                                overwrite=overwrite or not last, resume=resume and interrupted,
-                                restart=restart and interrupted, allow_pickle=allow_pickle, verify=verify,
-                                progress=progress))
-        source = str(target)
-    shutil.rmtree(out.with_name(f".{out.name}.stages"), ignore_errors=True)
-    return {"recipe": recipe.name, "output": str(out), "stages": results}
+        return compress(current, spec.method, target, spec.options, command=stage.kind, calib=calib or cal.data,
+                        samples=cal.samples, seq_len=cal.seq_len, seed=cal.seed, text_field=cal.text_field,
+                        chat_template=cal.chat_template, batch_size=cal.batch_size, device=device, overwrite=True,
+                        resume=resume and interrupted, restart=not (resume and interrupted) and interrupted,
+                        allow_pickle=allow_pickle, verify=verify, progress=progress)
+    if stage.kind == "pack":
+        return pack(current, target, dtype=spec.dtype, options=spec.options, overwrite=True, verify=verify,
+                    progress=progress)
+    from compressor.evaluation.suite import EvalCache, SuiteSettings, evaluate_all
+    from compressor.recipes import EvalStage
+
+    evaluation = eval_settings or EvalStage()  # a report without an eval stage uses the defaults
+    settings = SuiteSettings(tuple(evaluation.texts), evaluation.windows, evaluation.window_len,
+                             tuple(evaluation.tasks), evaluation.limit, evaluation.batch_size, device)
+    cache = out / ".eval-cache"
+    if stage.kind == "eval":
+        # The recipe made `current` from `source` through its earlier stages: no lineage check needed.
+        base, (candidate,) = evaluate_all([current], source, settings, EvalCache(cache), True, progress)
+        if candidate.error:
+            raise CompressorError(f"cannot evaluate {current}: {candidate.error}", "rebuild that stage's artifact")
+        result = {"model": current, "base": source, "settings": settings.key(), "result": candidate.result,
+                  "base_result": base.result}
+        write_atomic(target.with_name(target.name + ".json"), json.dumps(result, indent=1, default=str).encode())
+        return {"output": str(target.with_name(target.name + ".json"))}
+    return report(made or [current], source, target, texts=settings.texts, windows=settings.windows,
+                  window_len=settings.window_len, tasks=settings.tasks, limit=settings.limit,
+                  batch_size=settings.batch_size, device=device, cache=cache, title=spec.title, overwrite=True,
+                  progress=progress)
 
 
 # ---------------------------------------------------------------- evaluate
@@ -464,13 +550,23 @@ def verify(path: str | Path) -> dict:
 
 # ---------------------------------------------------------------- lossless packing
 
+def _pack_config(options: dict[str, Any] | None):
+    from compressor.codecs.dfloat import PackConfig
+
+    try:
+        return PackConfig(**{k: v for k, v in (options or {}).items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise CompressorError(f"invalid pack option {'.'.join(map(str, first['loc']))}: {first['msg']}",
+                              "see `compress pack --help`") from None
+
+
 def pack(model: str | Path, out: str | Path, *, dtype: str | None = None, options: dict[str, Any] | None = None,
          overwrite: bool = False, check: bool = True, verify: bool = True,
          progress: Progress | None = None) -> dict:
     """Entropy-code a model's (or a quantized artifact's) tensors losslessly into a packed artifact."""
     from compressor.formats import packed
     from compressor.codecs import native
-    from compressor.codecs.dfloat import PackConfig
     from compressor.models.loading import parse_dtype, source_hash
 
     path = resolve_model_path(model)
@@ -479,12 +575,7 @@ def pack(model: str | Path, out: str | Path, *, dtype: str | None = None, option
                               "convert it first (e.g. `compress assets fetch` for the reference models)")
     if verify and (path / manifests.MANIFEST).is_file() and not packed.is_packed(path):
         manifests.check(path)  # never pack (and so bless) a tampered artifact
-    try:
-        config = PackConfig(**{k: v for k, v in (options or {}).items() if v is not None})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise CompressorError(f"invalid pack option {'.'.join(map(str, first['loc']))}: {first['msg']}",
-                              "see `compress pack --help`") from None
+    config = _pack_config(options)
     cast = None if dtype in (None, "keep") else parse_dtype(dtype)
     check_output(Path(out), overwrite=overwrite, sources=[path])  # before hashing the source
     result = packed.pack(path, Path(out), config, cast, overwrite=overwrite, check=check,

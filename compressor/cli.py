@@ -244,25 +244,28 @@ _methods_command(
 def run_cmd(
     recipe: str = typer.Argument(..., help=f"A shipped recipe ({', '.join(_shipped_recipes())}) or a recipe YAML file."),
     model: str = typer.Argument(..., help="HF model directory, .gguf file or reference name."),
-    output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
+    output: Path = typer.Option(..., "-o", "--output", help="Directory for every stage's output (01-quantize/, ...)."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data for every stage (overrides the recipe)."),
-    device: str = typer.Option("cpu", "--device", help="Compute device."),
-    overwrite: bool = OVERWRITE_OPTION,
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
-    restart: bool = typer.Option(False, "--restart", help="Discard an interrupted run and start again."),
+    device: str = DEVICE_OPTION,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run of a recipe in this directory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run after its last finished stage."),
+    restart: bool = RESTART_OPTION,
     allow_pickle: bool = ALLOW_PICKLE_OPTION,
     no_verify: bool = NO_VERIFY_OPTION,
     json_out: bool = JSON_OPTION,
 ) -> None:
-    """Run a recipe: its stages in order, from MODEL to the artifact OUT."""
+    """Run a recipe: its stages in order from MODEL, each stage's output under OUTPUT."""
     from compressor import api
 
     def render(r):
-        _kv_table(f"recipe {r['recipe']}: wrote {r['output']}", r["stages"][-1])
+        table = Table("stage", "output", title=f"recipe {r['recipe']}: {r['output']}")
+        for name, result in r["stages"].items():
+            table.add_row(name, str(result.get("report") or result.get("output", "")))
+        console.print(table)
 
     _run(lambda: api.run_recipe(recipe, model, output, calib=calib, device=device, overwrite=overwrite,
                                 resume=resume, restart=restart, allow_pickle=allow_pickle, verify=not no_verify,
-                            progress=_progress()),
+                                progress=_progress()),
          render, json_out)
 
 
