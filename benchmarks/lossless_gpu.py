@@ -118,7 +118,7 @@ def throughput(rows: list, device: str, copy_gbps: float, log, blocks, cuda_ok: 
     if cuda_ok:
         from compressor.kernels.entropy_decode_cuda import decode_cuda
 
-        variants += [(f"cuda:{k}", b, None) for k in ("tans_decode_smem", "tans_decode_smem2") for b in (64, 128)]
+        variants += [(f"cuda:{k}", b, None) for k in ("tans_decode_smem",) for b in (64, 128)]
     best = None
     for backend, block, warps in variants:
         state = {"i": 0}

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from compressor import __version__
-from compressor.cli_options import collect, with_method_options
+from compressor.cli_options import calibration, collect, with_method_options
 from compressor.errors import CompressorError
 from compressor.progress import Progress, for_terminal
 
@@ -101,13 +101,7 @@ NO_VERIFY_OPTION = typer.Option(False, "--no-verify",
                                 help="Skip checking a compressor artifact against its manifest on load.")
 
 # Calibration options shared by every command that calibrates.
-CALIB_OPTION = typer.Option("wiki", "--calib", help="Calibration data: file, saved dataset or 'wiki'.")
-SAMPLES_OPTION = typer.Option(128, "--samples", help="Calibration samples.")
-SEQ_LEN_OPTION = typer.Option(512, "--seq-len", help="Tokens per calibration sample.")
-SEED_OPTION = typer.Option(0, "--seed", help="Seed for choosing calibration samples.")
 TEXT_FIELD_OPTION = typer.Option("text", "--text-field", help="Text column of jsonl/parquet/dataset data.")
-CHAT_TEMPLATE_OPTION = typer.Option(False, "--chat-template", help="Render calibration text as chats.")
-BATCH_SIZE_OPTION = typer.Option(8, "--batch-size", help="Calibration samples per forward pass.")
 
 
 def _fail(message: str, hint: str | None = None, exit_code: int = 2) -> None:
@@ -188,14 +182,7 @@ def _methods_command(name: str, default_method: str, method_help: str, doc: str)
         model: str = typer.Argument(..., help="HF model directory, .gguf file or reference name (smollm2-135m)."),
         output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
         method: str = typer.Option(default_method, "--method", "-m", help=method_help),
-        calib: str = CALIB_OPTION,
-        samples: int = SAMPLES_OPTION,
-        seq_len: int = SEQ_LEN_OPTION,
-        seed: int = SEED_OPTION,
-        text_field: str = TEXT_FIELD_OPTION,
-        chat_template: bool = CHAT_TEMPLATE_OPTION,
         device: str = DEVICE_OPTION,
-        batch_size: int = BATCH_SIZE_OPTION,
         dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32, bfloat16, float16."),
         hessian_dtype: str = typer.Option("float32", "--hessian-dtype",
                                           help="Hessian accumulation: float32 or float64."),
@@ -205,22 +192,23 @@ def _methods_command(name: str, default_method: str, method_help: str, doc: str)
         allow_pickle: bool = ALLOW_PICKLE_OPTION,
         no_verify: bool = NO_VERIFY_OPTION,
         json_out: bool = JSON_OPTION,
-        **method_options: Any,
+        **options: Any,
     ) -> None:
         from compressor import api
         from compressor.models.loading import parse_dtype
 
         def action():
             run = api.prune if name == "prune" else api.quantize
-            settings = dict(calib=calib, samples=samples, seq_len=seq_len, seed=seed, text_field=text_field,
-                            chat_template=chat_template, device=device, batch_size=batch_size,
-                            dtype=parse_dtype(dtype), hessian_dtype=parse_dtype(hessian_dtype), overwrite=overwrite,
+            cal = calibration(options)
+            settings = dict(calib=cal.data, samples=cal.samples, seq_len=cal.seq_len, seed=cal.seed,
+                            text_field=cal.text_field, chat_template=cal.chat_template, device=device,
+                            batch_size=cal.batch_size, dtype=parse_dtype(dtype), hessian_dtype=parse_dtype(hessian_dtype), overwrite=overwrite,
                             resume=resume, restart=restart, allow_pickle=allow_pickle, verify=not no_verify,
                             progress=_progress())
-            options = collect(method_options)
+            method_options = collect(options)
             if name == "prune":
-                return run(model, method, output, options.pop("sparsity", None), options, **settings)
-            return run(model, method, output, options, **settings)
+                return run(model, method, output, method_options.pop("sparsity", None), method_options, **settings)
+            return run(model, method, output, method_options, **settings)
 
         _run(action, lambda r: _kv_table(f"wrote {r['output']}", r), json_out)
 

@@ -370,14 +370,13 @@ def test_cuda_kernel_source_decodes_correctly_when_emulated_on_cpu(tmp_path):
     shim = ("#define __global__\nstruct D { int x; }; static D blockIdx, blockDim, threadIdx;\n"
             "static void __syncthreads() {}\n")
     runner = """
-extern "C" void run_all(int which, const unsigned int* w, const unsigned int* tb, const unsigned char* raw,
+extern "C" void run_all(const unsigned int* w, const unsigned int* tb, const unsigned char* raw,
     const unsigned char* sg, short* out, const long long* lp, const long long* lo, const long long* lr,
     const long long* ls, const int* ln, const int* lt, int n, int stride, int R, int mode, int block) {
   blockDim.x = block;
   for (int b = 0; b * block < n; b++) { blockIdx.x = b;
     for (int t = 0; t < block; t++) { threadIdx.x = t;
-      if (which == 1) tans_decode_smem(w, tb, raw, sg, out, lp, lo, lr, ls, ln, lt, n, stride, R, mode);
-      else tans_decode_smem2(w, tb, raw, sg, out, lp, lo, lr, ls, ln, lt, n, stride, R, mode); } }
+      tans_decode_smem(w, tb, raw, sg, out, lp, lo, lr, ls, ln, lt, n, stride, R, mode); } }
 }
 """
     (tmp_path / "k.cpp").write_text(shim + src + runner)
@@ -399,14 +398,12 @@ extern "C" void run_all(int which, const unsigned int* w, const unsigned int* tb
     def p(t):
         return ctypes.c_void_p(t.data_ptr())
 
-    for which in (1, 2):
-        out = torch.full((off,), -21846, dtype=torch.int16)
-        for ls in plan.lanes:
-            lib.run_all(which, p(plan.words), p(plan.table), p(plan.raw), p(plan.signs), p(out), p(ls.pos),
-                        p(ls.out), p(ls.raw), p(ls.sign), p(ls.n), p(ls.tab), ctypes.c_int(ls.pos.numel()),
-                        ctypes.c_int(plan.stride), ctypes.c_int(plan.table_log), ctypes.c_int(ls.mode),
-                        ctypes.c_int(32))
-        assert torch.equal(out, expected), which
+    out = torch.full((off,), -21846, dtype=torch.int16)
+    for ls in plan.lanes:
+        lib.run_all(p(plan.words), p(plan.table), p(plan.raw), p(plan.signs), p(out), p(ls.pos),
+                    p(ls.out), p(ls.raw), p(ls.sign), p(ls.n), p(ls.tab), ctypes.c_int(ls.pos.numel()),
+                    ctypes.c_int(plan.stride), ctypes.c_int(plan.table_log), ctypes.c_int(ls.mode), ctypes.c_int(32))
+    assert torch.equal(out, expected)
 
 
 def test_inspect_counts_packed_parameters(packed_tiny, tiny_llama):

@@ -41,7 +41,9 @@ def test_shipped_recipe_validates(path):
     recipe = load_recipe(path)
     assert recipe.name == path.stem
     for stage in recipe.stages:
-        api.make_methods(stage.spec.method, stage.spec.options, stage.kind)
+        if stage.kind in ("prune", "quantize"):
+            api.make_methods(stage.spec.method, stage.spec.options, stage.kind)
+    assert recipe.stages[-1].kind == "report"  # every shipped recipe ends with its report
 
 
 def test_recipe_run_equals_the_quantize_command(tiny_llama, text_file, tmp_path):

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import importlib
 from enum import Enum
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 from compressor.errors import CompressorError
 
@@ -65,3 +66,14 @@ def quantization_config(fmt: str, weights, inputs, ignore: list[str]) -> dict:
         "sparsity_config": {},
         "transform_config": {},
     }
+
+
+@contextmanager
+def decoding(module: str) -> Iterator[None]:
+    """A module whose stored tensors disagree with the artifact's config, as one line naming it."""
+    try:
+        yield
+    except (KeyError, ValueError, RuntimeError) as exc:
+        raise CompressorError(
+            f"tensors of {module} do not match the artifact's quantization config ({exc})",
+            "the artifact is damaged or its config.json was edited; rebuild it") from None

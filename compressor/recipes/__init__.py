@@ -36,13 +36,16 @@ class _Strict(BaseModel):
 
 
 class CalibSpec(_Strict):
-    data: str = "wiki"
-    samples: int = Field(128, ge=1)
-    seq_len: int = Field(512, ge=1)
-    seed: int = 0
-    text_field: str = "text"
-    chat_template: bool = False
-    batch_size: int = Field(8, ge=1)
+    """Calibration data of an engine pass (recipe key `calib`; on the command line `--calib` and friends)."""
+
+    data: str = Field("wiki", description="calibration data: a .txt/.jsonl/.parquet file, a saved dataset or 'wiki'",
+                      json_schema_extra={"flag": "--calib"})
+    samples: int = Field(128, ge=1, description="calibration samples")
+    seq_len: int = Field(512, ge=1, description="tokens per calibration sample")
+    seed: int = Field(0, description="seed for choosing calibration samples")
+    text_field: str = Field("text", description="text column of jsonl/parquet/dataset data")
+    chat_template: bool = Field(False, description="render calibration documents through the chat template")
+    batch_size: int = Field(8, ge=1, description="calibration samples per forward pass")
 
 
 class _StageSpec(_Strict):
