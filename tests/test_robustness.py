@@ -1,0 +1,288 @@
+"""Robustness, the fast subset of benchmarks/robustness.py: kills at random points with resume,
+damaged checkpoints, a disk that fills or turns read-only mid-run, two writers of one output,
+and fuzzed readers (mutated real files and hypothesis-made headers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from compressor import api
+from compressor.errors import CompressorError
+from helpers import api_in_subprocess, artifact_files, assert_cli_error, cli, error_line, leftovers, snapshot
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import fuzz  # noqa: E402
+
+GPTQ = {"bits": 4, "group_size": 32}
+CALIB = {"samples": 8, "seq_len": 64}
+
+
+# ---------------------------------------------------------------- kills at random points
+
+def test_random_kills_lose_nothing_and_resume_byte_identical(tmp_path):
+    # In a fresh process: the campaign forks its runs from a parent that has done no torch work.
+    code = ("import json, faults; print(json.dumps(faults.campaign("
+            f"{str(tmp_path / 'ws')!r}, ['rtn', 'pack'], kills_per_trial=2, trials=2, seed=1)))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'benchmarks'}"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(proc.stdout.splitlines()[-1])
+    for row in result["rows"]:
+        assert row["problems"] == [] and row["lost"] == 0, row
+        assert row["recovered"] == row["runs"], row
+    assert sum(row["runs"] for row in result["rows"]) >= 1  # at least one kill landed in the work
+
+
+# ---------------------------------------------------------------- damaged checkpoints
+
+def _killed_run(tiny_llama, text_file, tmp_path, after: int = 1) -> tuple[Path, Path]:
+    out = tmp_path / "q"
+    killed = api_in_subprocess("quantize", str(tiny_llama), "gptq", out, GPTQ, calib=str(text_file), kill_after=after,
+                               **CALIB)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    return out, api.run_directory_for(out)
+
+
+@pytest.fixture(scope="module")
+def clean_gptq(tiny_llama, text_file, tmp_path_factory) -> dict[str, bytes]:
+    out = tmp_path_factory.mktemp("clean") / "q"
+    api.quantize(str(tiny_llama), "gptq", out, GPTQ, calib=str(text_file), **CALIB)
+    return artifact_files(out)
+
+
+def _flip(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["block-data", "block-header", "inputs", "state", "missing-block"])
+def test_damaged_checkpoint_is_detected_and_the_run_recomputed(damage, tiny_llama, text_file, clean_gptq, tmp_path,
+                                                                capsys):
+    out, run = _killed_run(tiny_llama, text_file, tmp_path)
+    block = run / "block-0000.safetensors"
+    if damage == "block-data":
+        _flip(block, block.stat().st_size - 3)  # a tensor's bytes: the header still parses
+    elif damage == "block-header":
+        _flip(block, 20)
+    elif damage == "inputs":
+        f = run / "inputs-0002.safetensors"
+        _flip(f, f.stat().st_size - 5)
+    elif damage == "state":
+        (run / "run.json").write_text("{not json")
+    else:
+        block.unlink()
+    from compressor.progress import Progress
+
+    warnings = []
+
+    class Recording(Progress):
+        def warn(self, message):
+            warnings.append(message)
+
+    api.quantize(str(tiny_llama), "gptq", out, GPTQ, calib=str(text_file), resume=True, progress=Recording(), **CALIB)
+    assert any("recomputing from the first block" in w for w in warnings), warnings
+    assert artifact_files(out) == clean_gptq
+    assert not run.exists()
+
+
+# ---------------------------------------------------------------- two writers, one output
+
+def test_second_writer_of_an_output_is_refused(tiny_llama, tmp_path):
+    out = tmp_path / "q"
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time; from pathlib import Path; from compressor.outputs import output_lock\n"
+        f"with output_lock(Path({str(out)!r})):\n    print('held', flush=True); time.sleep(120)")],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        result = cli("quantize", tiny_llama, "-o", out, "--group-size", "32")
+        assert_cli_error(result, f"{out} is being written by another compress process (pid {holder.pid})",
+                         "wait for it to finish")
+        assert not out.exists() and leftovers(out) == []
+    finally:
+        holder.kill()
+        holder.wait()
+    assert cli("quantize", tiny_llama, "-o", out, "--group-size", "32").exit_code == 0  # the lock died with it
+
+
+def test_lock_is_reentrant_within_a_process_and_released(tmp_path):
+    from compressor.outputs import lock_path, output_lock
+
+    out = tmp_path / "x"
+    with output_lock(out):
+        with output_lock(out):  # a recipe's stage inside the recipe's own lock
+            pass
+    with output_lock(out):
+        assert lock_path(out).read_text() == str(os.getpid())
+    assert lock_path(out).read_text() == ""
+
+
+# ---------------------------------------------------------------- the disk fills or turns read-only mid-run
+
+@pytest.fixture
+def small_disk(tmp_path):
+    path = tmp_path / "disk"
+    path.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("no permission to mount a small tmpfs here")
+    yield path
+    subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def _start(args: list) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "compressor.cli", "-q", *map(str, args)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
+
+
+def _when_running(proc: subprocess.Popen, run: Path, act) -> bool:
+    """Call `act` once the run directory has its first block (True), or False if the run ended first."""
+    while proc.poll() is None:
+        if (run / "block-0000.safetensors").is_file():
+            act()
+            return True
+        time.sleep(0.01)
+    return False
+
+
+@pytest.mark.parametrize("fault", ["full", "read-only"])
+def test_disk_full_or_read_only_mid_run_is_one_line_and_loses_nothing(fault, small_disk, tiny_llama, text_file,
+                                                                       tmp_path):
+    previous = small_disk / "q"
+    api.quantize(str(tiny_llama), "rtn", previous, {"group_size": 32})
+    before = snapshot(previous)
+    args = ["quantize", tiny_llama, "-o", previous, "-m", "gptq", "--group-size", "32", "--calib", text_file,
+            "--samples", "32", "--seq-len", "64", "--overwrite"]
+
+    def fill():
+        with open(small_disk / "filler", "wb") as f:
+            try:
+                while True:
+                    f.write(b"\0" * (1 << 20))
+            except OSError:
+                pass
+
+    def read_only():
+        for _ in range(500):
+            if subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], capture_output=True).returncode == 0:
+                return
+            time.sleep(0.01)
+        pytest.skip("could not remount the tmpfs read-only")
+
+    proc = _start(args)
+    if not _when_running(proc, api.run_directory_for(previous), fill if fault == "full" else read_only):
+        pytest.skip("the run finished before the fault could be injected")
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 2, stderr
+    message = error_line(stderr)
+    assert ("no space left on the device" if fault == "full" else "read-only") in message
+    assert snapshot(previous) == before  # the previous artifact is intact
+    if fault == "read-only":
+        subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    else:
+        (small_disk / "filler").unlink()
+    resumed = _start([*args, "--resume"])  # room again: the run continues from its checkpoints
+    _, stderr = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, stderr
+    assert leftovers(previous) == [] and cli("verify", previous).exit_code == 0
+
+
+# ---------------------------------------------------------------- fuzzed readers
+
+@pytest.mark.parametrize("reader", sorted(fuzz.READERS))
+def test_fuzzed_reader_fails_only_with_one_line_errors(reader, tmp_path, monkeypatch):
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+    scratch = Path(os.environ.get("ROBUSTNESS_SCRATCH", "/dev/shm" if Path("/dev/shm").is_dir() else tmp_path))
+    work = Path(fuzz_root(scratch)) / reader
+    counts = fuzz.run_reader(fuzz.READERS[reader], work, inputs=150, seed=3, timeout_s=10.0, memory_mb=1024)
+    assert counts["inputs"] == 150
+    assert counts["crashes"] == counts["hangs"] == counts["multiline"] == 0, counts["examples"][:3]
+
+
+_FUZZ_ROOT: list[str] = []
+
+
+def fuzz_root(base: Path) -> str:
+    """One scratch directory per test session (the seed files are made once)."""
+    if not _FUZZ_ROOT:
+        import tempfile
+
+        _FUZZ_ROOT.append(tempfile.mkdtemp(prefix="compressor-fuzz-", dir=base))
+    return _FUZZ_ROOT[0]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _remove_fuzz_root():
+    yield
+    if _FUZZ_ROOT:
+        shutil.rmtree(_FUZZ_ROOT.pop(), ignore_errors=True)
+
+
+_DTYPES = ["F32", "F16", "BF16", "I8", "U8", "I64", "F64", "BOOL", "X9", 7]
+_COUNT = st.one_of(st.integers(0, 64), st.sampled_from([2 ** 31, 2 ** 32, 2 ** 62, 2 ** 63 - 1, 2 ** 64]),
+                   st.integers(-5, -1))
+_ENTRY = st.fixed_dictionaries({"dtype": st.sampled_from(_DTYPES), "shape": st.lists(_COUNT, max_size=5),
+                                "data_offsets": st.lists(_COUNT, min_size=0, max_size=3)})
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(header=st.dictionaries(st.text(max_size=8), _ENTRY, max_size=4), tail=st.binary(max_size=300),
+       declared=st.one_of(st.none(), _COUNT))
+def test_hypothesis_safetensors_headers(header, tail, declared, tmp_path_factory):
+    from compressor.safetensors_file import read_header, read_tensors
+
+    raw = json.dumps(header).encode()
+    n = len(raw) if declared is None else declared
+    path = tmp_path_factory.getbasetemp() / "h.safetensors"
+    path.write_bytes(struct.pack("<Q", n % 2 ** 64) + raw + tail)
+    try:
+        read_header(path)
+        read_tensors(path)
+    except CompressorError as exc:
+        assert "\n" not in str(exc)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=list(HealthCheck))
+@given(counts=st.lists(_COUNT, min_size=3, max_size=3), body=st.binary(max_size=400),
+       version=st.sampled_from([1, 2, 3, 2 ** 31]))
+def test_hypothesis_gguf_headers(counts, body, version, tmp_path_factory):
+    from compressor.models.gguf_file import check_gguf
+
+    path = tmp_path_factory.getbasetemp() / "h.gguf"
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", version, counts[0] % 2 ** 64, counts[1] % 2 ** 64) + body)
+    try:
+        check_gguf(path)
+    except CompressorError as exc:
+        assert "\n" not in str(exc)
+
+
+def test_gguf_with_forged_counts_is_refused_before_the_library_reads_it(tmp_path):
+    from compressor.models.gguf_file import check_gguf
+
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    good = seed / fuzz._seed_gguf(seed)
+    assert check_gguf(good)["tensors"] == 2
+    data = bytearray(good.read_bytes())
+    for offset, what in ((8, "tensor count"), (16, "metadata count")):
+        forged = bytearray(data)
+        forged[offset:offset + 8] = struct.pack("<Q", 2 ** 62)
+        bad = tmp_path / f"forged-{offset}.gguf"
+        bad.write_bytes(bytes(forged))
+        with pytest.raises(CompressorError, match=f"{what} .* is more than the file can hold"):
+            check_gguf(bad)
