@@ -301,10 +301,10 @@ def trial(ws: Workspace, name: str, rng: random.Random, kills: int) -> Trial:
 
 def campaign(root: Path, names: list[str], kills_per_trial: int, trials: int, seed: int = 0,
              budget_s: float | None = None, each: Callable[[Trial], None] | None = None,
-             stop_after_kills: int | None = None) -> dict:
+             stop_after_kills: int | None = None, layers: int = 3) -> dict:
     """Trials round-robin over `names` (at most `trials`, or until `budget_s` runs out or
     `stop_after_kills` kills are in); per command: kills, trials recovered, lost checks."""
-    ws = Workspace(root)
+    ws = Workspace(root, layers)
     rng = random.Random(seed)
     started = time.perf_counter()
     rows: dict[str, dict] = {n: {"command": n, "stage": COMMANDS[n].stage, "trials": 0, "runs": 0, "recovered": 0,

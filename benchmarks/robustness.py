@@ -34,6 +34,7 @@ def _load() -> dict:
 
 
 def _save(data: dict, part: str, rows: list[dict], protocol: dict) -> None:
+    data.update(_load())  # another part may have finished meanwhile (parts can run side by side)
     data["rows"] = [r for r in data.get("rows", []) if r["method"].split(":")[0] != part] + rows
     data["rows"].sort(key=lambda r: (["kill", "fuzz", "bad-input"].index(r["method"].split(":")[0]),
                                      r["method"], r.get("stage", "")))

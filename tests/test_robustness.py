@@ -28,7 +28,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 import fuzz  # noqa: E402
 
 GPTQ = {"bits": 4, "group_size": 32}
-CALIB = {"samples": 8, "seq_len": 64}
+CALIB = {"samples": 4, "seq_len": 32}
 
 
 # ---------------------------------------------------------------- kills at random points
@@ -36,7 +36,7 @@ CALIB = {"samples": 8, "seq_len": 64}
 def test_random_kills_lose_nothing_and_resume_byte_identical(tmp_path):
     # In a fresh process: the campaign forks its runs from a parent that has done no torch work.
     code = ("import json, faults; print(json.dumps(faults.campaign("
-            f"{str(tmp_path / 'ws')!r}, ['rtn', 'pack'], kills_per_trial=2, trials=2, seed=1)))")
+            f"{str(tmp_path / 'ws')!r}, ['rtn', 'pack'], kills_per_trial=2, trials=2, seed=1, layers=2)))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600,
                           env={**os.environ, "PYTHONPATH": f"{ROOT}:{ROOT / 'benchmarks'}"})
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -49,19 +49,18 @@ def test_random_kills_lose_nothing_and_resume_byte_identical(tmp_path):
 
 # ---------------------------------------------------------------- damaged checkpoints
 
-def _killed_run(tiny_llama, text_file, tmp_path, after: int = 1) -> tuple[Path, Path]:
-    out = tmp_path / "q"
-    killed = api_in_subprocess("quantize", str(tiny_llama), "gptq", out, GPTQ, calib=str(text_file), kill_after=after,
+@pytest.fixture(scope="module")
+def killed_gptq(tiny_llama, text_file, tmp_path_factory) -> dict:
+    """A GPTQ run SIGKILLed after its second block (its run directory kept aside), and the
+    artifact of the same run uninterrupted."""
+    root = tmp_path_factory.mktemp("killed")
+    clean = root / "clean"
+    api.quantize(str(tiny_llama), "gptq", clean, GPTQ, calib=str(text_file), **CALIB)
+    out = root / "q"
+    killed = api_in_subprocess("quantize", str(tiny_llama), "gptq", out, GPTQ, calib=str(text_file), kill_after=1,
                                **CALIB)
     assert killed.returncode == -signal.SIGKILL, killed.stderr
-    return out, api.run_directory_for(out)
-
-
-@pytest.fixture(scope="module")
-def clean_gptq(tiny_llama, text_file, tmp_path_factory) -> dict[str, bytes]:
-    out = tmp_path_factory.mktemp("clean") / "q"
-    api.quantize(str(tiny_llama), "gptq", out, GPTQ, calib=str(text_file), **CALIB)
-    return artifact_files(out)
+    return {"run": api.run_directory_for(out), "clean": artifact_files(clean)}
 
 
 def _flip(path: Path, offset: int) -> None:
@@ -70,15 +69,14 @@ def _flip(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-@pytest.mark.parametrize("damage", ["block-data", "block-header", "inputs", "state", "missing-block"])
-def test_damaged_checkpoint_is_detected_and_the_run_recomputed(damage, tiny_llama, text_file, clean_gptq, tmp_path,
-                                                                capsys):
-    out, run = _killed_run(tiny_llama, text_file, tmp_path)
+@pytest.mark.parametrize("damage", ["block-data", "inputs", "state", "missing-block"])
+def test_damaged_checkpoint_is_detected_and_the_run_recomputed(damage, killed_gptq, tiny_llama, text_file, tmp_path):
+    out = tmp_path / "q"
+    run = api.run_directory_for(out)
+    shutil.copytree(killed_gptq["run"], run)
     block = run / "block-0000.safetensors"
     if damage == "block-data":
         _flip(block, block.stat().st_size - 3)  # a tensor's bytes: the header still parses
-    elif damage == "block-header":
-        _flip(block, 20)
     elif damage == "inputs":
         f = run / "inputs-0002.safetensors"
         _flip(f, f.stat().st_size - 5)
@@ -96,8 +94,27 @@ def test_damaged_checkpoint_is_detected_and_the_run_recomputed(damage, tiny_llam
 
     api.quantize(str(tiny_llama), "gptq", out, GPTQ, calib=str(text_file), resume=True, progress=Recording(), **CALIB)
     assert any("recomputing from the first block" in w for w in warnings), warnings
-    assert artifact_files(out) == clean_gptq
+    assert artifact_files(out) == killed_gptq["clean"]
     assert not run.exists()
+
+
+def test_intact_checkpoints_resume_without_recomputing(killed_gptq, tiny_llama, text_file, tmp_path):
+    out = tmp_path / "q"
+    shutil.copytree(killed_gptq["run"], api.run_directory_for(out))
+    from compressor.progress import Progress
+
+    logged = []
+
+    class Recording(Progress):
+        def log(self, message):
+            logged.append(message)
+
+        def warn(self, message):
+            raise AssertionError(message)
+
+    api.quantize(str(tiny_llama), "gptq", out, GPTQ, calib=str(text_file), resume=True, progress=Recording(), **CALIB)
+    assert any("resuming after block 2/3" in m for m in logged), logged
+    assert artifact_files(out) == killed_gptq["clean"]
 
 
 # ---------------------------------------------------------------- two writers, one output
@@ -167,7 +184,7 @@ def test_disk_full_or_read_only_mid_run_is_one_line_and_loses_nothing(fault, sma
     api.quantize(str(tiny_llama), "rtn", previous, {"group_size": 32})
     before = snapshot(previous)
     args = ["quantize", tiny_llama, "-o", previous, "-m", "gptq", "--group-size", "32", "--calib", text_file,
-            "--samples", "32", "--seq-len", "64", "--overwrite"]
+            "--samples", "16", "--seq-len", "64", "--overwrite"]
 
     def fill():
         with open(small_disk / "filler", "wb") as f:
@@ -286,3 +303,45 @@ def test_gguf_with_forged_counts_is_refused_before_the_library_reads_it(tmp_path
         bad.write_bytes(bytes(forged))
         with pytest.raises(CompressorError, match=f"{what} .* is more than the file can hold"):
             check_gguf(bad)
+
+
+# ---------------------------------------------------------------- what the fuzzers found (regressions)
+
+@pytest.fixture(scope="module")
+def small_artifacts(tiny_llama, tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("small")
+    api.quantize(str(tiny_llama), "rtn", root / "w4", {"group_size": 32})
+    api.pack(tiny_llama, root / "packed")
+    return {"w4": root / "w4", "packed": root / "packed"}
+
+
+@pytest.mark.parametrize("config", [b'{"a": "\xff\xfe"}', b"[1, 2]", b'"text"', b"[" * 100000,
+                                    b'{"quantization_config": [1]}', b'{"model_type": "llama"}',
+                                    b'{"quantization_config": {"quant_method": "compressed-tensors", '
+                                    b'"format": ["pack-quantized"]}}',
+                                    b'{"quantization_config": {"quant_method": "compressed-tensors", '
+                                    b'"format": "pack-quantized", "config_groups": {"g": {"weights": 3}}}}'])
+def test_damaged_compressed_tensors_config_is_one_line(config, small_artifacts, tmp_path):
+    import torch
+
+    from compressor.formats import artifact
+
+    a = tmp_path / "a"
+    shutil.copytree(small_artifacts["w4"], a)
+    (a / "config.json").write_bytes(config)
+    with pytest.raises(CompressorError) as info:
+        artifact.load_quantized_state(a, torch.float32)
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("tensors", ["[1]", "3.5", '{"x": [1]}', "{", '{"x": 1}'])
+def test_damaged_packing_metadata_is_one_line(tensors, small_artifacts, tmp_path):
+    from compressor.formats import packed
+    from compressor.safetensors_file import read_header, read_tensors, write_tensors
+
+    f = next(small_artifacts["packed"].glob("*.packed.safetensors"))
+    _, metadata = read_header(f)
+    bad = tmp_path / f.name
+    write_tensors(bad, read_tensors(f), {**metadata, "tensors": tensors})
+    with pytest.raises(CompressorError, match="damaged packing metadata|is missing"):
+        packed.decode_file(bad)

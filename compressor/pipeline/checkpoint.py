@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from compressor.errors import CompressorError
-from compressor.safetensors_file import read_header, read_tensors
+from compressor.safetensors_file import read_header, read_tensors, write_tensors
 from compressor.util import write_atomic
 
 STATE = "run.json"
@@ -176,5 +175,5 @@ def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[st
     metadata = dict(metadata or {})
     metadata[DIGEST] = digest(tensors, metadata)
     tmp = path.with_name(path.name + ".part")
-    save_file(tensors, str(tmp), metadata=metadata)
+    write_tensors(tmp, tensors, metadata)  # plain writes: a full disk is an OSError like any other
     tmp.replace(path)
