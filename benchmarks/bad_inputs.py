@@ -11,7 +11,6 @@ benchmarks/robustness.py counts them.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import re
 import shutil

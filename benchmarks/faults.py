@@ -75,13 +75,13 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             run_directory=False, recipe=True),
 ]}
 
-RECIPE = f"""name: chain
+RECIPE = """name: chain
 stages:
-  - prune: {{method: slicegpt, options: {{sparsity: 0.25}}, calib: {{samples: 8, seq_len: 64}}}}
-  - quantize: {{method: gptq, options: {{bits: 4, group_size: 16}}, calib: {{samples: 8, seq_len: 64}}}}
-  - pack: {{}}
-  - eval: {{texts: [wiki], windows: 2, window_len: 64}}
-  - report: {{}}
+  - prune: {method: slicegpt, options: {sparsity: 0.25}, calib: {samples: 8, seq_len: 64}}
+  - quantize: {method: gptq, options: {bits: 4, group_size: 16}, calib: {samples: 8, seq_len: 64}}
+  - pack: {}
+  - eval: {texts: [wiki], windows: 2, window_len: 64}
+  - report: {}
 """
 
 
@@ -159,6 +159,12 @@ class Workspace:
             self.prepare(need)
         if name in self.references:
             return
+        known = self.root / "references.json"  # a workspace used before keeps its uninterrupted runs
+        saved = json.loads(known.read_text()) if known.is_file() else {}
+        if name in saved and self.reference(name).is_dir():
+            self.references[name], volatile, self.durations[name] = saved[name]
+            self.volatile[name] = set(volatile)
+            return
         ref = self.reference(name)
         snaps = []
         for attempt in range(2):
@@ -176,6 +182,8 @@ class Workspace:
         _clear(self.output(name))
         self.volatile[name] = {k for k in set(snaps[0]) | set(snaps[1]) if snaps[0].get(k) != snaps[1].get(k)}
         self.references[name] = {k: v for k, v in snaps[0].items() if k not in self.volatile[name]}
+        saved[name] = [self.references[name], sorted(self.volatile[name]), self.durations[name]]
+        known.write_text(json.dumps(saved))
 
     def argv(self, name: str, out: Path, overwrite: bool, resume: bool = False) -> list[str]:
         args = [*COMMANDS[name].args(self), "-o", str(out)]
@@ -196,7 +204,7 @@ def _clear(path: Path) -> None:
 def run_command(argv: list[str], log: Path, kill_after: float | None = None) -> tuple[int, bool]:
     """Run `compress ARGV` in a forked child (stdout and stderr to `log`); SIGKILL it after
     `kill_after` seconds if it is still running. Returns (exit status, killed)."""
-    from compressor import cli  # imported before the fork, so the child starts at the work
+    from compressor import api, cli  # noqa: F401  imported before the fork, so the child starts at the work
 
     log.parent.mkdir(parents=True, exist_ok=True)
     pid = os.fork()

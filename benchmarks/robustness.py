@@ -47,7 +47,7 @@ def _save(data: dict, part: str, rows: list[dict], protocol: dict) -> None:
 
 def _load_note() -> str:
     one, five, _ = os.getloadavg()
-    return (f"measured under shared load (load average {five:.1f} on {os.cpu_count()} cores): "
+    return (f"Measured under shared load (load average {five:.1f} on {os.cpu_count()} cores): "
             "wall times and rates are not those of an idle machine")
 
 
@@ -128,7 +128,7 @@ def render(data: dict) -> str:
     out += table(["command", "kills", "recovered", "lost", "trials", "uninterrupted s", "volatile files", "wall s"],
                  [[f"`{r['stage']}`", str(r["runs"]), str(r["recovered"]), str(r["lost"]), str(r["trials"]),
                    fmt(r["uninterrupted_s"], "{:.1f}"), ", ".join(r["volatile"]) or "none", fmt(r["wall_s"], "{:.0f}")]
-                  for r in kills])
+                  for r in kills] or [["(not run yet)", *[""] * 7]])
     out += ["", f"**Total: {total_runs} kills, {total_recovered} recovered byte-identical, {total_lost} lost** "
             f"(target ≥ {KILL_TARGET} kills, 0 lost: {_met(total_runs >= KILL_TARGET and total_lost == 0)}).", ""]
     problems = [p for r in kills for p in r.get("problems", [])]
@@ -145,7 +145,7 @@ def render(data: dict) -> str:
                  [[f"`{r['method'][5:]}`", str(r["inputs"]), fmt(r["inputs_per_s"], "{:.0f}"), str(r["errors"]),
                    str(r["accepted"]), str(r["crashes"]), str(r["hangs"]), str(r["worker_deaths"]),
                    str(r["input_bytes"]), f"+{r['memory_limit_mb']} MiB", fmt(r["wall_s"], "{:.0f}")]
-                  for r in fuzzed])
+                  for r in fuzzed] or [["(not run yet)", *[""] * 10]])
     if fuzzed:
         least = min(r["inputs"] for r in fuzzed)
         clean = all(r["crashes"] == r["hangs"] == r["multiline"] == 0 for r in fuzzed)
@@ -154,8 +154,8 @@ def render(data: dict) -> str:
                 f"{_met(least >= FUZZ_TARGET and clean)}).", ""]
     for r in matrix:
         out += ["## Bad-input matrix", "",
-                f"{r['cells']} cells ({r['commands']} commands × {r['inputs']} kinds of bad input, where the pair "
-                "can arise): each must exit with code 2, print one `error:` line naming the problem and the fix, "
+                f"{r['cells']} cells ({r['commands']} commands; {r['inputs']} kinds of bad input, each paired with "
+                "the commands it can reach): each must exit with code 2, print one `error:` line naming the problem and the fix, "
                 "and change no file of the workspace.", "",
                 f"**{r['passed']} of {r['cells']} cells pass** ({_met(r['failed'] == 0)}); wall "
                 f"{r['wall_s']:.0f} s.", ""]

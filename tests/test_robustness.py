@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import shutil
 import signal
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from compressor import api
 from compressor.errors import CompressorError
-from helpers import api_in_subprocess, artifact_files, assert_cli_error, cli, error_line, leftovers, snapshot
+from helpers import api_in_subprocess, artifact_files, assert_cli_error, cli, leftovers, snapshot
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -161,30 +161,23 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
-def _start(args: list) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "compressor.cli", "-q", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])})
-
-
-def _when_running(proc: subprocess.Popen, run: Path, act) -> bool:
-    """Call `act` once the run directory has its first block (True), or False if the run ended first."""
-    while proc.poll() is None:
+def _when_running(run: Path, act, done: threading.Event) -> None:
+    """Call `act` once the run directory has its first block (a watcher beside the command)."""
+    while not done.is_set():
         if (run / "block-0000.safetensors").is_file():
             act()
-            return True
-        time.sleep(0.01)
-    return False
+            return
+        time.sleep(0.005)
 
 
 @pytest.mark.parametrize("fault", ["full", "read-only"])
-def test_disk_full_or_read_only_mid_run_is_one_line_and_loses_nothing(fault, small_disk, tiny_llama, text_file,
-                                                                       tmp_path):
+def test_disk_full_or_read_only_mid_run_is_one_line_and_loses_nothing(fault, small_disk, tiny_llama, text_file):
     previous = small_disk / "q"
     api.quantize(str(tiny_llama), "rtn", previous, {"group_size": 32})
     before = snapshot(previous)
     args = ["quantize", tiny_llama, "-o", previous, "-m", "gptq", "--group-size", "32", "--calib", text_file,
             "--samples", "16", "--seq-len", "64", "--overwrite"]
+    injected = []
 
     def fill():
         with open(small_disk / "filler", "wb") as f:
@@ -192,30 +185,34 @@ def test_disk_full_or_read_only_mid_run_is_one_line_and_loses_nothing(fault, sma
                 while True:
                     f.write(b"\0" * (1 << 20))
             except OSError:
-                pass
+                injected.append("full")
 
     def read_only():
-        for _ in range(500):
+        for _ in range(2000):
             if subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], capture_output=True).returncode == 0:
+                injected.append("read-only")
                 return
-            time.sleep(0.01)
-        pytest.skip("could not remount the tmpfs read-only")
+            time.sleep(0.005)
 
-    proc = _start(args)
-    if not _when_running(proc, api.run_directory_for(previous), fill if fault == "full" else read_only):
+    done = threading.Event()
+    watcher = threading.Thread(target=_when_running, args=(api.run_directory_for(previous),
+                                                          fill if fault == "full" else read_only, done))
+    watcher.start()
+    try:
+        result = cli(*args)
+    finally:
+        done.set()
+        watcher.join()
+    if not injected:
         pytest.skip("the run finished before the fault could be injected")
-    _, stderr = proc.communicate(timeout=300)
-    assert proc.returncode == 2, stderr
-    message = error_line(stderr)
-    assert ("no space left on the device" if fault == "full" else "read-only") in message
+    assert_cli_error(result, "no space left on the device" if fault == "full" else "read-only")
     assert snapshot(previous) == before  # the previous artifact is intact
     if fault == "read-only":
         subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
     else:
         (small_disk / "filler").unlink()
-    resumed = _start([*args, "--resume"])  # room again: the run continues from its checkpoints
-    _, stderr = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, stderr
+    resumed = cli(*args, "--resume")  # room again: the run continues from its checkpoints
+    assert resumed.exit_code == 0, resumed.stderr
     assert leftovers(previous) == [] and cli("verify", previous).exit_code == 0
 
 
@@ -320,7 +317,8 @@ def small_artifacts(tiny_llama, tmp_path_factory) -> dict[str, Path]:
                                     b'{"quantization_config": {"quant_method": "compressed-tensors", '
                                     b'"format": ["pack-quantized"]}}',
                                     b'{"quantization_config": {"quant_method": "compressed-tensors", '
-                                    b'"format": "pack-quantized", "config_groups": {"g": {"weights": 3}}}}'])
+                                    b'"format": "pack-quantized", "config_groups": {"g": {"weights": 3}}}}'],
+                         ids=["utf8", "list", "string", "deep", "qconfig-list", "no-qconfig", "format-list", "weights"])
 def test_damaged_compressed_tensors_config_is_one_line(config, small_artifacts, tmp_path):
     import torch
 
