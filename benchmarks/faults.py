@@ -44,6 +44,9 @@ class Command:
     run_directory: bool = True  # keeps per-block checkpoints: continue with --resume
     recipe: bool = False  # a recipe run: continue with --resume while its state file exists
     previous: str | None = None  # a command whose artifact is placed at the output first (--overwrite)
+    # files left out of the byte comparison: build.json (when and how long) by default; None: those
+    # that differ between two uninterrupted runs (measured: reports hold their own timings)
+    volatile: tuple[str, ...] | None = ("build.json",)
 
 
 def _quantize(method: str, *options: str) -> Callable[["Workspace"], list[str]]:
@@ -70,9 +73,9 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
             run_directory=False),
     Command("report", "report", lambda ws: ["report", str(ws.reference("rtn")), str(ws.reference("hqq")),
                                             "--base", str(ws.model), *EVAL], needs=("rtn", "hqq"),
-            run_directory=False),
+            run_directory=False, volatile=None),
     Command("recipe", "run", lambda ws: ["run", str(ws.recipe), str(ws.model), "--calib", str(ws.calib)],
-            run_directory=False, recipe=True),
+            run_directory=False, recipe=True, volatile=None),
 ]}
 
 RECIPE = """name: chain
@@ -167,7 +170,7 @@ class Workspace:
             return
         ref = self.reference(name)
         snaps = []
-        for attempt in range(2):
+        for attempt in range(2 if command.volatile is None else 1):
             out = self.output(name)
             _clear(out)
             started = time.perf_counter()
@@ -180,7 +183,10 @@ class Workspace:
                 _clear(ref)
                 shutil.copytree(out, ref)
         _clear(self.output(name))
-        self.volatile[name] = {k for k in set(snaps[0]) | set(snaps[1]) if snaps[0].get(k) != snaps[1].get(k)}
+        if command.volatile is None:
+            self.volatile[name] = {k for k in set(snaps[0]) | set(snaps[1]) if snaps[0].get(k) != snaps[1].get(k)}
+        else:
+            self.volatile[name] = {k for k in snaps[0] if Path(k).name in command.volatile}
         self.references[name] = {k: v for k, v in snaps[0].items() if k not in self.volatile[name]}
         saved[name] = [self.references[name], sorted(self.volatile[name]), self.durations[name]]
         known.write_text(json.dumps(saved))
