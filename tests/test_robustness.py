@@ -343,3 +343,18 @@ def test_damaged_packing_metadata_is_one_line(tensors, small_artifacts, tmp_path
     write_tensors(bad, read_tensors(f), {**metadata, "tensors": tensors})
     with pytest.raises(CompressorError, match="damaged packing metadata|is missing"):
         packed.decode_file(bad)
+
+
+@pytest.mark.parametrize("text, phrase", [(b"name: x\xff\nstages: []\n", "not UTF-8"),
+                                          (b"a: &x [1]\nb: *x\n", "aliases"),
+                                          (b"[" * 5000 + b"]" * 5000, "nested too deeply|not valid YAML"),
+                                          (b"x: " + b"a" * (2 << 20), "more than a recipe can need")],
+                         ids=["utf8", "alias", "deep", "huge"])
+def test_damaged_recipe_is_one_line(text, phrase, tmp_path):
+    from compressor.recipes import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_bytes(text)
+    with pytest.raises(CompressorError, match=phrase) as info:
+        load_recipe(path)
+    assert "\n" not in str(info.value)
