@@ -52,7 +52,7 @@ typedef u16 scale_t;
 __device__ __forceinline__ float h2f(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
 __device__ __forceinline__ u16 f2h(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
 __device__ __forceinline__ u16 f2b(float f) { u16 h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
-__device__ __forceinline__ float b2f(u16 h) { return __int_as_float(((u32)h) << 16); }
+__device__ __forceinline__ float b2f(u16 h) { float f; asm("mov.b32 %0, %1;" : "=f"(f) : "r"(((u32)h) << 16)); return f; }
 __device__ __forceinline__ void mma(float* c, const u32* a, const u32* b) {
 #if FP16
   asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
@@ -89,7 +89,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32) wq_gemv(
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, t = lane & 3;
   const int row0 = blockIdx.x * (16 * RT);
   const int t_begin = blockIdx.y * tiles_per_split;
-  const int t_end = min(t_begin + tiles_per_split, tiles);
+  const int t_end = t_begin + tiles_per_split < tiles ? t_begin + tiles_per_split : tiles;
   /* lanes whose pairs share a word (W < 4) pre-shift it to their first slot */
   const int pre0 = W0 >= 4 ? 0 : (t / W0) * PW0;
   const int pre1 = (PW1 == 0 || W1 >= 4) ? 0 : (t / (W1 > 0 ? W1 : 1)) * PW1;
@@ -248,7 +248,11 @@ extern "C" __global__ void __launch_bounds__(NW * 32) wq_gemv(
 """
 
 SCALE_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
-WARPS_PER_SM = 24  # resident warps wanted per multiprocessor (split-K depth follows from it)
+# Launch settings by output width (n_pad >= 8192: "wide"): row tiles per warp, warps per block, tiles
+# per warp iteration (None: 128 columns' worth) and resident warps wanted per multiprocessor, from
+# which the split-K depth follows. benchmarks/kernels.py --parts gemv-sweep measures the choices.
+LAUNCH = {"wide": {"rt": 2, "nw": 4, "un": None, "warps_per_sm": 24},
+          "narrow": {"rt": 1, "nw": 4, "un": None, "warps_per_sm": 24}}
 
 
 def defines(w: WqWeights, fp16: bool, mt: int, rt: int, nw: int, un: int, has_bias: bool) -> dict[str, int]:
@@ -275,7 +279,7 @@ def available() -> bool:
 
 def supports(x: torch.Tensor, w: WqWeights) -> bool:
     """Shapes this kernel takes (4-byte activation pairs; scales in a 16/32-bit float)."""
-    return (x.shape[-1] % 2 == 0 and w.scales.dtype in SCALE_KINDS and x.dtype in (torch.float16, torch.bfloat16)
+    return (x.shape[-1] == w.in_features and x.shape[-1] % 2 == 0 and w.scales.dtype in SCALE_KINDS and x.dtype in (torch.float16, torch.bfloat16)
             and x.numel() // max(x.shape[-1], 1) <= MAX_M)
 
 
@@ -287,16 +291,19 @@ def _kernel(key: tuple):
 
 
 def plan(m: int, w: WqWeights, sms: int, rt: int | None = None, nw: int | None = None, un: int | None = None,
-         split: int | None = None) -> dict:
+         split: int | None = None, warps_per_sm: int | None = None) -> dict:
     """Launch shape for m rows: RT row tiles per warp, NW warps per block, UN tiles per warp
-    iteration, and K split over blocks so that about WARPS_PER_SM warps stream per multiprocessor."""
+    iteration, and K split over blocks so that about `warps_per_sm` warps stream per multiprocessor
+    (LAUNCH gives what is not passed)."""
+    base = LAUNCH["wide" if w.n_pad >= 8192 else "narrow"]
     tiles = w.groups
-    rt = rt or (2 if w.n_pad >= 8192 else 1)
-    nw = nw or 4
-    un = un or max(1, 128 // w.block_k)
+    rt, nw = rt or base["rt"], nw or base["nw"]
+    un = un or base["un"] or max(1, 128 // w.block_k)
+    if m > 8 and un > 1:  # two n-tiles double the activation registers: half the tiles in flight
+        un //= 2
     row_blocks = w.n_pad // (16 * rt)
     if split is None:
-        split = max(1, round(WARPS_PER_SM * sms / (row_blocks * nw)))
+        split = max(1, round((warps_per_sm or base["warps_per_sm"]) * sms / (row_blocks * nw)))
         split = min(split, max(1, tiles // (nw * un)))
     per_split = -(-tiles // split)
     split = -(-tiles // per_split)
@@ -317,6 +324,8 @@ def gemv(x: torch.Tensor, w: WqWeights, bias: torch.Tensor | None, counters: tor
         x2 = x2.index_select(1, w.perm.long())
     if x2.stride(-1) != 1 or x2.stride(0) % 2 or x2.data_ptr() % 4:
         x2 = x2.contiguous()
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
     m, n = x2.shape[0], w.out_features
     y = out if out is not None else torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
