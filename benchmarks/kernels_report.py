@@ -18,6 +18,8 @@ HISTORY_NOTES = {  # what differed in each earlier run (by file-name suffix)
     "_sweep": "Configuration sweep before the scale prefetch, with Triton's wgmma (warpgroup MMA, weights as its "
               "register operand). It also tried a prefill variant that folds the scales into the weight operand and "
               "runs a plain GEMM through shared memory; that variant was never among the fastest and was removed.",
+    "_run2": "Second full run, before the decode GEMV: the Triton GEMM at every M (scales read one group ahead, "
+             "tile tables from its sweep). The sweep below is that GEMM's decode configurations.",
     "_sweep_mmav2": "The same decode sweep with wgmma disabled (DISABLE_MMA_V3=1: Triton falls back to mma.sync).",
 }
 NCU_METRICS = (("Duration", "us"), ("DRAM Throughput", "%"), ("Memory Throughput", "Tbyte/s"),
@@ -55,35 +57,41 @@ def targets(rows: list[dict]) -> list[tuple[str, str, str, str]]:
     """(target, measured, goal, met) — the issue's targets, each measured as its worst case."""
     out = []
 
-    def add(name, value, goal, digits=2, suffix="x"):
+    def add(name, value, goal, digits=2, suffix="x", found=()):
         met = "n/a" if value is None else ("yes" if value >= goal else "no")
-        out.append((name, fmt(value, digits, suffix), f"≥ {goal:g}{suffix}", met))
+        mark = " †" if any(r.get("carried_from") for r in found) else ""
+        out.append((name, fmt(value, digits, suffix) + mark, f"≥ {goal:g}{suffix}", met))
 
     for group, goal in ((64, 3.3), (128, 3.4)):
-        add(f"W4A16 g{group}, M=1, 8B MLP shapes: speed-up vs bf16", worst(pick(rows, "w4a16", MLP_8B, 1, group)), goal)
-    add("W4A16 g64, M=1, 8B MLP shapes: % of copy bandwidth",
-        worst(pick(rows, "w4a16", MLP_8B, 1, 64), "pct_copy_bw"), 90, 0, "%")
+        found = pick(rows, "w4a16", MLP_8B, 1, group)
+        add(f"W4A16 g{group}, M=1, 8B MLP shapes: speed-up vs bf16", worst(found), goal, found=found)
+    found = pick(rows, "w4a16", MLP_8B, 1, 64)
+    add("W4A16 g64, M=1, 8B MLP shapes: % of copy bandwidth", worst(found, "pct_copy_bw"), 90, 0, "%", found)
     for m, goal in ((16, 3.2), (64, 2.0), (256, 1.0)):
         for group in (64, 128):
-            add(f"W4A16 g{group}, M={m}, 8B MLP shapes", worst(pick(rows, "w4a16", MLP_8B, m, group)), goal)
+            found = pick(rows, "w4a16", MLP_8B, m, group)
+            add(f"W4A16 g{group}, M={m}, 8B MLP shapes", worst(found), goal, found=found)
     for bits, goal in ((3, 4.0), (2, 5.5), (8, 1.8)):
         for group in (64, 128):
             found = pick(rows, f"w{bits}a16", MLP_8B, 1, group)
             if found:
-                add(f"W{bits}A16 g{group}, M=1, 8B MLP shapes", worst(found), goal)
-    add("W8A8 int8, M=256, 8B shapes", worst(pick(rows, "w8a8", SHAPES_8B, 256)), 1.6)
+                add(f"W{bits}A16 g{group}, M=1, 8B MLP shapes", worst(found), goal, found=found)
+    found = pick(rows, "w8a8", SHAPES_8B, 256)
+    add("W8A8 int8, M=256, 8B shapes", worst(found), 1.6, found=found)
     for backend in ("scaled_mm", "triton"):
-        add(f"FP8 ({backend}), M=256, 8B shapes", worst(pick(rows, "fp8", SHAPES_8B, 256, backend=backend)), 1.6)
-    ratios = []
+        found = pick(rows, "fp8", SHAPES_8B, 256, backend=backend)
+        add(f"FP8 ({backend}), M=256, 8B shapes", worst(found), 1.6, found=found)
+    ratios, pairs = [], []
     for r in rows:
         if r["method"] == "w4a16" and "time_us" in r:
             peer = [p for p in rows if p["method"] == "torch-int4pack" and p.get("shape") == r["shape"]
                     and p.get("m") == r["m"] and p["config"].get("group_size") == r["config"]["group_size"]
                     and "time_us" in p]
             ratios += [p["time_us"] / r["time_us"] for p in peer]
-    add("W4A16 vs torch _weight_int4pack_mm, every shape and M (worst)", min(ratios, default=None), 1.0)
+            pairs += [r, *peer]
+    add("W4A16 vs torch _weight_int4pack_mm, every shape and M (worst)", min(ratios, default=None), 1.0, found=pairs)
     e2e = [r for r in rows if r.get("model") and r["method"] == "w4a16" and r["batch"] == 1]
-    add("End to end, 8B-shaped, batch-1 decode, W4A16 g128", worst(e2e), 2.8)
+    add("End to end, 8B-shaped, batch-1 decode, W4A16 g128", worst(e2e), 2.8, found=e2e)
     return out
 
 
@@ -92,7 +100,7 @@ def kernel_table(rows: list[dict], shape: str) -> list[str]:
              "|---:|---|---:|---:|---:|---:|---:|"]
     for r in sorted((r for r in rows if r.get("shape") == shape and "time_us" in r and not is_sweep(r)),
                     key=lambda r: (r["m"], r["method"] != "bf16", label(r))):
-        lines.append(f"| {r['m']} | {label(r)} | {r['time_us']:.1f} | {r['speedup_vs_bf16']:.2f} | {r['gbps']:.0f} | "
+        lines.append(f"| {r['m']} | {label(r)}{' †' if r.get('carried_from') else ''} | {r['time_us']:.1f} | {r['speedup_vs_bf16']:.2f} | {r['gbps']:.0f} | "
                      f"{r['pct_copy_bw']:.0f} | {r['tflops']:.1f} |")
     errors = [r for r in rows if r.get("shape") == shape and "error" in r]
     lines += [f"- {label(r)} failed: {r['error']}" for r in errors]
@@ -149,10 +157,39 @@ def analysis(rows: list[dict], history_rows: list[dict]) -> list[str]:
 
 
 def is_sweep(r: dict) -> bool:
-    return r["method"].endswith(("-sweep", "-tuning"))
+    return r["method"].endswith(("-sweep", "-tuning", "-decode"))
+
+
+def gemv_tables(rows: list[dict], protocol: dict) -> list[str]:
+    """The decode GEMV's launch settings (M=1) and its crossover against the Triton GEMM, same run."""
+    sweep = [r for r in rows if r["method"] == "gemv-sweep"]
+    if not sweep:
+        return []
+    gemv = protocol.get("gemv", {})
+    lines = ["", "## Decode GEMV: launch settings and crossover (same run)", "",
+             "4-bit g128 weights, M=1: row tiles of 16 per warp (RT), warps per block (NW), K tiles per warp "
+             "iteration (UN), resident warps wanted per multiprocessor (split-K follows). The fastest per output "
+             f"width became `wq_gemv.LAUNCH`: {json.dumps(gemv.get('launch'))}.", "",
+             "| shape | RT | NW | UN | warps/SM | split-K | µs | × bf16 | GB/s | % copy |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(sweep, key=lambda r: (r["shape"], r["time_us"])):
+        c = r["config"]
+        lines.append(f"| {r['shape']} | {c['rt']} | {c['nw']} | {c['un']} | {c['warps_per_sm']} | {c['split_k']} | "
+                     f"{r['time_us']:.1f} | {r['speedup_vs_bf16']:.2f} | {r['gbps']:.0f} | {r['pct_copy_bw']:.0f} |")
+    lines += ["", f"GEMV against the Triton GEMM on the same weights (4-bit g128); QuantLinear runs the GEMV up to "
+                  f"M = {gemv.get('max_m')}, the largest M at which it was never slower on either shape.", "",
+              "| shape | M | GEMV µs | Triton µs | bf16 µs | GEMV × bf16 | GEMV % copy |",
+              "|---|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted((r for r in rows if r["method"] == "gemv-decode"), key=lambda r: (r["shape"], r["m"])):
+        t = next((p for p in rows if p["method"] == "triton-decode" and p["shape"] == r["shape"] and p["m"] == r["m"]),
+                 None)
+        lines.append(f"| {r['shape']} | {r['m']} | {r['time_us']:.1f} | {fmt(t and t['time_us'], 1)} | "
+                     f"{r['bf16_time_us']:.1f} | {r['speedup_vs_bf16']:.2f} | {r['pct_copy_bw']:.0f} |")
+    return lines
 
 
 def sweep_table(rows: list[dict], title: str) -> list[str]:
+    rows = [r for r in rows if r["method"] != "gemv-sweep" and not r["method"].endswith("-decode")]
     if not rows:
         return []
     lines = ["", f"## {title}", "",
@@ -191,6 +228,12 @@ def render(data: dict, history: list[Path] | None = None) -> str:
         "|---|---:|---:|---|",
     ]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in targets(rows)]
+    carried = sorted({r["carried_from"] for r in rows if r.get("carried_from")})
+    if carried:
+        lines += ["", f"† from rows this run did not re-measure, kept from the run of {', '.join(carried)} "
+                      f"(`{p.get('carried_from')}`, marked † in the tables too): this run re-measured the "
+                      "weight-only formats at decode sizes on the 8B shapes and the end-to-end rows listed below "
+                      "without †."]
     e2e = [r for r in rows if r.get("model")]
     if e2e:
         lines += ["", "## End to end: synthetic Llama-3-8B shape, decode through our loader", "",
@@ -199,9 +242,10 @@ def render(data: dict, history: list[Path] | None = None) -> str:
                   "| format | batch | decode tok/s | × bf16 | prefill tok/s | weights GB | CUDA graph |",
                   "|---|---:|---:|---:|---:|---:|---|"]
         for r in e2e:
-            lines.append(f"| {r['method']} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['speedup_vs_bf16']:.2f} | "
+            lines.append(f"| {r['method']}{' †' if r.get('carried_from') else ''} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['speedup_vs_bf16']:.2f} | "
                          f"{r['prefill_tokens_per_s']:.0f} | {fmt(r['weights_gb'], 1)} | "
                          f"{'yes' if r['cuda_graph'] else 'no: ' + str(r.get('cuda_graph_note'))} |")
+    lines += gemv_tables(rows, p)
     lines += sweep_table([r for r in rows if is_sweep(r)], "Decode configurations (sweep in the same run)")
     lines += analysis(rows, [r for path in history for r in json.loads(Path(path).read_text())["rows"]])
     for path in history:
