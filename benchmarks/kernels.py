@@ -248,8 +248,8 @@ def sweep_rows(copy_gbps: float, log, spec: dict) -> list[dict]:
 
 
 GEMV_SHAPES = [(14336, 4096), (4096, 14336)]  # one "wide" and one "narrow" output (wq_gemv.LAUNCH)
-GEMV_CONFIGS = [{"rt": rt, "nw": nw, "un": un, "warps_per_sm": wps}
-                for rt in (1, 2) for nw in (4, 8) for un in (1, 2) for wps in (16, 32)]
+GEMV_CONFIGS = [{"rt": rt, "nw": nw, "un": un, "warps_per_sm": wps}  # the two best of the first sweep and neighbours
+                for rt, nw, un, wps in ((1, 4, 1, 32), (1, 8, 2, 16), (2, 4, 1, 32), (1, 4, 2, 24), (1, 8, 1, 32))]
 CROSSOVER_MS = [1, 2, 4, 8, 16]
 
 
@@ -361,7 +361,7 @@ def carried_rows(path: Path, rows: list[dict]) -> list[dict]:
                 r.get("batch"))
 
     have = {key(r) for r in rows}
-    return [{**r, "carried_from": old["date"]} for r in old["rows"]
+    return [{"carried_from": old["date"], **r} for r in old["rows"]
             if not r["method"].endswith("-sweep") and key(r) not in have]
 
 
@@ -498,6 +498,7 @@ def main() -> None:
     ap.add_argument("--ms", help="kernel rows for these M only (comma-separated)")
     ap.add_argument("--methods", help="kernel rows for these methods only (comma-separated; bf16 always runs)")
     ap.add_argument("--e2e-kinds", default=",".join(E2E_KINDS), help="formats of the end-to-end part")
+    ap.add_argument("--e2e-batches", default="1,16", help="batch sizes of the end-to-end part")
     ap.add_argument("--keep-from", type=Path,
                     help="an earlier kernels.json: its rows for what this run does not measure are kept, marked")
     args = ap.parse_args()
@@ -549,7 +550,8 @@ def main() -> None:
                     op(x)
             torch.cuda.synchronize()
         elif part == "e2e":
-            rows += end_to_end_rows(log, args.layers, kinds=args.e2e_kinds.split(","))
+            rows += end_to_end_rows(log, args.layers, [int(b) for b in args.e2e_batches.split(",")],
+                                    kinds=args.e2e_kinds.split(","))
         save()
 
 

@@ -135,12 +135,13 @@ def run_emulated(lib, x: torch.Tensor, w: wq_layout.WqWeights, bias, cfg: dict, 
 
 
 # bits, group, asymmetric, dtype, scale dtype, M, N, K, (RT, NW, UN, split); each case compiles the
-# source (seconds), so the default suite runs the first four and the rest are marked slow.
+# source (seconds), so the default suite runs the first five and the rest are marked slow.
 CASES = [
     (4, 128, False, torch.bfloat16, torch.float16, 1, 256, 512, (2, 4, 1, 2)),
     (4, 64, True, torch.float16, torch.float16, 3, 200, 960, (1, 2, 2, 1)),
     (4, 32, False, torch.bfloat16, torch.bfloat16, 9, 128, 256, (1, 2, 4, 3)),
     (3, 128, False, torch.bfloat16, torch.float16, 1, 128, 640, (2, 2, 1, 2)),
+    (2, 128, True, torch.bfloat16, torch.bfloat16, 3, 128, 384, (1, 2, 2, 1)),
     pytest.param((3, 32, True, torch.bfloat16, torch.float32, 4, 96, 320, (1, 2, 2, 1)), marks=pytest.mark.slow),
     pytest.param((2, 64, True, torch.float16, torch.float16, 16, 160, 384, (1, 4, 1, 2)), marks=pytest.mark.slow),
     pytest.param((2, 32, False, torch.bfloat16, torch.float16, 2, 128, 256, (2, 1, 1, 1)), marks=pytest.mark.slow),

@@ -68,6 +68,18 @@ __device__ __forceinline__ u32 mask_or(u32 a, u32 b, u32 c) {
 __device__ __forceinline__ float ld_cg(const float* p) { float v; asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p)); return v; }
 #endif
 
+/* VEC: 128-column tiles whose planes have one width (2, 4, 8 bits): lane t reads its PW words of a row
+   as one vector (16 B for 4-bit) and owns the tile's pairs in them, k-step kk taking the lane's pairs
+   2kk and 2kk+1; the activations follow the same order, in vectors too. Otherwise lanes own the
+   pairs p = 8·kk + 4·half + t, one 32-bit word at a time. */
+struct alignas(16) v4 { u32 w[4]; };
+struct alignas(8) v2 { u32 w[2]; };
+template <int n> __device__ __forceinline__ void load_vec(u32* dst, const u32* src, bool ok) {
+  if (n == 4) { v4 v = ok ? *(const v4*)src : v4{{0u, 0u, 0u, 0u}}; for (int i = 0; i < 4; i++) dst[i] = v.w[i]; }
+  else if (n == 2) { v2 v = ok ? *(const v2*)src : v2{{0u, 0u}}; dst[0] = v.w[0]; dst[1] = v.w[1]; }
+  else dst[0] = ok ? *src : 0u;
+}
+
 __device__ __forceinline__ float to_f(u16 h) { return FP16 ? h2f(h) : b2f(h); }
 __device__ __forceinline__ u16 from_f(float f) { return FP16 ? f2h(f) : f2b(f); }
 __device__ __forceinline__ u32 pair_of(float f) { u32 h = from_f(f); return h | (h << 16); }
@@ -91,7 +103,7 @@ extern "C" __global__ void __launch_bounds__(NW * 32) wq_gemv(
   const int t_begin = blockIdx.y * tiles_per_split;
   const int t_end = t_begin + tiles_per_split < tiles ? t_begin + tiles_per_split : tiles;
   /* lanes whose pairs share a word (W < 4) pre-shift it to their first slot */
-  const int pre0 = W0 >= 4 ? 0 : (t / W0) * PW0;
+  const int pre0 = (VEC || W0 >= 4) ? 0 : (t / W0) * PW0;
   const int pre1 = (PW1 == 0 || W1 >= 4) ? 0 : (t / (W1 > 0 ? W1 : 1)) * PW1;
   const u32 mask0 = ((1u << PW0) - 1u) * 0x10001u;
   const u32 mask1 = PW1 == 0 ? 0u : ((1u << PW1) - 1u) * 0x10001u;
@@ -124,29 +136,48 @@ extern "C" __global__ void __launch_bounds__(NW * 32) wq_gemv(
 #pragma unroll
         for (int hr = 0; hr < 2; hr++) {
           const long long row = row0 + 16 * r + 8 * hr + g;
+          if (VEC) {
+            load_vec<PW0>(w0[u][r][hr], p0 + row * p0_words + (long long)tile * W0 + t * PW0, valid);
+            if (PW1 > 0) load_vec<PW0>(w1[u][r][hr], p1 + row * p1_words + (long long)tile * W1 + t * PW0, valid);
+          } else {
 #pragma unroll
-          for (int i = 0; i < NWD0; i++) {
-            const int idx = W0 >= 4 ? 4 * i + t : t % W0;
-            w0[u][r][hr][i] = valid ? p0[row * p0_words + (long long)tile * W0 + idx] : 0u;
-          }
+            for (int i = 0; i < NWD0; i++) {
+              const int idx = W0 >= 4 ? 4 * i + t : t % W0;
+              w0[u][r][hr][i] = valid ? p0[row * p0_words + (long long)tile * W0 + idx] : 0u;
+            }
 #pragma unroll
-          for (int i = 0; i < NWD1; i++) {
-            const int idx = W1 >= 4 ? 4 * i + t : t % (W1 > 0 ? W1 : 1);
-            w1[u][r][hr][i] = (PW1 > 0 && valid) ? p1[row * p1_words + (long long)tile * W1 + idx] : 0u;
+            for (int i = 0; i < NWD1; i++) {
+              const int idx = W1 >= 4 ? 4 * i + t : t % (W1 > 0 ? W1 : 1);
+              w1[u][r][hr][i] = (PW1 > 0 && valid) ? p1[row * p1_words + (long long)tile * W1 + idx] : 0u;
+            }
           }
           s[u][r][hr] = valid ? scale_f(sc[(long long)tile * n_pad + row]) : 0.0f;
           z[u][r][hr] = (ASYM && valid) ? (int)zp[(long long)tile * n_pad + row] : 0;
         }
-#pragma unroll
-      for (int kk = 0; kk < KSTEPS; kk++)
+      if (VEC) {
 #pragma unroll
         for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-          for (int hh = 0; hh < 2; hh++) {
+          for (int sv = 0; sv < 16 / PW0; sv++) {
             const int m = 8 * mt + g;
-            const int k = tile * BK + 16 * kk + 8 * hh + 2 * t;
-            b[u][kk][mt][hh] = (valid && m < M && (KFULL || k < K)) ? *(const u32*)(x + (long long)m * x_stride + k) : 0u;
+            u32 chunk[PW0];
+            load_vec<PW0>(chunk, (const u32*)(x + (long long)m * x_stride + tile * BK + 8 * PW0 * sv + 2 * PW0 * t),
+                          valid && m < M);
+#pragma unroll
+            for (int i = 0; i < PW0; i++) b[u][(PW0 * sv + i) / 2][mt][(PW0 * sv + i) % 2] = chunk[i];
           }
+      } else {
+#pragma unroll
+        for (int kk = 0; kk < KSTEPS; kk++)
+#pragma unroll
+          for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+            for (int hh = 0; hh < 2; hh++) {
+              const int m = 8 * mt + g;
+              const int k = tile * BK + 16 * kk + 8 * hh + 2 * t;
+              b[u][kk][mt][hh] = (valid && m < M && (KFULL || k < K)) ? *(const u32*)(x + (long long)m * x_stride + k) : 0u;
+            }
+      }
     }
 #pragma unroll
     for (int u = 0; u < UN; u++) {
@@ -173,8 +204,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32) wq_gemv(
 #pragma unroll
             for (int hr = 0; hr < 2; hr++) {
               const int p = 8 * kk + 4 * hh;  /* + t: this lane's pair of the tile */
-              const int i = W0 >= 4 ? (p % W0) / 4 : 0;
-              const int slot = p / W0;
+              const int i = VEC ? (2 * kk + hh) % PW0 : (W0 >= 4 ? (p % W0) / 4 : 0);
+              const int slot = VEC ? (2 * kk + hh) / PW0 : p / W0;
               a[hr + 2 * hh] = mask_or((w0[u][r][hr][i] >> pre0) >> (slot * PW0), mask0, magic0);
             }
 #pragma unroll
@@ -186,8 +217,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32) wq_gemv(
               for (int hr = 0; hr < 2; hr++) {
                 const int p = 8 * kk + 4 * hh;
                 const int w1n = W1 > 0 ? W1 : 1;
-                const int i = W1 >= 4 ? (p % w1n) / 4 : 0;
-                const int slot = p / w1n;
+                const int i = VEC ? (2 * kk + hh) % PW0 : (W1 >= 4 ? (p % w1n) / 4 : 0);
+                const int slot = VEC ? (2 * kk + hh) / PW0 : p / w1n;
                 a[hr + 2 * hh] = mask_or((w1[u][r][hr][i] >> pre1) >> (slot * PW1), mask1, magic1);
               }
 #pragma unroll
@@ -261,7 +292,8 @@ def defines(w: WqWeights, fp16: bool, mt: int, rt: int, nw: int, un: int, has_bi
     return {"BITS": w.bits, "PW0": PLANES[w.bits][0][1], "PW1": pw1, "LO1": lo1, "BK": w.block_k,
             "ASYM": int(w.zeros is not None), "FP16": int(fp16), "SCALE_KIND": SCALE_KINDS[w.scales.dtype],
             "MT": mt, "RT": rt, "NW": nw, "UN": un, "HAS_BIAS": int(has_bias),
-            "KFULL": int(w.in_features % w.block_k == 0)}
+            "KFULL": int(w.in_features % w.block_k == 0),
+            "VEC": int(w.block_k == 128 and w.in_features % 128 == 0 and (pw1 == 0 or pw1 == PLANES[w.bits][0][1]))}
 
 
 def source(consts: dict[str, int]) -> str:
@@ -322,8 +354,8 @@ def gemv(x: torch.Tensor, w: WqWeights, bias: torch.Tensor | None, counters: tor
     x2 = x.reshape(-1, shape[-1])
     if w.perm is not None:  # act order: gather the activations once (the weights are stored sorted)
         x2 = x2.index_select(1, w.perm.long())
-    if x2.stride(-1) != 1 or x2.stride(0) % 2 or x2.data_ptr() % 4:
-        x2 = x2.contiguous()
+    if x2.stride(-1) != 1 or x2.stride(0) % 8 or x2.data_ptr() % 16:  # vector loads of activation rows
+        x2 = x2.contiguous() if x2.stride(-1) != 1 or x2.stride(0) % 8 else x2.clone()
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     m, n = x2.shape[0], w.out_features
