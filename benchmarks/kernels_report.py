@@ -20,6 +20,9 @@ HISTORY_NOTES = {  # what differed in each earlier run (by file-name suffix)
               "runs a plain GEMM through shared memory; that variant was never among the fastest and was removed.",
     "_run2": "Second full run, before the decode GEMV: the Triton GEMM at every M (scales read one group ahead, "
              "tile tables from its sweep). The sweep below is that GEMM's decode configurations.",
+    "_run3": "First run with the decode GEMV, whose lanes loaded one 32-bit word at a time: it beat the Triton "
+             "GEMM only at M=1 on 14336×4096, so its measured crossover was M=0 and the kernel rows are the Triton "
+             "GEMM's. Its end-to-end part stopped (compressed-tensors not installed on the GPU machine).",
     "_sweep_mmav2": "The same decode sweep with wgmma disabled (DISABLE_MMA_V3=1: Triton falls back to mma.sync).",
 }
 NCU_METRICS = (("Duration", "us"), ("DRAM Throughput", "%"), ("Memory Throughput", "Tbyte/s"),
@@ -120,17 +123,86 @@ def ncu_metrics(path: Path) -> dict[str, str]:
     return found
 
 
+def gemv_analysis(rows: list[dict], history_rows: list[dict], protocol: dict) -> list[str]:
+    """What the decode GEMV reached at M=1 and what limits it (figures from this run and run3)."""
+    if not any(r["method"] == "gemv-decode" for r in rows):
+        return []
+    lines = ["", "## Decode GEMV (CUDA): what it reached and what limits it", "",
+             "Since the Triton GEMM stayed latency-bound (next section), decode sizes now run a dedicated GEMV "
+             "in CUDA C (`compressor/kernels/wq_gemv.py`, compiled by NVRTC through CuPy) on the same repacked "
+             "layout, so weights are not stored twice. No shared-memory staging and no pipeline barriers: each "
+             "lane loads the plane words that form its own mma.m16n8k16 A fragment straight into registers, "
+             "`(word >> shift) & mask | magic` gives two 16-bit floats 2^MANT + u per instruction pair, the "
+             "tensor cores multiply by the (few) activation rows and accumulate in fp32, and one extra mma by "
+             "ones gives the activation sums that remove the magic and code offsets and the zero point per group. "
+             "Warps of a block split K and reduce in shared memory; blocks split K further where there are too "
+             "few rows, the last block summing in split order. M=1 figures of this run:", "",
+             "| format | shape | µs | × bf16 | GB/s | % copy |", "|---|---|---:|---:|---:|---:|"]
+    for method in ("w4a16", "w2a16", "w3a16", "w8a16"):
+        for group in (128, 64):
+            for r in pick(rows, method, MLP_8B, 1, group):
+                if not r.get("carried_from"):
+                    lines.append(f"| {label(r)} | {r['shape']} | {r['time_us']:.1f} | {r['speedup_vs_bf16']:.2f} | "
+                                 f"{r['gbps']:.0f} | {r['pct_copy_bw']:.0f} |")
+    first = {r["shape"]: r for r in history_rows if r["method"] == "gemv-decode" and r.get("m") == 1}
+    now = {r["shape"]: r for r in rows if r["method"] == "gemv-decode" and r.get("m") == 1}
+    steps = "; ".join(f"{shape}: {first[shape]['time_us']:.1f} → {now[shape]['time_us']:.1f} µs"
+                      for shape in now if shape in first)
+    m_rows = {(r["shape"], r["m"]): r for r in rows if r["method"] == "gemv-decode"}
+    w4 = [r for r in pick(rows, "w4a16", MLP_8B, 1, 128) if not r.get("carried_from")]
+    bf = [r for r in pick(rows, "bf16", MLP_8B, 1) if not r.get("carried_from")]
+
+    def pct(found, key, unit="%"):
+        values = sorted(r[key] for r in found)
+        return "n/a" if not values else "–".join(f"{v:.0f}" if unit == "%" else f"{v:.1f}"
+                                                  for v in dict.fromkeys((values[0], values[-1]))) + unit
+    flat = "; ".join(f"{shape}: {m_rows[(shape, 1)]['time_us']:.1f} µs at M=1, {m_rows[(shape, 8)]['time_us']:.1f} at "
+                     f"M=8, {m_rows[(shape, 16)]['time_us']:.1f} at M=16"
+                     for shape in dict.fromkeys(k[0] for k in m_rows) if (shape, 16) in m_rows and (shape, 8) in m_rows)
+    lines += [
+        "",
+        "What was measured about the limits (no profile of this kernel was taken: the device time went to the "
+        "two runs):",
+        "",
+        f"- Load width. The first build (`kernels_2026-11-29_run3.json`) gave every lane one 32-bit word per "
+        f"load, so each warp load touched 8 rows for 16 bytes each; reading 128-column tiles of one plane width "
+        f"(4-bit, 2-bit and 8-bit at g128 or per channel) as one 16-byte vector per lane and row, with the "
+        f"activations permuted to match, took 4-bit g128 M=1 from {steps or 'n/a'}. Group sizes 64 and 32 and "
+        "3-bit ([2, 1] planes of unequal width) still take the 32-bit path, which is why W4A16 g64 and W3A16 "
+        "stay near the Triton GEMM.",
+        f"- Activation rows. {flat or 'n/a'} (4-bit g128): up to 8 rows fill one mma n-tile and cost almost "
+        "nothing; 9–16 rows need a second n-tile, twice the activation registers and half the tiles in flight, "
+        f"so QuantLinear runs the GEMV up to M = {protocol.get('gemv', {}).get('max_m')} and the Triton GEMM above.",
+        f"- Bandwidth. At M=1 the 4-bit g128 GEMV moves its bytes at {pct(w4, 'pct_copy_bw')} of the copy "
+        f"bandwidth in {pct(w4, 'time_us', ' µs')}, bf16 `linear` at {pct(bf, 'pct_copy_bw')} in "
+        f"{pct(bf, 'time_us', ' µs')} (the two MLP shapes). What remains is most likely latency rather than arithmetic (per "
+        "32-bit word a few shifts and lop3s; the multiply-adds run on the tensor cores), untested by a profile: "
+        "each warp issues its loads for "
+        "UN tiles, waits, then dequantizes and runs its mmas with none of its own loads in flight, and a launch "
+        "this short also carries fixed costs (the launch inside the graph, the split-K partial pass, the tail "
+        "wave) that bf16's longer launch hides. The crossover and launch settings were measured on 4-bit g128; "
+        "the other formats use them as they are.",
+        "- Next steps: registers double-buffered across tiles (issue tile i+1's vectors before tile i's mmas); a "
+        "load-time order that gives g64/g32 and 3-bit the same 16-byte per-lane loads; then Nsight Compute on the "
+        "GEMV to see whether DRAM or issue stalls remain.",
+    ]
+    return lines
+
+
 def analysis(rows: list[dict], history_rows: list[dict]) -> list[str]:
-    """Where the time goes, from the profile saved beside the results, and what was tried."""
-    w4 = pick(rows, "w4a16", ("14336x4096",), 1, 128)
+    """Where the Triton GEMM's decode time goes, from the profile saved beside the results, and what was tried."""
+    w4 = [r for r in rows if r["method"] == "triton-decode" and r["shape"] == "14336x4096" and r["m"] == 1] or \
+        pick(rows, "w4a16", ("14336x4096",), 1, 128)
     gbps = fmt(w4[0]["gbps"], 0, " GB/s") if w4 else "n/a"
-    best = max((r["speedup_vs_bf16"] for r in rows + history_rows if r.get("m") == 1 and "time_us" in r
-                and r["method"] in ("w4a16", "w4a16-tuning", "weight_only-sweep") and r["config"].get("bits") == 4),
-               default=None)
+    triton = [r for r in history_rows if r["method"] in ("w4a16", "w4a16-tuning", "weight_only-sweep", "triton-decode")]
+    triton += [r for r in rows if r["method"] == "triton-decode"]  # this run's w4a16 rows at M=1 are the GEMV
+    best = max((r["speedup_vs_bf16"] for r in triton if r.get("m") == 1 and "time_us" in r
+                and r["config"].get("bits") == 4 and not r.get("carried_from")), default=None)
     ncu = ncu_metrics(next(iter(sorted(RESULTS.glob("kernels_*_ncu_decode.txt"))), RESULTS / "missing"))
-    lines = ["", "## Where the decode time goes, and what was tried", "",
-             f"W4A16 g128 at M=1 on 14336×4096 moves its bytes at {gbps}. Nsight Compute on the same launch "
-             "(an earlier build of the kernel, `kernels_*_ncu_decode.txt`):", ""]
+    lines = ["", "## The Triton GEMM at decode sizes: where the time goes, and what was tried", "",
+             f"The Triton GEMM (still used above the GEMV's M) runs W4A16 g128 at M=1 on 14336×4096 at {gbps} in "
+             "this run. Nsight Compute on the same launch (an earlier build of the kernel, "
+             "`kernels_*_ncu_decode.txt`):", ""]
     lines += [f"- {name}: {value}" for name, value in ncu.items()]
     lines += [
         "",
@@ -148,7 +220,7 @@ def analysis(rows: list[dict], history_rows: list[dict]) -> list[str]:
         "packed fma against plain Triton; mma.sync instead of wgmma; reading scales one group ahead (the "
         "profile's largest stall was waiting on a global load, which was the in-loop scale load); for prefill, "
         "folding the scales into the weight operand and running a plain GEMM through shared memory. The best "
-        f"W4A16 M=1 figure over all of these runs is {fmt(best)}× bf16. The next steps the profile points to: a "
+        f"W4A16 M=1 figure of the Triton GEMM over all of these runs is {fmt(best)}× bf16. The next steps the profile points to: a "
         "persistent kernel with a warp-specialized producer (TMA or cp.async) and consumers, written in CUDA C++ "
         "or Gluon rather than through Triton's single-loop pipeliner, so that loads for several tiles stay in "
         "flight while wgmma runs; and for prefill, dequantizing into shared memory ahead of a large-tile GEMM.",
@@ -247,7 +319,9 @@ def render(data: dict, history: list[Path] | None = None) -> str:
                          f"{'yes' if r['cuda_graph'] else 'no: ' + str(r.get('cuda_graph_note'))} |")
     lines += gemv_tables(rows, p)
     lines += sweep_table([r for r in rows if is_sweep(r)], "Decode configurations (sweep in the same run)")
-    lines += analysis(rows, [r for path in history for r in json.loads(Path(path).read_text())["rows"]])
+    history_rows = [r for path in history for r in json.loads(Path(path).read_text())["rows"]]
+    lines += gemv_analysis(rows, history_rows, p)
+    lines += analysis(rows, history_rows)
     for path in history:
         old = json.loads(Path(path).read_text())
         note = next((v for k, v in sorted(HISTORY_NOTES.items(), key=lambda kv: -len(kv[0]))

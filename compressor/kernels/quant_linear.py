@@ -22,7 +22,7 @@ from compressor.schemes import dequantize
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 COUNTERS = 4096  # split-K tile counters per layer (kernels use at most ~4 per multiprocessor)
-GEMV_MAX_M = 16  # the decode GEMV runs up to this many rows: the crossover measured on the H200
+GEMV_MAX_M = 8  # the decode GEMV runs up to this many rows: its crossover with wq_triton on the H200
 
 
 @dataclass

@@ -281,9 +281,10 @@ extern "C" __global__ void __launch_bounds__(NW * 32) wq_gemv(
 SCALE_KINDS = {torch.float16: 0, torch.bfloat16: 1, torch.float32: 2}
 # Launch settings by output width (n_pad >= 8192: "wide"): row tiles per warp, warps per block, tiles
 # per warp iteration (None: 128 columns' worth) and resident warps wanted per multiprocessor, from
-# which the split-K depth follows. benchmarks/kernels.py --parts gemv-sweep measures the choices.
-LAUNCH = {"wide": {"rt": 2, "nw": 4, "un": None, "warps_per_sm": 24},
-          "narrow": {"rt": 1, "nw": 4, "un": None, "warps_per_sm": 24}}
+# which the split-K depth follows. The fastest of the H200 sweep (`benchmarks/kernels.py --parts
+# gemv`, reports/kernels.md) on 4-bit g128 weights at M=1: 14336x4096 ("wide") and 4096x14336.
+LAUNCH = {"wide": {"rt": 1, "nw": 4, "un": 2, "warps_per_sm": 24},
+          "narrow": {"rt": 1, "nw": 8, "un": 1, "warps_per_sm": 32}}
 
 
 def defines(w: WqWeights, fp16: bool, mt: int, rt: int, nw: int, un: int, has_bias: bool) -> dict[str, int]:
