@@ -340,7 +340,7 @@ def measure_gemv(copy_gbps: float, log, rows: list[dict]) -> None:
             faster[m] &= t_gemv <= t_triton
             log(f"gemv {n}x{k} m={m}: gemv {t_gemv * 1e6:.1f} us, triton {t_triton * 1e6:.1f} us, "
                 f"bf16 {base[m] * 1e6:.1f} us")
-        del made, weights
+        made = weights = []
         torch.cuda.empty_cache()
     max_m = 0
     for m in CROSSOVER_MS:

@@ -33,6 +33,10 @@ MLP_8B = ("14336x4096", "4096x14336")
 SHAPES_8B = ("4096x4096", "14336x4096", "4096x14336")
 
 
+def carried_mark(r: dict) -> str:
+    return " †" if r.get("carried_from") else ""
+
+
 def label(r: dict) -> str:
     c = r.get("config", {})
     if r["method"] in ("bf16", "w8a8"):
@@ -103,7 +107,8 @@ def kernel_table(rows: list[dict], shape: str) -> list[str]:
              "|---:|---|---:|---:|---:|---:|---:|"]
     for r in sorted((r for r in rows if r.get("shape") == shape and "time_us" in r and not is_sweep(r)),
                     key=lambda r: (r["m"], r["method"] != "bf16", label(r))):
-        lines.append(f"| {r['m']} | {label(r)}{' †' if r.get('carried_from') else ''} | {r['time_us']:.1f} | {r['speedup_vs_bf16']:.2f} | {r['gbps']:.0f} | "
+        lines.append(f"| {r['m']} | {label(r)}{carried_mark(r)} | {r['time_us']:.1f} | {r['speedup_vs_bf16']:.2f} | "
+                     f"{r['gbps']:.0f} | "
                      f"{r['pct_copy_bw']:.0f} | {r['tflops']:.1f} |")
     errors = [r for r in rows if r.get("shape") == shape and "error" in r]
     lines += [f"- {label(r)} failed: {r['error']}" for r in errors]
@@ -175,7 +180,8 @@ def gemv_analysis(rows: list[dict], history_rows: list[dict], protocol: dict) ->
         f"so QuantLinear runs the GEMV up to M = {protocol.get('gemv', {}).get('max_m')} and the Triton GEMM above.",
         f"- Bandwidth. At M=1 the 4-bit g128 GEMV moves its bytes at {pct(w4, 'pct_copy_bw')} of the copy "
         f"bandwidth in {pct(w4, 'time_us', ' µs')}, bf16 `linear` at {pct(bf, 'pct_copy_bw')} in "
-        f"{pct(bf, 'time_us', ' µs')} (the two MLP shapes). What remains is most likely latency rather than arithmetic (per "
+        f"{pct(bf, 'time_us', ' µs')} (the two MLP shapes). What remains is most likely latency rather than "
+        "arithmetic (per "
         "32-bit word a few shifts and lop3s; the multiply-adds run on the tensor cores), untested by a profile: "
         "each warp issues its loads for "
         "UN tiles, waits, then dequantizes and runs its mmas with none of its own loads in flight, and a launch "
@@ -220,7 +226,8 @@ def analysis(rows: list[dict], history_rows: list[dict]) -> list[str]:
         "packed fma against plain Triton; mma.sync instead of wgmma; reading scales one group ahead (the "
         "profile's largest stall was waiting on a global load, which was the in-loop scale load); for prefill, "
         "folding the scales into the weight operand and running a plain GEMM through shared memory. The best "
-        f"W4A16 M=1 figure of the Triton GEMM over all of these runs is {fmt(best)}× bf16. The next steps the profile points to: a "
+        f"W4A16 M=1 figure of the Triton GEMM over all of these runs is {fmt(best)}× bf16. The next steps the "
+        "profile points to: a "
         "persistent kernel with a warp-specialized producer (TMA or cp.async) and consumers, written in CUDA C++ "
         "or Gluon rather than through Triton's single-loop pipeliner, so that loads for several tiles stay in "
         "flight while wgmma runs; and for prefill, dequantizing into shared memory ahead of a large-tile GEMM.",
@@ -314,7 +321,8 @@ def render(data: dict, history: list[Path] | None = None) -> str:
                   "| format | batch | decode tok/s | × bf16 | prefill tok/s | weights GB | CUDA graph |",
                   "|---|---:|---:|---:|---:|---:|---|"]
         for r in e2e:
-            lines.append(f"| {r['method']}{' †' if r.get('carried_from') else ''} | {r['batch']} | {r['tokens_per_s']:.1f} | {r['speedup_vs_bf16']:.2f} | "
+            lines.append(f"| {r['method']}{carried_mark(r)} | {r['batch']} | {r['tokens_per_s']:.1f} | "
+                         f"{r['speedup_vs_bf16']:.2f} | "
                          f"{r['prefill_tokens_per_s']:.0f} | {fmt(r['weights_gb'], 1)} | "
                          f"{'yes' if r['cuda_graph'] else 'no: ' + str(r.get('cuda_graph_note'))} |")
     lines += gemv_tables(rows, p)

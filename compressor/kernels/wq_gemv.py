@@ -52,7 +52,9 @@ typedef u16 scale_t;
 __device__ __forceinline__ float h2f(u16 h) { float f; asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h)); return f; }
 __device__ __forceinline__ u16 f2h(float f) { u16 h; asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
 __device__ __forceinline__ u16 f2b(float f) { u16 h; asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f)); return h; }
-__device__ __forceinline__ float b2f(u16 h) { float f; asm("mov.b32 %0, %1;" : "=f"(f) : "r"(((u32)h) << 16)); return f; }
+__device__ __forceinline__ float b2f(u16 h) {
+  float f; asm("mov.b32 %0, %1;" : "=f"(f) : "r"(((u32)h) << 16)); return f;
+}
 __device__ __forceinline__ void mma(float* c, const u32* a, const u32* b) {
 #if FP16
   asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
@@ -65,7 +67,9 @@ __device__ __forceinline__ void mma(float* c, const u32* a, const u32* b) {
 __device__ __forceinline__ u32 mask_or(u32 a, u32 b, u32 c) {
   u32 d; asm("lop3.b32 %0, %1, %2, %3, 0xEA;" : "=r"(d) : "r"(a), "r"(b), "r"(c)); return d;  /* (a & b) | c */
 }
-__device__ __forceinline__ float ld_cg(const float* p) { float v; asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p)); return v; }
+__device__ __forceinline__ float ld_cg(const float* p) {
+  float v; asm volatile("ld.global.cg.f32 %0, [%1];" : "=f"(v) : "l"(p)); return v;
+}
 #endif
 
 /* VEC: 128-column tiles whose planes have one width (2, 4, 8 bits): lane t reads its PW words of a row
@@ -175,7 +179,8 @@ extern "C" __global__ void __launch_bounds__(NW * 32) wq_gemv(
             for (int hh = 0; hh < 2; hh++) {
               const int m = 8 * mt + g;
               const int k = tile * BK + 16 * kk + 8 * hh + 2 * t;
-              b[u][kk][mt][hh] = (valid && m < M && (KFULL || k < K)) ? *(const u32*)(x + (long long)m * x_stride + k) : 0u;
+              const bool ok = valid && m < M && (KFULL || k < K);
+              b[u][kk][mt][hh] = ok ? *(const u32*)(x + (long long)m * x_stride + k) : 0u;
             }
       }
     }
@@ -312,7 +317,8 @@ def available() -> bool:
 
 def supports(x: torch.Tensor, w: WqWeights) -> bool:
     """Shapes this kernel takes (4-byte activation pairs; scales in a 16/32-bit float)."""
-    return (x.shape[-1] == w.in_features and x.shape[-1] % 2 == 0 and w.scales.dtype in SCALE_KINDS and x.dtype in (torch.float16, torch.bfloat16)
+    return (x.shape[-1] == w.in_features and x.shape[-1] % 2 == 0 and w.scales.dtype in SCALE_KINDS
+            and x.dtype in (torch.float16, torch.bfloat16)
             and x.numel() // max(x.shape[-1], 1) <= MAX_M)
 
 
@@ -378,7 +384,8 @@ def gemv(x: torch.Tensor, w: WqWeights, bias: torch.Tensor | None, counters: tor
 
     with cupy.cuda.ExternalStream(torch.cuda.current_stream(x.device).cuda_stream):
         kernel((row_blocks, split), (nw * 32,),
-               (ptr(x2), ptr(planes[0]), ptr(planes[-1]), ptr(w.scales), ptr(w.zeros if w.zeros is not None else w.scales),
+               (ptr(x2), ptr(planes[0]), ptr(planes[-1]), ptr(w.scales),
+                ptr(w.zeros if w.zeros is not None else w.scales),
                 ptr(bias if bias is not None else y), ptr(y), ptr(ws), ptr(counters),
                 np.int32(m), np.int32(n), np.int32(w.in_features), np.int32(w.n_pad), np.int32(w.groups),
                 np.int32(cfg["tiles_per_split"]), np.int32(planes[0].shape[1]), np.int32(planes[-1].shape[1]),
