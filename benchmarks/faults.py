@@ -330,7 +330,9 @@ def campaign(root: Path, names: list[str], kills_per_trial: int, trials: int, se
             break
         if stop_after_kills is not None and sum(r["runs"] for r in rows.values()) >= stop_after_kills:
             break
-        name = names[i % len(names)]
+        # every command in turn first, then the one that has had the least time: equal time per
+        # command, so quick commands take more kills than slow ones
+        name = names[i] if i < len(names) else min(names, key=lambda n: rows[n].get("wall_s", 0.0))
         t = trial(ws, name, rng, kills_per_trial)
         row = rows[name]
         row["trials"] += 1

@@ -358,3 +358,20 @@ def test_damaged_recipe_is_one_line(text, phrase, tmp_path):
     with pytest.raises(CompressorError, match=phrase) as info:
         load_recipe(path)
     assert "\n" not in str(info.value)
+
+
+def test_gguf_with_an_empty_dimension_beside_a_huge_one_is_refused(tmp_path):
+    """Found by the fuzzer: dims [2**63 + 8, 0] hold no bytes, so the sizes check out, but no array
+    can have that shape (the gguf library failed with numpy's ValueError)."""
+    from compressor.models.gguf_file import check_gguf
+
+    seed = tmp_path / "seed"
+    seed.mkdir()
+    data = bytearray((seed / fuzz._seed_gguf(seed)).read_bytes())
+    name = b"token_embd.weight"
+    dims = data.index(name) + len(name) + 4  # after the name: n_dims (u32), then the dims (u64 each)
+    data[dims:dims + 16] = struct.pack("<QQ", 2 ** 63 + 8, 0)
+    bad = tmp_path / "empty-dim.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CompressorError, match="has an empty dimension"):
+        check_gguf(bad)

@@ -128,6 +128,8 @@ def _check(data: bytes) -> dict:
         if not 1 <= n_dims <= MAX_DIMS:
             raise _Damaged(f"tensor {name!r} has {n_dims} dimensions (1 to {MAX_DIMS})")
         dims = [cur.unpack("<Q") for _ in range(n_dims)]
+        if min(dims) < 1:  # an empty dimension would let the others be anything (found by the fuzzer)
+            raise _Damaged(f"tensor {name!r} has an empty dimension {dims}")
         kind = cur.unpack("<I")
         offset = cur.unpack("<Q")
         if sizes and kind not in sizes:
