@@ -127,7 +127,7 @@ def render(data: dict) -> str:
             "two uninterrupted runs aside, listed as volatile) with no temporary left.", ""]
     out += table(["command", "kills", "recovered", "lost", "trials", "uninterrupted s", "volatile files", "wall s"],
                  [[f"`{r['stage']}`", str(r["runs"]), str(r["recovered"]), str(r["lost"]), str(r["trials"]),
-                   fmt(r["uninterrupted_s"], "{:.1f}"), ", ".join(r["volatile"]) or "none", fmt(r["wall_s"], "{:.0f}")]
+                   fmt(r["uninterrupted_s"], "{:.1f}"), _files(r["volatile"]), fmt(r["wall_s"], "{:.0f}")]
                   for r in kills] or [["(not run yet)", *[""] * 7]])
     out += ["", f"**Total: {total_runs} kills, {total_recovered} recovered byte-identical, {total_lost} lost** "
             f"(target ≥ {KILL_TARGET} kills, 0 lost: {_met(total_runs >= KILL_TARGET and total_lost == 0)}).", ""]
@@ -176,6 +176,10 @@ def render(data: dict) -> str:
             "same output is refused while the first holds its lock; hypothesis-made safetensors and GGUF headers "
             "and a fast subset of every campaign above.", ""]
     return "\n".join(out).rstrip() + "\n"
+
+
+def _files(names: list[str]) -> str:
+    return ", ".join(names) if len(names) <= 3 else f"{len(names)} files ({', '.join(sorted({Path(n).name.split('.')[-1] for n in names}))})"
 
 
 def _met(ok: bool) -> str:
