@@ -1,0 +1,67 @@
+"""Training text for distillation: every non-overlapping window of the sources, and an order over
+them that is a pure function of (seed, position), so a resumed run reads exactly what the killed
+one would have read next, and any number of processes split each batch the same way.
+
+Sequence position p (counted over the whole run) lives in epoch p // N at place p % N of that
+epoch's permutation of the N windows; step s, micro-batch m of process r reads positions
+((s * accum + m) * world + r) * batch + [0, batch).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from compressor.calib.data import resolve_data, tensor_hash, token_stream
+from compressor.errors import CompressorError
+
+
+@dataclass
+class TrainingWindows:
+    windows: torch.Tensor  # [N, seq_len] int64
+    sources: list[dict]  # per source: ref, tokens, windows
+    seed: int
+
+    @property
+    def sha256(self) -> str:
+        return tensor_hash(self.windows)
+
+    @property
+    def tokens(self) -> int:
+        return self.windows.numel()
+
+    def describe(self) -> dict:
+        return {"sources": self.sources, "windows": self.windows.shape[0], "seq_len": self.windows.shape[1],
+                "tokens": self.tokens, "sha256": self.sha256, "seed": self.seed}
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.windows.shape[0], generator=generator)
+
+    def batch(self, step: int, micro: int, rank: int, batch: int, accum: int, world: int) -> torch.Tensor:
+        start = ((step * accum + micro) * world + rank) * batch
+        n = self.windows.shape[0]
+        rows, epoch, order = [], None, None
+        for position in range(start, start + batch):
+            if position // n != epoch:
+                epoch = position // n
+                order = self.permutation(epoch)
+            rows.append(order[position % n])
+        return self.windows[torch.stack(rows)]
+
+
+def training_windows(refs: list[str], tokenizer, seq_len: int, seed: int, text_field: str = "text",
+                     log: Callable[[str], None] = lambda _: None) -> TrainingWindows:
+    """The windows of every source (a reference text's calibration split, or a file), in order."""
+    if seq_len < 2:
+        raise CompressorError(f"--seq-len must be at least 2 (got {seq_len})", "raise --seq-len")
+    parts, sources = [], []
+    for ref in refs:
+        stream = token_stream(resolve_data(ref, "calib", log), tokenizer, text_field)
+        count = stream.numel() // seq_len
+        parts.append(stream[:count * seq_len].view(count, seq_len))
+        sources.append({"ref": ref, "tokens": int(stream.numel()), "windows": count})
+    windows = torch.cat(parts)
+    return TrainingWindows(windows, sources, seed)
