@@ -238,6 +238,19 @@ def prune(model: str, method: str, out: str | Path, sparsity: float | None = Non
     return compress(model, method, out, {"sparsity": sparsity, **(options or {})}, command="prune", **settings)
 
 
+# ---------------------------------------------------------------- distill
+
+def distill(teacher: str, student: str, data: str | list[str], out: str | Path, settings: dict | None = None,
+            **options) -> dict:
+    """Distill `teacher` into `student` on `data` (a reference text, files; comma-separated or a
+    list) and write the student as an artifact; `settings` are DistillSettings fields."""
+    from compressor.distill.run import distill as run
+    from compressor.distill.settings import parse_settings
+
+    refs = [d.strip() for d in data.split(",") if d.strip()] if isinstance(data, str) else list(data)
+    return run(teacher, student, refs, out, parse_settings(settings), **options)
+
+
 # ---------------------------------------------------------------- recipes
 
 def run_recipe(recipe_path: str | Path, model: str, out: str | Path, *, calib: str | None = None,

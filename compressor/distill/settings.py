@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from compressor.errors import CompressorError
+from compressor.util import parse_count
 
 # Settings that change how a run is watched or saved, not what it computes: a resume may change them.
 NOT_FINGERPRINTED = ("eval_every", "eval_windows", "save_every", "log_every")
@@ -14,7 +17,8 @@ NOT_FINGERPRINTED = ("eval_every", "eval_windows", "save_every", "log_every")
 class DistillSettings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    tokens: int = Field(20_000_000, ge=1, description="training tokens (all processes; repeated epochs count)")
+    tokens: int | str = Field(20_000_000, description="training tokens, e.g. 20M (all processes; repeated epochs "
+                                                       "count)")
     seq_len: int = Field(512, ge=2, description="tokens per training sequence")
     batch_size: int = Field(8, ge=1, description="sequences per micro-batch and process")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
@@ -37,5 +41,28 @@ class DistillSettings(BaseModel):
     log_every: int = Field(0, ge=0, description="steps between progress lines (0: about 20 per run)")
     seed: int = Field(0, description="seed of the data order")
 
+    @field_validator("tokens", mode="before")
+    @classmethod
+    def _count(cls, value):
+        count = parse_count(value, "--tokens")
+        if count < 1:
+            raise ValueError("must be at least 1")
+        return count
+
     def fingerprinted(self) -> dict:
         return {k: v for k, v in self.model_dump().items() if k not in NOT_FINGERPRINTED}
+
+
+def parse_settings(values: dict | DistillSettings | None) -> DistillSettings:
+    """Settings from keyword values; a bad one is a one-line error naming it."""
+    if isinstance(values, DistillSettings):
+        return values
+    try:
+        return DistillSettings(**(values or {}))
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "settings"
+        if isinstance(err.get("ctx", {}).get("error"), CompressorError):
+            raise err["ctx"]["error"] from None
+        raise CompressorError(f"invalid distill setting {field}: {err['msg']} (got {err.get('input')!r})",
+                              "see `compress distill --help` for valid values") from None

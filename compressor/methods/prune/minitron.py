@@ -30,12 +30,11 @@ from compressor.methods.base import METHODS, BlockContext, MethodConfig, ModelCo
 from compressor.methods.prune.minitron_importance import (Importance, LanguageModelHead,
                                                           calibration_loss, heads_to_keep, loss_drops, measure,
                                                           top_indices)
-from compressor.methods.prune.minitron_shape import (ParameterCounter, Shape, depth_shape, parse_count, shape_of,
-                                                     width_shapes)
+from compressor.methods.prune.minitron_shape import ParameterCounter, Shape, depth_shape, shape_of, width_shapes
 from compressor.methods.prune.pruner import Pruner
 from compressor.models.adapters import Adapter
 from compressor.models.sliced import set_embedding, set_linear, set_norm
-from compressor.util import release_memory
+from compressor.util import parse_count, release_memory
 
 Aggregation = Literal["mean", "l2", "var"]
 DIMENSIONS = ("hidden", "ffn", "heads", "kv_heads", "layers")
@@ -139,7 +138,7 @@ class Minitron(Pruner):
                 f"{o.heads // o.kv_heads} (the model's {o.heads}/{o.kv_heads})",
                 "keep heads a multiple of kv-heads, with no more heads per group than the model has")
         self.start = replace(o, **self.pins)
-        self.target = None if c.target_params is None else parse_count(c.target_params)
+        self.target = None if c.target_params is None else parse_count(c.target_params, "--target-params")
         if self.target is not None:
             self._check_budget()
         elif self.start == o:

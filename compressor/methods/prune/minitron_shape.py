@@ -9,17 +9,12 @@ exactly, tied embeddings, norms and biases included.
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from compressor.errors import CompressorError
 from compressor.models.adapters import count_parameters
 from compressor.models.sliced import ordinary_config_dict
-
-SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
-
 
 @dataclass(frozen=True)
 class Shape:
@@ -31,16 +26,6 @@ class Shape:
 
     def describe(self) -> dict:
         return asdict(self)
-
-
-def parse_count(value: str | int) -> int:
-    """'100M', '1.5B', '70e6' or 70000000 as an integer count."""
-    if isinstance(value, int):
-        return value
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbg]?)\s*", str(value).lower())
-    if not match:
-        raise CompressorError(f"cannot read parameter count {value!r}", "write it like 100M, 1.5B or 70000000")
-    return int(round(float(match.group(1)) * SUFFIXES[match.group(2)]))
 
 
 def shape_of(config) -> Shape:
