@@ -30,7 +30,8 @@ from compressor.methods.base import METHODS, BlockContext, MethodConfig, ModelCo
 from compressor.methods.prune.minitron_importance import (Importance, LanguageModelHead,
                                                           calibration_loss, heads_to_keep, loss_drops, measure,
                                                           top_indices)
-from compressor.methods.prune.minitron_shape import ParameterCounter, Shape, depth_shape, shape_of, width_shapes
+from compressor.methods.prune.minitron_shape import (ParameterCounter, Shape, depth_shape, hidden_step, shape_of,
+                                                     width_shapes)
 from compressor.methods.prune.pruner import Pruner
 from compressor.models.adapters import Adapter
 from compressor.models.sliced import set_embedding, set_linear, set_norm
@@ -55,12 +56,13 @@ class MinitronConfig(MethodConfig):
     depth_metric: Literal["ppl", "cosine"] = Field(
         "ppl", description="layers to drop: least calibration perplexity increase when skipped alone, or least "
                            "1 - cos(block input, block output)")
-    depth_samples: int = Field(8, ge=1, description="calibration samples for the perplexity without each layer")
+    depth_samples: int = Field(4, ge=1, description="calibration samples for the perplexity without each layer")
     depth_share: float = Field(0.5, gt=0, lt=1, description="axis both: the share of depth-only pruning's layer "
                                                             "removal that depth takes; width takes the rest")
     width_candidates: int = Field(6, ge=1, description="shapes within the budget compared by calibration loss")
     candidate_samples: int = Field(8, ge=1, description="calibration samples that score each candidate shape")
-    round_to: int = Field(32, ge=1, description="round kept widths to a multiple of this")
+    round_to: int = Field(8, ge=1, description="round kept widths to a multiple of this (hidden sizes to a "
+                                               "multiple of the head count too)")
 
 
 def head_rows(heads: torch.Tensor, head_dim: int) -> torch.Tensor:
@@ -138,6 +140,9 @@ class Minitron(Pruner):
                 f"{o.heads // o.kv_heads} (the model's {o.heads}/{o.kv_heads})",
                 "keep heads a multiple of kv-heads, with no more heads per group than the model has")
         self.start = replace(o, **self.pins)
+        if self.start.hidden % heads:
+            raise CompressorError(f"hidden size {self.start.hidden} is not a multiple of the {heads} query heads kept",
+                                  "transformers configs need hidden_size divisible by num_attention_heads")
         self.target = None if c.target_params is None else parse_count(c.target_params, "--target-params")
         if self.target is not None:
             self._check_budget()
@@ -154,8 +159,8 @@ class Minitron(Pruner):
         if not free:
             raise CompressorError(f"--axis {c.axis} has nothing left to choose: every dimension it prunes is pinned",
                                   "drop an explicit dimension, or --target-params")
-        floor = replace(self.start, **{d: 1 if d == "layers" else min(c.round_to, getattr(self.start, d))
-                                       for d in free})
+        steps = {"layers": 1, "ffn": c.round_to, "hidden": hidden_step(c.round_to, self.start.heads)}
+        floor = replace(self.start, **{d: min(steps[d], getattr(self.start, d)) for d in free})
         if self.counter(floor) > self.target:
             raise CompressorError(
                 f"no {c.axis} pruning reaches {self.target:,} parameters: the smallest such shape has "

@@ -9,6 +9,7 @@ exactly, tied embeddings, norms and biases included.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, replace
 
 import torch
@@ -88,6 +89,11 @@ def depth_shape(start: Shape, target: int, count: ParameterCounter) -> Shape | N
     return None if layers is None else replace(start, layers=layers)
 
 
+def hidden_step(round_to: int, heads: int) -> int:
+    """Hidden sizes go in steps of this: configs want hidden_size a multiple of the head count."""
+    return math.lcm(round_to, heads)
+
+
 def width_shapes(start: Shape, target: int, count: ParameterCounter, free: set[str], round_to: int,
                  limit: int) -> list[Shape]:
     """Up to `limit` shapes within the budget that change only the free widths (hidden, ffn),
@@ -96,7 +102,7 @@ def width_shapes(start: Shape, target: int, count: ParameterCounter, free: set[s
         ffn = largest_fitting(multiples(start.ffn, round_to), lambda f: count(replace(start, ffn=f)) <= target)
         return [] if ffn is None else [replace(start, ffn=ffn)]
     shapes = []
-    for hidden in reversed(multiples(start.hidden, round_to)):
+    for hidden in reversed(multiples(start.hidden, hidden_step(round_to, start.heads))):
         candidate = replace(start, hidden=hidden)
         if "ffn" in free:
             ffn = largest_fitting(multiples(start.ffn, round_to), lambda f: count(replace(candidate, ffn=f)) <= target)
