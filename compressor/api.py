@@ -253,42 +253,69 @@ def distill(teacher: str, student: str, data: str | list[str], out: str | Path, 
 
 # ---------------------------------------------------------------- recipes
 
+def check_stage(stage) -> None:
+    """A recipe stage's settings, checked before any stage runs."""
+    if stage.kind in ("quantize", "prune"):
+        make_methods(stage.spec.method, stage.spec.options, stage.kind)
+    elif stage.kind == "distill":
+        from compressor.distill.settings import parse_settings
+
+        parse_settings(stage.spec.settings)
+
+
 def run_recipe(recipe_path: str | Path, model: str, out: str | Path, *, calib: str | None = None,
                device: str = "cpu", overwrite: bool = False, resume: bool = False, restart: bool = False,
                allow_pickle: bool = False, verify: bool = True, progress: Progress | None = None) -> dict:
     """Run a recipe's stages in order; each stage's output is the next one's input.
 
-    A one-stage recipe writes OUT directly; longer chains keep intermediates in `.OUT.stages/`.
-    `calib` overrides every stage's calibration data (the recipe's is the default).
+    The last stage that writes an artifact writes OUT; earlier ones keep theirs in `.OUT.stages/`.
+    `calib` overrides every stage's calibration data (the recipe's is the default). A distill
+    stage's teacher is MODEL unless it names one; an evaluate stage measures the artifact so far
+    against MODEL.
     """
     from compressor.recipes import load_recipe
 
     progress = progress or Progress()
     recipe = load_recipe(recipe_path)
     for stage in recipe.stages:  # every stage's settings, before any work
-        make_methods(stage.spec.method, stage.spec.options, stage.kind)
+        check_stage(stage)
     check_device(device)
     out = Path(out)
     path = resolve_model_path(model, progress.log)
     check_output(out, overwrite=overwrite, sources=[path], needs_bytes=source_bytes(path) * 3 // 2)
+    final = max(i for i, stage in enumerate(recipe.stages) if stage.writes)
     source, results = model, []
     for index, stage in enumerate(recipe.stages):
-        last = index == len(recipe.stages) - 1
+        last = index == final
         target = out if last else out.with_name(f".{out.name}.stages") / f"{index:02d}-{stage.kind}"
         spec = stage.spec
-        if resume and not last and (target / "manifest.json").is_file():
+        if resume and stage.writes and not last and (target / "manifest.json").is_file():
             progress.log(f"stage {index + 1}/{len(recipe.stages)} finished before; reusing {target}")
             source = str(target)
             continue
-        progress.log(f"stage {index + 1}/{len(recipe.stages)}: {stage.kind} {spec.method}")
-        cal = spec.calib
-        interrupted = (run_directory_for(target) / "run.json").is_file()
-        results.append(compress(source, spec.method, target, spec.options, command=stage.kind, calib=calib or cal.data,
-                                samples=cal.samples, seq_len=cal.seq_len, seed=cal.seed, text_field=cal.text_field,
-                                chat_template=cal.chat_template, batch_size=cal.batch_size, device=device,
-                                overwrite=overwrite or not last, resume=resume and interrupted,
-                                restart=restart and interrupted, allow_pickle=allow_pickle, verify=verify,
-                                progress=progress))
+        progress.log(f"stage {index + 1}/{len(recipe.stages)}: {stage.kind} {getattr(spec, 'method', '')}".rstrip())
+        if stage.kind == "evaluate":
+            results.append(evaluate(source, base=model, data=spec.data, windows=spec.windows,
+                                    window_len=spec.window_len, device=device, allow_pickle=allow_pickle,
+                                    verify=verify, progress=progress))
+            continue
+        if stage.kind == "distill":
+            from compressor.distill.checkpoint import checkpoint_dir
+
+            interrupted = (checkpoint_dir(target) / "latest" / "state.json").is_file()
+            results.append(distill(spec.teacher or model, source, spec.data, target, spec.settings,
+                                   eval_data=spec.eval_data, device=device, overwrite=overwrite or not last,
+                                   resume=resume and interrupted, restart=restart and interrupted,
+                                   allow_pickle=allow_pickle, verify=verify, progress=progress))
+        else:
+            cal = spec.calib
+            interrupted = (run_directory_for(target) / "run.json").is_file()
+            results.append(compress(source, spec.method, target, spec.options, command=stage.kind,
+                                    calib=calib or cal.data, samples=cal.samples, seq_len=cal.seq_len, seed=cal.seed,
+                                    text_field=cal.text_field, chat_template=cal.chat_template,
+                                    batch_size=cal.batch_size, device=device, overwrite=overwrite or not last,
+                                    resume=resume and interrupted, restart=restart and interrupted,
+                                    allow_pickle=allow_pickle, verify=verify, progress=progress))
         source = str(target)
     shutil.rmtree(out.with_name(f".{out.name}.stages"), ignore_errors=True)
     return {"recipe": recipe.name, "output": str(out), "stages": results}

@@ -38,7 +38,7 @@ def test_shipped_recipe_validates(path):
     recipe = load_recipe(path)
     assert recipe.name == path.stem
     for stage in recipe.stages:
-        api.make_methods(stage.spec.method, stage.spec.options, stage.kind)
+        api.check_stage(stage)
 
 
 def test_recipe_run_equals_the_quantize_command(tiny_llama, text_file, tmp_path):
@@ -69,3 +69,26 @@ def test_bad_recipe_is_one_line_before_any_work(body, phrase, tiny_llama, tmp_pa
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error:") and phrase in lines[0], result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_prune_distill_evaluate_recipe_runs_end_to_end(tiny_llama, text_file, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""name: r
+stages:
+  - prune: {{method: minitron, options: {{ffn: 64}}, calib: {{data: {text_file}, samples: 8, seq_len: 32}}}}
+  - distill: {{data: {text_file}, eval_data: {text_file}, settings: {{tokens: 512, seq_len: 32, batch_size: 4,
+               eval_windows: 2}}}}
+  - evaluate: {{data: {text_file}, windows: 2, window_len: 32}}
+""")
+    result = api.run_recipe(recipe, str(tiny_llama), tmp_path / "out")
+    prune, distill, evaluate = result["stages"]
+    assert distill["output"] == str(tmp_path / "out") and distill["steps"] == 4
+    assert evaluate["model"] == str(tmp_path / "out") and evaluate["kl"] > 0
+    assert not (tmp_path / ".out.stages").exists()
+
+
+def test_a_recipe_must_start_with_an_artifact(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nstages:\n  - evaluate: {data: wiki}\n")
+    with pytest.raises(Exception, match="first stage must write an artifact"):
+        load_recipe(recipe)

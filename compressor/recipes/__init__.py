@@ -7,6 +7,9 @@
           options: {bits: 4, group_size: 64, act_order: true}
           calib: {data: wiki, samples: 128, seq_len: 512}
 
+Stage kinds: quantize and prune (an engine pass), distill (the previous output learns from the
+recipe's input model), evaluate (perplexity and KL to the input model; writes nothing).
+
 Unknown keys anywhere are errors (recipe typos must not pass silently), and each stage's
 method options are checked against the method's own settings before the first stage starts.
 """
@@ -44,9 +47,29 @@ class MethodsStage(_Strict):
     calib: CalibSpec = CalibSpec()
 
 
+class DistillStage(_Strict):
+    """Distill the previous stage's output (the student) from the recipe's input model (the
+    teacher, unless one is named) on `data`; `settings` are `compress distill`'s."""
+
+    data: str | list[str] = "wiki"
+    eval_data: str = "wiki"
+    teacher: str | None = None
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvaluateStage(_Strict):
+    """Perplexity and KL to the recipe's input model of the artifact so far (writes nothing)."""
+
+    data: str = "wiki"
+    windows: int = Field(64, ge=1)
+    window_len: int = Field(512, ge=2)
+
+
 class Stage(_Strict):
     quantize: MethodsStage | None = None
     prune: MethodsStage | None = None
+    distill: DistillStage | None = None
+    evaluate: EvaluateStage | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> "Stage":
@@ -60,14 +83,25 @@ class Stage(_Strict):
         return next(k for k, v in self if v is not None)
 
     @property
-    def spec(self) -> MethodsStage:
+    def spec(self) -> MethodsStage | DistillStage | EvaluateStage:
         return getattr(self, self.kind)
+
+    @property
+    def writes(self) -> bool:
+        """Whether the stage makes an artifact (every kind but evaluate)."""
+        return self.kind != "evaluate"
 
 
 class Recipe(_Strict):
     name: str
     description: str = ""
     stages: list[Stage] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _starts_with_an_artifact(self) -> "Recipe":
+        if not self.stages[0].writes:
+            raise ValueError("the first stage must write an artifact (quantize, prune or distill); evaluate follows one")
+        return self
 
 
 SHIPPED = Path(__file__).parent
