@@ -10,6 +10,7 @@ epoch's permutation of the N windows; step s, micro-batch m of process r reads p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -59,9 +60,23 @@ def training_windows(refs: list[str], tokenizer, seq_len: int, seed: int, text_f
         raise CompressorError(f"--seq-len must be at least 2 (got {seq_len})", "raise --seq-len")
     parts, sources = [], []
     for ref in refs:
-        stream = token_stream(resolve_data(ref, "calib", log), tokenizer, text_field)
+        stream = _stream(resolve_data(ref, "calib", log), tokenizer, text_field)
         count = stream.numel() // seq_len
         parts.append(stream[:count * seq_len].view(count, seq_len))
         sources.append({"ref": ref, "tokens": int(stream.numel()), "windows": count})
     windows = torch.cat(parts)
     return TrainingWindows(windows, sources, seed)
+
+
+_STREAMS: dict[tuple, torch.Tensor] = {}
+
+
+def _stream(path: Path, tokenizer, text_field: str) -> torch.Tensor:
+    """A source's tokens, remembered for this process (runs that distill several students from
+    one text tokenize it once)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_mtime_ns, stat.st_size, text_field, type(tokenizer).__name__,
+           hash(frozenset(tokenizer.get_vocab().items())))
+    if key not in _STREAMS:
+        _STREAMS[key] = token_stream(path, tokenizer, text_field)
+    return _STREAMS[key]
