@@ -25,7 +25,7 @@ from compressor.formats import artifact as artifacts
 from compressor.models.adapters import count_parameters
 from compressor.models.loading import LoadedModel, resolve_model_path, source_bytes
 from compressor.outputs import check_output
-from compressor.pipeline.progress import Progress
+from compressor.progress import Progress
 
 
 def make_accelerator(device: str, settings: DistillSettings):
