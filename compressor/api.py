@@ -231,7 +231,7 @@ def distill(teacher: str, student: str, data: str | list[str], out: str | Path, 
     from compressor.distill.settings import parse_settings
 
     refs = [d.strip() for d in data.split(",") if d.strip()] if isinstance(data, str) else list(data)
-    return run(teacher, student, refs, out, parse_settings(settings), **options)
+    return run(teacher, student, refs, out, parse_settings(settings), load=load, peak_rss_mb=peak_rss_mb, **options)
 
 
 # ---------------------------------------------------------------- recipes

@@ -9,7 +9,7 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -81,9 +81,10 @@ def fingerprint(*parts: Any) -> str:
 def distill(teacher: str, student: str, data: list[str], out: str | Path, settings: DistillSettings, *,
             eval_data: str = "wiki", device: str = "cpu", text_field: str = "text", overwrite: bool = False,
             resume: bool = False, restart: bool = False, allow_pickle: bool = False, verify: bool = True,
-            progress: Progress | None = None) -> dict:
-    from compressor.api import load, peak_rss_mb
-
+            progress: Progress | None = None, load: Callable[..., LoadedModel],
+            peak_rss_mb: Callable[[], float]) -> dict:
+    """`load` reads a model or artifact as a float model (api.load: manifest checks, every format);
+    `peak_rss_mb` reads this process's peak memory."""
     started = time.perf_counter()
     device = check_device(device)
     if resume and restart:
