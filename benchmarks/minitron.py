@@ -285,12 +285,14 @@ def quality(args) -> None:
     aggregation = {"seq_agg": args.seq_agg, "batch_agg": args.batch_agg}
     settings = {"tokens": tokens, "seq_len": 512, "batch_size": args.batch, "lr": args.lr, "warmup": 0.05,
                 "eval_windows": 16, "save_every": 10_000, "compile": args.compile}
-    part = Part(args.out, "quality", device_name(device), {
+    part = Part(args.out, "quality" if args.group == "all" else f"quality_{args.group}", device_name(device), {
         "protocol": {"eval_windows": args.windows, "window": 512, "texts": texts, "training_data": data,
                      "distill": settings, "calib_samples": args.samples, "sliced_calib_samples": args.sliced_samples,
                      "held_out_novel": HELD_OUT_NOVEL, "minitron_aggregation": aggregation}})
-    base = part.add({"model": MODEL, "method": "fp32", "config": {}, "params": api.inspect(MODEL)["params"],
-                     **evaluate_row(MODEL, texts, args.windows, device), "kl": 0.0, "kl_austen": 0.0})
+    base = {"model": MODEL, "method": "fp32", "config": {}, "params": api.inspect(MODEL)["params"],
+            **evaluate_row(MODEL, texts, args.windows, device), "kl": 0.0, "kl_austen": 0.0}
+    if args.group in ("all", "a"):  # one base row in the merged results
+        part.add(base)
     big, small = (api_count(t) for t in args.targets.split(","))
     rows: dict[str, dict] = {}
 
@@ -320,19 +322,19 @@ def quality(args) -> None:
             part.save()
 
     name = lambda target, axis: f"minitron-{label(target)}-{axis}"  # noqa: E731
-    prune(name(big, "width"), big, "width")
-    prune(name(big, "depth"), big, "depth")
-    prune(name(small, "width"), small, "width")
-    lr = probe_lr(part, rows.get(name(big, "width"), {}), work, data, settings, args, clock)
-    distill(name(big, "width"), lr)
-    distill(name(small, "width"), lr)
-    prune("modegpt", method="modegpt")
-    distill("modegpt", lr)
-    prune(f"{name(big, 'width')}-paper-aggregation", big, "width", options={"seq_agg": "mean", "batch_agg": "l2"})
-    for target, axis in ((small, "both"), (big, "both"), (small, "depth")):
-        prune(name(target, axis), target, axis)
-    prune("slicegpt", method="slicegpt")
-    for key in (name(small, "both"), name(big, "depth"), "slicegpt", name(big, "both"), name(small, "depth")):
+    # Two groups run side by side on two GPUs (--group a / b); --group all runs both in one process.
+    groups = {"a": [(big, axis) for axis in AXES] + ["slicegpt"], "b": [(small, axis) for axis in AXES] + ["modegpt"]}
+    todo = groups["a"] + groups["b"] if args.group == "all" else groups[args.group]
+    keys = []
+    for item in todo:
+        if isinstance(item, str):
+            prune(item, method=item)
+            keys.append(item)
+        else:
+            prune(name(*item), *item)
+            keys.append(name(*item))
+    lr = probe_lr(part, rows.get(keys[0], {}), work, data, settings, args, clock)
+    for key in keys:
         distill(key, lr)
 
 
@@ -523,7 +525,7 @@ def merge(paths: list[str]) -> None:
         parts[data["part"]] = {k: v for k, v in data.items() if k != "rows"}
         for row in data["rows"]:
             rows.append({"part": data["part"], **{k: v for k, v in row.items() if k != "artifact"}})
-    quality_part = parts.get("quality", {})
+    quality_part = next((v for k, v in parts.items() if k.startswith("quality")), {})
     written = write_results("minitron", rows, quality_part.get("protocol", {}), {"parts": parts})
     data = json.loads(written.read_text())
     data["device"] = "mixed: see parts (quality and throughput on the GPU, memory on the CPU)"
@@ -553,7 +555,7 @@ def report() -> None:
                   f"({protocol.get('eval_windows')} windows x 512 tokens each, no BOS); KL(base || model) per token. "
                   f"Training text: {', '.join(protocol.get('training_data', []))} (the other five novels). "
                   f"Distillation: {json.dumps(protocol.get('distill', {}))}.", ""]
-    quality_rows = [r for r in rows if r.get("part") == "quality"]
+    quality_rows = [r for r in rows if str(r.get("part", "")).startswith("quality")]
     if quality_rows:
         lines += ["## Quality", "",
                   "| method | target | axis / sparsity | shape | params (M) | tokens | wiki ppl | wiki KL | Austen ppl | "
@@ -608,7 +610,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--austen", default="")
     parser.add_argument("--tokens", default="4M")
-    parser.add_argument("--lr", type=float, default=5e-4)
+    parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--batch", type=int, default=0)
     parser.add_argument("--windows", type=int, default=128)
     parser.add_argument("--samples", type=int, default=32, help="Minitron calibration samples")
@@ -620,7 +622,9 @@ def main() -> None:
     parser.add_argument("--prune-estimate-s", type=float, default=15)
     parser.add_argument("--tokens-from", default="", help="a throughput part's JSON: tokens from its measured rate")
     parser.add_argument("--seconds-per-run", type=float, default=15)
-    parser.add_argument("--lr-probe", default="2e-4,5e-4,1.5e-3")
+    parser.add_argument("--lr-probe", default="", help="learning rates to probe on the first student (comma-separated)")
+    parser.add_argument("--group", default="all", choices=["all", "a", "b"],
+                        help="quality rows: a (~100M students, SliceGPT), b (~70M students, MoDeGPT) or all")
     parser.add_argument("--seq-agg", default="l2", help="Minitron aggregation over the sequence (the CPU study's best)")
     parser.add_argument("--batch-agg", default="l2")
     parser.add_argument("--compile", action="store_true")
