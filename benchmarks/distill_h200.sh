@@ -17,6 +17,7 @@ export COMPRESSOR_CACHE=/tmp/cc PYTHONPATH=/tmp/site:/tmp/code TOKENIZERS_PARALL
 B=/tmp/code/benchmarks P=/tmp/parts
 mkdir -p $P /tmp/multigpu
 step() { echo "== $(date +%T) $*"; }
+NG=$(nvidia-smi -L | wc -l)  # one GPU (the one-GPU kind): the 2-GPU runs are skipped, both quality groups share it
 rm -rf /tmp/code && cp -r $C/code /tmp/code
 [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $C/whl/*.whl
 case "$1" in
@@ -26,12 +27,13 @@ case "$1" in
   nvidia-smi --query-gpu=name,memory.used --format=csv
   step throughput + models
   CUDA_VISIBLE_DEVICES=0 timeout 170 python3 $B/minitron.py throughput --device cuda --out $P --warmup 3 --steps 8 > $P/throughput.log 2>&1 &
-  CUDA_VISIBLE_DEVICES=1 timeout 170 python3 $B/multigpu.py make-models --out /tmp/multigpu/models --tokenizer /tmp/tok --layers ${LAYERS:-8} > $P/models.log 2>&1 &
+  [ $NG -ge 2 ] || wait  # one GPU: the models are built after the timing, not beside it
+  CUDA_VISIBLE_DEVICES=$((NG - 1)) timeout 170 python3 $B/multigpu.py make-models --out /tmp/multigpu/models --tokenizer /tmp/tok --layers ${LAYERS:-8} > $P/models.log 2>&1 &
   wait
-  for n in 1 2; do step ddp $n; timeout 100 torchrun --standalone --nproc-per-node $n $B/multigpu.py ddp --out $P > $P/ddp-$n.log 2>&1; done
+  for n in $(seq 1 $NG); do step ddp $n; timeout 100 torchrun --standalone --nproc-per-node $n $B/multigpu.py ddp --out $P > $P/ddp-$n.log 2>&1; done
   step curve; timeout 200 python3 $B/multigpu.py curve --out $P --curve-steps ${STEPS:-30} > $P/curve.log 2>&1
   step fsdp 1; CUDA_VISIBLE_DEVICES=0 timeout 80 python3 $B/multigpu.py fsdp --out $P > $P/fsdp-1.log 2>&1
-  step fsdp 2; timeout 100 torchrun --standalone --nproc-per-node 2 $B/multigpu.py fsdp --out $P > $P/fsdp-2.log 2>&1
+  [ $NG -ge 2 ] && step fsdp 2 && timeout 100 torchrun --standalone --nproc-per-node 2 $B/multigpu.py fsdp --out $P > $P/fsdp-2.log 2>&1
   step done ;;
 2)
   [ -f /tmp/gguf.part1 ] || { echo "COLD: part 1 is not here (a fresh machine)"; exit 4; }
@@ -41,13 +43,13 @@ case "$1" in
   cp $C/austen/* /tmp/austen/ && gunzip -f /tmp/austen/*.gz
   step convert; python3 -c "from compressor.models import assets; assets.fetch('smollm2-135m')" 2>&1 | tail -2
   for g in a b; do
-    CUDA_VISIBLE_DEVICES=$([ $g = a ] && echo 0 || echo 1) timeout $((${BUDGET:-280} + 40)) python3 $B/minitron.py quality \
+    CUDA_VISIBLE_DEVICES=$([ $g = a ] && echo 0 || echo $((NG - 1))) timeout $((${BUDGET:-280} + 40)) python3 $B/minitron.py quality \
       --group $g --device cuda --austen /tmp/austen --out $P --work /tmp/work-$g --windows 64 \
       --tokens-from $P/minitron_throughput_cuda.json --seconds-per-run ${SECONDS_PER_RUN:-20} --budget ${BUDGET:-280} \
       > $P/quality-$g.log 2>&1 &
   done
   wait
-  step calib; timeout 200 python3 $B/multigpu.py calib --out $P > $P/calib.log 2>&1
+  [ $NG -ge 2 ] && step calib && timeout 200 python3 $B/multigpu.py calib --out $P > $P/calib.log 2>&1
   step done ;;
 esac
 cp $P/*.json "$OUT"/ 2>/dev/null

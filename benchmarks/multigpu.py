@@ -171,7 +171,8 @@ def curve(args) -> None:
     tokens = args.curve_steps * 16 * 512
     rows = []
     runs = {}
-    for gpus, batch in ((1, 16), (2, 8)):
+    pairs = ((1, 16), (2, 8)) if torch.cuda.device_count() >= 2 else ((1, 16),)
+    for gpus, batch in pairs:
         out = work / f"curve-{gpus}"
         proc = run_logged(distill_cmd(models, out, gpus, tokens, batch), Path(args.out) / f"curve-{gpus}.log")
         row = {"method": "distill-curve", "gpus": gpus, "config": {"batch_per_gpu": batch, "global_batch": 16,
@@ -190,6 +191,8 @@ def curve(args) -> None:
         rows.append({"method": "curve-match", "max_rel_diff": max(diffs), "mean_rel_diff": sum(diffs) / len(diffs),
                      "steps": len(diffs)})
         write_part(args.out, "curve", rows)
+    if 2 not in runs:
+        return
     # kill the 2-GPU run once its checkpoint after step 20 is written, then resume it
     out = work / "curve-2-killed"
     from compressor.distill.checkpoint import checkpoint_dir
