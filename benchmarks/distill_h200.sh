@@ -27,11 +27,14 @@ case "$1" in
   nvidia-smi --query-gpu=name,memory.used --format=csv
   step throughput + models
   CUDA_VISIBLE_DEVICES=0 timeout 170 python3 $B/minitron.py throughput --device cuda --out $P --warmup 3 --steps 8 > $P/throughput.log 2>&1 &
-  [ $NG -ge 2 ] || wait  # one GPU: the models are built after the timing, not beside it
-  CUDA_VISIBLE_DEVICES=$((NG - 1)) timeout 170 python3 $B/multigpu.py make-models --out /tmp/multigpu/models --tokenizer /tmp/tok --layers ${LAYERS:-8} > $P/models.log 2>&1 &
+  if [ $NG -ge 2 ]; then  # one GPU (the one-GPU kind): only the throughput and the 1-GPU FSDP attempt
+    CUDA_VISIBLE_DEVICES=1 timeout 170 python3 $B/multigpu.py make-models --out /tmp/multigpu/models --tokenizer /tmp/tok --layers ${LAYERS:-8} > $P/models.log 2>&1 &
+  fi
   wait
-  for n in $(seq 1 $NG); do step ddp $n; timeout 100 torchrun --standalone --nproc-per-node $n $B/multigpu.py ddp --out $P > $P/ddp-$n.log 2>&1; done
-  step curve; timeout 200 python3 $B/multigpu.py curve --out $P --curve-steps ${STEPS:-30} > $P/curve.log 2>&1
+  if [ $NG -ge 2 ]; then
+    for n in 1 2; do step ddp $n; timeout 100 torchrun --standalone --nproc-per-node $n $B/multigpu.py ddp --out $P > $P/ddp-$n.log 2>&1; done
+    step curve; timeout 200 python3 $B/multigpu.py curve --out $P --curve-steps ${STEPS:-30} > $P/curve.log 2>&1
+  fi
   step fsdp 1; CUDA_VISIBLE_DEVICES=0 timeout 80 python3 $B/multigpu.py fsdp --out $P > $P/fsdp-1.log 2>&1
   [ $NG -ge 2 ] && step fsdp 2 && timeout 100 torchrun --standalone --nproc-per-node 2 $B/multigpu.py fsdp --out $P > $P/fsdp-2.log 2>&1
   step done ;;

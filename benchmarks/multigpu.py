@@ -450,7 +450,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8, help="layers of the 8B-shaped model for calibration")
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--fsdp-layers", type=int, default=32)
-    parser.add_argument("--fsdp-batch", type=int, default=2)
+    parser.add_argument("--fsdp-batch", type=int, default=4)
     parser.add_argument("--fsdp-steps", type=int, default=4)
     args = report_cli(parser, NAME, render)
     if args is None:
