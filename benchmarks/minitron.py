@@ -323,7 +323,8 @@ def quality(args) -> None:
 
     name = lambda target, axis: f"minitron-{label(target)}-{axis}"  # noqa: E731
     # Two groups run side by side on two GPUs (--group a / b); --group all runs both in one process.
-    groups = {"a": [(big, axis) for axis in AXES] + ["slicegpt"], "b": [(small, axis) for axis in AXES] + ["modegpt"]}
+    groups = {"a": [(big, axis) for axis in AXES] + ["slicegpt"], "b": [(small, axis) for axis in AXES] + ["modegpt"],
+              "c": ["slicegpt"], "d": ["modegpt"]}
     todo = groups["a"] + groups["b"] if args.group == "all" else groups[args.group]
     keys = []
     for item in todo:
@@ -623,8 +624,9 @@ def main() -> None:
     parser.add_argument("--tokens-from", default="", help="a throughput part's JSON: tokens from its measured rate")
     parser.add_argument("--seconds-per-run", type=float, default=15)
     parser.add_argument("--lr-probe", default="", help="learning rates to probe on the first student (comma-separated)")
-    parser.add_argument("--group", default="all", choices=["all", "a", "b"],
-                        help="quality rows: a (~100M students, SliceGPT), b (~70M students, MoDeGPT) or all")
+    parser.add_argument("--group", default="all", choices=["all", "a", "b", "c", "d"],
+                        help="quality rows: a (~100M students, SliceGPT), b (~70M students, MoDeGPT), c (SliceGPT), "
+                             "d (MoDeGPT) or all")
     parser.add_argument("--seq-agg", default="l2", help="Minitron aggregation over the sequence (the CPU study's best)")
     parser.add_argument("--batch-agg", default="l2")
     parser.add_argument("--compile", action="store_true")
