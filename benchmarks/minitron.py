@@ -15,7 +15,7 @@ the peak memory of `compress distill` on the reference pair.
     python benchmarks/minitron.py quality --device cuda --tokens 4M --austen DIR --out DIR
     python benchmarks/minitron.py cpu --out DIR
     python benchmarks/minitron.py merge DIR/*.json           # -> benchmarks/results/minitron.json, reports/minitron.md
-    python benchmarks/minitron.py report                     # reports/minitron.md from the results JSON
+    python benchmarks/minitron.py --report-only              # reports/minitron.md from the results JSON
 
 Every part appends its rows to its own JSON file as they finish, so a run cut short keeps them.
 """
@@ -35,10 +35,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine, print_table, write_results  # noqa: E402
+from common import RESULTS, machine, print_table, report_cli, write_report, write_results  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
-REPORT = ROOT / "reports" / "minitron.md"
 MODEL = "smollm2-135m"
 HELD_OUT_NOVEL = "persuasion"
 H200_BF16 = 790e12  # FLOP/s, dense bf16 matrix rate measured on the lent H200 (the issue's reference)
@@ -520,19 +519,27 @@ def aggregation(args) -> None:
 
 
 def merge(paths: list[str]) -> None:
+    """Join part files into results/minitron.json (rows skipped for time are left out; a row
+    measured twice with the same method and config keeps its later measurement) and render."""
     rows, parts = [], {}
     for path in paths:
         data = json.loads(Path(path).read_text())
         parts[data["part"]] = {k: v for k, v in data.items() if k != "rows"}
         for row in data["rows"]:
-            rows.append({"part": data["part"], **{k: v for k, v in row.items() if k != "artifact"}})
+            if "skipped" in row:
+                continue
+            row = {"part": data["part"], **{k: v for k, v in row.items() if k != "artifact"}}
+            key = (row.get("method"), json.dumps(row.get("config"), sort_keys=True), row.get("device"))
+            rows = [r for r in rows if (r.get("method"), json.dumps(r.get("config"), sort_keys=True),
+                                        r.get("device")) != key]
+            rows.append(row)
     quality_part = next((v for k, v in parts.items() if k.startswith("quality")), {})
     written = write_results("minitron", rows, quality_part.get("protocol", {}), {"parts": parts})
     data = json.loads(written.read_text())
     data["device"] = "mixed: see parts (quality and throughput on the GPU, memory on the CPU)"
     written.write_text(json.dumps(data, indent=2) + "\n")
     print(f"wrote {written}")
-    report()
+    print(f"wrote {write_report('minitron', render(data))}")
 
 
 def fmt(value, digits: int = 3) -> str:
@@ -543,19 +550,69 @@ def fmt(value, digits: int = 3) -> str:
     return str(value)
 
 
-def report() -> None:
-    data = json.loads((RESULTS / "minitron.json").read_text())
+def _find(rows: list[dict], method: str, **config) -> dict | None:
+    return next((r for r in rows if r.get("method") == method and "ppl" in r
+                 and all(r.get("config", {}).get(k) == v for k, v in config.items())), None)
+
+
+def targets(rows: list[dict]) -> list[str]:
+    """The issue's targets, each with the measured figure it is judged on."""
+    out = []
+    width, depth = _find(rows, "minitron", target_params=100_000_000, axis="width"), \
+        _find(rows, "minitron", target_params=100_000_000, axis="depth")
+    if width and depth:
+        gain = 1 - width["ppl"] / depth["ppl"]
+        out.append(f"- Width vs depth pruning to ~100M before distillation (wiki): ppl {width['ppl']:.2f} vs "
+                   f"{depth['ppl']:.2f}, {100 * gain:.0f}% lower (target at least 20%): "
+                   f"{'met' if gain >= 0.2 else 'missed'}.")
+    for target, need in ((100_000_000, 0.7), (70_000_000, 0.5)):
+        best = max((r for r in rows if r.get("method") == "minitron+kd" and "recovery" in r
+                    and r["config"].get("target_params") == target), key=lambda r: r["recovery"], default=None)
+        if best:
+            out.append(f"- ~{target // 10**6}M student after distillation on {best['tokens'] / 1e6:.1f}M tokens: "
+                       f"{100 * best['recovery']:.0f}% of the perplexity gap recovered ({best['config']['axis']}; "
+                       f"target at least {100 * need:.0f}%): {'met' if best['recovery'] >= need else 'missed'}.")
+    base = next((r for r in rows if r.get("method") == "fp32"), None)
+    modegpt = _find(rows, "modegpt+kd")
+    if base and modegpt:
+        over = modegpt["ppl"] / base["ppl"] - 1
+        out.append(f"- MoDeGPT 25% + distillation ({modegpt['tokens'] / 1e6:.1f}M tokens): ppl {modegpt['ppl']:.2f} vs "
+                   f"base {base['ppl']:.2f}, {100 * over:.0f}% above (target within 10%): "
+                   f"{'met' if over <= 0.1 else 'missed'}.")
+    gpu = [r for r in rows if str(r.get("method", "")).startswith("kd-step:compress") and "mfu" in r
+           and "H200" in str(r.get("device"))]
+    if gpu:
+        best = max(gpu, key=lambda r: r["mfu"])
+        out.append(f"- Distillation on the H200: {100 * best['mfu']:.1f}% MFU (target at least 35%): "
+                   f"{'met' if best['mfu'] >= 0.35 else 'missed'}; {best.get('speedup_vs_plain', 0):.2f}x the plain "
+                   f"PyTorch step's tokens/s (target at least 1.5x): "
+                   f"{'met' if best.get('speedup_vs_plain', 0) >= 1.5 else 'missed'} ({best['method']}).")
+    cpu = [r for r in rows if r.get("peak_rss_mb")]
+    if cpu:
+        peak = max(r["peak_rss_mb"] for r in cpu)
+        out.append(f"- Peak memory of distillation on the CPU (reference pair): {peak / 1024:.2f} GiB (target under "
+                   f"6 GB): {'met' if peak * 2**20 < 6e9 else 'missed'}.")
+    return out
+
+
+def render(data: dict) -> str:
     rows = data["rows"]
     lines = ["# Minitron pruning and distillation", "",
-             f"Generated by `python benchmarks/minitron.py report` from `benchmarks/results/minitron.json` "
+             f"Generated by `python benchmarks/minitron.py --report-only` from `benchmarks/results/minitron.json` "
              f"(merged {data['date']}). Parts: " + "; ".join(f"{k}: {v.get('device')} ({v.get('date')})"
                                                               for k, v in data.get("parts", {}).items()) + ".", ""]
     protocol = data.get("protocol") or {}
     if protocol:
         lines += [f"Held-out text: the wiki eval split and Austen's {protocol.get('held_out_novel', '')} "
                   f"({protocol.get('eval_windows')} windows x 512 tokens each, no BOS); KL(base || model) per token. "
-                  f"Training text: {', '.join(protocol.get('training_data', []))} (the other five novels). "
-                  f"Distillation: {json.dumps(protocol.get('distill', {}))}.", ""]
+                  f"Training text: {', '.join(protocol.get('training_data', []))} (the other five novels); tokens per "
+                  f"run in the table (repeated epochs count). Distillation settings of the first quality part: "
+                  f"{json.dumps(protocol.get('distill', {}))}; the SliceGPT and MoDeGPT parts used "
+                  f"{json.dumps({k: v.get('protocol', {}).get('distill', {}).get('tokens') for k, v in data.get('parts', {}).items() if k in ('quality_c', 'quality_d')})} "
+                  f"tokens with torch.compile.", ""]
+    found = targets(rows)
+    if found:
+        lines += ["## Targets", "", *found, ""]
     quality_rows = [r for r in rows if str(r.get("part", "")).startswith("quality")]
     if quality_rows:
         lines += ["## Quality", "",
@@ -567,15 +624,15 @@ def report() -> None:
             shape = r.get("shape")
             shape_text = (f"h{shape['hidden']} f{shape['ffn']} {shape['heads']}/{shape['kv_heads']} L{shape['layers']}"
                           if shape else "-")
-            status = r.get("error") or r.get("skipped")
+            status = r.get("error")
             lines.append("| " + " | ".join([
                 r.get("method", ""), fmt(c.get("target_params") and c["target_params"] // 10**6) + ("M" if c.get(
                     "target_params") else ""), c.get("axis") or fmt(c.get("sparsity")), shape_text,
-                fmt(r.get("params") and r["params"] / 1e6, 2), fmt(c.get("tokens")),
-                fmt(r.get("ppl")) if not status else f"({status})", fmt(r.get("kl"), 4), fmt(r.get("ppl_austen")),
+                fmt(r.get("params") and r["params"] / 1e6, 2), fmt(r.get("tokens")),
+                fmt(r.get("ppl")) if not status else f"({status[:80]})", fmt(r.get("kl"), 4), fmt(r.get("ppl_austen")),
                 fmt(r.get("kl_austen"), 4),
                 f"{fmt(r.get('recovery'), 2)} / {fmt(r.get('recovery_austen'), 2)}" if "recovery" in r else "-"]) + " |")
-        lines.append("")
+        lines += ["", "Gap recovered: (pruned ppl - distilled ppl) / (pruned ppl - base ppl).", ""]
     speed = [r for r in rows if str(r.get("method", "")).startswith("kd-step")]
     if speed:
         lines += ["## Distillation throughput", "",
@@ -594,9 +651,8 @@ def report() -> None:
                 fmt(r.get("peak_rss_mb"), 0)]) + " |")
         lines += ["", "MFU counts 2 x teacher + 6 x student parameters per token (embeddings included) over the "
                       "H200's 790 TFLOP/s bf16 rate on the GPU, and over this CPU's measured float32 matmul rate "
-                      "on the CPU.", ""]
-    REPORT.write_text("\n".join(lines) + "\n")
-    print(f"wrote {REPORT}")
+                      "on the CPU (CPU figures taken on a shared, loaded 2-core machine).", ""]
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------- main
@@ -604,7 +660,7 @@ def report() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["prepare", "throughput", "quality", "cpu", "aggregation", "merge", "report"])
+    parser.add_argument("part", nargs="?", choices=["prepare", "throughput", "quality", "cpu", "aggregation", "merge"])
     parser.add_argument("paths", nargs="*")
     parser.add_argument("--out", default=str(RESULTS / "parts"))
     parser.add_argument("--work", default="/tmp/minitron-bench")
@@ -635,7 +691,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--cpu-steps", type=int, default=3)
     parser.add_argument("--ffn", type=int, default=864, help="aggregation study: MLP neurons kept")
-    args = parser.parse_args()
+    args = report_cli(parser, "minitron", render)
+    if args is None:
+        return
     global MODEL
     MODEL = args.model
     if args.part == "prepare":
@@ -651,8 +709,6 @@ def main() -> None:
         aggregation(args)
     elif args.part == "merge":
         merge(args.paths)
-    else:
-        report()
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, fmt, machine, report_cli, table, write_results  # noqa: E402
+from common import RESULTS, fmt, machine, report_cli, table, write_report, write_results  # noqa: E402
 from minitron import H200_BF16, flops_per_token, reference_shapes, time_steps  # noqa: E402
 
 NAME = "multigpu"
@@ -349,7 +349,7 @@ def calib(args) -> None:
 # ---------------------------------------------------------------- merge and report
 
 
-def merge(paths: list[str]) -> None:
+def merge(paths: list[str], not_run: str = "") -> None:
     rows, parts = [], {}
     for path in paths:
         data = json.loads(Path(path).read_text())
@@ -357,11 +357,13 @@ def merge(paths: list[str]) -> None:
         rows += [{"part": data["part"], **row} for row in data["rows"]]
     device = next((p["device"] for p in parts.values() if p.get("device") != "cpu"), "cpu")
     written = write_results(NAME, rows, {"peak_bf16_flops_per_gpu": H200_BF16, "nccl_env": ENV},
-                            {"parts": parts})
+                            {"parts": parts, **({"not_run": not_run} if not_run else {})})
     data = json.loads(written.read_text())
-    data["device"] = f"2 x {device}"
+    gpus = max((r.get("gpus", 1) for r in rows), default=1)
+    data["device"] = f"{gpus} x {device}"
     written.write_text(json.dumps(data, indent=2) + "\n")
     print(f"wrote {written}")
+    print(f"wrote {write_report(NAME, render(data))}")
 
 
 def _gb(values) -> str:
@@ -375,6 +377,8 @@ def render(data: dict) -> str:
              f"({data['date']}, {data['device']}). Models are random-weight models of fixed shapes built on the "
              "machine: the reference pair (smollm2-135m's shape as teacher, a ~99M width-pruned student) and an "
              "8B-shaped Llama (Llama-3-8B's widths). NVLink multicast off (NCCL_NVLS_ENABLE=0).", ""]
+    if data.get("not_run"):
+        lines += [f"Not measured: {data['not_run']}", ""]
     ddp_rows = [r for r in rows if r.get("method") == "distill-ddp"]
     if ddp_rows:
         lines += ["## Distillation with DDP (reference pair)", ""]
@@ -450,13 +454,15 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=8, help="layers of the 8B-shaped model for calibration")
     parser.add_argument("--calib-samples", type=int, default=128)
     parser.add_argument("--fsdp-layers", type=int, default=32)
-    parser.add_argument("--fsdp-batch", type=int, default=4)
+    parser.add_argument("--fsdp-batch", type=int, default=8,
+                        help="sequences per GPU (at 4 the 8B-shaped student still fit one H200: 138.5 GB peak)")
     parser.add_argument("--fsdp-steps", type=int, default=4)
+    parser.add_argument("--not-run", default="", help="merge: what was not measured, and why (shown in the report)")
     args = report_cli(parser, NAME, render)
     if args is None:
         return
     {"ddp": ddp, "curve": curve, "fsdp": fsdp, "calib": calib, "make-models": make_models,
-     "merge": lambda a: merge(a.paths)}[args.part](args)
+     "merge": lambda a: merge(a.paths, a.not_run)}[args.part](args)
 
 
 if __name__ == "__main__":
