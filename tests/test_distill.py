@@ -179,6 +179,20 @@ def test_sliced_students_heal_in_their_own_class(method, options, teacher, text_
     assert torch.isfinite(api.load(str(out)).model(input_ids=torch.tensor([[5, 6, 7]])).logits).all()
 
 
+def test_text_sampled_from_the_teacher_joins_the_training_data(teacher, student, text_file, tmp_path):
+    from compressor.distill.data import teacher_samples
+
+    model = api.load(str(teacher)).model
+    first, again = (teacher_samples(model, 1, 100, 32, seed=3) for _ in range(2))
+    assert first.shape == (4, 32) and torch.equal(first, again) and (first[:, 0] == 1).all()
+    assert not torch.equal(first, teacher_samples(model, 1, 100, 32, seed=4))
+    out = tmp_path / "generated"
+    result = run(teacher, student, text_file, out, tokens=32 * 4 * 3, generate_data=32 * 8)
+    sources = json.loads((out / "manifest.json").read_text())["calibration"]["sources"]
+    assert sources[-1]["ref"].startswith("teacher samples") and sources[-1]["windows"] == 8
+    assert result["steps"] == 3
+
+
 def test_hidden_state_loss_and_gradient_checkpointing(teacher, student, text_file, tmp_path):
     plain = run(teacher, student, text_file, tmp_path / "plain", tokens=32 * 4 * 3)
     checkpointed = run(teacher, student, text_file, tmp_path / "ckpt", tokens=32 * 4 * 3, gradient_checkpointing=True)

@@ -80,3 +80,36 @@ def _stream(path: Path, tokenizer, text_field: str) -> torch.Tensor:
     if key not in _STREAMS:
         _STREAMS[key] = token_stream(path, tokenizer, text_field)
     return _STREAMS[key]
+
+
+SAMPLE_TOP_K = 50  # teacher samples: top-k sampling at temperature 1
+SAMPLE_BATCH = 16
+
+
+@torch.no_grad()
+def teacher_samples(model: torch.nn.Module, bos: int, tokens: int, seq_len: int, seed: int) -> torch.Tensor:
+    """About `tokens` tokens of text sampled from the teacher (`--generate-data`), as windows of
+    `seq_len` that each start at BOS: top-k sampling (transformers' generate) under a seed of its
+    own, so the same teacher, device and seed give the same windows (a resumed run reads the same data)."""
+    from transformers import GenerationConfig
+
+    count = -(-tokens // seq_len)
+    device = next(model.parameters()).device
+    config = GenerationConfig(do_sample=True, top_k=SAMPLE_TOP_K, top_p=1.0, temperature=1.0,
+                              max_new_tokens=seq_len - 1, min_new_tokens=seq_len - 1, pad_token_id=bos,
+                              eos_token_id=None, bos_token_id=bos)
+    model.eval()
+    out = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed * 7919 + 17)
+        for start in range(0, count, SAMPLE_BATCH):
+            rows = torch.full((min(SAMPLE_BATCH, count - start), 1), bos, dtype=torch.long, device=device)
+            out.append(model.generate(rows, attention_mask=torch.ones_like(rows), generation_config=config).cpu())
+    return torch.cat(out)
+
+
+def with_teacher_samples(data: TrainingWindows, samples: torch.Tensor) -> TrainingWindows:
+    """The training windows with the teacher's samples as one more source."""
+    source = {"ref": "teacher samples (--generate-data)", "tokens": int(samples.numel()),
+              "windows": int(samples.shape[0]), "top_k": SAMPLE_TOP_K, "temperature": 1.0}
+    return TrainingWindows(torch.cat([data.windows, samples]), [*data.sources, source], data.seed)

@@ -17,7 +17,7 @@ from compressor import __version__
 from compressor.calib.data import evaluation_set
 from compressor.devices import check_device
 from compressor.distill.checkpoint import TrainingCheckpoint, checkpoint_dir
-from compressor.distill.data import TrainingWindows, training_windows
+from compressor.distill.data import TrainingWindows, teacher_samples, training_windows, with_teacher_samples
 from compressor.distill.settings import DistillSettings
 from compressor.distill.trainer import Trainer
 from compressor.errors import CompressorError
@@ -117,6 +117,12 @@ def distill(teacher: str, student: str, data: list[str], out: str | Path, settin
     check_pair(teacher_model, student_model, settings)
     tokenizer = student_model.tokenizer or teacher_model.tokenizer
     windows = training_windows(data, tokenizer, settings.seq_len, settings.seed, text_field, progress.log)
+    if settings.generate_data:
+        bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        progress.log(f"sampling {settings.generate_data} tokens of text from the teacher")
+        teacher_model.model.to(accelerator.device)
+        windows = with_teacher_samples(windows, teacher_samples(teacher_model.model, bos, settings.generate_data,
+                                                                settings.seq_len, settings.seed))
     steps = check_data(windows, settings, accelerator.num_processes)
     held_out = evaluation_set(eval_data, tokenizer, settings.eval_windows, settings.seq_len, text_field, progress.log)
     progress.log(f"distilling {student} from {teacher}: {steps} steps of "

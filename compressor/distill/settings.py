@@ -19,6 +19,8 @@ class DistillSettings(BaseModel):
 
     tokens: int | str = Field(20_000_000, description="training tokens, e.g. 20M (all processes; repeated epochs "
                                                        "count)")
+    generate_data: int | str = Field(0, description="tokens of text sampled from the teacher added to the training "
+                                                    "data, e.g. 2M (0: none)")
     seq_len: int = Field(512, ge=2, description="tokens per training sequence")
     batch_size: int = Field(8, ge=1, description="sequences per micro-batch and process")
     grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
@@ -47,6 +49,14 @@ class DistillSettings(BaseModel):
         count = parse_count(value, "--tokens")
         if count < 1:
             raise ValueError("must be at least 1")
+        return count
+
+    @field_validator("generate_data", mode="before")
+    @classmethod
+    def _generated(cls, value):
+        count = parse_count(value, "--generate-data")
+        if count < 0:
+            raise ValueError("must be 0 or more")
         return count
 
     def fingerprinted(self) -> dict:
