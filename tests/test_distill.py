@@ -152,7 +152,7 @@ def test_sigkilled_distillation_resumes_with_the_same_loss_curve_and_bytes(teach
     assert files(out) == files(tmp_path / "clean")
 
 
-def test_two_gloo_processes_match_one(teacher, student, text_file, tmp_path):
+def test_two_gloo_processes_match_one_and_resume_on_two(teacher, student, text_file, tmp_path):
     one = run(teacher, student, text_file, tmp_path / "one", batch_size=4)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     settings = json.dumps({**SETTINGS, "batch_size": 2})
@@ -165,6 +165,16 @@ def test_two_gloo_processes_match_one(teacher, student, text_file, tmp_path):
     losses = json.loads((tmp_path / "two" / "build.json").read_text())["losses"]
     assert len(losses) == len(one["losses"])
     assert max(abs(a - b) for a, b in zip(losses, one["losses"])) < 1e-4 * max(one["losses"])
+    # checkpointed on two processes, SIGKILLed, resumed on two: the same loss curve
+    settings = {**SETTINGS, "batch_size": 2}
+    for resume in (False, True):
+        code = _KILL.format(teacher=str(teacher), student=str(student), data=str(text_file), out=str(tmp_path / "k"),
+                            kill=not resume, resume=resume, settings=settings)
+        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                               "--no-python", sys.executable, "-c", code],
+                              capture_output=True, text=True, env=env, timeout=600)
+        assert (proc.returncode == 0) == resume, proc.stderr[-3000:]
+    assert json.loads((tmp_path / "k" / "build.json").read_text())["losses"] == losses
 
 
 @pytest.mark.parametrize("method, options", [("slicegpt", {"sparsity": 0.25}), ("modegpt", {"sparsity": 0.25})])
