@@ -455,7 +455,10 @@ def cpu(args) -> None:
             cmd.append("--gradient-checkpointing")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
-            part.add({"method": "compress distill", "error": proc.stderr[-500:]})
+            part.add({"method": "kd-step:compress-distill", "device": device_name("cpu"),
+                      "config": {"batch": 8, "seq_len": 512, "gradient_checkpointing": checkpointing},
+                      "returncode": proc.returncode,
+                      "error": (proc.stderr + proc.stdout)[-500:] or f"killed (exit code {proc.returncode})"})
             continue
         result = json.loads(proc.stdout)
         params = result["params"]
@@ -633,7 +636,7 @@ def render(data: dict) -> str:
                 fmt(r.get("kl_austen"), 4),
                 f"{fmt(r.get('recovery'), 2)} / {fmt(r.get('recovery_austen'), 2)}" if "recovery" in r else "-"]) + " |")
         lines += ["", "Gap recovered: (pruned ppl - distilled ppl) / (pruned ppl - base ppl).", ""]
-    speed = [r for r in rows if str(r.get("method", "")).startswith("kd-step")]
+    speed = [r for r in rows if str(r.get("method", "")).startswith("kd-step") or r.get("part") == "cpu"]
     if speed:
         lines += ["## Distillation throughput", "",
                   "| step | device | batch x seq | tokens/s | MFU | vs plain | peak GPU GB | peak RSS MB |",
@@ -641,7 +644,8 @@ def render(data: dict) -> str:
         for r in speed:
             c = r.get("config", {})
             if "error" in r:
-                lines.append(f"| {r['method']} | - | - | ({r['error'][:80]}) | - | - | - | - |")
+                what = r["error"][:80] or "the process was killed without output (out of memory on the CPU machine)"
+                lines.append(f"| {r['method']} | - | - | ({what}) | - | - | - | - |")
                 continue
             lines.append("| " + " | ".join([
                 r["method"].removeprefix("kd-step:") + (" (gradient checkpointing)" if c.get("gradient_checkpointing")
