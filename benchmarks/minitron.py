@@ -446,17 +446,19 @@ def cpu(args) -> None:
     if not (student / "manifest.json").is_file():
         api.prune(MODEL, "minitron", student, None, {"ffn": 864}, samples=8, overwrite=True)
     peak = cpu_matmul_rate()
-    for checkpointing in (False, True):
+    for checkpointing in [c == "checkpointing" for c in args.cpu_modes.split(",")]:
         out = Path(args.work) / f"cpu-distilled-{checkpointing}"
         cmd = [sys.executable, "-m", "compressor.cli", "--json", "distill", "--teacher", MODEL, "--student",
-               str(student), "--data", "wiki", "-o", str(out), "--overwrite", "--tokens", str(args.cpu_steps * 8 * 512),
-               "--batch-size", "8", "--eval-windows", "2"]
+               str(student), "--data", "wiki", "-o", str(out), "--overwrite",
+               "--tokens", str(args.cpu_steps * args.cpu_batch * 512), "--batch-size", str(args.cpu_batch),
+               "--kl-chunk", str(args.kl_chunk), "--eval-windows", "2"]
         if checkpointing:
             cmd.append("--gradient-checkpointing")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode:
             part.add({"method": "kd-step:compress-distill", "device": device_name("cpu"),
-                      "config": {"batch": 8, "seq_len": 512, "gradient_checkpointing": checkpointing},
+                      "config": {"batch": args.cpu_batch, "seq_len": 512, "gradient_checkpointing": checkpointing,
+                                 "kl_chunk": args.kl_chunk},
                       "returncode": proc.returncode,
                       "error": (proc.stderr + proc.stdout)[-500:] or f"killed (exit code {proc.returncode})"})
             continue
@@ -464,7 +466,8 @@ def cpu(args) -> None:
         params = result["params"]
         flops = flops_per_token(api.inspect(MODEL)["params"], params)
         part.add({"model": MODEL, "method": "kd-step:compress-distill", "device": device_name("cpu"),
-                  "config": {"batch": 8, "seq_len": 512, "precision": "fp32", "gradient_checkpointing": checkpointing,
+                  "config": {"batch": args.cpu_batch, "seq_len": 512, "precision": "fp32", "kl_chunk": args.kl_chunk,
+                             "gradient_checkpointing": checkpointing,
                              "steps": result["steps"], "student_params": params},
                   "tokens_per_s": result["tokens_per_s"], "mfu": result["tokens_per_s"] * flops / peak,
                   "peak_flops": peak, "peak_rss_mb": result["peak_rss_mb"], "wall_s": result["wall_s"]})
@@ -694,6 +697,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--cpu-steps", type=int, default=3)
+    parser.add_argument("--cpu-batch", type=int, default=8)
+    parser.add_argument("--kl-chunk", type=int, default=4096, help="cpu part: tokens per chunk of the fused KL")
+    parser.add_argument("--cpu-modes", default="plain,checkpointing",
+                        help="cpu part: plain and/or checkpointing (gradient checkpointing)")
     parser.add_argument("--ffn", type=int, default=864, help="aggregation study: MLP neurons kept")
     args = report_cli(parser, "minitron", render)
     if args is None:
