@@ -204,6 +204,9 @@ def _methods_command(name: str, default_method: str, method_help: str, doc: str)
         restart: bool = RESTART_OPTION,
         allow_pickle: bool = ALLOW_PICKLE_OPTION,
         no_verify: bool = NO_VERIFY_OPTION,
+        mixed: bool = typer.Option(False, "--mixed", hidden=name != "quantize",
+                                   help="Choose a format per linear under --target-bits, --max-kl or "
+                                        "--max-ppl-increase, with the list's quantizer (gptq, rtn) as the base."),
         json_out: bool = JSON_OPTION,
         **method_options: Any,
     ) -> None:
@@ -219,8 +222,10 @@ def _methods_command(name: str, default_method: str, method_help: str, doc: str)
                             progress=_progress())
             options = collect(method_options)
             if name == "prune":
+                if mixed:
+                    raise CompressorError("--mixed is a quantize option", "drop it, or quantize after pruning")
                 return run(model, method, output, None, options, **settings)
-            return run(model, method, output, options, **settings)
+            return run(model, method, output, options, mixed=mixed, **settings)
 
         _run(action, lambda r: _kv_table(f"wrote {r['output']}", r), json_out)
 
@@ -236,6 +241,57 @@ _methods_command(
     "prune", "slicegpt",
     f"A pruner, or a list starting with one (slicegpt,gptq): {', '.join(_method_names('structure'))}.",
     "Structured pruning (SliceGPT, MoDeGPT) into an artifact that transformers loads.")
+
+
+def sensitivity_cmd(
+    model: str = typer.Argument(..., help="HF model directory, .gguf file or reference name (smollm2-135m)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Sensitivity directory to write (reused by "
+                                                              "`quantize --mixed --sensitivity DIR`)."),
+    method: str = typer.Option("gptq", "--method", "-m", help="The base quantizer, or a list ending in one "
+                                                               "(gptq, rtn, awq+gptq)."),
+    calib: str = CALIB_OPTION,
+    samples: int = SAMPLES_OPTION,
+    seq_len: int = SEQ_LEN_OPTION,
+    seed: int = SEED_OPTION,
+    text_field: str = TEXT_FIELD_OPTION,
+    chat_template: bool = CHAT_TEMPLATE_OPTION,
+    device: str = DEVICE_OPTION,
+    batch_size: int = BATCH_SIZE_OPTION,
+    dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32, bfloat16, float16."),
+    hessian_dtype: str = typer.Option("float32", "--hessian-dtype", help="Hessian accumulation: float32 or float64."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing sensitivity directory."),
+    allow_pickle: bool = ALLOW_PICKLE_OPTION,
+    no_verify: bool = NO_VERIFY_OPTION,
+    json_out: bool = JSON_OPTION,
+    **method_options: Any,
+) -> None:
+    """Loss estimate of every linear in every candidate format (one calibration pass): JSON, a PNG
+    heatmap, and the most sensitive linears."""
+    from compressor import api
+    from compressor.models.loading import parse_dtype
+
+    def action():
+        return api.sensitivity(model, method, output, collect(method_options), calib=calib, samples=samples,
+                               seq_len=seq_len, seed=seed, text_field=text_field, chat_template=chat_template,
+                               device=device, batch_size=batch_size, dtype=parse_dtype(dtype),
+                               hessian_dtype=parse_dtype(hessian_dtype), overwrite=overwrite,
+                               allow_pickle=allow_pickle, verify=not no_verify, progress=_progress())
+
+    def render(r):
+        console.print(f"[green]wrote[/green] {r['table']} and {r['heatmap']} ({r['linears']} linears, "
+                      f"{len(r['formats'])} formats)")
+        for note in r["notes"]:
+            console.print(f"note: {note}")
+        table = Table("linear", "format", "predicted KL" if r["augmented"] else "Hessian score", "Hessian score",
+                      title="most sensitive linears")
+        for row in r["top"]:
+            table.add_row(row["linear"], row["format"], f"{row['predicted_kl']:.4g}", f"{row['hessian_score']:.4g}")
+        console.print(table)
+
+    _run(action, render, json_out)
+
+
+app.command("sensitivity")(with_method_options(sensitivity_cmd))
 
 
 # ---------------------------------------------------------------- run

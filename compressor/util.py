@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
+from typing import Any
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -13,6 +15,11 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def fingerprint(*parts: Any) -> str:
+    """sha256 of JSON-able settings: equal exactly when every part is equal."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def write_atomic(path: Path, data: bytes) -> None:

@@ -8,6 +8,8 @@ vLLM load the artifact. Reading dequantizes back to float weights for our own ev
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 from compressor.errors import CompressorError
@@ -61,27 +63,64 @@ def encode(module: str, record: dict[str, torch.Tensor], scheme: WeightScheme) -
     return out
 
 
-def scheme_from_config(qconfig: dict) -> WeightScheme:
+def _check_format(qconfig: dict) -> None:
     if qconfig.get("quant_method") != "compressed-tensors" or qconfig.get("format") != FORMAT:
         raise CompressorError(
             f"unsupported quantization format {qconfig.get('quant_method')}/{qconfig.get('format')}",
             f"this reader handles compressed-tensors {FORMAT}")
-    groups = qconfig.get("config_groups") or {}
-    if len(groups) != 1:
-        raise CompressorError(f"expected one config group, found {len(groups)}", "the artifact config is damaged")
-    w = next(iter(groups.values()))["weights"]
+
+
+def _weights_scheme(w: dict) -> WeightScheme:
     if w.get("type") != "int":
         raise CompressorError(f"unsupported weight type {w.get('type')!r}", "this reader handles integer weights")
     group_size = w.get("group_size") if w.get("strategy") == "group" else -1
     return WeightScheme(int(w["num_bits"]), int(group_size or -1), bool(w["symmetric"]))
 
 
+def scheme_from_config(qconfig: dict) -> WeightScheme:
+    _check_format(qconfig)
+    groups = qconfig.get("config_groups") or {}
+    if len(groups) != 1:
+        raise CompressorError(f"expected one config group, found {len(groups)}", "the artifact config is damaged")
+    return _weights_scheme(next(iter(groups.values()))["weights"])
+
+
+def _targets(target: str, module: str) -> bool:
+    """compressed-tensors' matching for our quantized modules, which are all Linear."""
+    if target.startswith("re:"):
+        return re.match(target[3:], module) is not None
+    return target in (module, "Linear")
+
+
+def schemes_by_module(qconfig: dict, modules: list[str]) -> dict[str, WeightScheme]:
+    """Each quantized module's scheme, from the config group that targets it: one group for
+    every Linear, or one group per format naming its modules (a mixed-precision artifact).
+    A module named by more than one group, or by none, is an error."""
+    _check_format(qconfig)
+    groups = qconfig.get("config_groups") or {}
+    if len(groups) == 1:
+        scheme = scheme_from_config(qconfig)
+        return {m: scheme for m in modules}
+    schemes = {name: _weights_scheme(group["weights"]) for name, group in groups.items()}
+    out = {}
+    for m in modules:
+        # Exact names win over patterns and class names, as in compressed-tensors.
+        named = [g for g, group in groups.items() if m in group.get("targets", ())]
+        matched = named or [g for g, group in groups.items() if any(_targets(t, m) for t in group.get("targets", ()))]
+        if len(matched) != 1:
+            raise CompressorError(f"{m} is targeted by {len(matched)} config groups ({', '.join(matched) or 'none'})",
+                                  "the artifact config is damaged")
+        out[m] = schemes[matched[0]]
+    return out
+
+
 def decode(tensors: dict[str, torch.Tensor], qconfig: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Dequantize every packed module; other tensors pass through. Errors name the module."""
-    scheme = scheme_from_config(qconfig)
     modules = sorted({k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_packed")})
+    schemes = schemes_by_module(qconfig, modules)
     out = {k: v for k, v in tensors.items() if not k.rsplit(".", 1)[-1] in SUFFIXES}
     for m in modules:
+        scheme = schemes[m]
         try:
             shape = tuple(int(x) for x in tensors[f"{m}.weight_shape"].tolist())
             scale = tensors[f"{m}.weight_scale"]

@@ -12,7 +12,7 @@ from typing import Callable, Protocol
 import torch
 
 from compressor.errors import CompressorError
-from compressor.formats import compressed_tensors, naive_quantized
+from compressor.formats import compressed_tensors, mixed_precision, naive_quantized
 from compressor.registry import Registry
 
 
@@ -38,6 +38,9 @@ class PackQuantizedWriter:
 
     def encode(self, module: str, record: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return compressed_tensors.encode(module, record, self.scheme)
+
+
+WRITERS.register("weight-int-mixed")(mixed_precision.MixedWriter)
 
 
 @WRITERS.register("w8a8-int")

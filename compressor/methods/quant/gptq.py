@@ -17,6 +17,9 @@ actorder "group" was removed), so that combination is refused.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+from typing import Iterator
+
 import torch
 from pydantic import Field, model_validator
 from torch import nn
@@ -280,26 +283,44 @@ def _sweep(w: torch.Tensor, hinv: torch.Tensor, params, perm: torch.Tensor, qmin
         wb = wt[start:end].clone()
         eb = torch.zeros_like(wb)
         hb = hinv[start:end, start:end]
-        for i in range(end - start):
-            col = start + i
-            if params.starts_group(col):
-                stop = col + params.size
-                params.fit(col, torch.cat([wb[i:stop - start], wt[end:stop]]).T, perm)
-            scale, zero = params.column(col)
-            x = wb[i]
-            q = torch.div(x, scale).round_()
-            if zero is not None:
-                q.add_(zero).clamp_(qmin, qmax)
-                deq = (q - zero).mul_(scale)
-            else:
-                q.clamp_(qmin, qmax)
-                deq = q * scale
-            q_all[col] = q
-            err = x.sub(deq).div_(hb[i, i])
-            wb[i:].addr_(hb[i, i:], err, alpha=-1)
-            eb[i] = err
+        with one_thread():
+            _sweep_block(wb, eb, hb, wt, q_all, params, perm, qmin, qmax, start, end)
         wt[end:].addmm_(hinv[start:end, end:].T, eb, alpha=-1)
     return q_all.T.to(torch.int8)
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """The per-column steps are small vector operations; on a busy CPU, waking a second thread for
+    each costs more than it saves (several times over). Results are the same either way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _sweep_block(wb, eb, hb, wt, q_all, params, perm, qmin, qmax, start: int, end: int) -> None:
+    """Quantize columns start..end of one lazy block, updating its later columns as it goes."""
+    for i in range(end - start):
+        col = start + i
+        if params.starts_group(col):
+            stop = col + params.size
+            params.fit(col, torch.cat([wb[i:stop - start], wt[end:stop]]).T, perm)
+        scale, zero = params.column(col)
+        x = wb[i]
+        q = torch.div(x, scale).round_()
+        if zero is not None:
+            q.add_(zero).clamp_(qmin, qmax)
+            deq = (q - zero).mul_(scale)
+        else:
+            q.clamp_(qmin, qmax)
+            deq = q * scale
+        q_all[col] = q
+        err = x.sub(deq).div_(hb[i, i])
+        wb[i:].addr_(hb[i, i:], err, alpha=-1)
+        eb[i] = err
 
 
 def split_rows(record: Record, rows: list[int]) -> list[Record]:
