@@ -18,7 +18,7 @@ from compressor.calib.data import calibration_set, evaluation_set
 from compressor.devices import check_device
 from compressor.errors import CompressorError
 from compressor.formats import artifact as artifacts
-from compressor.formats import activations
+from compressor.formats import activations, mixed_precision
 from compressor.formats import manifest as manifests
 from compressor.formats.manifest import read_manifest
 from compressor import export
@@ -403,6 +403,14 @@ def inspect(ref: str) -> dict:
                                                            base_model_type=config.get("base_model_type")))).__name__
     except CompressorError:
         adapter = None
+    mixed = None
+    if mixed_precision.is_mixed(qconfig):  # a format per linear: the bit map, and the bits over all of them
+        layers = mixed_precision.bit_map(path, qconfig)
+        weights = sum(v["params"] for v in layers.values())
+        mixed = {"bits_per_weight_linears": round(sum(v["bits_per_weight"] * v["params"] for v in layers.values())
+                                                  / weights, 4), "quantized_params": weights,
+                 "quantization": {"formats": _counts(v["format"] for v in layers.values())},
+                 "bit_map": {m: v["format"] for m, v in layers.items()}}
     return {
         "path": str(path), "kind": manifest.get("kind", "checkpoint"),
         "architecture": (config.get("architectures") or ["?"])[0], "model_type": config.get("model_type"),
@@ -417,7 +425,15 @@ def inspect(ref: str) -> dict:
         "bits_per_weight_file": round(8 * stored / max(params, 1), 3),
         "quantization": qconfig["config_groups"]["group_0"]["weights"] if qconfig else None,
         "method": manifest.get("method"), "source": manifest.get("source"),
+        **(mixed or {}),
     }
+
+
+def _counts(values) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return dict(sorted(out.items()))
 
 
 def verify(path: str | Path) -> dict:

@@ -365,7 +365,31 @@ def inspect(model: str = typer.Argument(..., help="Artifact, HF directory, .gguf
     """Architecture, parameter count, bits per weight and size of a checkpoint or artifact."""
     from compressor import api
 
-    _run(lambda: api.inspect(model), lambda r: _kv_table(r["path"], r), json_out)
+    def render(r):
+        shown = {k: v for k, v in r.items() if k != "bit_map"}
+        if "bit_map" in r:  # the plan is the bit map below
+            shown["method"] = json.loads(json.dumps(r["method"]).replace(json.dumps(r["method"]["config"]["plan"]),
+                                                                          f'"{len(r["bit_map"])} linears"'))
+        _kv_table(r["path"], shown)
+        if "bit_map" in r:
+            _bit_map(r["bit_map"])
+
+    _run(lambda: api.inspect(model), render, json_out)
+
+
+def _bit_map(formats: dict[str, str]) -> None:
+    """Blocks (rows) by linears (columns): bits/group size of each, 16 where kept in 16 bits."""
+    rows: dict[str, dict[str, str]] = {}
+    for module, fmt in formats.items():
+        head, _, leaf = module.rpartition(".")
+        block = head.rpartition(".")[0] if head.rsplit(".", 1)[-1] in ("self_attn", "mlp") else head
+        rows.setdefault(block, {})[leaf] = fmt.removeprefix("int").replace("-g", "/").replace("fp16", "16")
+    order = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    columns = sorted({c for row in rows.values() for c in row}, key=lambda c: (order.index(c) if c in order else 99, c))
+    table = Table("block", *columns, title="bits/group size per linear (16: kept in 16 bits)")
+    for block, row in sorted(rows.items(), key=lambda kv: int(kv[0].rsplit(".", 1)[-1])):
+        table.add_row(block.rsplit(".", 1)[-1], *(row.get(c, "") for c in columns))
+    console.print(table)
 
 
 @app.command()

@@ -49,6 +49,10 @@ class MixedWriter:
         return compressed_tensors.encode(module, record, scheme)
 
 
+def is_mixed(qconfig: dict | None) -> bool:
+    return bool(qconfig) and len(qconfig.get("config_groups") or {}) > 1
+
+
 def bit_map(directory: Path, qconfig: dict) -> dict[str, dict]:
     """Per quantized or kept linear: its format and stored bits per weight (codes, scales and zero
     points, or the kept 16-bit weight), read from the artifact's config and safetensors headers."""
@@ -68,7 +72,7 @@ def bit_map(directory: Path, qconfig: dict) -> dict[str, dict]:
             elif module in kept and leaf == "weight":
                 formats[module] = "fp16"
                 stored[module], params[module] = e.end - e.start, math.prod(e.shape)
-    return {m: {"format": formats[m], "bits_per_weight": round(8 * stored[m] / params[m], 4)}
+    return {m: {"format": formats[m], "bits_per_weight": round(8 * stored[m] / params[m], 4), "params": params[m]}
             for m in sorted(params)}
 
 
