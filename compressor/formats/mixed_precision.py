@@ -26,13 +26,15 @@ class MixedWriter:
         self.schemes: dict[str, WeightScheme | None] = export["schemes"]
         self.actorder = export.get("actorder")
 
-    def quantization_config(self, ignore: list[str]) -> dict:
+    def quantization_config(self, ignore: list[str]) -> dict | None:
         kept = sorted(m for m, s in self.schemes.items() if s is None)
         by_scheme: dict[WeightScheme, list[str]] = {}
         for module, scheme in self.schemes.items():
             if scheme is not None:
                 by_scheme.setdefault(scheme, []).append(module)
         ordered = sorted(by_scheme, key=lambda s: (s.bits, -s.group_size))
+        if not ordered:
+            return None
         config = compressed_tensors.quantization_config(ordered[0], [*ignore, *kept], self.actorder)
         template = config["config_groups"]["group_0"]
         config["config_groups"] = {}

@@ -32,6 +32,7 @@ from compressor.pipeline.progress import Progress
 
 PROBE_TOKENS_PER_BATCH = 1024  # bounds the [batch, length, vocab] log-probabilities in memory
 TIGHTEN = 0.95  # a missed measured budget is retried at this fraction of what the measurement allows
+MAX_STEP = 20  # one round tightens the predicted KL at most this many times
 TOP_LAYERS = 10
 
 
@@ -167,6 +168,19 @@ def _within(budget: str, limit: float, measured: dict) -> bool:
     return measured["kl"] <= limit if budget == "max_kl" else measured["ppl_increase"] <= limit
 
 
+def _next_allowance(history: list[tuple[float, float]], goal: float) -> float:
+    """The predicted-KL allowance expected to measure `goal`, from (predicted, measured) of the
+    rounds so far: proportional after one, the secant in logs after two; always tighter than the last."""
+    predicted, measured = history[-1]
+    allowed = predicted * goal / measured
+    if len(history) > 1:
+        (p0, m0), (p1, m1) = history[-2], history[-1]
+        if p0 != p1 and m0 != m1 and (math.log(m1) - math.log(m0)) / (math.log(p1) - math.log(p0)) > 0:
+            slope = (math.log(m1) - math.log(m0)) / (math.log(p1) - math.log(p0))
+            allowed = math.exp(math.log(p1) + (math.log(goal) - math.log(m1)) / slope)
+    return min(max(allowed, predicted / MAX_STEP), predicted * TIGHTEN)
+
+
 def choose(table: SensitivityTable, predictor: Predictor, config: MixedConfig,
            measure: Callable[[Plan], dict], progress: Progress) -> tuple[search.Choice, dict, list[dict]]:
     """The plan for the config's budget, its measurement, and every round tried."""
@@ -174,12 +188,15 @@ def choose(table: SensitivityTable, predictor: Predictor, config: MixedConfig,
     if budget == "target_bits":
         choice = search.for_bits(table, predictor, limit)
         return choice, measure(choice.plan), []
-    # KL budgets steer the predicted KL directly; a perplexity budget starts from KL ≈ ΔNLL.
-    allowed = limit if budget == "max_kl" else math.log1p(limit / 100)
-    rounds = []
+    # A KL budget steers the predicted KL; a perplexity budget starts from KL ≈ ΔNLL = log(1 + P).
+    target = limit if budget == "max_kl" else math.log1p(limit / 100)
+    allowed = target
+    rounds, history = [], []
     for number in range(config.max_rounds):
         choice = search.for_loss(table, predictor, allowed)
         measured = measure(choice.plan)
+        reached = measured["kl"] if budget == "max_kl" else math.log1p(max(measured["ppl_increase"], 0) / 100)
+        history.append((choice.predicted_kl, max(reached, 1e-12)))
         rounds.append({"round": number + 1, "predicted_kl_allowed": allowed, "bits_per_weight": choice.bits_per_weight,
                        "predicted_kl": choice.predicted_kl, "measured_kl": measured["kl"],
                        "measured_ppl_increase": measured["ppl_increase"]})
@@ -187,9 +204,7 @@ def choose(table: SensitivityTable, predictor: Predictor, config: MixedConfig,
                      f"measured KL {measured['kl']:.4g}, perplexity +{measured['ppl_increase']:.2f}%")
         if _within(budget, limit, measured):
             return choice, measured, rounds
-        overshoot = (measured["kl"] / limit if budget == "max_kl"
-                     else math.log1p(measured["ppl_increase"] / 100) / math.log1p(limit / 100))
-        allowed = min(allowed, choice.predicted_kl) * TIGHTEN / max(overshoot, 1.0)
+        allowed = _next_allowance(history, TIGHTEN * target)
     progress.warn(f"the measured budget is still missed after {config.max_rounds} rounds; keeping the last plan "
                   "(raise --max-rounds, or loosen the budget)")
     return choice, measured, rounds

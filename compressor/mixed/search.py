@@ -92,8 +92,9 @@ def for_bits(table: SensitivityTable, predictor: Predictor, target_bits: float) 
     """The plan of least predicted loss whose average bits per weight is at most `target_bits`."""
     low, high = bits_range(table)
     check_target(target_bits, low)
-    params = sum(l.params for l in table.linears)
-    budget = min(target_bits, high) * params
+    if target_bits >= high:  # room for every linear's most accurate candidate: nothing to choose
+        return describe(table, predictor, {l.name: min(l.scores, key=l.scores.get) for l in table.linears})
+    budget = target_bits * sum(l.params for l in table.linears)
     return _iterate(table, predictor, lambda items: knapsack.solve(items, budget), lambda c: c.predicted_kl)
 
 

@@ -169,7 +169,7 @@ class MixedConfig(CandidateConfig):
     max_kl: float | None = Field(None, gt=0, description="mixed: largest KL to the base model, measured")
     max_ppl_increase: float | None = Field(None, gt=0, description="mixed: largest perplexity increase over the "
                                                                    "base model in percent, measured")
-    max_rounds: int = Field(3, ge=1, le=10, description="mixed: builds tried while a measured budget is missed")
+    max_rounds: int = Field(4, ge=1, le=10, description="mixed: builds tried while a measured budget is missed")
     interactions: bool = Field(True, description="mixed: augment the Hessian scores with measured inter-block "
                                                  "dependencies (probe set)")
     probe_samples: int = Field(8, ge=1, description="mixed: calibration samples of the probe set")
@@ -283,9 +283,11 @@ def mixed_spec(spec: str | list[str], options: dict | None, mixed: bool) -> tupl
     """`--method gptq --mixed --target-bits 3.5` as the list the engine runs: the list's quantizer
     replaced by `mixed` with it as the base (awq+gptq → awq, mixed)."""
     options = dict(options or {})
-    given = [k for k in MIXED_BUDGETS if options.get(k) is not None]
+    given = [f"--{k.replace('_', '-')}" for k in MIXED_BUDGETS if options.get(k) is not None]
+    if len(given) > 1:
+        raise CompressorError(f"{' and '.join(given)} are alternative budgets", "give one")
     if not mixed:
-        raise CompressorError(f"--{given[0].replace('_', '-')} is a mixed-precision budget", "add --mixed")
+        raise CompressorError(f"{given[0]} is a mixed-precision budget", "add --mixed")
     conflicting = [f"--{k.replace('_', '-')}" for k in ("bits", "group_size") if options.get(k) is not None]
     if conflicting:
         raise CompressorError(f"--mixed chooses each linear's bits and group size; {' and '.join(conflicting)} "
