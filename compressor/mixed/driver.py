@@ -131,9 +131,8 @@ def predictor_for(table: SensitivityTable, augmented: bool = True) -> Predictor:
 def top_layers(table: SensitivityTable, predictor: Predictor, count: int = TOP_LAYERS) -> list[dict]:
     """The linears whose reference-format (≈3-bit) error costs the most predicted KL."""
     reference = inter.reference_formats(table.linears)
-    gains = predictor.gains()
-    ranked = sorted(table.linears, key=lambda l: -gains[l.block] * l.scores[reference[l.name]])
-    return [{"linear": l.name, "format": reference[l.name], "predicted_kl": gains[l.block] * l.scores[reference[l.name]],
+    ranked = sorted(table.linears, key=lambda l: -predictor.linear_loss(l, reference[l.name]))
+    return [{"linear": l.name, "format": reference[l.name], "predicted_kl": predictor.linear_loss(l, reference[l.name]),
              "hessian_score": l.scores[reference[l.name]]} for l in ranked[:count]]
 
 
@@ -280,7 +279,7 @@ def sensitivity_command(model: str, chain: list[Method], out: Path, *, calib: Ca
                                      progress=progress)
     predictor = predictor_for(table, config.interactions)
     png = directory / "heatmap.png"
-    png.write_bytes(heatmap(table, predictor.gains()))
+    png.write_bytes(heatmap(table, predictor))
     return {"output": str(directory), "table": str(directory / "sensitivity.json"), "heatmap": str(png),
             "linears": len(table.linears), "formats": sorted({f for l in table.linears for f in l.scores}),
             "notes": table.notes, "top": top_layers(table, predictor), "augmented": predictor.interactions is not None,

@@ -1,5 +1,5 @@
 """The sensitivity heatmap: linears (rows, in model order) by candidate formats (columns, cheapest
-first), coloured by log10 of the predicted loss (Hessian score times the block's measured gain)."""
+first), coloured by log10 of each linear's predicted loss in that format (predict.Predictor)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,11 @@ import io
 import math
 
 from compressor.methods.quant.candidates import parse_format
+from compressor.mixed.predict import Predictor
 from compressor.mixed.sensitivity import SensitivityTable
 
 
-def heatmap(table: SensitivityTable, gains: list[float]) -> bytes:
+def heatmap(table: SensitivityTable, predictor: Predictor) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg", force=True)
@@ -21,9 +22,9 @@ def heatmap(table: SensitivityTable, gains: list[float]) -> bytes:
     grid = np.full((len(table.linears), len(formats)), np.nan)
     for i, l in enumerate(table.linears):
         for j, f in enumerate(formats):
-            value = l.scores.get(f)
-            if value is not None and value > 0 and gains[l.block] > 0:
-                grid[i, j] = math.log10(value * gains[l.block])
+            value = predictor.linear_loss(l, f) if f in l.scores else 0.0
+            if value > 0:
+                grid[i, j] = math.log10(value)
     fig = plt.figure(figsize=(2.5 + 0.55 * len(formats), 2 + 0.09 * len(table.linears)), dpi=100)
     ax = fig.add_subplot(111)
     image = ax.imshow(grid, aspect="auto", cmap="magma", interpolation="nearest")

@@ -1,13 +1,14 @@
 """Predicted loss of an assignment (a format per linear) from the sensitivity table: the plain
-Hessian prediction Σ ½·tr(ΔW H ΔWᵀ), and the prediction augmented with the measured inter-block
-dependencies (interactions.Interactions)."""
+Hessian prediction Σ ½·tr(ΔW H ΔWᵀ), and the prediction augmented with the measured inter-layer
+dependencies (interactions.Interactions): each score weighted by its linear's output Fisher,
+corrected per block by the probed gain, and neighbouring blocks coupled."""
 
 from __future__ import annotations
 
 import math
 
 from compressor.mixed.interactions import Interactions
-from compressor.mixed.sensitivity import SensitivityTable
+from compressor.mixed.sensitivity import LinearScores, SensitivityTable
 
 Plan = dict[str, str]  # linear → format name
 
@@ -17,21 +18,26 @@ class Predictor:
         self.table = table
         self.interactions = interactions
         self.blocks = table.blocks
+        # What a unit of each linear's Hessian score costs in KL (1 without measurements).
+        self.weights = {l.name: interactions.fisher[l.name] if interactions else 1.0 for l in table.linears}
+
+    def linear_loss(self, linear: LinearScores, fmt: str) -> float:
+        """One linear's predicted KL in a format, alone (its gain-corrected, Fisher-weighted score)."""
+        return self.gains()[linear.block] * self.weights[linear.name] * linear.scores[fmt]
 
     def plain(self, plan: Plan) -> float:
         return sum(l.scores[plan[l.name]] for l in self.table.linears)
 
     def block_scores(self, plan: Plan) -> list[float]:
+        """Per block: Σ of its linears' scores, each weighted by its output Fisher."""
         per_block = [0.0] * self.blocks
         for l in self.table.linears:
-            per_block[l.block] += l.scores[plan[l.name]]
+            per_block[l.block] += self.weights[l.name] * l.scores[plan[l.name]]
         return per_block
 
     def block_errors(self, plan: Plan) -> list[float]:
-        """E_b = gain_b · Σ of block b's scores: its predicted share of the output KL, alone."""
-        if self.interactions is None:
-            return self.block_scores(plan)
-        return [g * s for g, s in zip(self.interactions.gains, self.block_scores(plan))]
+        """E_b = gain_b · Σ of block b's weighted scores: its predicted share of the output KL, alone."""
+        return [g * s for g, s in zip(self.gains(), self.block_scores(plan))]
 
     def augmented(self, plan: Plan) -> float:
         """Σ_b E_b + Σ_b 2·c_b·√(E_b·E_{b+1}) (the plain prediction when nothing was probed)."""

@@ -51,9 +51,10 @@ def describe(table: SensitivityTable, predictor: Predictor, plan: Plan) -> Choic
     return Choice(plan, average_bits(table, plan), predictor.augmented(plan), predictor.plain(plan))
 
 
-def _items(table: SensitivityTable, weights: list[float]) -> list[knapsack.Item]:
+def _items(table: SensitivityTable, predictor: Predictor, weights: list[float]) -> list[knapsack.Item]:
     return [knapsack.Item(np.array([l.bits[f] * l.params for f in l.scores]),
-                          np.array([weights[l.block] * s for s in l.scores.values()])) for l in table.linears]
+                          np.array([weights[l.block] * predictor.weights[l.name] * s for s in l.scores.values()]))
+            for l in table.linears]
 
 
 def _plan(table: SensitivityTable, picks: list[int]) -> Plan:
@@ -68,7 +69,7 @@ def _iterate(table: SensitivityTable, predictor: Predictor, solve, rank) -> Choi
     best: Choice | None = None
     seen: set[tuple] = set()
     for _ in range(LINEARISATION_ROUNDS):
-        picks = solve(_items(table, weights))
+        picks = solve(_items(table, predictor, weights))
         choice = describe(table, predictor, _plan(table, picks))
         if best is None or rank(choice) < rank(best):
             best = choice
