@@ -27,7 +27,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.common import machine  # noqa: E402
+from benchmarks.common import write_results  # noqa: E402
 from compressor.kernels import quant_linear, splitk, w8_triton, wq_layout, wq_triton  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672)]  # (N, K): out × in
@@ -301,7 +301,7 @@ def end_to_end_rows(log, layers: int = 32, batches=(1, 16), prompt_len: int = 51
     from transformers import LlamaConfig
 
     from compressor.evaluation.speed import measure
-    from compressor.models.quant_runtime import build_quantized_model, kernel_summary
+    from compressor.formats.quant_runtime import build_quantized_model, kernel_summary
     from compressor.models.loading import build_model
 
     config = LlamaConfig(num_hidden_layers=layers, **shape)
@@ -388,15 +388,11 @@ def main() -> None:
     result_path = args.out / "kernels.json"
 
     def save() -> None:
-        result = {"benchmark": "kernels", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                  "machine": machine(), "device": torch.cuda.get_device_name(),
-                  "protocol": {"timing": "CUDA graph over weight copies beyond L2, median of replays",
-                               "rotation_bytes": ROTATION_BYTES, "l2_bytes": props.L2_cache_size,
-                               "sms": props.multi_processor_count, "copy_gbps": copy_gbps,
-                               "bf16_matmul_tflops": tflops, "torch": torch.__version__, "asm": wq_triton.USE_ASM,
-                               "triton": __import__("triton").__version__},
-                  "rows": rows}
-        result_path.write_text(json.dumps(result, indent=1) + "\n")
+        protocol = {"timing": "CUDA graph over weight copies beyond L2, median of replays",
+                    "rotation_bytes": ROTATION_BYTES, "l2_bytes": props.L2_cache_size,
+                    "sms": props.multi_processor_count, "copy_gbps": copy_gbps, "bf16_matmul_tflops": tflops,
+                    "torch": torch.__version__, "asm": wq_triton.USE_ASM, "triton": __import__("triton").__version__}
+        write_results("kernels", rows, protocol, {"device": torch.cuda.get_device_name()}, path=result_path)
 
     for part in args.parts.split(","):
         if part.startswith("sweep="):

@@ -167,7 +167,8 @@ def sweep_table(rows: list[dict], title: str) -> list[str]:
     return lines
 
 
-def render(data: dict, history: list[Path] = ()) -> str:
+def render(data: dict, history: list[Path] | None = None) -> str:
+    history = earlier_runs() if history is None else history
     rows, p = data["rows"], data["protocol"]
     lines = [
         "# Kernels: weight-only int-N, W8A8 and FP8 GEMMs on the GPU",
@@ -218,12 +219,15 @@ def render(data: dict, history: list[Path] = ()) -> str:
     return "\n".join(lines).rstrip() + "\n"
 
 
+def earlier_runs() -> list[Path]:
+    return sorted(RESULTS.glob("kernels_*.json"))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "kernels.json")
     ap.add_argument("--out", type=Path, default=ROOT / "reports" / "kernels.md")
-    ap.add_argument("--history", type=Path, nargs="*", default=sorted(
-        (ROOT / "benchmarks" / "results").glob("kernels_*.json")), help="earlier runs to summarize")
+    ap.add_argument("--history", type=Path, nargs="*", default=earlier_runs(), help="earlier runs to summarize")
     args = ap.parse_args()
     args.out.write_text(render(json.loads(args.results.read_text()), args.history))
     print(f"wrote {args.out}")

@@ -5,7 +5,7 @@ results/lossless_gpu.json (written by benchmarks/lossless_gpu.py on an H100/H200
 
 Run under the shared lock so timings are not polluted by other jobs:
     flock /tmp/compressor-bench.lock python benchmarks/lossless.py
-Writes benchmarks/results/lossless.json and reports/lossless.md.
+Writes benchmarks/results/lossless.json and reports/lossless.md (`--report-only`: the report alone).
 """
 
 from __future__ import annotations
@@ -27,9 +27,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.common import RESULTS, machine, write_results  # noqa: E402
+from benchmarks.common import RESULTS, machine, report_cli, write_report, write_results  # noqa: E402
+from benchmarks.lossless_report import render  # noqa: E402
 from compressor import api  # noqa: E402
-from compressor.methods.lossless import dfloat, native  # noqa: E402
+from compressor.codecs import dfloat, native  # noqa: E402
 from compressor.safetensors_file import read_tensors  # noqa: E402
 
 OUT = ROOT / "out" / "bench-lossless"
@@ -275,7 +276,9 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--models", nargs="*")
-    args = ap.parse_args()
+    args = report_cli(ap, "lossless", render)
+    if args is None:
+        return
     torch.set_num_threads(1)
     OUT.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
@@ -303,9 +306,7 @@ def main() -> None:
     path = write_results("lossless", rows, {"dtype": "bfloat16 (floats cast)", "threads": 1, "reps": args.reps},
                          {"machine": f"{machine()}; shared 2-core CPU", "gpu": gpu})
     print(f"wrote {path}")
-    from benchmarks.lossless_report import write_report
-
-    print(f"wrote {write_report(json.loads(path.read_text()))}")
+    print(f"wrote {write_report('lossless', render(json.loads(path.read_text())))}")
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ so both models read every layer's weights from device memory.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -21,8 +20,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.common import write_results  # noqa: E402
 from compressor.kernels import entropy_decode  # noqa: E402
-from compressor.methods.lossless.dfloat import PackConfig, pack_tensors  # noqa: E402
+from compressor.codecs.dfloat import PackConfig, pack_tensors  # noqa: E402
 from compressor.formats.packed import stream_spec  # noqa: E402
 
 HIDDEN, INTER, HEADS, KV, VOCAB = 4096, 14336, 32, 8, 128256
@@ -118,7 +118,7 @@ def throughput(rows: list, device: str, copy_gbps: float, log, blocks, cuda_ok: 
     if cuda_ok:
         from compressor.kernels.entropy_decode_cuda import decode_cuda
 
-        variants += [(f"cuda:{k}", b, None) for k in ("tans_decode_smem", "tans_decode_smem2") for b in (64, 128)]
+        variants += [(f"cuda:{k}", b, None) for k in ("tans_decode_smem",) for b in (64, 128)]
     best = None
     for backend, block, warps in variants:
         state = {"i": 0}
@@ -165,7 +165,7 @@ def latency(rows: list, device: str, layers: int, log, blocks, cuda_ok: bool = F
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM, DynamicCache, LlamaConfig
 
-    from compressor.models.packed_runner import attach_packed_blocks
+    from compressor.formats.packed_runner import attach_packed_blocks
 
     config = LlamaConfig(vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=INTER, num_hidden_layers=layers,
                          num_attention_heads=HEADS, num_key_value_heads=KV, max_position_embeddings=8192,
@@ -289,11 +289,10 @@ def main() -> None:
         lines.append(msg)
 
     def save():
-        (args.out / "lossless_gpu.json").write_text(json.dumps(
-            {"device": device, "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": rows,
-             "log": lines}, indent=2) + "\n")
+        write_results("lossless_gpu", rows, {"dtype": "bfloat16"}, {"device": device, "log": lines},
+                      path=args.out / "lossless_gpu.json")
 
-    from compressor.methods.lossless import native
+    from compressor.codecs import native
 
     log(f"host codec: {native.status()}")
     if native.library() is None:

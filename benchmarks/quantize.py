@@ -7,6 +7,7 @@ KL. Writes benchmarks/results/quantize.json and reports/quantize.md.
 
     python benchmarks/quantize.py                      # all rows
     python benchmarks/quantize.py --rows gptq-w4 --timing-repeats 3
+    python benchmarks/quantize.py --report-only        # the report from the committed results
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, compress_json, median, print_table, write_results  # noqa: E402
+from common import (RESULTS, compress_json, evaluate, fmt, median, print_table, report_cli, table,  # noqa: E402
+                    write_report, write_results)
 
 MODEL = "smollm2-135m"
 W4 = {"bits": 4, "group_size": 64, "sym": False}
@@ -66,19 +68,6 @@ def quantize(name: str, work: Path, repeats: int, reuse: bool) -> dict:
     return timing
 
 
-def evaluate(work: Path, names: list[str], windows: int) -> tuple[dict, dict]:
-    from compressor import api
-    from compressor.calib.data import evaluation_set
-    from compressor.evaluation.perplexity import evaluate_models
-
-    base = api.load(MODEL)
-    tokens = evaluation_set("wiki", base.tokenizer, windows, 512)
-    models = {name: api.load(work / name).model for name in names}
-    results = evaluate_models(models, tokens, base.model, batch_size=4)
-    sizes = {name: sum(f.stat().st_size for f in (work / name).glob("*.safetensors")) for name in names}
-    return results, sizes
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", default=",".join(ROWS))
@@ -88,13 +77,9 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="keep artifacts (and timings) of an earlier run")
     parser.add_argument("--gpu-rows", default=str(RESULTS / "quantize_variants_cuda.json"),
                         help="quality rows measured on a GPU by quantize_variants.py, merged into the results")
-    parser.add_argument("--report-only", action="store_true", help="rewrite the results' GPU rows and the report")
-    args = parser.parse_args()
-    if args.report_only:
-        data = json.loads((RESULTS / "quantize.json").read_text())
-        data["rows"] = [r for r in data["rows"] if r.get("device") != "cuda"] + gpu_rows(Path(args.gpu_rows))
-        (RESULTS / "quantize.json").write_text(json.dumps(data, indent=2) + "\n")
-        write_report(data["rows"], data["protocol"], RESULTS / "quantize.json")
+    args = report_cli(parser, "quantize", render, refresh=lambda data, args: {
+        **data, "rows": [r for r in data["rows"] if r.get("device") != "cuda"] + gpu_rows(Path(args.gpu_rows))})
+    if args is None:
         return
     work = Path(args.work)
     names = args.rows.split(",")
@@ -104,15 +89,16 @@ def main() -> None:
         timings[name] = quantize(name, work, args.timing_repeats, args.reuse)
         print(json.dumps({name: timings[name]}), flush=True)
     started = time.perf_counter()
-    results, sizes = evaluate(work, names, args.windows)
+    results = evaluate(MODEL, {name: work / name for name in names}, args.windows)
     eval_s = time.perf_counter() - started
     base_ppl = results["base"]["ppl"]
     rows = [{"model": MODEL, "method": "fp32", "config": {}, "bits_per_weight": 32.0, "ppl": base_ppl, "kl": 0.0}]
     for name in names:
         method, config, _ = ROWS[name]
         r = results[name]
+        size = sum(f.stat().st_size for f in (work / name).glob("*.safetensors"))
         rows.append({"model": MODEL, "method": RESULT_NAMES.get(name, method), "config": config, "row": name,
-                     "size_bytes": sizes[name], "ppl": r["ppl"], "kl": r["kl"],
+                     "size_bytes": size, "ppl": r["ppl"], "kl": r["kl"],
                      "ppl_increase_pct": 100 * (r["ppl"] / base_ppl - 1), **timings[name]})
     by_row = {r.get("row"): r for r in rows}
     for bits in (4, 3):
@@ -127,7 +113,7 @@ def main() -> None:
     columns = ["row", "method", "bits_per_weight", "size_bytes", "ppl", "ppl_increase_pct",
                "fraction_of_rtn_increase", "kl", "wall_s", "cpu_s", "peak_rss_mb"]
     print_table(rows, columns, f"quantize: {MODEL}, {args.windows} × 512 held-out tokens")
-    write_report(rows, protocol, path)
+    print(f"wrote {write_report('quantize', render(json.loads(path.read_text())))}")
 
 
 def gpu_rows(path: Path) -> list[dict]:
@@ -150,47 +136,39 @@ def gpu_rows(path: Path) -> list[dict]:
     return out
 
 
-def _fmt(value, render) -> str:
-    return "" if value is None else render(value)
+def _pct(value: float) -> str:
+    return f"+{value:.1f}%"
 
 
-def write_report(rows: list[dict], protocol: dict, results_path: Path) -> None:
+def render(data: dict) -> str:
+    rows, protocol = data["rows"], data["protocol"]
+    groups = ", ".join(str(g) for g in sorted({r["config"]["group_size"] for r in rows if "group_size" in r["config"]}))
     lines = ["# Post-training quantization of smollm2-135m", "",
-             f"Generated by `python benchmarks/quantize.py` ({results_path.name}); perplexity over "
+             f"Generated by `python benchmarks/quantize.py` (quantize.json); perplexity over "
              f"{protocol['eval_windows']} × {protocol['window']} held-out wiki tokens, KL(fp32 ‖ model) per token, "
-             f"calibration {protocol['calib_samples']} × {protocol['calib_len']} tokens. Group size 64, integer "
-             "zero points. `of RTN` = the row's perplexity increase as a fraction of RTN's at the same bits.", "",
-             "| row | method | bits/weight | size | ppl | increase | of RTN | KL | wall | CPU | peak RSS |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             f"calibration {protocol['calib_samples']} × {protocol['calib_len']} tokens. Group size {groups}, integer "
+             "zero points. `of RTN` = the row's perplexity increase as a fraction of RTN's at the same bits.", ""]
     cpu = [r for r in rows if r.get("device") != "cuda"]
     gpu = [r for r in rows if r.get("device") == "cuda"]
-    for r in cpu:
-        lines.append("| " + " | ".join([
-            r.get("row", "fp32"), r["method"], str(r.get("bits_per_weight", "")),
-            _fmt(r.get("size_bytes"), lambda v: f"{v / 1e6:.1f} MB"), f"{r['ppl']:.3f}",
-            _fmt(r.get("ppl_increase_pct"), lambda v: f"+{v:.1f}%"),
-            _fmt(r.get("fraction_of_rtn_increase"), lambda v: f"{100 * v:.0f}%"), f"{r['kl']:.4f}",
-            _fmt(r.get("wall_s"), lambda v: f"{v:.0f} s") + _fmt(r.get("wall_s_quiet"), lambda v: f" ({v:.0f} s alone)"),
-            _fmt(r.get("cpu_s"), lambda v: f"{v:.0f} s"),
-            _fmt(r.get("peak_rss_mb"), lambda v: f"{v / 1000:.2f} GB")]) + " |")
-    if results_path.is_file() and "quiet_timing" in json.loads(results_path.read_text()):
-        lines += ["", "Timing: " + json.loads(results_path.read_text())["quiet_timing"] + "."]
+    lines += table(["row", "method", "bits/weight", "size", "ppl", "increase", "of RTN", "KL", "wall", "CPU",
+                    "peak RSS"], [[
+                        r.get("row", "fp32"), r["method"], str(r.get("bits_per_weight", "")),
+                        fmt(r.get("size_bytes"), lambda v: f"{v / 1e6:.1f} MB"), f"{r['ppl']:.3f}",
+                        fmt(r.get("ppl_increase_pct"), _pct),
+                        fmt(r.get("fraction_of_rtn_increase"), lambda v: f"{100 * v:.0f}%"), f"{r['kl']:.4f}",
+                        fmt(r.get("wall_s"), "{:.0f} s"), fmt(r.get("cpu_s"), "{:.0f} s"),
+                        fmt(r.get("peak_rss_mb"), lambda v: f"{v / 1000:.2f} GB")] for r in cpu])
     if gpu:
-        lines += ["", "## The same protocol on an H100 (quality only)", "",
-                  "The CPU rows above were measured on a shared 2-core machine under heavy load; the device "
-                  "lent for this session measured the rest of the grid (`python benchmarks/quantize_variants.py "
+        lines += ["", "## The same protocol on a GPU (quality only)", "",
+                  f"The CPU rows above were measured on a shared machine ({data['machine']}) under heavy load; the "
+                  "device lent for this session measured the rest of the grid (`python benchmarks/quantize_variants.py "
                   "--device cuda`, same model, data, windows and calibration; its own fp32 row). Wall times here are "
-                  "GPU runs, not the CPU target.", "",
-                  "| row | method | bits/weight | ppl | increase | of RTN | KL | wall (GPU) |", "|---|---|---|---|---|---|---|---|"]
-        for r in gpu:
-            lines.append("| " + " | ".join([
-                r["row"], r["method"], str(r["bits_per_weight"]), f"{r['ppl']:.3f}",
-                _fmt(r.get("ppl_increase_pct"), lambda v: f"+{v:.1f}%"),
-                _fmt(r.get("fraction_of_rtn_increase"), lambda v: f"{100 * v:.1f}%"), f"{r['kl']:.4f}",
-                _fmt(r.get("wall_s"), lambda v: f"{v:.0f} s")]) + " |")
-    out = Path(__file__).parent.parent / "reports" / "quantize.md"
-    out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {out}")
+                  "GPU runs, not the CPU target.", ""]
+        lines += table(["row", "method", "bits/weight", "ppl", "increase", "of RTN", "KL", "wall (GPU)"], [[
+            r["row"], r["method"], str(r["bits_per_weight"]), f"{r['ppl']:.3f}", fmt(r.get("ppl_increase_pct"), _pct),
+            fmt(r.get("fraction_of_rtn_increase"), lambda v: f"{100 * v:.1f}%"), f"{r['kl']:.4f}",
+            fmt(r.get("wall_s"), "{:.0f} s")] for r in gpu])
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

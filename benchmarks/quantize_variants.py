@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, machine  # noqa: E402
+from common import RESULTS, evaluate, write_results  # noqa: E402
 
 W4 = {"bits": 4, "group_size": 64, "sym": False}
 W3 = {"bits": 3, "group_size": 64, "sym": False}
@@ -49,23 +49,20 @@ def main() -> None:
     parser.add_argument("--results", default=None)
     args = parser.parse_args()
     path = Path(args.results or RESULTS / f"quantize_variants_{args.device.split(':')[0]}.json")
-    rows = []
+    built = {}
     for name in args.variants.split(","):
         method, options = VARIANTS[name]
-        out = Path(args.work) / name
         started = time.perf_counter()
-        q = api.quantize(args.model, method, out, options, device=args.device, overwrite=True, restart=True)
-        wall = time.perf_counter() - started
-        ev = api.evaluate(str(out), base=args.model, windows=args.windows, device=args.device)
-        row = {"variant": name, "method": method, "config": options, "ppl": ev["ppl"], "kl": ev["kl"],
-               "base_ppl": ev["base_ppl"], "bits_per_weight": q["bits_per_weight"], "wall_s": round(wall, 1)}
-        rows.append(row)
-        print(json.dumps(row), flush=True)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"benchmark": "quantize_variants", "machine": machine(), "device": args.device,
-                                    "protocol": {"eval_windows": args.windows, "window": 512,
-                                                 "calib_samples": 128, "calib_len": 512},
-                                    "rows": rows}, indent=2) + "\n")
+        q = api.quantize(args.model, method, Path(args.work) / name, options, device=args.device, overwrite=True,
+                         restart=True)
+        built[name] = {"bits_per_weight": q["bits_per_weight"], "wall_s": round(time.perf_counter() - started, 1)}
+        print(json.dumps({name: built[name]}), flush=True)
+    results = evaluate(args.model, {name: Path(args.work) / name for name in built}, args.windows,
+                       device=args.device)
+    rows = [{"variant": name, "method": VARIANTS[name][0], "config": VARIANTS[name][1], "ppl": results[name]["ppl"],
+             "kl": results[name]["kl"], "base_ppl": results["base"]["ppl"], **info} for name, info in built.items()]
+    protocol = {"eval_windows": args.windows, "window": 512, "calib_samples": 128, "calib_len": 512}
+    print(f"wrote {write_results('quantize_variants', rows, protocol, {'device': args.device}, path=path)}")
 
 
 if __name__ == "__main__":

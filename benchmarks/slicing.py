@@ -8,7 +8,8 @@ reference implementation on the same model, calibration tokens and protocol when
 
 The reference implementation needs transformers 4.41: set SLICEGPT_PYTHON (a venv's python with
 transformers==4.41 and ml-collections) and SLICEGPT_SRC (TransformerCompression's src/ folder);
-otherwise its rows are skipped with the reason printed. Writes benchmarks/results/slicing.json.
+otherwise its rows are skipped with the reason printed. Writes benchmarks/results/slicing.json and
+reports/slicing.md (`--report-only`: the report alone, from the committed results).
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import RESULTS, compress_json, machine, print_table, write_results  # noqa: E402
+from common import (RESULTS, compress_json, evaluate, machine, print_table, read_results,  # noqa: E402
+                    report_cli, table, write_report, write_results)
 
 LOCK = "/tmp/compressor-bench.lock"
 METHODS = {  # row method name -> compress prune options
@@ -118,50 +120,47 @@ LATENCY_REPEATS = 5
 
 def quality(model: str, rows: list[dict], windows: int) -> dict:
     """Perplexity and KL of the artifacts (one base forward per batch), latency and FLOPs."""
-    from compressor import api
-    from compressor.calib.data import evaluation_set
-    from compressor.evaluation.perplexity import evaluate_models
     from compressor.models.adapters import count_parameters
 
-    base = api.load(model)
-    tokens = evaluation_set("wiki", base.tokenizer, windows, 512)
-    base_flops = forward_flops(base.model, 512)
     cpu = DEVICE == "cpu"  # CPU latency is measured only in a CPU run
-    if cpu:
-        with bench_lock():
-            base_ms = latency_ms(base.model, repeats=LATENCY_REPEATS)
-    else:
-        base_ms = None
-        base.model.to(DEVICE)
-    results = {}
+    dense: dict = {}
+
+    def measure_base(base) -> None:
+        dense["flops"] = forward_flops(base.model, 512)
+        if cpu:
+            with bench_lock():
+                dense["ms"] = latency_ms(base.model, repeats=LATENCY_REPEATS)
+
+    by_artifact = {row["artifact"]: row for row in rows}
+
+    def measure(artifact: str, m) -> None:
+        row = by_artifact[artifact]
+        row["flops_ratio"] = forward_flops(m, 512) / dense["flops"]
+        if cpu:
+            with bench_lock():
+                ms = latency_ms(m, repeats=LATENCY_REPEATS)
+            removed = 1 - row["flops_ratio"]
+            row.update(latency_ms=ms, dense_latency_ms=dense["ms"], latency_ratio=ms / dense["ms"],
+                       latency_vs_ideal=(1 - ms / dense["ms"]) / removed if removed > 0 else None)
+
     # A few candidates per pass share one base forward per batch; a large vocabulary (Gemma's
     # 262k) makes the logits the memory peak, so fewer candidates and windows per pass there.
-    big = base.model.config.vocab_size > 100_000
+    from compressor.models.loading import resolve_model_path
+
+    big = json.loads((resolve_model_path(model) / "config.json").read_text()).get("vocab_size", 0) > 100_000
     per_pass, batch = ((4, 1) if big else (3, 4)) if cpu else (4, 8)
-    for start in range(0, len(rows), per_pass):
-        chunk = rows[start:start + per_pass]
-        models = {row["artifact"]: api.load(row["artifact"]).model.to(DEVICE) for row in chunk}
-        results = evaluate_models(models, tokens, base.model, batch_size=batch, device=DEVICE)
-        for row in chunk:
-            m = models[row["artifact"]]
-            row["flops_ratio"] = forward_flops(m, 512) / base_flops
-            r = results[row["artifact"]]
-            row.update(ppl=r["ppl"], kl=r["kl"], eval_windows=windows)
-            if cpu:
-                with bench_lock():
-                    ms = latency_ms(m, repeats=LATENCY_REPEATS)
-                removed = 1 - row["flops_ratio"]
-                row.update(latency_ms=ms, dense_latency_ms=base_ms, latency_ratio=ms / base_ms,
-                           latency_vs_ideal=(1 - ms / base_ms) / removed if removed > 0 else None)
-        del models
+    results = evaluate(model, {row["artifact"]: row["artifact"] for row in rows}, windows, device=DEVICE,
+                       batch_size=batch, per_pass=per_pass, each=measure, before=measure_base)
+    for row in rows:
+        r = results[row["artifact"]]
+        row.update(ppl=r["ppl"], kl=r["kl"], eval_windows=windows)
+    base = results["loaded_base"]
     base_row = {"model": model, "method": "fp32", "config": {}, "params": count_parameters(base.model),
                 "size_bytes": sum(f.stat().st_size for f in base.path.glob("*.safetensors")),
-                "ppl": results["base"]["ppl"] if rows else None, "kl": 0.0, "wall_s": 0.0, "peak_rss_mb": 0.0,
-                "latency_ms": base_ms, "latency_ratio": 1.0 if cpu else None, "flops_ratio": 1.0,
+                "ppl": results["base"]["ppl"], "kl": 0.0, "wall_s": 0.0, "peak_rss_mb": 0.0,
+                "latency_ms": dense.get("ms"), "latency_ratio": 1.0 if cpu else None, "flops_ratio": 1.0,
                 "eval_windows": windows, "device": DEVICE}
-    if not rows:
-        base_row["ppl"] = evaluate_models({}, tokens, base.model, batch_size=batch, device=DEVICE)["base"]["ppl"]
-    return {"base": base_row, "tokens": tokens}
+    return {"base": base_row, "tokens": results["tokens"]}
 
 
 def peer_row(model: str, sparsity: float, samples: int, windows: int, work: Path) -> dict | None:
@@ -238,9 +237,6 @@ def remeasure_latency(rows: list[dict], work: Path, rounds: int) -> None:
         del models
 
 
-REPORT = Path(__file__).resolve().parents[1] / "reports" / "slicing.md"
-
-
 def _f(v, fmt="{:.3f}"):
     return "-" if v is None else fmt.format(v)
 
@@ -249,37 +245,44 @@ def _device(row: dict) -> str:
     return row.get("device", "cpu")
 
 
-NOTES = [
-    "## Notes",
-    "",
-    "- gemma3-270m on the GPU: transformers 5.17 there converts the Gemma 3 GGUF tokenizer differently (base ppl "
-    "37312 on the eval text), so the GPU run uses the config and tokenizer converted on the CPU machine "
-    "(`.gpu-ptq/b/setup_gemma2.sh`); its fp32 ppl, 29.254, then equals the CPU's.",
-    "- The gemma3-270m MoDeGPT CPU row (313 s) predates block importance from 32 samples; the smollm2 row "
-    "(203 s, was 314 s) and every GPU row use it.",
-    "- CPU latency does not fall in proportion to FLOPs at this size: torch's CPU attention kernel takes the same "
-    "time at MoDeGPT's reduced head widths (93 vs 96 ms of 600-730 ms per forward, profiled), SliceGPT keeps "
-    "every head and the MLP's elementwise work at full width, and those parts are a quarter of the dense "
-    "forward. The GEMMs themselves scale with their FLOPs (MoDeGPT: 430 vs 526 ms). MoDeGPT's reduced "
-    "attention pads q/k or v to one width so the fused kernel runs at all (it fell back to the math path "
-    "in 14 of 30 layers).",
-    "- Gemma 3's post-norms: SliceGPT on Gemma writes RMS probe channels (`--probe`, 64) from o_proj and "
-    "down_proj; every Gemma SliceGPT artifact is therefore the registered class (`--probe 0` refits the norms "
-    "per channel instead and keeps an ordinary config for a global slice, far less accurately).",
-    "- Global slicing of Gemma 3 is unusable: at 5% sparsity ppl already goes 33 -> 336 (per-block: 48; a quick "
-    "probe with 16 calibration samples and 8 windows, exact probes) although "
-    "the global basis keeps 99.99% of the energy at every residual point. Gemma's residual stream is dominated "
-    "by a few massive channels, so energy-ranked PCA drops directions that carry little energy but much of "
-    "what the normalized readers use. Reader-weighted or token-normalized covariances were tried (no "
-    "consistent gain) and are not in the code.",
-    "- Per-block SliceGPT *adds* parameters on small tied-embedding models at low sparsity, as the reference "
-    "implementation does: the head is untied (gemma's 262k x 640 head is 168M) and each block gets two d x d "
-    "shortcuts. `--embeddings keep` avoids the untying.",
-    "",
-]
+def notes(rows: list[dict]) -> list[str]:
+    """What the tables alone do not say; figures only from the rows."""
+    def find(model, method, device, **config):
+        return next((r for r in rows if r["model"] == model and r["method"] == method and _device(r) == device
+                     and all(r["config"].get(k) == v for k, v in config.items())), None)
+
+    out = ["## Notes", ""]
+    cpu, gpu = find("gemma3-270m", "fp32", "cpu"), find("gemma3-270m", "fp32", "cuda")
+    if cpu and gpu:
+        out.append(f"- gemma3-270m on the GPU: transformers there converts the Gemma 3 GGUF tokenizer differently, "
+                   f"so the GPU run uses the config and tokenizer converted on the CPU machine; its fp32 ppl, "
+                   f"{gpu['ppl']:.3f}, then equals the CPU's ({cpu['ppl']:.3f}).")
+    gemma, smol = (find(m, "modegpt", "cpu", sparsity=0.25, modules="all") for m in ("gemma3-270m", "smollm2-135m"))
+    if gemma and smol:
+        out.append(f"- The gemma3-270m MoDeGPT CPU row ({gemma['wall_s']:.0f} s) predates block importance from "
+                   f"32 samples; the smollm2 row ({smol['wall_s']:.0f} s) and every GPU row use it.")
+    out += [
+        "- CPU latency does not fall in proportion to FLOPs at this size: torch's CPU attention kernel takes the "
+        "same time at MoDeGPT's reduced head widths, SliceGPT keeps every head and the MLP's elementwise work at "
+        "full width, and the GEMMs alone scale with their FLOPs (profiled while developing; not in the results). "
+        "MoDeGPT's reduced attention pads q/k or v to one width so the fused kernel runs at all.",
+        "- Gemma 3's post-norms: SliceGPT on Gemma writes RMS probe channels (`--probe`) from o_proj and "
+        "down_proj; every Gemma SliceGPT artifact is therefore the registered class (`--probe 0` refits the norms "
+        "per channel instead and keeps an ordinary config for a global slice, far less accurately).",
+        "- Global slicing of Gemma 3 is unusable (the table above), although the global basis keeps almost all "
+        "of the energy at every residual point. Gemma's residual stream is dominated by a few massive channels, "
+        "so energy-ranked PCA drops directions that carry little energy but much of what the normalized readers "
+        "use. Reader-weighted or token-normalized covariances were tried (no consistent gain) and are not in "
+        "the code.",
+        "- Per-block SliceGPT *adds* parameters on small tied-embedding models at low sparsity, as the reference "
+        "implementation does: the head is untied and each block gets two d x d shortcuts. `--embeddings keep` "
+        "avoids the untying.",
+        "",
+    ]
+    return out
 
 
-def write_report(data: dict) -> Path:
+def render(data: dict) -> str:
     """reports/slicing.md from the CPU results and, where present, the GPU quality grid."""
     rows = list(data["rows"])
     gpu = RESULTS / "slicing_cuda.json"
@@ -305,14 +308,11 @@ def write_report(data: dict) -> Path:
         "protocol, their own fp32 row, wall time of the GPU run, no CPU latency.",
         "",
     ]
+    order = {"fp32": 0, "slicegpt": 1, "peer:slicegpt:slice": 2, "slicegpt-global": 3, "modegpt": 4}
     for model in dict.fromkeys(r["model"] for r in rows):
         mrows = [r for r in rows if r["model"] == model]
         bases = {_device(r): r for r in mrows if r["method"] == "fp32"}
-        lines += [f"## {model}", "",
-                  "| device | method | sparsity | calib | windows | params (M) | param reduction | ordinary | ppl "
-                  "| dppl % | KL | prune s | peak RSS MB | lat | flops | lat/ideal |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-        order = {"fp32": 0, "slicegpt": 1, "peer:slicegpt:slice": 2, "slicegpt-global": 3, "modegpt": 4}
+        cells = []
         for r in sorted(mrows, key=lambda r: (_device(r), order.get(r["method"], 9), r["config"].get("modules", ""),
                                               r["config"].get("sparsity", 0))):
             base = bases.get(_device(r))
@@ -320,18 +320,20 @@ def write_report(data: dict) -> Path:
             method = r["method"] + (f" ({c['modules']}, {c['allocation']})" if "modules" in c else "")
             method += " (embeddings kept)" if c.get("embeddings") == "keep" else ""
             dppl = 100 * (r["ppl"] / base["ppl"] - 1) if base and r.get("ppl") else None
-            lines.append(
-                f"| {_device(r)} | {method} | {c.get('sparsity', '-')} | {c.get('calib_samples', '-')} | {r.get('eval_windows', 64)} "
-                f"| {r['params'] / 1e6:.2f} "
-                f"| {_f(r.get('param_reduction'), '{:.1%}')} | {'yes' if r.get('ordinary_config') else '-'} "
-                f"| {_f(r.get('ppl'))} | {_f(dppl, '{:.1f}')} | {_f(r.get('kl'), '{:.4f}')} "
-                f"| {_f(r.get('wall_s'), '{:.0f}')} | {_f(r.get('peak_rss_mb'), '{:.0f}')} "
-                f"| {_f(r.get('latency_ratio'))} | {_f(r.get('flops_ratio'))} | {_f(r.get('latency_vs_ideal'), '{:.2f}')} |")
+            cells.append([_device(r), method, str(c.get("sparsity", "-")), str(c.get("calib_samples", "-")),
+                          str(r.get("eval_windows", 64)), f"{r['params'] / 1e6:.2f}",
+                          _f(r.get("param_reduction"), "{:.1%}"), "yes" if r.get("ordinary_config") else "-",
+                          _f(r.get("ppl")), _f(dppl, "{:.1f}"), _f(r.get("kl"), "{:.4f}"),
+                          _f(r.get("wall_s"), "{:.0f}"), _f(r.get("peak_rss_mb"), "{:.0f}"),
+                          _f(r.get("latency_ratio")), _f(r.get("flops_ratio")),
+                          _f(r.get("latency_vs_ideal"), "{:.2f}")])
+        lines += [f"## {model}", ""]
+        lines += table(["device", "method", "sparsity", "calib", "windows", "params (M)", "param reduction",
+                        "ordinary", "ppl", "dppl %", "KL", "prune s", "peak RSS MB", "lat", "flops", "lat/ideal"],
+                       cells)
         lines.append("")
-    lines += targets(rows) + NOTES
-    REPORT.parent.mkdir(exist_ok=True)
-    REPORT.write_text("\n".join(lines) + "\n")
-    return REPORT
+    lines += targets(rows) + notes(rows)
+    return "\n".join(lines) + "\n"
 
 
 def targets(rows: list[dict]) -> list[str]:
@@ -381,20 +383,18 @@ def main() -> None:
     parser.add_argument("--append", action="store_true", help="keep rows of earlier runs not measured now")
     parser.add_argument("--work", default=None)
     parser.add_argument("--device", default="cpu", help="cuda: the quality grid on a GPU (no CPU latency)")
-    parser.add_argument("--report-only", action="store_true", help="regenerate reports/slicing.md from the JSON")
     parser.add_argument("--latency-rounds", type=int, default=0,
                         help="only re-measure CPU latency of the artifacts in --work, interleaved with dense")
-    args = parser.parse_args()
+    args = report_cli(parser, "slicing", render)
+    if args is None:
+        return
     if args.latency_rounds:
         torch.set_num_threads(2)
         path = RESULTS / "slicing.json"
-        data = json.loads(path.read_text())
+        data = read_results("slicing")
         remeasure_latency(data["rows"], Path(args.work or "."), args.latency_rounds)
         path.write_text(json.dumps(data, indent=2) + "\n")
-        print(write_report(data))
-        return
-    if args.report_only:
-        print(write_report(json.loads((RESULTS / "slicing.json").read_text())))
+        print(write_report("slicing", render(data)))
         return
     torch.set_num_threads(2)
     global LATENCY_REPEATS, DEVICE
@@ -426,7 +426,7 @@ def main() -> None:
         where = f"{torch.cuda.get_device_name()} ({machine()})" if DEVICE.startswith("cuda") else machine()
         written = write_results("slicing", merged, protocol, {"machine": where, "device": DEVICE}, path=path)
         if DEVICE == "cpu":
-            write_report(json.loads(written.read_text()))
+            write_report("slicing", render(json.loads(written.read_text())))
     rows = merged
     print_table(rows, ["model", "method", "sparsity", "params", "ppl", "kl", "wall_s", "peak_rss_mb", "latency_ratio",
                        "flops_ratio"], "slicing")

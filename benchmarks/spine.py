@@ -3,7 +3,7 @@
 
     python benchmarks/spine.py [--repeats 3] [--windows 64]
 
-Writes benchmarks/results/spine.json and prints a table.
+Writes benchmarks/results/spine.json and reports/spine.md (`--report-only`: the report alone).
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import compress_json, median, print_table, write_results  # noqa: E402
+from common import (compress_json, evaluate, median, print_table, report_cli, table,  # noqa: E402
+                    write_report, write_results)
 
 MODEL = "smollm2-135m"
 SCHEMES = [  # (bits, group_size, sym)
@@ -47,17 +48,11 @@ def quantize_rows(work: Path, repeats: int) -> list[dict]:
 
 def quality(rows: list[dict], windows: int) -> dict:
     """Perplexity and KL of every artifact, sharing one base forward per batch."""
-    from compressor import api
-    from compressor.calib.data import evaluation_set
-    from compressor.evaluation.perplexity import evaluate_models
-
-    base = api.load(MODEL)
-    tokens = evaluation_set("wiki", base.tokenizer, windows, 512)
-    models = {row["artifact"]: api.load(row["artifact"]).model for row in rows}
-    results = evaluate_models(models, tokens, base.model, batch_size=4)
+    results = evaluate(MODEL, {row["artifact"]: row["artifact"] for row in rows}, windows)
     for row in rows:
         row.update(ppl=results[row["artifact"]]["ppl"], kl=results[row["artifact"]]["kl"])
-    return {"ppl": results["base"]["ppl"], "tokens": results["base"]["tokens"], "data_sha256": tokens.sha256,
+    base = results["loaded_base"]
+    return {"ppl": results["base"]["ppl"], "tokens": results["base"]["tokens"], "data_sha256": results["tokens"].sha256,
             "size_bytes": sum(f.stat().st_size for f in base.path.glob("*.safetensors")),
             "params": sum(p.numel() for p in base.model.parameters())}
 
@@ -140,7 +135,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--work", type=Path, default=None, help="scratch directory (default: a temp dir)")
-    args = parser.parse_args()
+    args = report_cli(parser, "spine", render)
+    if args is None:
+        return
     torch.set_num_threads(torch.get_num_threads())
     work = args.work or Path(tempfile.mkdtemp(prefix="spine-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -171,11 +168,11 @@ def main() -> None:
                 "peak RSS vs depth")
     print(f"eval command (64 windows, with base for KL): median {timing['wall_s']:.1f} s, peak RSS "
           f"{timing['peak_rss_mb']:.0f} MB")
-    report = write_report(json.loads(path.read_text()))
+    report = write_report("spine", render(json.loads(path.read_text())))
     print(f"wrote {path} and {report}")
 
 
-def write_report(data: dict) -> Path:
+def render(data: dict) -> str:
     """reports/spine.md from the results JSON."""
     rows = [r for r in data["rows"] if "layers" not in r["config"]]
     memory = [r for r in data["rows"] if "layers" in r["config"]]
@@ -187,16 +184,16 @@ def write_report(data: dict) -> Path:
         f"wiki tokens, no BOS; KL(base ‖ model) per token on the same tokens. Timings are medians of "
         f"{data['protocol']['repeats']} whole `compress quantize` processes.",
         "",
-        "| method | bits | group | sym | bits/weight | size (MB) | ppl | Δppl % | KL | quantize s | peak RSS MB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in rows:
-        c = r["config"]
-        lines.append(
-            f"| {r['method']} | {c.get('bits', 32)} | {c.get('group_size', '-')} | {c.get('sym', '-')} "
-            f"| {r['bits_per_weight']:.3f} | {r['size_bytes'] / 1e6:.1f} | {r['ppl']:.3f} "
-            f"| {r.get('ppl_increase_pct', 0):.1f} | {r['kl']:.4f} | {r['wall_s']:.1f} | {r['peak_rss_mb']:.0f} |")
+    lines += table(["method", "bits", "group", "sym", "bits/weight", "size (MB)", "ppl", "Δppl %", "KL", "quantize s",
+                    "peak RSS MB"], [[
+                        r["method"], str(r["config"].get("bits", 32)), str(r["config"].get("group_size", "-")),
+                        str(r["config"].get("sym", "-")), f"{r['bits_per_weight']:.3f}", f"{r['size_bytes'] / 1e6:.1f}",
+                        f"{r['ppl']:.3f}", f"{r.get('ppl_increase_pct', 0):.1f}", f"{r['kl']:.4f}",
+                        f"{r['wall_s']:.1f}", f"{r['peak_rss_mb']:.0f}"] for r in rows])
     e = data["eval_command"]
+    layers = sorted({r["config"]["layers"] for r in memory})
+    calibrated = next((r["config"] for r in memory if r["config"]["engine"] == "calibrated"), {})
     lines += [
         "",
         f"`compress eval` (RTN W4 g64 artifact with `--base`, both models forward on every window): median "
@@ -204,21 +201,16 @@ def write_report(data: dict) -> Path:
         "",
         "## Peak memory against depth",
         "",
-        "The reference model cut to its first 8, 16 and 30 blocks. `rtn` needs no calibration; `calibrated` "
-        "runs the engine with a statistics-collecting method (Hessian, abs-max and mean of every linear input; "
-        "128 × 512 calibration tokens, hidden states propagated block to block).",
+        f"The reference model cut to its first {', '.join(map(str, layers[:-1]))} and {layers[-1]} blocks. `rtn` "
+        "needs no calibration; `calibrated` runs the engine with a statistics-collecting method (Hessian, abs-max "
+        f"and mean of every linear input; {calibrated.get('calib_samples')} × {calibrated.get('calib_len')} "
+        "calibration tokens, hidden states propagated block to block).",
         "",
-        "| layers | engine | weights MB | peak RSS MB | peak − weights MB | wall s |",
-        "|---|---|---|---|---|---|",
     ]
-    for r in memory:
-        c = r["config"]
-        lines.append(f"| {c['layers']} | {c['engine']} | {r['weights_mb']:.0f} | {r['peak_rss_mb']:.0f} "
-                     f"| {r['overhead_mb']:.0f} | {r['wall_s']:.1f} |")
-    path = Path(__file__).resolve().parent.parent / "reports" / "spine.md"
-    path.parent.mkdir(exist_ok=True)
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    lines += table(["layers", "engine", "weights MB", "peak RSS MB", "peak − weights MB", "wall s"], [[
+        str(r["config"]["layers"]), r["config"]["engine"], f"{r['weights_mb']:.0f}", f"{r['peak_rss_mb']:.0f}",
+        f"{r['overhead_mb']:.0f}", f"{r['wall_s']:.1f}"] for r in memory])
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

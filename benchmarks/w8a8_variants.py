@@ -15,14 +15,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-from compressor import api
-from compressor.calib.data import evaluation_set
-from compressor.evaluation.perplexity import evaluate_models
-from compressor.formats.manifest import read_manifest
-from compressor.methods.quant import smoothquant
+sys.path.insert(0, str(Path(__file__).parent))
+from common import RESULTS, evaluate, write_results  # noqa: E402
+
+from compressor import api  # noqa: E402
+from compressor.formats.manifest import read_manifest  # noqa: E402
+from compressor.methods.quant import smoothquant  # noqa: E402
 
 
 def parse_variant(text: str) -> tuple[str, str, dict]:
@@ -67,7 +69,7 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=128)
     parser.add_argument("--work", type=Path, default=Path("out/w8a8"))
     parser.add_argument("--reuse", action="store_true")
-    parser.add_argument("--json", type=Path, default=Path("benchmarks/results/w8a8_variants.json"))
+    parser.add_argument("--json", type=Path, default=RESULTS / "w8a8_variants.json")
     args = parser.parse_args()
 
     built = {}
@@ -77,11 +79,8 @@ def main() -> None:
                                                args.reuse))
         print(label, "built", built[label][2], flush=True)
 
-    base = api.load(args.model)
-    tokens = evaluation_set("wiki", base.tokenizer, args.windows, 512)
     started = time.perf_counter()
-    results = evaluate_models({label: api.load(b[2]["path"]).model for label, b in built.items()},
-                              tokens, base.model, 4, "cpu", None)
+    results = evaluate(args.model, {label: b[2]["path"] for label, b in built.items()}, args.windows)
     base_ppl = results["base"]["ppl"]
     rows = [{"model": args.model, "method": "fp32", "config": {}, "ppl": base_ppl}]
     for label, (method, options, info) in built.items():
@@ -93,12 +92,9 @@ def main() -> None:
                      "wall_s": info.get("wall_s"), "peak_rss_mb": info.get("peak_rss_mb")})
         print(f"{label:20s} ppl {r['ppl']:.4f} (+{rows[-1]['ppl_increase_pct']:.2f}%)  KL {r['kl']:.5f}", flush=True)
     print(f"{'fp32':20s} ppl {base_ppl:.4f}   (eval {time.perf_counter() - started:.0f} s)")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({
-        "benchmark": "w8a8_variants", "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "machine": "shared 2-core CPU (three agents at once; times are not comparable)", "device": "cpu",
-        "protocol": {"eval_windows": args.windows, "window": 512, "calib_samples": args.samples, "calib_len": 512},
-        "rows": rows}, indent=2) + "\n")
+    protocol = {"eval_windows": args.windows, "window": 512, "calib_samples": args.samples, "calib_len": 512}
+    write_results("w8a8_variants", rows, protocol, {"note": "shared CPU: wall times are not comparable"},
+                  path=args.json)
 
 
 if __name__ == "__main__":

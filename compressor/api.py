@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import resource
 import shutil
 import time
@@ -18,7 +19,7 @@ from compressor.calib.data import calibration_set, evaluation_set
 from compressor.devices import check_device
 from compressor.errors import CompressorError
 from compressor.formats import artifact as artifacts
-from compressor.formats import activations, mixed_precision
+from compressor.formats import mixed_precision
 from compressor.formats import manifest as manifests
 from compressor.formats.manifest import read_manifest
 from compressor import export
@@ -28,14 +29,13 @@ from compressor.methods.composition import build_methods, method_names
 from compressor.methods.composition import describe as describe_methods
 from compressor.models import assets
 from compressor.models.adapters import adapter_for_config, count_parameters
-from compressor.models.loading import (LoadedModel, build_model, load_model, load_tokenizer, resolve_model_path,
-                                      source_bytes, stored_float_dtype)
-from compressor.outputs import check_output
+from compressor.models.loading import LoadedModel, load_model, resolve_model_path, source_bytes
+from compressor.outputs import check_output, is_safe_name
 from compressor.pipeline.checkpoint import RunDirectory
 from compressor.pipeline.distributed import World
 from compressor.pipeline.progress import Progress
 from compressor.pipeline.sequential import SequentialPipeline, check_order
-from compressor.util import fingerprint, release_memory
+from compressor.util import fingerprint, release_memory, write_atomic
 
 
 def peak_rss_mb() -> float:
@@ -78,29 +78,13 @@ def load(ref: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool
         manifests.check(path)
         progress.log(f"verified {path} against its manifest")
     if path.is_dir() and artifacts.is_quantized(path) and device is not None and torch.device(device).type == "cuda":
-        from compressor.models.quant_runtime import load_quantized
+        from compressor.formats.universal import load_with_kernels
 
-        model, dtype = load_quantized(path, dtype, torch.device(device), progress.warn)
-        manifest = read_manifest(path) if (path / "manifest.json").exists() else {}
-        return LoadedModel(model, load_tokenizer(path), adapter_for_config(model.config), path,
-                           manifest.get("source", {}).get("sha256", ""), str(ref), {"manifest": manifest},
-                           stored_dtype=dtype)
+        return load_with_kernels(path, str(ref), dtype, str(device), progress.warn)
     if path.is_dir() and artifacts.is_quantized(path):
-        from transformers import AutoConfig
+        from compressor.formats.universal import load_quantized_artifact
 
-        config_dict, state = artifacts.load_quantized_state(path, dtype)
-        config_dict = {k: v for k, v in config_dict.items() if k not in ("transformers_version",)}
-        model_type = config_dict.pop("model_type", None)
-        config = AutoConfig.for_model(model_type, **config_dict)
-        adapter = adapter_for_config(config)
-        input_scales = activations.pop_input_scales(state)
-        model = build_model(config, state, dtype)
-        # Artifacts that quantize linear inputs (W8A8, FP8) compute as transformers would.
-        activations.attach(model, artifacts.read_config(path)["quantization_config"], input_scales)
-        manifest = read_manifest(path) if (path / "manifest.json").exists() else {}
-        source = manifest.get("source", {}).get("sha256", "")
-        return LoadedModel(model, load_tokenizer(path), adapter, path, source, str(ref), {"manifest": manifest},
-                           stored_dtype=stored_float_dtype(artifacts.weight_files(path)) or dtype)
+        return load_quantized_artifact(path, str(ref), dtype)
     loaded = load_model(path, dtype=dtype, allow_pickle=allow_pickle, log=progress.log, warn=progress.warn)
     loaded.name = str(ref)
     return loaded
@@ -149,6 +133,7 @@ def compress(model: str, methods: str | list[str] | list[Method], out: str | Pat
     chain = methods if configured else make_methods(methods, options, command)
     if configured:
         check_order(chain)
+    export.check_formats(chain)
     planless = next((m for m in chain if isinstance(m, MixedPrecision) and not m.config.plan), None)
     if planless is not None:  # a mixed-precision budget: search a plan, then come back here to build it
         from compressor.mixed.driver import Calibration, quantize_mixed
@@ -160,7 +145,7 @@ def compress(model: str, methods: str | list[str] | list[Method], out: str | Pat
         return quantize_mixed(model, chain, out, calib=Calibration(calib, samples, seq_len, seed, text_field,
                                                                    chat_template, batch_size),
                               device=device, dtype=dtype, hessian_dtype=hessian_dtype, overwrite=overwrite,
-                              allow_pickle=allow_pickle, verify=verify, progress=progress, build=compress)
+                              allow_pickle=allow_pickle, verify=verify, progress=progress, load=load, build=compress)
     prunes = any(m.produces == "structure" for m in chain)
     if resume and restart:
         raise CompressorError("--resume and --restart contradict each other",
@@ -287,50 +272,136 @@ def sensitivity(model: str, method: str, out: str | Path, options: dict[str, Any
     return sensitivity_command(model, chain, out, calib=Calibration(calib, samples, seq_len, seed, text_field,
                                                                     chat_template, batch_size),
                                device=device, dtype=dtype, hessian_dtype=hessian_dtype, allow_pickle=allow_pickle,
-                               verify=verify, progress=progress)
+                               verify=verify, progress=progress, load=load)
 
 
 # ---------------------------------------------------------------- recipes
 
+RECIPE_STATE = "recipe-run.json"
+
+
 def run_recipe(recipe_path: str | Path, model: str, out: str | Path, *, calib: str | None = None,
                device: str = "cpu", overwrite: bool = False, resume: bool = False, restart: bool = False,
                allow_pickle: bool = False, verify: bool = True, progress: Progress | None = None) -> dict:
-    """Run a recipe's stages in order; each stage's output is the next one's input.
-
-    A one-stage recipe writes OUT directly; longer chains keep intermediates in `.OUT.stages/`.
-    `calib` overrides every stage's calibration data (the recipe's is the default).
-    """
+    """Run a recipe's stages in order, each reading what the stage before it made; every stage's
+    output goes under OUT (`01-prune/`, `02-quantize/`, ..., `04-eval.json`, `05-report/`), and
+    `--resume` continues after the last finished stage (inside an interrupted engine pass, from its
+    last finished block). `calib` overrides every stage's calibration data."""
     from compressor.recipes import load_recipe
 
     progress = progress or Progress()
     recipe = load_recipe(recipe_path)
+    names = recipe.stage_names()
     for stage in recipe.stages:  # every stage's settings, before any work
-        make_methods(stage.spec.method, stage.spec.options, stage.kind)
+        if stage.kind in ("prune", "quantize"):
+            make_methods(stage.spec.method, stage.spec.options, stage.kind)
+        elif stage.kind == "pack":
+            _pack_config(stage.spec.options)
+    if resume and restart:
+        raise CompressorError("--resume and --restart contradict each other",
+                              "pass --resume to continue the interrupted run or --restart to discard it")
     check_device(device)
     out = Path(out)
-    path = resolve_model_path(model, progress.log)
-    check_output(out, overwrite=overwrite, sources=[path], needs_bytes=source_bytes(path) * 3 // 2)
-    source, results = model, []
-    for index, stage in enumerate(recipe.stages):
-        last = index == len(recipe.stages) - 1
-        target = out if last else out.with_name(f".{out.name}.stages") / f"{index:02d}-{stage.kind}"
-        spec = stage.spec
-        if resume and not last and (target / "manifest.json").is_file():
-            progress.log(f"stage {index + 1}/{len(recipe.stages)} finished before; reusing {target}")
-            source = str(target)
-            continue
-        progress.log(f"stage {index + 1}/{len(recipe.stages)}: {stage.kind} {spec.method}")
+    source = resolve_model_path(model, progress.log)
+    if not out.exists():
+        check_output(out, overwrite=False, sources=[source], needs_bytes=source_bytes(source) * 2)
+    state = _recipe_state(out, recipe, names, str(source), overwrite, resume, restart)
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(out / RECIPE_STATE, json.dumps(state, indent=2, default=str).encode())
+    current, made, eval_settings = model, [], None
+    for index, (stage, name) in enumerate(zip(recipe.stages, names)):
+        spec, target = stage.spec, out / name
+        if stage.kind == "eval":
+            eval_settings = spec
+        if name in state["done"]:
+            progress.log(f"stage {index + 1}/{len(names)} {name}: finished before")
+        else:
+            progress.log(f"stage {index + 1}/{len(names)} {name}")
+            result = _run_stage(stage, target, current, model, made, eval_settings, out, calib=calib, device=device,
+                                resume=resume, allow_pickle=allow_pickle, verify=verify, progress=progress)
+            state["done"][name] = result
+            write_atomic(out / RECIPE_STATE, json.dumps(state, indent=2, default=str).encode())
+        if stage.makes_artifact:
+            current = str(target)
+            made.append(current)
+    return {"recipe": recipe.name, "output": str(out), "stages": state["done"], "artifact": current}
+
+
+def _recipe_state(out: Path, recipe, names: list[str], source: str, overwrite: bool, resume: bool,
+                  restart: bool) -> dict:
+    """The recipe run's state file: a new one, or the interrupted one to resume; an existing
+    finished run is replaced only with --overwrite, and a directory we did not write never."""
+    fresh = {"tool": "compressor", "recipe": recipe.model_dump(mode="json"), "source": source,
+             "stages": names, "done": {}}
+    state_file = out / RECIPE_STATE
+    if not out.exists():
+        if resume:
+            raise CompressorError(f"no interrupted recipe run to resume at {out}", "drop --resume to start one")
+        return fresh
+    try:
+        state = json.loads(state_file.read_text())
+    except (OSError, ValueError):
+        state = None
+    if not isinstance(state, dict) or state.get("tool") != "compressor":
+        check_output(out, overwrite=overwrite)  # the same rules as any output: refused unless ours
+        return fresh
+    finished = set(state.get("done", {})) >= set(state.get("stages", []))
+    if resume:
+        if state.get("recipe") != fresh["recipe"] or state.get("source") != source:
+            raise CompressorError(f"the recipe run in {out} was started with another recipe or model",
+                                  "rerun with the original ones, or pass --restart to discard it")
+        return state
+    if not (restart or (finished and overwrite)):
+        raise CompressorError(
+            f"{'a finished' if finished else 'an interrupted'} recipe run exists at {out}",
+            "pass --overwrite to replace it" if finished else "pass --resume to continue it or --restart to discard it")
+    for name in state.get("stages", []):  # only what that run wrote
+        entry = out / name
+        if is_safe_name(name) and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        for extra in (out / f"{name}.json", run_directory_for(entry)):
+            if is_safe_name(name) and extra.is_file():
+                extra.unlink()
+            elif is_safe_name(name) and extra.is_dir():
+                shutil.rmtree(extra)
+    return fresh
+
+
+def _run_stage(stage, target: Path, current: str, source: str, made: list[str], eval_settings, out: Path, *,
+               calib: str | None, device: str, resume: bool, allow_pickle: bool, verify: bool,
+               progress: Progress) -> dict:
+    spec = stage.spec
+    if stage.kind in ("prune", "quantize"):
         cal = spec.calib
         interrupted = (run_directory_for(target) / "run.json").is_file()
-        results.append(compress(source, spec.method, target, spec.options, command=stage.kind, calib=calib or cal.data,
-                                samples=cal.samples, seq_len=cal.seq_len, seed=cal.seed, text_field=cal.text_field,
-                                chat_template=cal.chat_template, batch_size=cal.batch_size, device=device,
-                                overwrite=overwrite or not last, resume=resume and interrupted,
-                                restart=restart and interrupted, allow_pickle=allow_pickle, verify=verify,
-                                progress=progress))
-        source = str(target)
-    shutil.rmtree(out.with_name(f".{out.name}.stages"), ignore_errors=True)
-    return {"recipe": recipe.name, "output": str(out), "stages": results}
+        return compress(current, spec.method, target, spec.options, command=stage.kind, calib=calib or cal.data,
+                        samples=cal.samples, seq_len=cal.seq_len, seed=cal.seed, text_field=cal.text_field,
+                        chat_template=cal.chat_template, batch_size=cal.batch_size, device=device, overwrite=True,
+                        resume=resume and interrupted, restart=not (resume and interrupted) and interrupted,
+                        allow_pickle=allow_pickle, verify=verify, progress=progress)
+    if stage.kind == "pack":
+        return pack(current, target, dtype=spec.dtype, options=spec.options, overwrite=True, verify=verify,
+                    progress=progress)
+    from compressor.evaluation.suite import EvalCache, SuiteSettings, evaluate_all
+    from compressor.recipes import EvalStage
+
+    evaluation = eval_settings or EvalStage()  # a report without an eval stage uses the defaults
+    settings = SuiteSettings(tuple(evaluation.texts), evaluation.windows, evaluation.window_len,
+                             tuple(evaluation.tasks), evaluation.limit, evaluation.batch_size, device)
+    cache = out / ".eval-cache"
+    if stage.kind == "eval":
+        # The recipe made `current` from `source` through its earlier stages: no lineage check needed.
+        base, (candidate,) = evaluate_all([current], source, settings, EvalCache(cache), True, progress)
+        if candidate.error:
+            raise CompressorError(f"cannot evaluate {current}: {candidate.error}", "rebuild that stage's artifact")
+        result = {"model": current, "base": source, "settings": settings.key(), "result": candidate.result,
+                  "base_result": base.result}
+        write_atomic(target.with_name(target.name + ".json"), json.dumps(result, indent=1, default=str).encode())
+        return {"output": str(target.with_name(target.name + ".json"))}
+    return report(made or [current], source, target, texts=settings.texts, windows=settings.windows,
+                  window_len=settings.window_len, tasks=settings.tasks, limit=settings.limit,
+                  batch_size=settings.batch_size, device=device, cache=cache, title=spec.title, overwrite=True,
+                  progress=progress)
 
 
 # ---------------------------------------------------------------- evaluate
@@ -349,8 +420,12 @@ def evaluate(model: str, base: str | None = None, data: str = "wiki", windows: i
     for ref in (model, base):  # both exist before either is loaded
         if ref is not None:
             resolve_model_path(ref, progress.log)
-    candidate = load(model, allow_pickle=allow_pickle, progress=progress, verify=verify, device=device)
-    reference = load(base, allow_pickle=allow_pickle, progress=progress, verify=verify) if base else None
+    from compressor.formats.universal import open_model
+
+    candidate = open_model(model, allow_pickle=allow_pickle, device=device, verify=verify, log=progress.log,
+                           warn=progress.warn)
+    reference = (open_model(base, allow_pickle=allow_pickle, verify=verify, log=progress.log,
+                            warn=progress.warn) if base else None)
     tokenizer = candidate.tokenizer or (reference.tokenizer if reference else None)
     if reference is not None and candidate.model.config.vocab_size != reference.model.config.vocab_size:
         raise CompressorError(
@@ -372,6 +447,98 @@ def evaluate(model: str, base: str | None = None, data: str = "wiki", windows: i
     if reference is not None:
         out.update({"kl": row["kl"], "base_ppl": results["base"]["ppl"]})
     return out
+
+
+def evaluate_tasks(model: str, tasks: list[str], *, limit: float | None = None, num_fewshot: int | None = None,
+                   device: str = "cpu", batch_size: int = 1, add_bos_token: bool | None = None,
+                   chat_template: bool = False, verify: bool = True, progress: Progress | None = None) -> dict:
+    """lm-eval tasks (local or any whose data is available offline) on any artifact, in-process."""
+    from compressor.evaluation.lm_eval_bridge import run_tasks
+
+    started = time.perf_counter()
+    device = check_device(device)
+    resolve_model_path(model)
+    result = run_tasks(model, tasks, limit=limit, num_fewshot=num_fewshot, device=device, batch_size=batch_size,
+                       add_bos_token=add_bos_token, apply_chat_template=chat_template, verify=verify,
+                       progress=progress)
+    return {"model": str(model), **result, "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
+
+
+def report(artifacts_: list[str], base: str, out: str | Path, *, texts: tuple[str, ...] = ("wiki", "austen"),
+           windows: int = 64, window_len: int = 512, tasks: tuple[str, ...] = (), limit: float | None = None,
+           batch_size: int = 4, device: str = "cpu", allow_mixed_base: bool = False, cache: str | Path | None = None,
+           title: str | None = None, overwrite: bool = False, bench: list[str | Path] = (),
+           progress: Progress | None = None) -> dict:
+    """Evaluate candidates against a base (cached by content hash) and write report.md + report.html.
+
+    Candidates that cannot be read are named in the report and in the error raised after it is
+    written; the others are still reported."""
+    from compressor.evaluation.suite import EvalCache, SuiteSettings, evaluate_all
+    from compressor.reporting import render
+    from compressor.outputs import atomic_dir
+    from compressor.reporting.compare import build_page
+
+    progress = progress or Progress()
+    started = time.perf_counter()
+    if not artifacts_:
+        raise CompressorError("no artifacts to report on", "pass one or more artifact paths")
+    if batch_size < 1 or windows < 1:
+        raise CompressorError("--batch-size and --windows must be at least 1", "raise them")
+    out = Path(out)
+    device = check_device(device)
+    _check_report_output(out, overwrite)
+    settings = SuiteSettings(tuple(texts), windows, window_len, tuple(tasks), limit, batch_size, device)
+    base_c, candidates = evaluate_all(list(artifacts_), base, settings, EvalCache(cache), allow_mixed_base, progress)
+    page = build_page(base_c, candidates, settings, title, [_read_json(p, "bench result") for p in bench])
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        written = render.write(page, tmp)
+        data = {"base": base_c.ref, "settings": settings.key(),
+                "rows": [{"ref": c.ref, "identity": c.identity, "error": c.error, "flags": c.flags,
+                          "cached": c.cached, "result": c.result} for c in [base_c, *candidates]]}
+        (tmp / "report.json").write_text(json.dumps(data, indent=1, default=str) + "\n")
+    evaluated = sum(1 for c in [base_c, *candidates] if c.result is not None and not c.cached)
+    result = {"output": str(out), "report": str(out / "report.md"), "html": str(out / "report.html"),
+              "figures": len(written["figures"]), "candidates": len(candidates), "evaluated": evaluated,
+              "cached": sum(1 for c in [base_c, *candidates] if c.cached), "wall_s": time.perf_counter() - started}
+    failed = [c for c in candidates if c.error]
+    if failed:
+        names = "; ".join(f"{c.ref}: {c.error}" for c in failed)
+        raise CompressorError(f"report written to {out} without {len(failed)} of {len(candidates)} artifacts "
+                              f"({names})", "fix or remove the named artifacts and rerun (evaluations are cached)")
+    return result
+
+
+def _read_json(path: str | Path, what: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CompressorError(f"cannot read {what} {path} ({exc})", "pass the JSON `compress bench --json` printed")
+    if not isinstance(data, dict):
+        raise CompressorError(f"{what} {path} is not a JSON object", "pass the JSON `compress bench --json` printed")
+    return data
+
+
+REPORT_ENTRIES = {"report.md", "report.html", "report.json", "report_files"}
+
+
+def _check_report_output(out: Path, overwrite: bool) -> None:
+    """A report directory `compress report` wrote may be replaced with --overwrite; anything else
+    goes through the artifact output checks."""
+    if overwrite and out.is_dir() and not out.is_symlink() and (out / "report.json").is_file() \
+            and {p.name for p in out.iterdir()} <= REPORT_ENTRIES:
+        return
+    check_output(out, overwrite=overwrite, kind="report")
+
+
+def publish(results: str | Path, out: str | Path) -> dict:
+    """reports/index.md and reports/index.html from the committed benchmark results."""
+    from compressor.reporting import render
+    from compressor.reporting.published import build_index
+
+    page = build_index(Path(results))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    written = render.write(page, Path(out), stem="index")
+    return {**written, "sections": [s.title for s in page.sections], "rows": sum(len(s.rows) for s in page.sections)}
 
 
 def _size_on_disk(path: Path) -> int:
@@ -453,12 +620,23 @@ def verify(path: str | Path) -> dict:
 
 # ---------------------------------------------------------------- lossless packing
 
+def _pack_config(options: dict[str, Any] | None):
+    from compressor.codecs.dfloat import PackConfig
+
+    try:
+        return PackConfig(**{k: v for k, v in (options or {}).items() if v is not None})
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise CompressorError(f"invalid pack option {'.'.join(map(str, first['loc']))}: {first['msg']}",
+                              "see `compress pack --help`") from None
+
+
 def pack(model: str | Path, out: str | Path, *, dtype: str | None = None, options: dict[str, Any] | None = None,
-         overwrite: bool = False, check: bool = True, verify: bool = True) -> dict:
+         overwrite: bool = False, check: bool = True, verify: bool = True,
+         progress: Progress | None = None) -> dict:
     """Entropy-code a model's (or a quantized artifact's) tensors losslessly into a packed artifact."""
     from compressor.formats import packed
-    from compressor.methods.lossless import native
-    from compressor.methods.lossless.dfloat import PackConfig
+    from compressor.codecs import native
     from compressor.models.loading import parse_dtype, source_hash
 
     path = resolve_model_path(model)
@@ -467,23 +645,18 @@ def pack(model: str | Path, out: str | Path, *, dtype: str | None = None, option
                               "convert it first (e.g. `compress assets fetch` for the reference models)")
     if verify and (path / manifests.MANIFEST).is_file() and not packed.is_packed(path):
         manifests.check(path)  # never pack (and so bless) a tampered artifact
-    try:
-        config = PackConfig(**{k: v for k, v in (options or {}).items() if v is not None})
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        raise CompressorError(f"invalid pack option {'.'.join(map(str, first['loc']))}: {first['msg']}",
-                              "see `compress pack --help`") from None
+    config = _pack_config(options)
     cast = None if dtype in (None, "keep") else parse_dtype(dtype)
     check_output(Path(out), overwrite=overwrite, sources=[path])  # before hashing the source
     result = packed.pack(path, Path(out), config, cast, overwrite=overwrite, check=check,
-                         source={"path": str(path), "hash": source_hash(path)})
+                         source={"path": str(path), "hash": source_hash(path)}, progress=progress)
     return {**{k: v for k, v in result.items() if k != "files"}, "codec": native.status()}
 
 
 def unpack(packed_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> dict:
     """Rebuild the original tensors of a packed artifact, byte for byte (sha256 checked)."""
     from compressor.formats import packed
-    from compressor.methods.lossless import native
+    from compressor.codecs import native
 
     return {**packed.unpack(Path(packed_dir), Path(out), overwrite=overwrite), "codec": native.status()}
 
@@ -495,7 +668,7 @@ def bench(artifact: str, device: str = "auto", batches: tuple[int, ...] = (1, 16
     """Prefill and decode tokens/s and peak memory of an artifact through the loader `eval` uses,
     beside a dense base in the same run (default: the artifact's own weights dequantized)."""
     from compressor.evaluation.speed import measure
-    from compressor.models.quant_runtime import kernel_summary
+    from compressor.formats.quant_runtime import kernel_summary
 
     progress = progress or Progress()
     target = _bench_device(device)

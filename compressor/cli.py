@@ -13,9 +13,9 @@ from rich.console import Console
 from rich.table import Table
 
 from compressor import __version__
-from compressor.cli_options import collect, with_method_options
+from compressor.cli_options import calibration, collect, with_method_options
 from compressor.errors import CompressorError
-from compressor.pipeline.progress import Progress, RichProgress
+from compressor.progress import Progress, for_terminal
 
 
 def _conventional_help() -> None:
@@ -72,7 +72,7 @@ def main_options(
 
 
 def _progress() -> Progress:
-    return Progress() if (OPTS.json or OPTS.quiet) else RichProgress()
+    return Progress() if (OPTS.json or OPTS.quiet) else for_terminal()
 
 
 JSON_OPTION = typer.Option(False, "--json", help="Print machine-readable JSON only (also accepted before the command).")
@@ -101,13 +101,7 @@ NO_VERIFY_OPTION = typer.Option(False, "--no-verify",
                                 help="Skip checking a compressor artifact against its manifest on load.")
 
 # Calibration options shared by every command that calibrates.
-CALIB_OPTION = typer.Option("wiki", "--calib", help="Calibration data: file, saved dataset or 'wiki'.")
-SAMPLES_OPTION = typer.Option(128, "--samples", help="Calibration samples.")
-SEQ_LEN_OPTION = typer.Option(512, "--seq-len", help="Tokens per calibration sample.")
-SEED_OPTION = typer.Option(0, "--seed", help="Seed for choosing calibration samples.")
 TEXT_FIELD_OPTION = typer.Option("text", "--text-field", help="Text column of jsonl/parquet/dataset data.")
-CHAT_TEMPLATE_OPTION = typer.Option(False, "--chat-template", help="Render calibration text as chats.")
-BATCH_SIZE_OPTION = typer.Option(8, "--batch-size", help="Calibration samples per forward pass.")
 
 
 def _fail(message: str, hint: str | None = None, exit_code: int = 2) -> None:
@@ -188,14 +182,7 @@ def _methods_command(name: str, default_method: str, method_help: str, doc: str)
         model: str = typer.Argument(..., help="HF model directory, .gguf file or reference name (smollm2-135m)."),
         output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
         method: str = typer.Option(default_method, "--method", "-m", help=method_help),
-        calib: str = CALIB_OPTION,
-        samples: int = SAMPLES_OPTION,
-        seq_len: int = SEQ_LEN_OPTION,
-        seed: int = SEED_OPTION,
-        text_field: str = TEXT_FIELD_OPTION,
-        chat_template: bool = CHAT_TEMPLATE_OPTION,
         device: str = DEVICE_OPTION,
-        batch_size: int = BATCH_SIZE_OPTION,
         dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32, bfloat16, float16."),
         hessian_dtype: str = typer.Option("float32", "--hessian-dtype",
                                           help="Hessian accumulation: float32 or float64."),
@@ -208,24 +195,25 @@ def _methods_command(name: str, default_method: str, method_help: str, doc: str)
                                    help="Choose a format per linear under --target-bits, --max-kl or "
                                         "--max-ppl-increase, with the list's quantizer (gptq, rtn) as the base."),
         json_out: bool = JSON_OPTION,
-        **method_options: Any,
+        **options: Any,
     ) -> None:
         from compressor import api
         from compressor.models.loading import parse_dtype
 
         def action():
             run = api.prune if name == "prune" else api.quantize
-            settings = dict(calib=calib, samples=samples, seq_len=seq_len, seed=seed, text_field=text_field,
-                            chat_template=chat_template, device=device, batch_size=batch_size,
-                            dtype=parse_dtype(dtype), hessian_dtype=parse_dtype(hessian_dtype), overwrite=overwrite,
+            cal = calibration(options)
+            settings = dict(calib=cal.data, samples=cal.samples, seq_len=cal.seq_len, seed=cal.seed,
+                            text_field=cal.text_field, chat_template=cal.chat_template, device=device,
+                            batch_size=cal.batch_size, dtype=parse_dtype(dtype), hessian_dtype=parse_dtype(hessian_dtype), overwrite=overwrite,
                             resume=resume, restart=restart, allow_pickle=allow_pickle, verify=not no_verify,
                             progress=_progress())
-            options = collect(method_options)
+            method_options = collect(options)
             if name == "prune":
                 if mixed:
                     raise CompressorError("--mixed is a quantize option", "drop it, or quantize after pruning")
-                return run(model, method, output, None, options, **settings)
-            return run(model, method, output, options, mixed=mixed, **settings)
+                return run(model, method, output, method_options.pop("sparsity", None), method_options, **settings)
+            return run(model, method, output, method_options, mixed=mixed, **settings)
 
         _run(action, lambda r: _kv_table(f"wrote {r['output']}", r), json_out)
 
@@ -249,21 +237,14 @@ def sensitivity_cmd(
                                                               "`quantize --mixed --sensitivity DIR`)."),
     method: str = typer.Option("gptq", "--method", "-m", help="The base quantizer, or a list ending in one "
                                                                "(gptq, rtn, awq+gptq)."),
-    calib: str = CALIB_OPTION,
-    samples: int = SAMPLES_OPTION,
-    seq_len: int = SEQ_LEN_OPTION,
-    seed: int = SEED_OPTION,
-    text_field: str = TEXT_FIELD_OPTION,
-    chat_template: bool = CHAT_TEMPLATE_OPTION,
     device: str = DEVICE_OPTION,
-    batch_size: int = BATCH_SIZE_OPTION,
     dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32, bfloat16, float16."),
     hessian_dtype: str = typer.Option("float32", "--hessian-dtype", help="Hessian accumulation: float32 or float64."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing sensitivity directory."),
     allow_pickle: bool = ALLOW_PICKLE_OPTION,
     no_verify: bool = NO_VERIFY_OPTION,
     json_out: bool = JSON_OPTION,
-    **method_options: Any,
+    **options: Any,
 ) -> None:
     """Loss estimate of every linear in every candidate format (one calibration pass): JSON, a PNG
     heatmap, and the most sensitive linears."""
@@ -271,9 +252,11 @@ def sensitivity_cmd(
     from compressor.models.loading import parse_dtype
 
     def action():
-        return api.sensitivity(model, method, output, collect(method_options), calib=calib, samples=samples,
-                               seq_len=seq_len, seed=seed, text_field=text_field, chat_template=chat_template,
-                               device=device, batch_size=batch_size, dtype=parse_dtype(dtype),
+        cal = calibration(options)
+        return api.sensitivity(model, method, output, collect(options), calib=cal.data, samples=cal.samples,
+                               seq_len=cal.seq_len, seed=cal.seed, text_field=cal.text_field,
+                               chat_template=cal.chat_template, device=device, batch_size=cal.batch_size,
+                               dtype=parse_dtype(dtype),
                                hessian_dtype=parse_dtype(hessian_dtype), overwrite=overwrite,
                                allow_pickle=allow_pickle, verify=not no_verify, progress=_progress())
 
@@ -300,25 +283,28 @@ app.command("sensitivity")(with_method_options(sensitivity_cmd))
 def run_cmd(
     recipe: str = typer.Argument(..., help=f"A shipped recipe ({', '.join(_shipped_recipes())}) or a recipe YAML file."),
     model: str = typer.Argument(..., help="HF model directory, .gguf file or reference name."),
-    output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
+    output: Path = typer.Option(..., "-o", "--output", help="Directory for every stage's output (01-quantize/, ...)."),
     calib: Optional[str] = typer.Option(None, "--calib", help="Calibration data for every stage (overrides the recipe)."),
-    device: str = typer.Option("cpu", "--device", help="Compute device."),
-    overwrite: bool = OVERWRITE_OPTION,
-    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run."),
-    restart: bool = typer.Option(False, "--restart", help="Discard an interrupted run and start again."),
+    device: str = DEVICE_OPTION,
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace a finished run of a recipe in this directory."),
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted run after its last finished stage."),
+    restart: bool = RESTART_OPTION,
     allow_pickle: bool = ALLOW_PICKLE_OPTION,
     no_verify: bool = NO_VERIFY_OPTION,
     json_out: bool = JSON_OPTION,
 ) -> None:
-    """Run a recipe: its stages in order, from MODEL to the artifact OUT."""
+    """Run a recipe: its stages in order from MODEL, each stage's output under OUTPUT."""
     from compressor import api
 
     def render(r):
-        _kv_table(f"recipe {r['recipe']}: wrote {r['output']}", r["stages"][-1])
+        table = Table("stage", "output", title=f"recipe {r['recipe']}: {r['output']}")
+        for name, result in r["stages"].items():
+            table.add_row(name, str(result.get("report") or result.get("output", "")))
+        console.print(table)
 
     _run(lambda: api.run_recipe(recipe, model, output, calib=calib, device=device, overwrite=overwrite,
                                 resume=resume, restart=restart, allow_pickle=allow_pickle, verify=not no_verify,
-                            progress=_progress()),
+                                progress=_progress()),
          render, json_out)
 
 
@@ -326,24 +312,38 @@ def run_cmd(
 
 @app.command("eval")
 def eval_cmd(
-    model: str = typer.Argument(..., help="Artifact, HF directory, .gguf file or reference name."),
+    model: str = typer.Argument(..., help="Artifact (quantized, pruned, packed), HF directory, .gguf file, "
+                                          "compressed-tensors checkpoint or reference name."),
     base: Optional[str] = typer.Option(None, "--base", help="Base model for per-token KL."),
-    data: str = typer.Option("wiki", "--data", help="Held-out text: file, saved dataset or 'wiki'."),
+    data: str = typer.Option("wiki", "--data", help="Held-out text: file, saved dataset, 'wiki' or 'austen'."),
     windows: int = typer.Option(64, "--windows", help="Number of non-overlapping windows."),
     window_len: int = typer.Option(512, "--window-len", help="Tokens per window."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Windows (or lm-eval requests) per forward pass."),
     device: str = typer.Option("cpu", "--device", help="Device to evaluate on."),
     text_field: str = TEXT_FIELD_OPTION,
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-eval tasks instead of perplexity, comma-separated "
+                                        "(local: compressor_wiki_cloze, compressor_wiki_ppl, compressor_austen_ppl)."),
+    limit: Optional[float] = typer.Option(None, "--limit", help="lm-eval: documents per task (a fraction if < 1)."),
+    num_fewshot: Optional[int] = typer.Option(None, "--num-fewshot", help="lm-eval: few-shot examples."),
+    bos: Optional[bool] = typer.Option(None, "--bos/--no-bos", help="lm-eval: prepend BOS (default: as the "
+                                       "tokenizer does; recorded with the results)."),
+    chat_template: bool = typer.Option(False, "--chat-template", help="lm-eval: render prompts with the chat template."),
     report: Optional[Path] = typer.Option(None, "--report", help="Also write a Markdown report here."),
     allow_pickle: bool = ALLOW_PICKLE_OPTION,
     no_verify: bool = NO_VERIFY_OPTION,
     json_out: bool = JSON_OPTION,
 ) -> None:
-    """Perplexity on held-out text, and per-token KL to a base model."""
+    """Perplexity on held-out text and per-token KL to a base model, or lm-eval tasks (--tasks)."""
     from compressor import api
     from compressor.outputs import report_path
 
     def action():
+        if tasks is not None:
+            names = [t.strip() for t in tasks.split(",") if t.strip()]
+            limit_n = int(limit) if limit is not None and limit >= 1 else limit
+            return api.evaluate_tasks(model, names, limit=limit_n, num_fewshot=num_fewshot, device=device,
+                                      batch_size=batch_size, add_bos_token=bos, chat_template=chat_template,
+                                      verify=not no_verify, progress=_progress())
         if report is not None:
             report_path(report)  # before the evaluation, not after it
         result = api.evaluate(model, base, data, windows, window_len, batch_size, device, text_field,
@@ -354,7 +354,75 @@ def eval_cmd(
             result["report"] = str(write_eval_report(report, result, api.inspect(model)))
         return result
 
-    _run(action, lambda r: _kv_table(f"evaluation of {model}", r), json_out)
+    def render(r):
+        if "tasks" not in r:
+            return _kv_table(f"evaluation of {model}", r)
+        table = Table("task", "metric", "value", "stderr", "samples", title=f"lm-eval on {model}")
+        for task, metrics in r["tasks"].items():
+            for metric, value in metrics.items():
+                if metric.endswith("_stderr") or metric in ("samples", "data") or value is None:
+                    continue
+                stderr = metrics.get(f"{metric}_stderr")
+                table.add_row(task, metric, f"{value:.4f}", f"{stderr:.4f}" if isinstance(stderr, float) else "-",
+                              str(metrics.get("samples")))
+        console.print(table)
+        s = r["settings"]
+        console.print(f"BOS {'prepended' if s['add_bos_token'] else 'not prepended'} (from {s['bos_from']}), "
+                      f"chat template {'applied' if s['chat_template'] else 'not applied'}, lm-eval {s['lm_eval_version']}")
+
+    _run(action, render, json_out)
+
+
+# ---------------------------------------------------------------- report
+
+@app.command("report")
+def report_cmd(
+    artifacts: list[str] = typer.Argument(..., help="Artifacts and checkpoints to compare (any kind eval takes)."),
+    base: str = typer.Option(..., "--base", help="The base model every candidate is compared with."),
+    output: Path = typer.Option(..., "-o", "--output", help="Directory for report.md, report.html and figures."),
+    texts: str = typer.Option("wiki,austen", "--texts", help="Held-out texts for perplexity and KL, comma-separated."),
+    windows: int = typer.Option(64, "--windows", help="Windows per text."),
+    window_len: int = typer.Option(512, "--window-len", help="Tokens per window."),
+    tasks: Optional[str] = typer.Option(None, "--tasks", help="lm-eval tasks too, comma-separated."),
+    limit: Optional[float] = typer.Option(None, "--limit", help="lm-eval: documents per task."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Windows per forward pass."),
+    device: str = typer.Option("cpu", "--device", help="Device to evaluate on."),
+    allow_mixed_base: bool = typer.Option(False, "--allow-mixed-base",
+                                          help="Allow candidates of other base models (flagged in the report)."),
+    cache: Optional[Path] = typer.Option(None, "--cache", help="Evaluation cache (default: the asset cache)."),
+    title: Optional[str] = typer.Option(None, "--title", help="Report title."),
+    bench: list[Path] = typer.Option([], "--bench", help="`compress bench --json` output to show as speed "
+                                     "(repeatable; matched to candidates by path)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing output directory."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Compare artifacts against a base: tables with deltas, Pareto plot, per-layer maps, provenance."""
+    from compressor import api
+
+    def action():
+        names = [t.strip() for t in (tasks or "").split(",") if t.strip()]
+        limit_n = int(limit) if limit is not None and limit >= 1 else limit
+        return api.report(artifacts, base, output, texts=tuple(t.strip() for t in texts.split(",") if t.strip()),
+                          windows=windows, window_len=window_len, tasks=tuple(names), limit=limit_n,
+                          batch_size=batch_size, device=device, allow_mixed_base=allow_mixed_base, cache=cache,
+                          title=title, overwrite=overwrite, bench=bench, progress=_progress())
+
+    _run(action, lambda r: console.print(f"[green]wrote[/green] {r['report']} and {r['html']} "
+                                         f"({r['evaluated']} evaluated, {r['cached']} from cache, "
+                                         f"{r['wall_s']:.1f} s)"), json_out)
+
+
+@app.command("publish")
+def publish_cmd(
+    results: Path = typer.Argument(Path("benchmarks/results"), help="Directory of benchmark results (*.json)."),
+    output: Path = typer.Option(Path("reports"), "-o", "--output", help="Where index.md and index.html go."),
+    json_out: bool = JSON_OPTION,
+) -> None:
+    """Regenerate the published comparison (index.md, index.html) from committed benchmark results."""
+    from compressor import api
+
+    _run(lambda: api.publish(results, output),
+         lambda r: console.print(f"[green]wrote[/green] {r['markdown']} and {r['html']} ({r['rows']} rows)"), json_out)
 
 
 # ---------------------------------------------------------------- inspect / verify
@@ -464,7 +532,7 @@ def pack(
 
     options = {"lanes": lanes, "steps": steps, "table_log": table_log}
     _run(lambda: api.pack(model, output, dtype=dtype, options=options, overwrite=overwrite, check=check,
-                          verify=not no_verify),
+                          verify=not no_verify, progress=_progress()),
          lambda r: _kv_table(f"wrote {r['output']}", r), json_out)
 
 

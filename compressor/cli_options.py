@@ -113,12 +113,34 @@ def collect(values: dict[str, Any]) -> dict[str, Any]:
     return options
 
 
+def calibration_parameters() -> list[inspect.Parameter]:
+    """The calibration settings (recipes' `calib`) as typer options with their defaults."""
+    from compressor.recipes import CalibSpec
+
+    params = []
+    for field, info in CalibSpec.model_fields.items():
+        extra = info.json_schema_extra if isinstance(info.json_schema_extra, dict) else {}
+        decl = extra.get("flag") or f"--{field.replace('_', '-')}"
+        kind = _base_type(info.annotation)
+        help_text = info.description[0].upper() + info.description[1:] + "."
+        params.append(inspect.Parameter(field, inspect.Parameter.KEYWORD_ONLY, annotation=kind,
+                                        default=typer.Option(info.default, decl, help=help_text)))
+    return params
+
+
+def calibration(values: dict[str, Any]):
+    """The calibration settings a command received (checked where they are used, as in recipes)."""
+    from compressor.recipes import CalibSpec
+
+    return CalibSpec.model_construct(**{k: values[k] for k in CalibSpec.model_fields if k in values})
+
+
 def with_method_options(command: Callable[..., None]) -> Callable[..., None]:
-    """Give a command function the method options (typer reads its signature); the function
-    receives them as keyword arguments, to be passed through `collect`."""
+    """Give a command function the calibration and method options (typer reads its signature);
+    the function receives them as keyword arguments, read back with `calibration` and `collect`."""
     signature = inspect.signature(command)
     own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
     taken = {p.name for p in own}
-    extra = [p for p in method_parameters() if p.name not in taken] + [OPT_PARAMETER]
+    extra = [p for p in calibration_parameters() + method_parameters() if p.name not in taken] + [OPT_PARAMETER]
     command.__signature__ = signature.replace(parameters=own + extra)
     return command

@@ -67,6 +67,16 @@ def artifact_contents(loaded: LoadedModel, methods: list[Method], block_meta: li
     return config, dict(sorted(tensors.items())), metrics
 
 
+def check_formats(methods: list[Method]) -> None:
+    """Before any work: the quantizer's format is known and its library is installed."""
+    from compressor.formats import ct_config
+
+    quantizer = next((m for m in methods if m.produces == "weights"), None)
+    if quantizer is not None:
+        quantized.writer_for(quantizer.export())
+        ct_config.library()
+
+
 def artifact_kind(methods: list[Method]) -> str:
     return "quantized" if any(m.produces == "weights" for m in methods) else "pruned"
 

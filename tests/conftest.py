@@ -124,3 +124,35 @@ def jsonl_file(tmp_path_factory) -> Path:
         for i in range(60):
             f.write(json.dumps({"text": make_text(300, seed=100 + i)}) + "\n")
     return path
+
+
+@pytest.fixture
+def without_compressed_tensors(monkeypatch):
+    """As on a host where compressed-tensors is not installed: importing it fails."""
+    import sys
+
+    from compressor.formats import activations, bitpack
+
+    for name in [n for n in sys.modules if n == "compressed_tensors" or n.startswith("compressed_tensors.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    monkeypatch.setitem(sys.modules, "compressed_tensors", None)
+    bitpack._library_unpack.cache_clear()
+    activations._library.cache_clear()
+    yield
+    bitpack._library_unpack.cache_clear()
+    activations._library.cache_clear()
+
+
+@pytest.fixture
+def fake_wiki(tmp_path, monkeypatch):
+    """A `wiki` asset already in a per-test cache (slow tests too): synthetic articles, nothing downloaded."""
+    from compressor.models import assets
+
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+    root = assets.text_dir("wiki")
+    root.mkdir(parents=True)
+    docs = [{"title": f"article {i}", "text": make_text(150, seed=500 + i)} for i in range(40)]
+    for split in ("calib", "eval"):
+        (root / f"{split}.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (root / "meta.json").write_text(json.dumps({"name": "wiki", "splits": {}}))
+    return root

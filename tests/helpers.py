@@ -1,4 +1,4 @@
-"""Helpers shared by the CLI tests."""
+"""Helpers shared by the tests."""
 
 from __future__ import annotations
 
@@ -65,3 +65,39 @@ def leftovers(out: Path) -> list[str]:
     """Temporary siblings an artifact write may leave behind (there must be none)."""
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f"{out.name}.tmp-")
                   or p.name.startswith(f"{out.name}.old-"))
+
+
+# The fault is injected here, in the test's own subprocess, never by a hook in production code:
+# block `kill_after` is saved, then the process SIGKILLs itself.
+_KILLABLE_SCRIPT = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+{setup}
+from compressor import api
+from compressor.pipeline.checkpoint import RunDirectory
+kill_after = {kill_after!r}
+if kill_after is not None:
+    save_block = RunDirectory.save_block
+    def save_then_die(self, index, *args, **kwargs):
+        save_block(self, index, *args, **kwargs)
+        if index == kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+    RunDirectory.save_block = save_then_die
+api.{command}(*{args!r}, **{kwargs!r})
+"""
+
+
+def api_in_subprocess(command: str, *args, kill_after: int | None = None, setup: str = "",
+                      **kwargs) -> subprocess.CompletedProcess:
+    """`api.<command>(*args, **kwargs)` in a fresh process that SIGKILLs itself after saving block
+    `kill_after` (paths are passed as strings)."""
+    args = tuple(str(a) if isinstance(a, Path) else a for a in args)
+    kwargs = {k: str(v) if isinstance(v, Path) else v for k, v in kwargs.items()}
+    code = _KILLABLE_SCRIPT.format(tests=str(Path(__file__).parent), setup=setup, kill_after=kill_after,
+                                   command=command, args=args, kwargs=kwargs)
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+
+
+def artifact_files(directory: Path) -> dict[str, bytes]:
+    """Every file of an artifact except build.json (when and where it was built)."""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name != "build.json"}

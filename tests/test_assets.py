@@ -84,9 +84,11 @@ def test_other_release_is_not_taken_for_the_pinned_one(local_index):
 
 def test_reference_assets_are_pinned():
     items = [p for a in assets.MODEL_ASSETS.values() for p in a.parts] + [t.source for t in
-                                                                         assets.TEXT_ASSETS.values()]
+                                                                         assets.TEXT_ASSETS.values() if t.source]
     for item in items:
         assert item.version and len(item.wheel_sha256) == 64, item
+    for item in (f for t in assets.TEXT_ASSETS.values() for f in t.debian):  # Debian files: pinned by content
+        assert len(item.sha256) == 64, item
     for asset in assets.MODEL_ASSETS.values():
         assert len(asset.gguf_sha256) == 64
 
@@ -108,6 +110,58 @@ def test_installed_package_is_read_in_place():
     item = assets.PackageFile("pytest", "_pytest", "__init__.py", "any", "0" * 64, _sha(source))
     path = assets.locate(item)
     assert path.name == "__init__.py" and assets.cache_dir() not in path.parents
+
+
+# ---------------------------------------------------------------- Debian packages (Austen)
+
+def _deb(directory, package: str, files: dict[str, bytes]):
+    """A minimal .deb built with dpkg-deb, placed where `apt-get download` would have put it."""
+    import shutil
+    import subprocess
+
+    if shutil.which("dpkg-deb") is None:
+        pytest.skip("dpkg-deb is not installed")
+    root = directory / "build"
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(f"Package: {package}\nVersion: 1.0\nArchitecture: all\n"
+                                             "Maintainer: test <t@example.org>\nDescription: test\n")
+    for name, data in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    target = assets.cache_dir() / "debs" / package
+    target.mkdir(parents=True)
+    subprocess.run(["dpkg-deb", "-b", str(root), str(target / f"{package}_1.0_all.deb")], check=True,
+                   capture_output=True)
+
+
+def test_debian_file_is_extracted_and_pinned(tmp_path):
+    _deb(tmp_path, "compressor-test-deb", {"usr/share/x/data.bin": b"payload"})
+    item = assets.DebianFile("compressor-test-deb", "usr/share/x/data.bin", hashlib.sha256(b"payload").hexdigest())
+    path = assets.locate_deb(item)
+    assert path.read_bytes() == b"payload" and assets.cache_dir() in path.parents
+    assert assets.locate_deb(item) == path
+    wrong = assets.DebianFile("compressor-test-deb", "usr/share/x/data.bin", "0" * 64)
+    with pytest.raises(CompressorError, match="does not match its pinned sha256"):
+        assets.locate_deb(wrong)
+
+
+def test_missing_debian_package_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no apt-get: as on a machine without Debian's tools
+    item = assets.DebianFile("compressor-no-such-package", "f.bin", "0" * 64)
+    with pytest.raises(CompressorError, match="compressor-no-such-package is not cached and could not be downloaded"):
+        assets.locate_deb(item)
+
+
+@pytest.mark.slow
+def test_austen_chapters_from_the_debian_package():
+    import json
+
+    path = assets.fetch("austen")
+    meta = json.loads((path / "meta.json").read_text())
+    assert meta["splits"]["eval"]["documents"] > 250 and meta["splits"]["calib"]["documents"] == 0
+    docs = [json.loads(line) for line in (path / "eval.jsonl").read_text().splitlines()]
+    assert docs[1]["title"] == "emma 1" and docs[1]["text"].startswith("CHAPTER I\n\nEmma Woodhouse, handsome")
+    assert sum(len(d["text"]) for d in docs) > 4_000_000  # six novels
 
 
 def test_installed_package_with_another_file_is_refused():

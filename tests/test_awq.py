@@ -11,6 +11,7 @@ from safetensors.torch import load_file, save_file
 
 from compressor import api
 from compressor.methods.quant.scale_search import fold, scalable
+from helpers import api_in_subprocess, artifact_files
 
 CAL = dict(samples=16, seq_len=64)
 
@@ -60,16 +61,26 @@ def test_scale_search_beats_plain_quantization_on_outliers(method, opts, outlier
     api.quantize(str(outlier_llama), method, tmp_path / "searched", {**scheme, **opts}, calib=str(text_file), **CAL)
     api.quantize(str(outlier_llama), plain, tmp_path / "plain", {**scheme, **opts}, calib=str(text_file), **CAL)
     assert _kl(tmp_path / "searched", outlier_llama, text_file) < _kl(tmp_path / "plain", outlier_llama, text_file)
-    # The folded norms travel with the artifact.
-    norms = [k for k in load_file(tmp_path / "searched" / "model.safetensors") if k.endswith("layernorm.weight")]
-    assert norms
+    # The folded norms travel with the artifact: the searched one's norms changed, the plain one's did not.
+    source = load_file(outlier_llama / "model.safetensors")
+    norms = [k for k in source if k.endswith("layernorm.weight")]
+    searched, unsearched = (load_file(tmp_path / d / "model.safetensors") for d in ("searched", "plain"))
+    assert all(torch.equal(unsearched[k], source[k]) for k in norms)
+    assert sum(not torch.equal(searched[k], source[k]) for k in norms) == len(norms)
 
 
-def test_awq_is_deterministic_and_resumable(tiny_llama, text_file, tmp_path):
+def test_awq_is_deterministic_and_resumes_after_sigkill_to_identical_bytes(tiny_llama, text_file, tmp_path):
     opts = {"bits": 4, "group_size": 32}
     api.quantize(str(tiny_llama), "awq", tmp_path / "a", opts, calib=str(text_file), **CAL)
     api.quantize(str(tiny_llama), "awq", tmp_path / "b", opts, calib=str(text_file), **CAL)
-    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert artifact_files(tmp_path / "a") == artifact_files(tmp_path / "b")
+    out = tmp_path / "killed"
+    killed = api_in_subprocess("quantize", tiny_llama, "awq", out, opts, calib=text_file, kill_after=0, **CAL)
+    assert killed.returncode == -9, killed.stderr
+    assert not out.exists() and (api.run_directory_for(out) / "block-0000.safetensors").exists()
+    resumed = api_in_subprocess("quantize", tiny_llama, "awq", out, opts, calib=text_file, resume=True, **CAL)
+    assert resumed.returncode == 0, resumed.stderr
+    assert artifact_files(out) == artifact_files(tmp_path / "a")
 
 
 def test_unknown_search_option_is_an_error(tiny_llama, tmp_path):

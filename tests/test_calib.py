@@ -29,7 +29,15 @@ def test_collectors_match_direct_computation():
     torch.testing.assert_close(stats["qk"]["mean"].result(), x.mean(0).float())
     # q ran twice per batch (two hooks' worth of inputs) — the down group saw q's outputs once per batch
     assert stats["down"]["hessian"].count == 4 * 15
-    assert not q._forward_hooks and not down._forward_hooks
+    # The collectors are forward pre-hooks, and they are gone once the block is left.
+    assert not any(m._forward_pre_hooks or m._forward_hooks for m in (q, k, down))
+
+
+def test_collectors_hook_while_collecting_only():
+    q = nn.Linear(4, 4)
+    with collect_inputs({"q": [q]}, {"hessian"}):
+        assert len(q._forward_pre_hooks) == 1
+    assert not q._forward_pre_hooks
 
 
 def test_calibration_sampling_is_seeded_and_non_overlapping(tiny_llama, text_file):

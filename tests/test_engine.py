@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,14 +13,10 @@ import torch
 
 from compressor import api
 from compressor.methods.base import METHODS, Method, MethodConfig
-from helpers import assert_cli_error, cli
+from helpers import api_in_subprocess, artifact_files, assert_cli_error, cli
 
 CAL = {"samples": 16, "seq_len": 64}
 HERE = Path(__file__).parent
-
-
-def _files(out: Path) -> dict[str, bytes]:
-    return {f.name: f.read_bytes() for f in sorted(out.iterdir()) if f.name != "build.json"}
 
 
 # ---------------------------------------------------------------- hooks and their order
@@ -145,26 +139,9 @@ def test_opt_pairs_reach_the_method(tiny_llama, tmp_path):
 # ---------------------------------------------------------------- pruning resumes byte-identically
 
 
-_KILL = """
-import os, signal, sys
-from compressor import api
-from compressor.pipeline.checkpoint import RunDirectory
-kill_after = {kill_after!r}
-if kill_after is not None:
-    save_block = RunDirectory.save_block
-    def save_then_die(self, index, *args, **kwargs):
-        save_block(self, index, *args, **kwargs)
-        if index == kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
-    RunDirectory.save_block = save_then_die
-api.prune({model!r}, {method!r}, {out!r}, 0.25, {options!r}, calib={data!r}, resume={resume}, **{cal!r})
-"""
-
-
 def _prune_process(model, method, options, data, out, resume, kill_after=None):
-    code = _KILL.format(model=str(model), method=method, options=options, data=str(data), out=str(out),
-                        resume=resume, cal=CAL, kill_after=kill_after)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return api_in_subprocess("prune", model, method, out, 0.25, options, calib=data, resume=resume,
+                             kill_after=kill_after, **CAL)
 
 
 @pytest.mark.parametrize("method, options", [("slicegpt", {}), ("slicegpt", {"rotation": "global"}),
@@ -178,4 +155,4 @@ def test_sigkilled_pruning_resumes_to_identical_artifact(method, options, tiny_l
     assert not out.exists() and api.run_directory_for(out).exists()
     resumed = _prune_process(tiny_llama, method, options, text_file, out, True)
     assert resumed.returncode == 0, resumed.stderr
-    assert _files(out) == _files(clean)
+    assert artifact_files(out) == artifact_files(clean)

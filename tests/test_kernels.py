@@ -13,7 +13,7 @@ from compressor import api
 from compressor.formats import bitpack
 from compressor.formats import artifact as artifacts
 from compressor.kernels import bitstream, quant_linear, wq_layout
-from compressor.models import quant_runtime
+from compressor.formats import quant_runtime
 from helpers import cli
 
 CALIB = {"samples": 8, "seq_len": 64}
@@ -51,7 +51,7 @@ def test_torch_bit_stream_matches_the_numpy_format(bits):
     for cols in (1, 31, 32, 33, 100, 576):
         codes = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (5, cols), generator=g, dtype=torch.int8)
         packed = bitstream.pack_rows(codes, bits)
-        assert torch.equal(packed, bitpack.pack_rows(codes, bits))
+        assert torch.equal(packed, bitpack.pack(codes, bits))
         assert torch.equal(bitstream.unpack_rows(packed, bits, cols), codes)
 
 

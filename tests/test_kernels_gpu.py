@@ -128,7 +128,7 @@ def test_quant_linears_through_the_loader_match_the_float_path(tmp_path):
     the same GPU in bf16: logits agree to bf16 accuracy (FP8 to 5e-2: its inputs are rounded to
     3 mantissa bits, so a last-bit difference upstream can move a code by a whole step)."""
     from compressor import api
-    from compressor.models.quant_runtime import kernel_summary
+    from compressor.formats.quant_runtime import kernel_summary
     from conftest import make_llama, make_text
 
     model_dir = make_llama(tmp_path / "m", layers=2, hidden=128, intermediate=256)

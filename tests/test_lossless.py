@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from compressor.errors import CompressorError
 from compressor.formats import packed as packed_format
 from compressor.kernels import entropy_decode
-from compressor.methods.lossless import codec, dfloat, native, tans
+from compressor.codecs import dfloat, lanes, native, tans
 from tests.helpers import cli
 
 SMALL = dfloat.PackConfig(lanes=8, steps=32)
@@ -85,7 +85,7 @@ def test_torch_codec_writes_the_same_bytes_and_decodes(torch_codec):
 def test_bf16_gaussian_ratio_and_split_choice():
     t = (torch.randn(2_000_000, generator=torch.Generator().manual_seed(3)) * 0.02).to(torch.bfloat16)
     (p,) = dfloat.pack_tensors([t], dfloat.PackConfig())
-    assert p.meta["mode"] == codec.MODE_NIBBLE  # exponent + 3 mantissa bits coded
+    assert p.meta["mode"] == lanes.MODE_NIBBLE  # exponent + 3 mantissa bits coded
     assert p.nbytes() / (t.numel() * 2) < 0.66
     assert _bits(dfloat.unpack_tensor(p)) == _bits(t)
 
@@ -97,9 +97,9 @@ def test_reference_decoder_agrees_with_native():
     assert pairs
     for t, p in pairs:
         a = p.arrays
-        stream = codec.CodedStream(a["words"], a["lane_bits"], a["norm"], p.meta["count"])
-        values = codec.decode_reference([stream], layout, [a["values"]])[0].numpy().astype(np.uint16)
-        merged = codec.merge_planes(values, p.meta["mode"], a.get("raw"), a.get("signs"))
+        stream = lanes.CodedStream(a["words"], a["lane_bits"], a["norm"], p.meta["count"])
+        values = lanes.decode_reference([stream], layout, [a["values"]])[0].numpy().astype(np.uint16)
+        merged = lanes.merge_planes(values, p.meta["mode"], a.get("raw"), a.get("signs"))
         assert merged.tobytes() == _bits(t)
 
 
@@ -108,7 +108,7 @@ def test_torch_plan_decoder_fills_a_shared_buffer():
     ts = [(torch.randn(300, 257, generator=g) * 0.02).to(torch.bfloat16),
           (torch.randn(20000, generator=g) * 0.01).half()]
     packed = dfloat.pack_tensors(ts, SMALL)
-    assert {p.meta.get("mode") for p in packed} == {codec.MODE_BYTE, codec.MODE_NIBBLE}
+    assert {p.meta.get("mode") for p in packed} == {lanes.MODE_BYTE, lanes.MODE_NIBBLE}
     specs, off = [], 0
     for t, p in zip(ts, packed):
         specs.append(packed_format.stream_spec(p, off))
@@ -222,9 +222,9 @@ def test_packed_file_rebuilt_from_damaged_manifest_is_refused(packed_tiny, tmp_p
 @settings(max_examples=60, deadline=2000, suppress_health_check=[HealthCheck.too_slow])
 @given(data=st.data())
 def test_fuzz_decoder_never_crashes_or_hangs(data):
-    layout = codec.Layout(lanes=4, steps=8, table_log=10)
+    layout = lanes.Layout(lanes=4, steps=8, table_log=10)
     count = data.draw(st.integers(0, 100))
-    nlanes = codec.lane_counts(count, layout).size
+    nlanes = lanes.lane_counts(count, layout).size
     lane_bits = np.array(data.draw(st.lists(st.integers(0, 200), min_size=nlanes, max_size=nlanes)), dtype=np.uint16)
     nwords = data.draw(st.integers(0, 40))
     words = np.array(data.draw(st.lists(st.integers(0, 2**32 - 1), min_size=nwords, max_size=nwords)),
@@ -236,11 +236,11 @@ def test_fuzz_decoder_never_crashes_or_hangs(data):
     mode = data.draw(st.sampled_from([0, 1, 2]))
     raw = np.frombuffer(data.draw(st.binary(min_size=0, max_size=120)), dtype=np.uint8)
     signs = np.frombuffer(data.draw(st.binary(min_size=0, max_size=20)), dtype=np.uint8)
-    stream = codec.CodedStream(words, lane_bits, norm, count)
+    stream = lanes.CodedStream(words, lane_bits, norm, count)
     try:
-        out = codec.decode_fast(stream, layout, np.arange(256, dtype=np.uint16), mode, raw, signs)
+        out = lanes.decode_fast(stream, layout, np.arange(256, dtype=np.uint16), mode, raw, signs)
         assert out.size == count
-    except codec.CorruptStream:
+    except lanes.CorruptStream:
         pass
 
 
@@ -256,7 +256,7 @@ def test_fuzz_mutated_real_stream_is_detected():
         arr[rng.integers(arr.size)] ^= np.uint8(1 << rng.integers(8))
         try:
             out = dfloat.unpack_tensor(q)
-        except codec.CorruptStream:
+        except lanes.CorruptStream:
             detected += 1
             continue
         assert _bits(out) == _bits(t)  # a flip that changes nothing decoded (an unused table slot) is harmless
@@ -269,7 +269,7 @@ def test_fuzz_mutated_real_stream_is_detected():
 def test_packed_runner_bit_identical(maker, tiny_llama, tiny_gemma3, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from compressor.models.packed_runner import load_packed
+    from compressor.formats.packed_runner import load_packed
 
     src = tiny_llama if maker == "llama" else tiny_gemma3
     packed_format.pack(src, tmp_path / "p", SMALL, torch.bfloat16)
@@ -287,7 +287,7 @@ def test_packed_runner_bit_identical(maker, tiny_llama, tiny_gemma3, tmp_path):
 
 
 def test_packed_runner_refuses_damage(packed_tiny):
-    from compressor.models.packed_runner import load_packed
+    from compressor.formats.packed_runner import load_packed
 
     f = packed_tiny / "model.packed.safetensors"
     data = bytearray(f.read_bytes())
@@ -322,7 +322,7 @@ def test_triton_decoder_matches_reference_on_gpu():
 def test_packed_runner_bit_identical_on_gpu(tiny_llama, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from compressor.models.packed_runner import load_packed
+    from compressor.formats.packed_runner import load_packed
 
     packed_format.pack(tiny_llama, tmp_path / "p", SMALL, torch.bfloat16)
     packed_format.unpack(tmp_path / "p", tmp_path / "u")
@@ -339,7 +339,7 @@ def test_packed_runner_bit_identical_on_gpu(tiny_llama, tmp_path):
 @pytest.mark.slow
 def test_reference_model_pack_ratio_unpack_and_run(tmp_path):
     from compressor.api import pack, unpack
-    from compressor.models.packed_runner import load_packed
+    from compressor.formats.packed_runner import load_packed
 
     r = pack("smollm2-135m", tmp_path / "p", dtype="bfloat16")
     assert r["ratio"] <= 0.665
@@ -370,14 +370,13 @@ def test_cuda_kernel_source_decodes_correctly_when_emulated_on_cpu(tmp_path):
     shim = ("#define __global__\nstruct D { int x; }; static D blockIdx, blockDim, threadIdx;\n"
             "static void __syncthreads() {}\n")
     runner = """
-extern "C" void run_all(int which, const unsigned int* w, const unsigned int* tb, const unsigned char* raw,
+extern "C" void run_all(const unsigned int* w, const unsigned int* tb, const unsigned char* raw,
     const unsigned char* sg, short* out, const long long* lp, const long long* lo, const long long* lr,
     const long long* ls, const int* ln, const int* lt, int n, int stride, int R, int mode, int block) {
   blockDim.x = block;
   for (int b = 0; b * block < n; b++) { blockIdx.x = b;
     for (int t = 0; t < block; t++) { threadIdx.x = t;
-      if (which == 1) tans_decode_smem(w, tb, raw, sg, out, lp, lo, lr, ls, ln, lt, n, stride, R, mode);
-      else tans_decode_smem2(w, tb, raw, sg, out, lp, lo, lr, ls, ln, lt, n, stride, R, mode); } }
+      tans_decode_smem(w, tb, raw, sg, out, lp, lo, lr, ls, ln, lt, n, stride, R, mode); } }
 }
 """
     (tmp_path / "k.cpp").write_text(shim + src + runner)
@@ -399,14 +398,12 @@ extern "C" void run_all(int which, const unsigned int* w, const unsigned int* tb
     def p(t):
         return ctypes.c_void_p(t.data_ptr())
 
-    for which in (1, 2):
-        out = torch.full((off,), -21846, dtype=torch.int16)
-        for ls in plan.lanes:
-            lib.run_all(which, p(plan.words), p(plan.table), p(plan.raw), p(plan.signs), p(out), p(ls.pos),
-                        p(ls.out), p(ls.raw), p(ls.sign), p(ls.n), p(ls.tab), ctypes.c_int(ls.pos.numel()),
-                        ctypes.c_int(plan.stride), ctypes.c_int(plan.table_log), ctypes.c_int(ls.mode),
-                        ctypes.c_int(32))
-        assert torch.equal(out, expected), which
+    out = torch.full((off,), -21846, dtype=torch.int16)
+    for ls in plan.lanes:
+        lib.run_all(p(plan.words), p(plan.table), p(plan.raw), p(plan.signs), p(out), p(ls.pos),
+                    p(ls.out), p(ls.raw), p(ls.sign), p(ls.n), p(ls.tab), ctypes.c_int(ls.pos.numel()),
+                    ctypes.c_int(plan.stride), ctypes.c_int(plan.table_log), ctypes.c_int(ls.mode), ctypes.c_int(32))
+    assert torch.equal(out, expected)
 
 
 def test_inspect_counts_packed_parameters(packed_tiny, tiny_llama):

@@ -183,6 +183,15 @@ def test_a_kl_budget_is_met_as_measured(sensitivity, tiny_llama, calib, tmp_path
     assert result["rounds"] and all(r["measured_kl"] > loose / 3 for r in result["rounds"][:-1])
 
 
+def test_a_perplexity_budget_is_met_as_measured(sensitivity, tiny_llama, calib, tmp_path):
+    loose = _mixed(tiny_llama, tmp_path / "a", calib, sensitivity[0], target_bits=3.0)["mixed"]
+    allowed = loose["measured"]["ppl_increase"] / 3
+    result = _mixed(tiny_llama, tmp_path / "b", calib, sensitivity[0], max_ppl_increase=allowed)["mixed"]
+    assert 0 < result["measured"]["ppl_increase"] <= allowed
+    assert result["bits_per_weight"] > loose["bits_per_weight"]
+    assert result["rounds"][-1]["measured_ppl_increase"] == result["measured"]["ppl_increase"]
+
+
 def test_a_budget_every_linear_can_keep_builds_uniform_16_bit(sensitivity, tiny_llama, calib, tmp_path):
     result = _mixed(tiny_llama, tmp_path / "q", calib, sensitivity[0], target_bits=16)["mixed"]
     assert result["uniform"] == "fp16"

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
@@ -16,14 +15,11 @@ from compressor.errors import CompressorError
 
 sys.path.insert(0, str(Path(__file__).parent))
 import recording_method  # noqa: E402
+from helpers import api_in_subprocess, artifact_files  # noqa: E402
 
 recording_method.register()
 OPTS = {"bits": 4, "group_size": 32, "sym": False}
 CAL = {"samples": 12, "seq_len": 48, "batch_size": 5}
-
-
-def _files(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.name != "build.json"}
 
 
 def _quantize(model, out, data, **kw):
@@ -57,7 +53,7 @@ def test_statistics_are_those_of_the_already_quantized_prefix(tiny_llama, text_f
 def test_deterministic_artifact_bytes(tiny_llama, text_file, tmp_path):
     _quantize(tiny_llama, tmp_path / "a", text_file)
     _quantize(tiny_llama, tmp_path / "b", text_file)
-    assert _files(tmp_path / "a") == _files(tmp_path / "b")
+    assert artifact_files(tmp_path / "a") == artifact_files(tmp_path / "b")
 
 
 def test_failure_midway_then_resume_is_identical(tiny_llama, text_file, tmp_path, monkeypatch):
@@ -82,35 +78,13 @@ def test_failure_midway_then_resume_is_identical(tiny_llama, text_file, tmp_path
         _quantize(tiny_llama, out, text_file)
     monkeypatch.setattr(recording_method.StatsRTN, "on_group", original)
     _quantize(tiny_llama, out, text_file, resume=True)
-    assert _files(out) == _files(tmp_path / "clean")
+    assert artifact_files(out) == artifact_files(tmp_path / "clean")
     assert not run_dir.exists()
 
 
-# The fault is injected here, in the test's own process, never by a hook in production code:
-# block `kill_after` is saved, then the process SIGKILLs itself.
-_KILL_SCRIPT = """
-import os, signal, sys
-sys.path.insert(0, {tests!r})
-import recording_method
-recording_method.register()
-from compressor import api
-from compressor.pipeline.checkpoint import RunDirectory
-kill_after = {kill_after!r}
-if kill_after is not None:
-    save_block = RunDirectory.save_block
-    def save_then_die(self, index, *args, **kwargs):
-        save_block(self, index, *args, **kwargs)
-        if index == kill_after:
-            os.kill(os.getpid(), signal.SIGKILL)
-    RunDirectory.save_block = save_then_die
-api.quantize({model!r}, recording_method.NAME, {out!r}, {opts!r}, calib={data!r}, resume={resume}, **{cal!r})
-"""
-
-
 def _run_script(tiny_llama, text_file, out, resume, kill_after=None):
-    code = _KILL_SCRIPT.format(tests=str(Path(__file__).parent), model=str(tiny_llama), out=str(out), opts=OPTS,
-                               data=str(text_file), resume=resume, cal=CAL, kill_after=kill_after)
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    return api_in_subprocess("quantize", tiny_llama, recording_method.NAME, out, OPTS, calib=text_file, resume=resume,
+                             kill_after=kill_after, setup="import recording_method; recording_method.register()", **CAL)
 
 
 def test_sigkilled_process_resumes_to_identical_artifact(tiny_llama, text_file, tmp_path):
@@ -123,7 +97,7 @@ def test_sigkilled_process_resumes_to_identical_artifact(tiny_llama, text_file, 
     assert api.run_directory_for(out).exists()
     resumed = _run_script(tiny_llama, text_file, out, resume=True)
     assert resumed.returncode == 0, resumed.stderr
-    assert _files(out) == _files(clean)
+    assert artifact_files(out) == artifact_files(clean)
 
 
 def test_resume_refuses_other_settings(tiny_llama, text_file, tmp_path, monkeypatch):
@@ -161,7 +135,7 @@ def test_cuda_device_matches_cpu(tiny_llama, text_file, tmp_path):
     calibrated engine the same codes up to rounding ties from GPU matmul order."""
     api.quantize(str(tiny_llama), "rtn", tmp_path / "rtn-cpu", OPTS)
     api.quantize(str(tiny_llama), "rtn", tmp_path / "rtn-gpu", OPTS, device="cuda")
-    assert _files(tmp_path / "rtn-cpu") == _files(tmp_path / "rtn-gpu")
+    assert artifact_files(tmp_path / "rtn-cpu") == artifact_files(tmp_path / "rtn-gpu")
     _quantize(tiny_llama, tmp_path / "cal-cpu", text_file)
     _quantize(tiny_llama, tmp_path / "cal-gpu", text_file, device="cuda")
     cpu, gpu = api.load(tmp_path / "cal-cpu").model, api.load(tmp_path / "cal-gpu").model

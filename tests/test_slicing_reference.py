@@ -25,7 +25,9 @@ def test_slicegpt_global_on_the_reference_model_loads_in_plain_transformers(tmp_
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, api.load(out).model(ids).logits)
     result = api.evaluate(str(out), base="smollm2-135m", windows=8)
-    assert result["base_ppl"] < result["ppl"] < 40 * result["base_ppl"]
+    # Measured with these settings: ppl 97.1 over a base of 17.8 (5.5×); with 128 samples and 64 windows
+    # the benchmark's figure is 4.7× (benchmarks/results/slicing.json). A regression beyond that fails here.
+    assert result["base_ppl"] < result["ppl"] < 6.5 * result["base_ppl"]
 
 
 def test_modegpt_on_the_reference_model_beats_slicegpt(tmp_path):

@@ -166,23 +166,44 @@ def test_smoothquant_on_gemma3_loads_in_transformers(tiny_gemma3, text_file, tmp
         torch.testing.assert_close(ours(ids()).logits, theirs(ids()).logits, rtol=1e-6, atol=1e-6)
 
 
-def test_dynamic_fake_quantize_matches_compressed_tensors():
+def as_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({2: torch.int16, 4: torch.int32}[t.element_size()])
+
+
+@pytest.mark.parametrize("shape", [(3, 7, 40), (5, 40)])
+def test_our_fake_quantize_gives_the_library_bytes(shape):
+    """The torch rule our reader uses without compressed-tensors equals the library's, bit for bit
+    (signed zeros included), for per-token dynamic and static per-tensor scales."""
     from compressed_tensors.quantization import QuantizationArgs
     from compressed_tensors.quantization.lifecycle.forward import fake_quantize
     from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
 
-    x = torch.randn(3, 7, 40, generator=torch.Generator().manual_seed(0)) * 5
-    x[0, 0] = 0  # an all-zero token
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(0)) * 5
+    x.view(-1)[:40] = 0  # an all-zero token (3-D) and a run of zeros
+    x.view(-1)[40:45] = -0.0
     for dtype in (torch.float32, torch.bfloat16):
         xd = x.to(dtype)
         for kind in ("int", "float"):
             args = QuantizationArgs(num_bits=8, type=kind, strategy="token", symmetric=True, dynamic=True)
-            scale, zp = compute_dynamic_scales_and_zp(xd, args, module=torch.nn.Identity())
-            assert torch.equal(activations.fake_quantize(xd, kind, 8), fake_quantize(xd, scale, zp, args))
+            scale, _ = compute_dynamic_scales_and_zp(xd, args, module=torch.nn.Identity())
+            ours = activations.fake_quantize_torch(xd, kind, 8)
+            assert torch.equal(as_bits(ours), as_bits(fake_quantize(xd, scale, None, args)))
+            assert torch.equal(as_bits(activations.fake_quantize(xd, kind, 8)), as_bits(ours))
             static = QuantizationArgs(num_bits=8, type=kind, strategy="tensor", symmetric=True, dynamic=False)
             scale = torch.tensor([0.03])
-            expected = fake_quantize(xd, scale, torch.zeros(1, dtype=torch.int8), static)
-            assert torch.equal(activations.fake_quantize(xd, kind, 8, scale), expected)
+            ours = activations.fake_quantize_torch(xd, kind, 8, scale)
+            assert torch.equal(as_bits(ours), as_bits(fake_quantize(xd, scale, None, static)))
+            assert not torch.equal(ours, xd.float())  # it does quantize
+
+
+@pytest.mark.parametrize("case", [("smoothquant", False), ("fp8", True)])
+def test_evaluation_without_compressed_tensors_gives_the_same_logits(case, artifacts, request):
+    path, _ = artifacts[case]
+    with torch.no_grad():
+        expected = api.load(path).model(ids()).logits
+        request.getfixturevalue("without_compressed_tensors")
+        assert activations._library() is None
+        assert torch.equal(api.load(path).model(ids()).logits, expected)
 
 
 # ---------------------------------------------------------------- bad input

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from compressor.calib.data import TokenSet
-from compressor.pipeline.progress import Progress
+from compressor.progress import Progress
 
 
 @dataclass

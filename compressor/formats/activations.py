@@ -1,8 +1,9 @@
 """Simulated input-activation quantization of an artifact, for evaluating it in plain torch.
 
 When an artifact's quantization_config quantizes the inputs of its linears, our loader attaches
-a forward pre-hook to each targeted linear that quantizes and dequantizes the input exactly as
-compressed-tensors does inside transformers for the same config:
+a forward pre-hook to each targeted linear that quantizes and dequantizes the input with
+compressed-tensors' own functions, as transformers does for the same config (where the library is
+not installed, with our torch version of the same rule, which gives the same bytes):
 
 - dynamic per-token (strategy "token"): the range is reduced over every dimension after the first
   two (for a 2-D input, compressed-tensors reduces over the whole tensor, and so do we); min is
@@ -15,6 +16,7 @@ compressed-tensors does inside transformers for the same config:
 
 from __future__ import annotations
 
+import functools
 import re
 
 import torch
@@ -48,9 +50,44 @@ def input_args(qconfig: dict | None) -> dict | None:
     return args
 
 
+@functools.cache
+def _library():
+    try:
+        from compressed_tensors.quantization import QuantizationArgs
+        from compressed_tensors.quantization.lifecycle.forward import fake_quantize as library_fake_quantize
+        from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+    except ImportError:
+        return None
+
+    @functools.cache
+    def args(kind: str, bits: int, dynamic: bool):
+        return QuantizationArgs(num_bits=bits, type=kind, symmetric=True, dynamic=dynamic,
+                                strategy="token" if dynamic else "tensor")
+
+    def quantize(x, kind, bits, scale):
+        a = args(kind, bits, scale is None)
+        if scale is None:
+            scale, _ = compute_dynamic_scales_and_zp(x, a, module=nn.Identity())
+        # Symmetric: no zero point. Adding the library's zero one would turn -0.0 into +0.0.
+        return library_fake_quantize(x, scale, None, a)
+
+    return quantize
+
+
 @torch.no_grad()
 def fake_quantize(x: torch.Tensor, kind: str, bits: int, scale: torch.Tensor | None = None) -> torch.Tensor:
-    """Quantize-dequantize x; per-token dynamic scales when `scale` is None."""
+    """Quantize-dequantize x; per-token dynamic scales when `scale` is None (compressed-tensors'
+    own functions where it is installed, else `fake_quantize_torch`, which gives the same bytes)."""
+    library = _library()
+    if library is None:
+        return fake_quantize_torch(x, kind, bits, scale)
+    return library(x, kind, bits, scale)
+
+
+@torch.no_grad()
+def fake_quantize_torch(x: torch.Tensor, kind: str, bits: int, scale: torch.Tensor | None = None) -> torch.Tensor:
+    """Our reader's activation quantization where compressed-tensors is not installed
+    (evaluation hosts may lack it); tested equal to the library's, byte for byte."""
     qmin, qmax = RANGES[(kind, bits)]
     if scale is None:
         if x.dim() > 2:

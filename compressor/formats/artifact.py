@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import math
 import platform
+import shlex
+import sys
 import time
 from pathlib import Path
 
@@ -81,8 +83,14 @@ def write_artifact(out: Path, *, config: dict, tensors: dict[str, torch.Tensor],
                                   "this is a bug; rerun with --debug and report it")
         (tmp / "build.json").write_text(json.dumps(
             {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
+             "command": shlex.join(["compress", *sys.argv[1:]]) if _is_compress(sys.argv) else None,
              "python": platform.python_version(), "torch": torch.__version__, **(build or {})}, indent=2) + "\n")
     return out
+
+
+def _is_compress(argv: list[str]) -> bool:
+    """Whether this process is the `compress` command line (recorded in build.json)."""
+    return bool(argv) and Path(argv[0]).name in ("compress", "__main__.py", "cli.py")
 
 
 def weight_files(directory: Path) -> list[Path]:

@@ -1,7 +1,7 @@
-"""Mixed-precision integer weights as compressed-tensors pack-quantized with one config group per
-distinct format, each targeting its modules by name; linears kept in 16 bits are ignored by the
-quantization config and stored as float16 `weight`. transformers (with compressed-tensors) and our
-reader (formats.compressed_tensors.decode, which resolves each module's group) load it.
+"""Reading mixed-precision artifacts: compressed-tensors pack-quantized with one config group per
+distinct format, each targeting its modules by name (written by formats.compressed_tensors'
+PackQuantized with per-module schemes); linears kept in 16 bits are in the config's `ignore` and
+stored as float16 `weight`.
 """
 
 from __future__ import annotations
@@ -9,50 +9,13 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import torch
-
-from compressor.formats import compressed_tensors
 from compressor.safetensors_file import int_values, read_header
-from compressor.schemes import WeightScheme
-
-KEPT_DTYPE = torch.float16
-
-
-class MixedWriter:
-    """Writes a method's export {"kind": "weight-int-mixed", "schemes": {module: WeightScheme or None
-    (kept in 16 bits)}, "actorder": ...}."""
-
-    def __init__(self, export: dict):
-        self.schemes: dict[str, WeightScheme | None] = export["schemes"]
-        self.actorder = export.get("actorder")
-
-    def quantization_config(self, ignore: list[str]) -> dict | None:
-        kept = sorted(m for m, s in self.schemes.items() if s is None)
-        by_scheme: dict[WeightScheme, list[str]] = {}
-        for module, scheme in self.schemes.items():
-            if scheme is not None:
-                by_scheme.setdefault(scheme, []).append(module)
-        ordered = sorted(by_scheme, key=lambda s: (s.bits, -s.group_size))
-        if not ordered:
-            return None
-        config = compressed_tensors.quantization_config(ordered[0], [*ignore, *kept], self.actorder)
-        template = config["config_groups"]["group_0"]
-        config["config_groups"] = {}
-        for index, scheme in enumerate(ordered):
-            weights = compressed_tensors.quantization_config(scheme, [], self.actorder)["config_groups"]["group_0"]
-            config["config_groups"][f"group_{index}"] = {**template, "targets": sorted(by_scheme[scheme]),
-                                                         "weights": weights["weights"]}
-        return config
-
-    def encode(self, module: str, record: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        scheme = self.schemes[module]
-        if scheme is None:
-            return {f"{module}.weight": record["weight"].to(KEPT_DTYPE).contiguous()}
-        return compressed_tensors.encode(module, record, scheme)
 
 
 def is_mixed(qconfig: dict | None) -> bool:
-    return bool(qconfig) and len(qconfig.get("config_groups") or {}) > 1
+    """Whether config groups name their modules (a format per linear) rather than every Linear."""
+    groups = (qconfig or {}).get("config_groups") or {}
+    return any(t != "Linear" for g in groups.values() for t in g.get("targets") or ())
 
 
 def bit_map(directory: Path, qconfig: dict) -> dict[str, dict]:

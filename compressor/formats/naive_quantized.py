@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from compressor.errors import CompressorError
+from compressor.formats import ct_config
 
 INT_FORMAT = "int-quantized"
 FLOAT_FORMAT = "float-quantized"
@@ -35,48 +36,14 @@ class W8Scheme:
         return INT_FORMAT if self.type == "int" else FLOAT_FORMAT
 
 
-def _args(kind: str, strategy: str, dynamic: bool) -> dict:
-    return {
-        "num_bits": 8, "type": kind, "symmetric": True, "strategy": strategy, "group_size": None,
-        "dynamic": dynamic, "actorder": None, "observer": None if dynamic else "minmax",
-        "observer_kwargs": {}, "block_structure": None,
-    }
+def _args(kind: str, strategy: str, dynamic: bool):
+    return ct_config.args(num_bits=8, type=kind, symmetric=True, strategy=strategy, dynamic=dynamic,
+                          observer=None if dynamic else "minmax")
 
 
 def quantization_config(scheme: W8Scheme, ignore: list[str]) -> dict:
     inputs = _args(scheme.type, "token", True) if scheme.act_dynamic else _args(scheme.type, "tensor", False)
-    return {
-        "quant_method": "compressed-tensors",
-        "format": scheme.format,
-        "quantization_status": "compressed",
-        "config_groups": {
-            "group_0": {"targets": ["Linear"], "weights": _args(scheme.type, "channel", False),
-                        "input_activations": inputs, "output_activations": None, "format": scheme.format}
-        },
-        "ignore": ignore,
-        "kv_cache_scheme": None,
-        "sparsity_config": {},
-        "transform_config": {},
-    }
-
-
-class Writer:
-    def __init__(self, scheme: W8Scheme):
-        self.scheme = scheme
-
-    def quantization_config(self, ignore: list[str]) -> dict:
-        return quantization_config(self.scheme, ignore)
-
-    def encode(self, module: str, record: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        codes = record["qweight"]
-        if codes.dtype != CODE_DTYPES[self.scheme.type]:
-            raise ValueError(f"{module}: {self.scheme.format} stores {CODE_DTYPES[self.scheme.type]} codes, "
-                             f"not {codes.dtype}")
-        out = {f"{module}.weight": codes.contiguous(),
-               f"{module}.weight_scale": record["scale"].to(torch.float32).contiguous()}
-        if not self.scheme.act_dynamic:
-            out[f"{module}.input_scale"] = record["input_scale"].to(torch.float32).reshape(1).contiguous()
-        return out
+    return ct_config.quantization_config(scheme.format, _args(scheme.type, "channel", False), inputs, ignore)
 
 
 def scheme_from_config(qconfig: dict) -> W8Scheme:
@@ -101,7 +68,7 @@ def decode(tensors: dict[str, torch.Tensor], qconfig: dict, dtype: torch.dtype) 
     modules = sorted(k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_scale"))
     out = {k: v for k, v in tensors.items() if k.rsplit(".", 1)[-1] not in ("weight_scale", "weight_zero_point")}
     for m in modules:
-        try:
+        with ct_config.decoding(m):
             codes, scale = tensors[f"{m}.weight"], tensors[f"{m}.weight_scale"]
             if codes.dtype != CODE_DTYPES[scheme.type]:
                 raise ValueError(f"weight dtype {codes.dtype} is not {CODE_DTYPES[scheme.type]}")
@@ -110,8 +77,40 @@ def decode(tensors: dict[str, torch.Tensor], qconfig: dict, dtype: torch.dtype) 
             if not scheme.act_dynamic and f"{m}.input_scale" not in tensors:
                 raise KeyError(f"{m}.input_scale")
             out[f"{m}.weight"] = (codes.to(scale.dtype) * scale).to(dtype)
-        except (KeyError, ValueError, RuntimeError) as exc:
-            raise CompressorError(
-                f"tensors of {m} do not match the artifact's quantization config ({exc})",
-                "the artifact is damaged or its config.json was edited; rebuild it") from None
     return out
+
+
+class NaiveQuantized:
+    """The registered formats of 8-bit weights with quantized inputs (one subclass per code type)."""
+
+    name: str
+    kind: str
+    type: str
+    suffixes = SUFFIXES
+    decode = staticmethod(decode)
+    schemes = staticmethod(scheme_from_config)
+
+    def __init__(self, export: dict):
+        self.scheme = W8Scheme(self.type, export.get("act_dynamic", True))
+
+    def quantization_config(self, ignore: list[str]) -> dict:
+        return quantization_config(self.scheme, ignore)
+
+    def encode(self, module: str, record: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        codes = record["qweight"]
+        if codes.dtype != CODE_DTYPES[self.scheme.type]:
+            raise ValueError(f"{module}: {self.scheme.format} stores {CODE_DTYPES[self.scheme.type]} codes, "
+                             f"not {codes.dtype}")
+        out = {f"{module}.weight": codes.contiguous(),
+               f"{module}.weight_scale": record["scale"].to(torch.float32).contiguous()}
+        if not self.scheme.act_dynamic:
+            out[f"{module}.input_scale"] = record["input_scale"].to(torch.float32).reshape(1).contiguous()
+        return out
+
+
+class IntQuantized(NaiveQuantized):
+    name, kind, type = INT_FORMAT, "w8a8-int", "int"
+
+
+class FloatQuantized(NaiveQuantized):
+    name, kind, type = FLOAT_FORMAT, "fp8", "float"

@@ -23,8 +23,9 @@ import torch
 
 from compressor.errors import CompressorError
 from compressor.formats.manifest import build_manifest, read_manifest, verify, write_manifest
-from compressor.methods.lossless import dfloat
-from compressor.methods.lossless.codec import CorruptStream
+from compressor.codecs import dfloat
+from compressor.codecs.lanes import CorruptStream
+from compressor.progress import Progress
 from compressor.safetensors_file import read_header, read_tensors, tensor_bytes, write_tensors
 from compressor.outputs import atomic_dir, check_output
 from compressor.util import sha256_file
@@ -80,7 +81,8 @@ def _read_some(path: Path, entries: dict, names: list[str]) -> dict[str, torch.T
     return out
 
 
-def pack_file(src: Path, dst: Path, config: dfloat.PackConfig, cast: torch.dtype | None) -> dict:
+def pack_file(src: Path, dst: Path, config: dfloat.PackConfig, cast: torch.dtype | None,
+              progress: Progress | None = None) -> dict:
     """Pack one safetensors file; returns its sizes."""
     entries, metadata = read_header(src)
     tensors_out: dict[str, torch.Tensor] = {}
@@ -101,6 +103,8 @@ def pack_file(src: Path, dst: Path, config: dfloat.PackConfig, cast: torch.dtype
             metas[name] = {**p.meta, "pieces": pieces}
             tensors_out[name] = torch.from_numpy(blob)
         del loaded
+        if progress is not None:
+            progress.advance(len(group))
     with open(src, "rb") as f:
         (header_len,) = struct.unpack("<Q", f.read(8))
         header = f.read(header_len).decode()
@@ -248,14 +252,17 @@ def _copy_other_files(src: Path, dst: Path) -> list[str]:
 
 
 def pack(src: Path, out: Path, config: dfloat.PackConfig, cast: torch.dtype | None = None, *,
-         overwrite: bool = False, source: dict | None = None, check: bool = True) -> dict:
+         overwrite: bool = False, source: dict | None = None, check: bool = True,
+         progress: Progress | None = None) -> dict:
     """Pack a model or artifact directory into `out` (atomically, verified before publishing)."""
     src, out = Path(src), Path(out)
     files = _source_files(src)
     check_output(out, overwrite=overwrite, sources=[src], needs_bytes=sum(f.stat().st_size for f in files))
     started = time.perf_counter()
+    progress = progress or Progress()
     with atomic_dir(out, overwrite=overwrite) as tmp:
-        results = [pack_file(f, tmp / (f.stem + SUFFIX), config, cast) for f in files]
+        with progress.task("packing tensors", total=sum(len(read_header(f)[0]) for f in files)) as bar:
+            results = [pack_file(f, tmp / (f.stem + SUFFIX), config, cast, bar) for f in files]
         pack_s = time.perf_counter() - started
         _copy_other_files(src, tmp)
         if (src / "manifest.json").is_file():
@@ -338,7 +345,7 @@ def unpack(packed_dir: Path, out: Path, *, overwrite: bool = False) -> dict:
 def stream_spec(p: dfloat.PackedTensor, out_offset: int):
     """A coded 16-bit float tensor as a kernels.entropy_decode.StreamSpec (None if not decodable there)."""
     from compressor.kernels.entropy_decode import StreamSpec
-    from compressor.methods.lossless import tans
+    from compressor.codecs import tans
 
     m = p.meta
     if m["kind"] != "coded" or m["dtype"] not in ("bfloat16", "float16") or int(m["mode"]) not in (1, 2):

@@ -1,77 +1,77 @@
-"""Which on-disk format stores a method's records, and which reader restores it.
+"""The registered quantized formats: each writes a method's records and reads them back.
 
-A method's `export()` names a kind ("weight-int", "w8a8-int", "fp8"); the writer registered
-for that kind gives the artifact's `quantization_config` and encodes each linear's record.
-Readers are chosen by the compressed-tensors `format` written in config.json.
+A format is a compressed-tensors `format` name (written in config.json, which picks the reader)
+with the export kind a method names for it ("weight-int", "w8a8-int", "fp8"), the artifact's
+`quantization_config`, per-linear `encode` and whole-checkpoint `decode`. Writing builds the
+config with compressed-tensors' own models and packs with its packing functions; reading needs
+no compressed-tensors (evaluation hosts may not have it) and falls back to our tested-equal code.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import ClassVar, Protocol
 
 import torch
 
 from compressor.errors import CompressorError
-from compressor.formats import compressed_tensors, mixed_precision, naive_quantized
+from compressor.formats import compressed_tensors, naive_quantized
 from compressor.registry import Registry
 
 
-class Writer(Protocol):
+class QuantizedFormat(Protocol):
+    name: ClassVar[str]  # the compressed-tensors format in config.json
+    kind: ClassVar[str]  # the export kind a method names
+    suffixes: ClassVar[tuple[str, ...]]  # leaf names of stored quantization parameters
+
+    def __init__(self, export: dict): ...
+
     def quantization_config(self, ignore: list[str]) -> dict: ...
 
     def encode(self, module: str, record: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
+    @staticmethod
+    def decode(tensors: dict[str, torch.Tensor], qconfig: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]: ...
 
-WRITERS: Registry[Callable[[dict], Writer]] = Registry("quantization export kind")
-
-
-@WRITERS.register("weight-int")
-class PackQuantizedWriter:
-    """Integer weight-only quantization as compressed-tensors pack-quantized."""
-
-    def __init__(self, export: dict):
-        self.scheme = export["scheme"]
-        self.actorder = export.get("actorder")
-
-    def quantization_config(self, ignore: list[str]) -> dict:
-        return compressed_tensors.quantization_config(self.scheme, ignore, self.actorder)
-
-    def encode(self, module: str, record: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return compressed_tensors.encode(module, record, self.scheme)
+    @staticmethod
+    def schemes(qconfig: dict) -> object:
+        """The config's schemes as this reader understands them; CompressorError if it cannot."""
 
 
-WRITERS.register("weight-int-mixed")(mixed_precision.MixedWriter)
+FORMATS: Registry[type[QuantizedFormat]] = Registry("quantized format")
+for _format in (compressed_tensors.PackQuantized, naive_quantized.IntQuantized, naive_quantized.FloatQuantized):
+    FORMATS.register(_format.name)(_format)
 
 
-@WRITERS.register("w8a8-int")
-def _int8(export: dict) -> Writer:
-    return naive_quantized.Writer(naive_quantized.W8Scheme("int", export.get("act_dynamic", True)))
+def writer_for(export: dict) -> QuantizedFormat:
+    """The format a method's `export()` names, set up to write its records."""
+    for _, fmt in FORMATS.items():
+        if fmt.kind == export["kind"]:
+            return fmt(export)
+    raise CompressorError(f"unknown quantization export kind {export['kind']!r}",
+                          f"choose one of: {', '.join(sorted(f.kind for _, f in FORMATS.items()))}")
 
-
-@WRITERS.register("fp8")
-def _fp8(export: dict) -> Writer:
-    return naive_quantized.Writer(naive_quantized.W8Scheme("float", export.get("act_dynamic", True)))
-
-
-def writer_for(export: dict) -> Writer:
-    return WRITERS.get(export["kind"])(export)
-
-
-READERS = {
-    compressed_tensors.FORMAT: compressed_tensors.decode,
-    naive_quantized.INT_FORMAT: naive_quantized.decode,
-    naive_quantized.FLOAT_FORMAT: naive_quantized.decode,
-}
 
 # Leaf names of quantization parameters, which are not model parameters.
-SUFFIXES = tuple(dict.fromkeys(compressed_tensors.SUFFIXES + naive_quantized.SUFFIXES))
+SUFFIXES = tuple(dict.fromkeys(s for _, fmt in FORMATS.items() for s in fmt.suffixes))
+
+
+def supports(qconfig: dict) -> bool:
+    """Whether `decode` reads this quantization config (config groups of schemes we read)."""
+    fmt = qconfig.get("format")
+    if qconfig.get("quant_method") != "compressed-tensors" or fmt not in FORMATS:
+        return False
+    try:
+        FORMATS.get(fmt).schemes(qconfig)
+    except (CompressorError, KeyError, TypeError, ValueError):
+        return False
+    return True
 
 
 def decode(tensors: dict[str, torch.Tensor], qconfig: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The float state dict of a quantized artifact (plus static activation scales, if any)."""
-    reader = READERS.get(qconfig.get("format")) if qconfig.get("quant_method") == "compressed-tensors" else None
-    if reader is None:
+    fmt = qconfig.get("format")
+    if qconfig.get("quant_method") != "compressed-tensors" or fmt not in FORMATS:
         raise CompressorError(
-            f"unsupported quantization format {qconfig.get('quant_method')}/{qconfig.get('format')}",
-            f"this reader handles compressed-tensors {', '.join(READERS)}")
-    return reader(tensors, qconfig, dtype)
+            f"unsupported quantization format {qconfig.get('quant_method')}/{fmt}",
+            f"this reader handles compressed-tensors {', '.join(FORMATS.names())}")
+    return FORMATS.get(fmt).decode(tensors, qconfig, dtype)

@@ -1,6 +1,6 @@
 """Decoding packed 16-bit float tensors into a preallocated buffer, lane-parallel.
 
-A DecodePlan describes a set of tANS streams (one per tensor; see methods/lossless/codec.py
+A DecodePlan describes a set of tANS streams (one per tensor; see codecs/lanes.py
 for the geometry) as flat per-lane arrays on the target device, so one launch decodes every
 tensor of, say, a decoder block: lane g starts reading at bit `lane_pos[g]` of the
 concatenated words, uses the table at `lane_tab[g]`, and writes `lane_n[g]` outputs at

@@ -65,80 +65,10 @@ extern "C" __global__ void tans_decode_smem(
         op[(long long)t * stride] = (short)v;
     }
 }
-
-/* v2: the next word of each lane is loaded one refill ahead, and the raw planes of the next
- * U steps are loaded while the current U decode, so neither memory latency sits on the chain.
- * Measured on an H100: no faster than v1 (509-519 vs 519-529 GB/s), so memory latency is not
- * what bounds v1; kept for the benchmark's comparison, v1 is the default. */
-extern "C" __global__ void tans_decode_smem2(
-    const unsigned int* __restrict__ words, const unsigned int* __restrict__ table,
-    const unsigned char* __restrict__ raw, const unsigned char* __restrict__ signs, short* __restrict__ out,
-    const long long* __restrict__ lpos, const long long* __restrict__ lout, const long long* __restrict__ lraw,
-    const long long* __restrict__ lsign, const int* __restrict__ ln, const int* __restrict__ ltab,
-    int n_lanes, int stride, int R, int mode)
-{
-    const int U = 8;
-    extern __shared__ unsigned int stab[];
-    int lane0 = blockIdx.x * blockDim.x;
-    int lane = lane0 + threadIdx.x;
-    int tsize = 1 << R;
-    int tab0 = ltab[lane0];
-    for (int i = threadIdx.x; i < tsize; i += blockDim.x) stab[i] = table[tab0 + i];
-    __syncthreads();
-    if (lane >= n_lanes) return;
-    long long start = lpos[lane];
-    const unsigned int* wp = words + (start >> 5);
-    int off = (int)(start & 31);
-    unsigned long long buf = ((((unsigned long long)wp[0]) << 32) | wp[1]) << off;
-    int cnt = 64 - off;
-    unsigned int nextw = wp[2];  /* the words buffer is padded: reading ahead stays inside it */
-    wp += 3;
-    unsigned int state = (unsigned int)(buf >> (64 - R));
-    buf <<= R;
-    cnt -= R;
-    int n = ln[lane];
-    short* op = out + lout[lane];
-    long long k0 = lraw[lane];
-    const unsigned char* rp;
-    const unsigned char* sp;
-    int rsh, ssh;
-    if (mode == 1) { rp = raw + k0; rsh = 0; sp = signs; ssh = 0; }
-    else { rp = raw + (k0 >> 1); rsh = (int)(k0 & 1) * 4; long long s0 = lsign[lane]; sp = signs + (s0 >> 3); ssh = (int)(s0 & 7); }
-    long long rstep = mode == 1 ? stride : stride >> 1, sstep = stride >> 3;
-    unsigned int rc[U], sc[U], rn[U], sn[U];
-#pragma unroll
-    for (int j = 0; j < U; j++) {
-        rc[j] = j < n ? rp[j * rstep] : 0;
-        sc[j] = (mode == 2 && j < n) ? sp[j * sstep] : 0;
-    }
-    for (int t0 = 0; t0 < n; t0 += U) {
-#pragma unroll
-        for (int j = 0; j < U; j++) {
-            long long t = t0 + U + j;
-            rn[j] = t < n ? rp[t * rstep] : 0;
-            sn[j] = (mode == 2 && t < n) ? sp[t * sstep] : 0;
-        }
-#pragma unroll
-        for (int j = 0; j < U; j++) {
-            int t = t0 + j;
-            if (t < n) {
-                if (cnt < 32) { buf |= ((unsigned long long)nextw) << (32 - cnt); cnt += 32; nextw = *wp++; }
-                unsigned int e = stab[state];
-                unsigned int nb = (e >> 16) & 15;
-                state = (e >> 20) + (unsigned int)((buf >> 1) >> (63 - nb));
-                buf <<= nb;
-                cnt -= nb;
-                unsigned int v = e & 0xFFFF;
-                if (mode == 1) v |= ((rc[j] & 0x80) << 8) | (rc[j] & 0x7F);
-                else v |= (((sc[j] >> ssh) & 1) << 15) | ((rc[j] >> rsh) & 15);
-                op[(long long)t * stride] = (short)v;
-            }
-        }
-#pragma unroll
-        for (int j = 0; j < U; j++) { rc[j] = rn[j]; sc[j] = sn[j]; }
-    }
-}
 """
+# A variant that prefetched each lane's next word and the next raw planes measured no faster on
+# an H100 (509-519 vs 519-529 GB/s; benchmarks/results/lossless_gpu.json): memory latency is not
+# what bounds this kernel, so only this one is kept.
 _KERNELS: dict = {}
 
 

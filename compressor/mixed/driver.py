@@ -211,17 +211,16 @@ def choose(table: SensitivityTable, predictor: Predictor, config: MixedConfig,
 
 def quantize_mixed(model: str, chain: list[Method], out: Path, *, calib: Calibration, device: str,
                    dtype: torch.dtype, hessian_dtype: torch.dtype, overwrite: bool, allow_pickle: bool, verify: bool,
-                   progress: Progress, build: Callable[..., dict]) -> dict:
-    """`compress quantize --mixed`: search a plan for the budget and build it with `build` (api.compress)."""
-    from compressor import api
-
+                   progress: Progress, load: Callable[..., LoadedModel], build: Callable[..., dict]) -> dict:
+    """`compress quantize --mixed`: search a plan for the budget and build it with `build` (api.compress);
+    `load` is api.load."""
     started = time.perf_counter()
     mixer: MixedPrecision = chain[-1]
     config: MixedConfig = mixer.config
     transforms = chain[:-1]
     if config.budget() is None:
         raise CompressorError("--mixed needs a budget", "pass --target-bits, --max-kl or --max-ppl-increase")
-    loaded = api.load(model, dtype=dtype, allow_pickle=allow_pickle, progress=progress, verify=verify)
+    loaded = load(model, dtype=dtype, allow_pickle=allow_pickle, progress=progress, verify=verify)
     if config.target_bits is not None:  # known from the shapes alone: before the pass
         search.check_target(config.target_bits, _cheapest_bits(loaded, config))
     table, directory = sensitivities(loaded, transforms, config, calib, config.sensitivity, device=device,
@@ -265,14 +264,13 @@ def quantize_mixed(model: str, chain: list[Method], out: Path, *, calib: Calibra
 
 def sensitivity_command(model: str, chain: list[Method], out: Path, *, calib: Calibration, device: str,
                         dtype: torch.dtype, hessian_dtype: torch.dtype, allow_pickle: bool, verify: bool,
-                        progress: Progress) -> dict:
+                        progress: Progress, load: Callable[..., LoadedModel]) -> dict:
     """`compress sensitivity`: the table (JSON), its heatmap (PNG) and the most sensitive linears."""
-    from compressor import api
     from compressor.mixed.plots import heatmap
 
     started = time.perf_counter()
     config: MixedConfig = chain[-1].config
-    loaded = api.load(model, dtype=dtype, allow_pickle=allow_pickle, progress=progress, verify=verify)
+    loaded = load(model, dtype=dtype, allow_pickle=allow_pickle, progress=progress, verify=verify)
     table, directory = sensitivities(loaded, chain[:-1], config, calib, out, device=device, dtype=dtype,
                                      hessian_dtype=hessian_dtype, interactions=config.interactions,
                                      probe_samples=config.probe_samples, probe_len=config.probe_len,

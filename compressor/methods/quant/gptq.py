@@ -17,9 +17,6 @@ actorder "group" was removed), so that combination is refused.
 
 from __future__ import annotations
 
-from contextlib import contextmanager
-from typing import Iterator
-
 import torch
 from pydantic import Field, model_validator
 from torch import nn
@@ -32,6 +29,7 @@ from compressor.methods.quant.quantizer import (
 from compressor.methods.quant.rtn import RTN, WeightQuantConfig
 from compressor.models.adapters import Adapter, LinearGroup
 from compressor.schemes import WeightScheme, group_index
+from compressor.util import one_thread
 
 MAX_DAMP = 1.0
 
@@ -287,18 +285,6 @@ def _sweep(w: torch.Tensor, hinv: torch.Tensor, params, perm: torch.Tensor, qmin
             _sweep_block(wb, eb, hb, wt, q_all, params, perm, qmin, qmax, start, end)
         wt[end:].addmm_(hinv[start:end, end:].T, eb, alpha=-1)
     return q_all.T.to(torch.int8)
-
-
-@contextmanager
-def one_thread() -> Iterator[None]:
-    """The per-column steps are small vector operations; on a busy CPU, waking a second thread for
-    each costs more than it saves (several times over). Results are the same either way."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _sweep_block(wb, eb, hb, wt, q_all, params, perm, qmin, qmax, start: int, end: int) -> None:

@@ -25,9 +25,10 @@ from compressor.errors import CompressorError
 from compressor.methods.base import METHODS, BlockContext, Method, MethodConfig, Record
 from compressor.methods.composition import method_names
 from compressor.methods.quant.candidates import KEEP, Format, candidate_formats, formats_for, parse_format
-from compressor.methods.quant.gptq import GPTQConfig, gptq_quantize_rows, one_thread, too_few_tokens
+from compressor.methods.quant.gptq import GPTQConfig, gptq_quantize_rows, too_few_tokens
 from compressor.methods.quant.quantizer import compute_qparams, dequantize_record, make_record
 from compressor.models.adapters import Adapter, LinearGroup
+from compressor.util import one_thread
 
 # A record of the sensitivity pass is stored under "<linear>@<format>".
 CANDIDATE_SEPARATOR = "@"
@@ -275,7 +276,7 @@ class MixedPrecision(Method):
         self.cached = {}
 
     def export(self) -> dict:
-        return {"kind": "weight-int-mixed", "actorder": "weight" if self.config.act_order else None,
+        return {"kind": "weight-int", "actorder": "weight" if self.config.act_order else None,
                 "schemes": {m: f.scheme(self.config.sym, self.config.scale_dtype) for m, f in self.formats.items()}}
 
 

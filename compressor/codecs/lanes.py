@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from compressor.methods.lossless import tans
+from compressor.codecs import tans
 
 # Per-lane overhead: the final state (table_log bits) and the uint16 length.
 LANE_OVERHEAD_BITS = 12 + 16
@@ -244,7 +244,7 @@ def decode_reference(streams: list[CodedStream], layout: Layout, values: list[np
 
 def encode_fast(streams: list[torch.Tensor], layout: Layout, norms: list[np.ndarray]) -> list[CodedStream]:
     """The C encoder where it is available (same bytes as `encode`), else `encode`."""
-    from compressor.methods.lossless import native
+    from compressor.codecs import native
 
     lib = native.library()
     if lib is None:
@@ -272,7 +272,7 @@ def decode_fast(stream: CodedStream, layout: Layout, values: np.ndarray, mode: i
                 raw: np.ndarray | None = None, signs: np.ndarray | None = None) -> np.ndarray:
     """uint16 outputs of one stream, merged with its raw planes: MODE_BYTE adds a byte of
     sign << 7 | 7 low bits per element, MODE_NIBBLE a sign bit and a 4-bit nibble per element."""
-    from compressor.methods.lossless import native
+    from compressor.codecs import native
 
     check_structure(stream, layout)
     n = stream.count

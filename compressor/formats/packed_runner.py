@@ -19,8 +19,8 @@ from torch import nn
 from compressor.errors import CompressorError
 from compressor.formats import packed as packed_format
 from compressor.kernels import entropy_decode
-from compressor.methods.lossless import codec, native
-from compressor.methods.lossless.dfloat import PackedTensor, unpack_tensor
+from compressor.codecs import lanes, native
+from compressor.codecs.dfloat import PackedTensor, unpack_tensor
 from compressor.models.adapters import adapter_for_config
 
 
@@ -50,10 +50,10 @@ class PackedRunner:
             return
         for _, p, offset in block.entries:  # native: the C decoder, tensor by tensor
             m, a = p.meta, p.arrays
-            layout = codec.Layout(int(m["lanes"]), int(m["steps"]), int(m["table_log"]))
-            stream = codec.CodedStream(a["words"].view(np.uint32), a["lane_bits"].view(np.uint16),
+            layout = lanes.Layout(int(m["lanes"]), int(m["steps"]), int(m["table_log"]))
+            stream = lanes.CodedStream(a["words"].view(np.uint32), a["lane_bits"].view(np.uint16),
                                        a["norm"].view(np.uint16), int(m["count"]))
-            v = codec.decode_fast(stream, layout, a["values"].view(np.uint16), int(m["mode"]), a.get("raw"),
+            v = lanes.decode_fast(stream, layout, a["values"].view(np.uint16), int(m["mode"]), a.get("raw"),
                                   a.get("signs"))
             out[offset:offset + v.size].copy_(torch.from_numpy(v.view(np.int16)))
 
@@ -150,7 +150,7 @@ def load_packed(path: str | Path, device: str | torch.device = "cpu", backend: s
         else:
             try:
                 resident[name] = unpack_tensor(p).to(device)
-            except codec.CorruptStream as exc:
+            except lanes.CorruptStream as exc:
                 raise CompressorError(f"{path}: tensor {name!r} is corrupted ({exc})",
                                       "restore the artifact from a good copy") from None
     tied = getattr(config, "tie_word_embeddings", False)

@@ -18,14 +18,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
-from compressor.methods.base import MethodConfig
-from compressor.methods.lossless import codec, tans
-from compressor.methods.lossless.codec import MODE_BYTE, MODE_NIBBLE, MODE_VALUES, CodedStream, Layout
+from compressor.codecs import lanes, tans
+from compressor.codecs.lanes import MODE_BYTE, MODE_NIBBLE, MODE_VALUES, CodedStream, Layout
 
 
-class PackConfig(MethodConfig):
+class PackConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)  # unknown options are errors
+
     lanes: int = Field(128, ge=8, le=4096, multiple_of=8)  # the GPU decoder keeps per-lane shifts fixed
     steps: int = Field(2048, ge=1, le=5000)  # lane lengths are uint16: steps * table_log + table_log < 65536
     table_log: int = Field(12, ge=8, le=12)
@@ -70,7 +71,7 @@ class _Plan:
 
 def _plan_16bit(u: np.ndarray, layout: Layout) -> _Plan:
     """Best split of 16-bit words (uint16) into coded high bits and raw planes."""
-    from compressor.methods.lossless import native
+    from compressor.codecs import native
 
     lib = native.library()
     u = np.ascontiguousarray(u, dtype=np.uint16)
@@ -85,7 +86,7 @@ def _plan_16bit(u: np.ndarray, layout: Layout) -> _Plan:
         present = np.flatnonzero(hist)
         if present.size > tans.ALPHABET:
             continue
-        estimate = codec.estimated_bits(hist[present], layout) + n * (1 + low)
+        estimate = lanes.estimated_bits(hist[present], layout) + n * (1 + low)
         if best is None or estimate < best[0]:
             best = (estimate, low, present, hist[present])
     estimate, low, present, counts = best
@@ -128,7 +129,7 @@ def plan(t: torch.Tensor, layout: Layout) -> _Plan:
     data = _u8(t)
     hist = np.bincount(data, minlength=256)
     return _Plan(data, np.arange(256, dtype=np.uint16), MODE_VALUES, 0, {},
-                 codec.estimated_bits(hist, layout))
+                 lanes.estimated_bits(hist, layout))
 
 
 def pack_tensors(tensors: list[torch.Tensor], config: PackConfig) -> list[PackedTensor]:
@@ -147,7 +148,7 @@ def pack_tensors(tensors: list[torch.Tensor], config: PackConfig) -> list[Packed
         todo.append((i, t, meta, p))
     norms = [tans.normalize(p.hist if p.hist is not None else np.bincount(p.symbols, minlength=256),
                             layout.table_log) for _, _, _, p in todo]
-    coded = codec.encode_fast([torch.from_numpy(p.symbols) for _, _, _, p in todo], layout, norms)
+    coded = lanes.encode_fast([torch.from_numpy(p.symbols) for _, _, _, p in todo], layout, norms)
     for (i, t, meta, p), c in zip(todo, coded):
         raw_bytes = t.numel() * t.element_size()
         arrays = {"words": c.words, "lane_bits": c.lane_bits, "norm": c.norm, "values": p.values, **p.planes}
@@ -162,7 +163,7 @@ def pack_tensors(tensors: list[torch.Tensor], config: PackConfig) -> list[Packed
 def _dtype(name: str) -> torch.dtype:
     dtype = getattr(torch, name, None)
     if not isinstance(dtype, torch.dtype):
-        raise codec.CorruptStream(f"unknown dtype {name!r}")
+        raise lanes.CorruptStream(f"unknown dtype {name!r}")
     return dtype
 
 
@@ -176,7 +177,7 @@ def unpack_tensor(p: PackedTensor, verify: bool = True) -> torch.Tensor:
     if meta["kind"] == "raw":
         data = p.arrays["data"]
         if data.size != nbytes:
-            raise codec.CorruptStream(f"raw data has {data.size} bytes, {nbytes} expected")
+            raise lanes.CorruptStream(f"raw data has {data.size} bytes, {nbytes} expected")
         out = torch.from_numpy(data.copy()).view(dtype).reshape(shape) if nbytes else torch.empty(shape, dtype=dtype)
     elif meta["kind"] == "coded":
         layout = Layout(int(meta["lanes"]), int(meta["steps"]), int(meta["table_log"]))
@@ -186,24 +187,24 @@ def unpack_tensor(p: PackedTensor, verify: bool = True) -> torch.Tensor:
         mode = int(meta["mode"])
         values = a["values"].view(np.uint16)
         if values.shape != (tans.ALPHABET,):
-            raise codec.CorruptStream("symbol value table has the wrong size")
-        v = codec.decode_fast(stream, layout, values, mode, a.get("raw"), a.get("signs"))
+            raise lanes.CorruptStream("symbol value table has the wrong size")
+        v = lanes.decode_fast(stream, layout, values, mode, a.get("raw"), a.get("signs"))
         if dtype == torch.float32:
             low16 = a.get("low16")
             if low16 is None or low16.size != 2 * numel or v.size != numel:
-                raise codec.CorruptStream("float32 low halves missing or the wrong size")
+                raise lanes.CorruptStream("float32 low halves missing or the wrong size")
             u = (v.astype(np.uint32) << 16) | low16.view(np.uint16).astype(np.uint32)
             out = torch.from_numpy(u.view(np.int32).copy()).view(torch.float32).reshape(shape)
         elif dtype in (torch.bfloat16, torch.float16):
             if v.size != numel:
-                raise codec.CorruptStream(f"stream holds {v.size} values, {numel} expected")
+                raise lanes.CorruptStream(f"stream holds {v.size} values, {numel} expected")
             out = torch.from_numpy(v.view(np.int16)).view(dtype).reshape(shape)
         else:
             if v.size != nbytes:
-                raise codec.CorruptStream(f"stream holds {v.size} bytes, {nbytes} expected")
+                raise lanes.CorruptStream(f"stream holds {v.size} bytes, {nbytes} expected")
             out = torch.from_numpy(v.astype(np.uint8)).view(dtype).reshape(shape)
     else:
-        raise codec.CorruptStream(f"unknown kind {meta['kind']!r}")
+        raise lanes.CorruptStream(f"unknown kind {meta['kind']!r}")
     if verify and tensor_sha256(out) != meta["sha256"]:
-        raise codec.CorruptStream("decoded bytes do not match the recorded sha256")
+        raise lanes.CorruptStream("decoded bytes do not match the recorded sha256")
     return out

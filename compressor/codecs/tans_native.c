@@ -1,5 +1,5 @@
-/* tANS lane codec, compiled at first use by compressor.methods.lossless.native.
- * Geometry and bit order are those of codec.py (the reference): a stream of `count`
+/* tANS lane codec, compiled at first use by compressor.codecs.native.
+ * Geometry and bit order are those of lanes.py (the reference): a stream of `count`
  * symbols in chunks of lanes*steps; symbol p of a chunk is lane p % lanes, step p / lanes;
  * each lane = final encoder state (table_log bits) then each symbol's bits, MSB first;
  * lanes back to back, each chunk starting on a 32-bit word.
