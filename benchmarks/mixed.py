@@ -41,6 +41,7 @@ PLOT = REPORTS / "mixed-pareto.png"
 TARGETS = (2.5, 3.0, 3.25, 3.5, 4.0)
 UNIFORM_BITS = (2, 3, 4, 8)
 GROUP = 64
+SKIP_MISSING = False  # --skip-missing: rows not built yet are left out (nothing is built)
 CALIB = {"calib_samples": 128, "calib_len": 512}
 LOAD_NOTE = ("timings taken on a shared 2-core machine under load from other agents (load average per row); "
              "wall_s vs cpu_s shows the contention")
@@ -60,6 +61,9 @@ def build(name: str, args: list[str], work: Path, reuse: bool, **extra) -> dict:
     record = work / f"{name}.run.json"
     if reuse and record.is_file() and (work / name / "manifest.json").is_file():
         return json.loads(record.read_text())
+    if SKIP_MISSING:
+        print(f"skipping {name}: not built", flush=True)
+        return None
     print(f"building {name}", flush=True)
     cpu, load = _children_cpu_s(), _load_average()
     # An interrupted uniform build (this machine's sessions end without warning) is resumed, its wall time then
@@ -90,7 +94,7 @@ def uniform_builds(model: str, work: Path, methods: list[str], bits: list[int], 
             name = f"{method}-w{b}"
             out.append((name, {"method": method, "config": config},
                         build(name, [model, "--method", method, *flags], work, reuse)))
-    return out
+    return [row for row in out if row[2] is not None]
 
 
 def mixed_builds(model: str, work: Path, bases: list[str], targets: list[float], reuse: bool,
@@ -104,9 +108,10 @@ def mixed_builds(model: str, work: Path, bases: list[str], targets: list[float],
             run = build(name, [model, "--method", base, "--mixed", "--target-bits", f"{target:g}", "--asym",
                                "--act-order", "--sensitivity", str(sensitivity), *extra], work, reuse,
                         ran_pass=not cached)
-            out.append((name, {"method": "mixed", "config": {"target_bits": target, "base_method": base,
-                                                            "act_order": True, "sym": False}}, run))
-    return out
+            config = {"target_bits": target, "base_method": base, "act_order": True, "sym": False,
+                      **({"flags": " ".join(extra)} if extra else {})}
+            out.append((name, {"method": "mixed", "config": config}, run))
+    return [row for row in out if row[2] is not None]
 
 
 def measure(model: str, work: Path, names: list[str], windows: int) -> dict:
@@ -180,6 +185,15 @@ def score_correlation(model: str, sensitivity: Path, assignments: int, windows: 
             "assignments": rows, "eval_windows": windows}
 
 
+def scores(args, work: Path) -> dict:
+    """The score check on the first base's sensitivities (kept in `work` for the next run)."""
+    kept = work / f"scores-{args.bases[0]}-{args.assignments}x{args.score_windows}.json"
+    if not kept.is_file():
+        kept.write_text(json.dumps(score_correlation(args.model, work / f"sensitivity-{args.bases[0]}",
+                                                     args.assignments, args.score_windows), indent=1))
+    return json.loads(kept.read_text())
+
+
 def _w3_bits(work: Path) -> float | None:
     """Uniform W3 g64 GPTQ's own bits per weight: the budget of the issue's second target."""
     manifest = work / "gptq-w3" / "manifest.json"
@@ -216,12 +230,13 @@ def run(args) -> None:
                      **({"search": _search(timing)} if timing.get("mixed") else {})})
     if args.assignments:
         rows.append({"model": args.model, "method": "mixed-scores", "config": {"base_method": args.bases[0]},
-                     **score_correlation(args.model, work / f"sensitivity-{args.bases[0]}", args.assignments,
-                                         args.score_windows)})
+                     **scores(args, work)})
     existing = read_results(NAME)["rows"] if (RESULTS / f"{NAME}.json").is_file() else []
     rows = [r for r in existing if r["model"] != args.model] + rows
     write_results(NAME, rows, {"eval_windows": args.windows, "window": 512, **CALIB},
-                  {"note": LOAD_NOTE})
+                  {"note": LOAD_NOTE + ("" if args.windows >= 64 else
+                                        f"; perplexity and KL on {args.windows} windows instead of the protocol's "
+                                        "64 so that the grid fit in the session on this loaded machine")})
     print_table([r for r in rows if r["model"] == args.model and r["method"] != "mixed-scores"],
                 ["row", "bits_per_weight", "ppl", "kl", "wall_s"], f"mixed precision, {args.model}")
 
@@ -377,15 +392,23 @@ def main() -> None:
     parser.add_argument("--assignments", type=int, default=32)
     parser.add_argument("--score-windows", type=int, default=8)
     parser.add_argument("--reuse", action="store_true", help="keep artifacts (and timings) built in --work")
+    parser.add_argument("--skip-missing", action="store_true", help="with --reuse: leave out rows not built yet")
     parser.add_argument("--build-only", action="store_true", help="build what is missing in --work, measure nothing")
+    parser.add_argument("--scores-only", action="store_true",
+                        help="run the score check on the sensitivities in --work (kept for the next run), nothing else")
     parser.add_argument("--measure-only", action="store_true",
                         help="measure the artifacts already built in --work (kept for the next run), nothing else")
     args = report_cli(parser, NAME, render)
-    if args is not None and args.measure_only:
+    if args is not None and (args.measure_only or args.scores_only):
         work = Path(args.work) / args.model
-        measure(args.model, work, sorted(p.parent.name for p in work.glob("*/manifest.json")), args.windows)
+        if args.measure_only:
+            measure(args.model, work, sorted(p.parent.name for p in work.glob("*/manifest.json")), args.windows)
+        if args.scores_only:
+            scores(args, work)
         return
     if args is not None:
+        global SKIP_MISSING
+        SKIP_MISSING = args.skip_missing
         started = time.perf_counter()
         run(args)
         if args.build_only:

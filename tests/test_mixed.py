@@ -184,11 +184,11 @@ def test_a_kl_budget_is_met_as_measured(sensitivity, tiny_llama, calib, tmp_path
 
 
 def test_a_perplexity_budget_is_met_as_measured(sensitivity, tiny_llama, calib, tmp_path):
-    loose = _mixed(tiny_llama, tmp_path / "a", calib, sensitivity[0], target_bits=3.0)["mixed"]
-    allowed = loose["measured"]["ppl_increase"] / 3
+    # The tiny random model's perplexity moves little (either way) when quantized: a tight budget.
+    allowed = 0.05
     result = _mixed(tiny_llama, tmp_path / "b", calib, sensitivity[0], max_ppl_increase=allowed)["mixed"]
-    assert 0 < result["measured"]["ppl_increase"] <= allowed
-    assert result["bits_per_weight"] > loose["bits_per_weight"]
+    assert result["measured"]["ppl_increase"] <= allowed
+    assert all(r["measured_ppl_increase"] > allowed for r in result["rounds"][:-1])
     assert result["rounds"][-1]["measured_ppl_increase"] == result["measured"]["ppl_increase"]
 
 
@@ -224,6 +224,19 @@ def test_sequential_build_requantizes_in_the_plan(sensitivity, tiny_llama, calib
     assert result["formats"] == cached["formats"]
     assert "measured_cached_candidates" in json.loads((out / "manifest.json").read_text())["metrics"]["mixed"]
     assert (out / "model.safetensors").read_bytes() != (tmp_path / "c" / "model.safetensors").read_bytes()
+
+
+def test_rtn_scores_then_a_sequential_gptq_build(sensitivity, tiny_llama, calib, tmp_path):
+    """Scores from the RTN error (a fast pass), the build re-quantized with GPTQ in the chosen formats."""
+    scored = tmp_path / "s"
+    result = _mixed(tiny_llama, tmp_path / "q", calib, scored, target_bits=3.5, score_with="rtn",
+                    build="sequential")["mixed"]
+    assert result["bits_per_weight"] <= 3.5 and result["measured"]["kl"] > 0
+    rtn = json.loads((scored / "sensitivity.json").read_text())["linears"]
+    gptq = json.loads((sensitivity[0] / "sensitivity.json").read_text())["linears"]
+    assert sum(l["scores"]["int3-g64"] for l in rtn) > sum(l["scores"]["int3-g64"] for l in gptq)
+    with pytest.raises(CompressorError, match="add --build sequential"):
+        _mixed(tiny_llama, tmp_path / "c", calib, scored, target_bits=3.5, score_with="rtn")
 
 
 # ---------------------------------------------------------------- bad input and the command line

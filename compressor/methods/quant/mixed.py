@@ -41,6 +41,10 @@ class CandidateConfig(MethodConfig):
 
     base: Literal["gptq", "rtn"] = Field("gptq", description="mixed: the quantizer that rounds each linear in "
                                                             "its chosen format")
+    score_with: Literal["base", "rtn"] = Field(
+        "base", description="mixed: the quantizer whose error the sensitivity pass scores: the base's (GPTQ: one "
+                            "column sweep per candidate), or RTN (several times faster; the build then re-quantizes "
+                            "with the base, sequentially)")
     sym: bool = Field(True, description="symmetric (no zero point), or integer zero points",
                       json_schema_extra={"flag": "--sym/--asym"})
     scale_dtype: Literal["float16", "bfloat16", "float32"] = Field("float16", description="dtype of the stored scales")
@@ -85,9 +89,10 @@ class CandidateConfig(MethodConfig):
 
 
 def _quantize_rows(config: CandidateConfig, weights: list[torch.Tensor], formats: list[Format],
-                   hessian: torch.Tensor | None, name: str) -> list[Record]:
-    """The base quantizer's record of each weight in its (integer) format; GPTQ does them all in one sweep."""
-    if config.base == "gptq" and hessian is not None:
+                   hessian: torch.Tensor | None, name: str, quantizer: str | None = None) -> list[Record]:
+    """The record of each weight in its (integer) format by `quantizer` (the base by default); GPTQ
+    does them all in one sweep."""
+    if (quantizer or config.base) == "gptq" and hessian is not None:
         blocks = [(w.shape[0], config.gptq(f)) for w, f in zip(weights, formats)]
         with one_thread():  # many small and medium operations (see gptq.one_thread)
             records, _ = gptq_quantize_rows(torch.cat(weights), hessian, blocks, name)
@@ -145,9 +150,10 @@ class Sensitivity(Method):
         quantized = [f for f in formats if not f.kept]
         few = too_few_tokens(ctx, group, linears, stats)
         pairs = [(n, f) for f in quantized for n in names]
+        scorer = self.config.base if self.config.score_with == "base" else self.config.score_with
         records = dict(zip(pairs, _quantize_rows(self.config, [weights[n] for n, _ in pairs],
                                                  [f for _, f in pairs], None if few else hessian,
-                                                 f"{ctx.prefix}{group.name}")))
+                                                 f"{ctx.prefix}{group.name}", scorer)))
         records.update({(n, KEEP): kept_record(weights[n]) for n in names if KEEP in formats})
         scores = ctx.meta.setdefault("sensitivity", {})
         for (n, f), record in records.items():
@@ -188,6 +194,13 @@ class MixedConfig(CandidateConfig):
             except (OSError, json.JSONDecodeError) as exc:
                 raise ValueError(f"cannot read a plan from {value} ({exc})") from None
         return value
+
+    @model_validator(mode="after")
+    def _rtn_scores_build_sequentially(self) -> "MixedConfig":
+        if self.score_with != "base" and self.score_with != self.base and self.build == "cached":
+            raise ValueError(f"--score-with {self.score_with} keeps {self.score_with} candidates, not {self.base}'s: "
+                             "add --build sequential")
+        return self
 
     @model_validator(mode="after")
     def _one_budget(self) -> "MixedConfig":
