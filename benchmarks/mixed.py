@@ -41,7 +41,9 @@ PLOT = REPORTS / "mixed-pareto.png"
 TARGETS = (2.5, 3.0, 3.25, 3.5, 4.0)
 UNIFORM_BITS = (2, 3, 4, 8)
 GROUP = 64
-SKIP_MISSING = False  # --skip-missing: rows not built yet are left out (nothing is built)
+# --device (where builds and evaluations run; the score check runs on the CPU) and --skip-missing
+# (rows not built yet are left out, nothing is built): set once by main().
+RUN = argparse.Namespace(device="cpu", skip_missing=False)
 CALIB = {"calib_samples": 128, "calib_len": 512}
 LOAD_NOTE = ("timings taken on a shared 2-core machine under load from other agents (load average per row); "
              "wall_s vs cpu_s shows the contention")
@@ -61,7 +63,7 @@ def build(name: str, args: list[str], work: Path, reuse: bool, **extra) -> dict:
     record = work / f"{name}.run.json"
     if reuse and record.is_file() and (work / name / "manifest.json").is_file():
         return json.loads(record.read_text())
-    if SKIP_MISSING:
+    if RUN.skip_missing:
         print(f"skipping {name}: not built", flush=True)
         return None
     print(f"building {name}", flush=True)
@@ -72,7 +74,8 @@ def build(name: str, args: list[str], work: Path, reuse: bool, **extra) -> dict:
     if "--mixed" in args:
         shutil.rmtree(stale, ignore_errors=True)
     resumed = (stale / "run.json").is_file()
-    result = compress_json("quantize", *args, "-o", str(work / name), "--overwrite", *(["--resume"] if resumed else []))
+    result = compress_json("quantize", *args, "-o", str(work / name), "--overwrite", "--device", RUN.device,
+                           *(["--resume"] if resumed else []))
     extra = {**extra, **({"resumed": True} if resumed else {})}
     run = {"wall_s": round(result["process_wall_s"], 1), "cpu_s": round(_children_cpu_s() - cpu, 1),
            "peak_rss_mb": round(result["peak_rss_mb"]), "load_average": load,
@@ -126,7 +129,7 @@ def measure(model: str, work: Path, names: list[str], windows: int) -> dict:
         chunk = todo[start:start + 4]
         began = time.perf_counter()
         print(f"measuring {', '.join(chunk)} on {windows} windows", flush=True)
-        got = evaluate(model, {n: work / n for n in chunk}, windows, per_pass=4, batch_size=2)
+        got = evaluate(model, {n: work / n for n in chunk}, windows, per_pass=4, batch_size=2, device=RUN.device)
         for n in chunk:
             cached(n).write_text(json.dumps({**got[n], "base": got["base"], "eval_s": time.perf_counter() - began,
                                              "load_average": _load_average()}))
@@ -194,6 +197,12 @@ def scores(args, work: Path) -> dict:
     return json.loads(kept.read_text())
 
 
+def _note(args) -> str:
+    where = LOAD_NOTE if args.device == "cpu" else f"builds and evaluations on {args.device}; the score check on the CPU"
+    fewer = f"; perplexity and KL on {args.windows} windows instead of the protocol's 64" if args.windows < 64 else ""
+    return where + fewer
+
+
 def _w3_bits(work: Path) -> float | None:
     """Uniform W3 g64 GPTQ's own bits per weight: the budget of the issue's second target."""
     manifest = work / "gptq-w3" / "manifest.json"
@@ -208,7 +217,7 @@ def _search(timing: dict) -> dict:
 
 
 def run(args) -> None:
-    work = Path(args.work) / args.model
+    work = Path(args.work) / Path(args.model).name
     work.mkdir(parents=True, exist_ok=True)
     built = uniform_builds(args.model, work, args.uniform, args.bits, args.reuse)
     w3 = _w3_bits(work) if args.w3_point else None
@@ -234,9 +243,7 @@ def run(args) -> None:
     existing = read_results(NAME)["rows"] if (RESULTS / f"{NAME}.json").is_file() else []
     rows = [r for r in existing if r["model"] != args.model] + rows
     write_results(NAME, rows, {"eval_windows": args.windows, "window": 512, **CALIB},
-                  {"note": LOAD_NOTE + ("" if args.windows >= 64 else
-                                        f"; perplexity and KL on {args.windows} windows instead of the protocol's "
-                                        "64 so that the grid fit in the session on this loaded machine")})
+                  {"device": args.device, "note": _note(args)})
     print_table([r for r in rows if r["model"] == args.model and r["method"] != "mixed-scores"],
                 ["row", "bits_per_weight", "ppl", "kl", "wall_s"], f"mixed precision, {args.model}")
 
@@ -392,6 +399,7 @@ def main() -> None:
     parser.add_argument("--assignments", type=int, default=32)
     parser.add_argument("--score-windows", type=int, default=8)
     parser.add_argument("--reuse", action="store_true", help="keep artifacts (and timings) built in --work")
+    parser.add_argument("--device", default="cpu", help="where builds and evaluations run (cpu, cuda)")
     parser.add_argument("--skip-missing", action="store_true", help="with --reuse: leave out rows not built yet")
     parser.add_argument("--build-only", action="store_true", help="build what is missing in --work, measure nothing")
     parser.add_argument("--scores-only", action="store_true",
@@ -399,16 +407,16 @@ def main() -> None:
     parser.add_argument("--measure-only", action="store_true",
                         help="measure the artifacts already built in --work (kept for the next run), nothing else")
     args = report_cli(parser, NAME, render)
+    if args is not None:
+        RUN.device, RUN.skip_missing = args.device, args.skip_missing
     if args is not None and (args.measure_only or args.scores_only):
-        work = Path(args.work) / args.model
+        work = Path(args.work) / Path(args.model).name
         if args.measure_only:
             measure(args.model, work, sorted(p.parent.name for p in work.glob("*/manifest.json")), args.windows)
         if args.scores_only:
             scores(args, work)
         return
     if args is not None:
-        global SKIP_MISSING
-        SKIP_MISSING = args.skip_missing
         started = time.perf_counter()
         run(args)
         if args.build_only:
