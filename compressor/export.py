@@ -61,7 +61,9 @@ def artifact_contents(loaded: LoadedModel, methods: list[Method], block_meta: li
                 quantized_bytes += sum(t.numel() * t.element_size() for k, t in encoded.items()
                                        if not k.endswith("weight_shape"))
             release_memory()
-        config["quantization_config"] = writer.quantization_config([adapter.head_name])
+        qconfig = writer.quantization_config([adapter.head_name])
+        if qconfig is not None:  # None: every linear kept in 16 bits (a mixed plan's loosest budget)
+            config["quantization_config"] = qconfig
         metrics.update({"quantized_params": quantized_params,
                         "bits_per_weight": round(8 * quantized_bytes / max(quantized_params, 1), 4)})
     return config, dict(sorted(tensors.items())), metrics

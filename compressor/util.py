@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -14,6 +17,11 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def fingerprint(*parts: Any) -> str:
+    """sha256 of JSON-able settings: equal exactly when every part is equal."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -32,6 +40,21 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread for a while: small vector steps (GPTQ's columns) and LAPACK's solvers
+    spin on busy cores (a 576x576 float64 eigh took 11 s on 2 contended threads, 0.25 s on one),
+    so waking a second thread costs more than it saves. Results are the same either way."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def release_memory() -> None:

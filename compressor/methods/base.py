@@ -77,8 +77,10 @@ class BlockContext(Protocol):
 
     def linears(self) -> dict[str, nn.Linear]: ...
 
-    def block_stats(self, kinds: set[str]) -> dict[str, dict[str, torch.Tensor]]:
-        """Every group's input statistics, in one pass over the block as it is now."""
+    def block_stats(self, kinds: set[str], keep_outputs: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+        """Every group's input statistics, in one pass over the block as it is now; with
+        `keep_outputs` the pass runs the whole block and its outputs become the next block's
+        inputs unless a group changes afterwards (a method that only measures saves a pass)."""
 
     def group_stats(self, group: LinearGroup, kinds: set[str]) -> dict[str, torch.Tensor]:
         """The group's input statistics with every earlier group of the block already final
@@ -131,6 +133,8 @@ class Method:
     needs_calibration: ClassVar[bool] = False
     # The float model's hidden states, propagated beside the quantized ones ("cross" statistics).
     needs_float_path: bool = False
+    # Records are measurements of candidates (a sensitivity pass), not edits: the block is left as it was.
+    measures: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig):
         self.config = config

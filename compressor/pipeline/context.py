@@ -76,8 +76,14 @@ class BlockSession:
     def linears(self) -> dict[str, nn.Linear]:
         return self.adapter.block_linears(self.block)
 
-    def block_stats(self, kinds: set[str]) -> dict[str, dict[str, torch.Tensor]]:
-        return self._collect(list(self.groups), kinds)
+    def block_stats(self, kinds: set[str], keep_outputs: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+        if not keep_outputs:
+            return self._collect(list(self.groups), kinds)
+        # The whole block runs anyway: its outputs are the next block's inputs until a group changes.
+        outputs = []
+        stats = self._collect(list(self.groups), kinds, outputs=outputs)
+        self.set_outputs(torch.cat(outputs))
+        return stats
 
     def group_stats(self, group: LinearGroup, kinds: set[str]) -> dict[str, torch.Tensor]:
         # A group whose first linear ends a shortcut (o_proj, down_proj) records that linear's
@@ -137,7 +143,7 @@ class BlockSession:
     # ------------------------------------------------------------ internals
 
     def _collect(self, groups: list[LinearGroup], kinds: set[str], record: ShortcutCache | None = None,
-                 ) -> dict[str, dict[str, torch.Tensor]]:
+                 outputs: list[torch.Tensor] | None = None) -> dict[str, dict[str, torch.Tensor]]:
         if self.hidden is None:
             raise RuntimeError("statistics need calibration data; the method must set needs_calibration")
         c = self.calibration
@@ -158,8 +164,12 @@ class BlockSession:
                     stack.callback(handle.remove)
             if record is not None:
                 stack.enter_context(record.recording())
-            collectors = stack.enter_context(collect_inputs(targets, plain, c.hessian_dtype, stop_after_last=True))
-            feed_block(self.block, self.hidden, self.kwargs, c.batch_size, c.device, self.cursor)
+            collectors = stack.enter_context(collect_inputs(targets, plain, c.hessian_dtype,
+                                                            stop_after_last=outputs is None))
+            if outputs is None:
+                feed_block(self.block, self.hidden, self.kwargs, c.batch_size, c.device, self.cursor)
+            else:
+                outputs.append(run_block(self.block, self.hidden, self.kwargs, c.batch_size, c.device, self.cursor))
         for name, cross in crosses.items():
             collectors[name]["cross"] = cross
         c.world.merge(collectors)

@@ -169,7 +169,7 @@ class SequentialPipeline:
             for method in self.methods:
                 produced = method.on_group(ctx, group, members)
                 records.update(produced)
-                changed = changed or bool(produced)
+                changed = changed or (bool(produced) and not method.measures)
             ctx.end_group(changed)
         for method in self.methods:
             method.on_block_end(ctx)

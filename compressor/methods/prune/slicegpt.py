@@ -29,7 +29,6 @@ stays an ordinary config).
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -43,7 +42,7 @@ from compressor.methods.prune.pruner import Pruner
 from compressor.models.adapters import Adapter
 from compressor.models.sliced import (make_sliced_layer, rms_scale, set_embedding, set_linear, set_norm,
                                       set_probed_norm, shortcut)
-from compressor.util import release_memory
+from compressor.util import one_thread, release_memory
 
 
 class SliceGPTConfig(MethodConfig):
@@ -97,18 +96,6 @@ class Covariance:
         values, vectors = eigh(h)
         order = torch.argsort(values, descending=True)
         return vectors[:, order[:width]].contiguous()  # [full, width] float64, orthonormal columns
-
-
-@contextmanager
-def one_thread():
-    """Dense factorizations on one thread: LAPACK's multithreaded solvers spin on busy cores (a
-    576x576 float64 eigh took 11 s on 2 contended threads, 0.25 s on one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
