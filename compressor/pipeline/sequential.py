@@ -84,7 +84,7 @@ class SequentialPipeline:
             self.run.start()
         self.world.barrier()
 
-        block_kwargs, hidden, first_sample = None, None, 0
+        block_kwargs, hidden, first_sample, ids = None, None, 0, None
         if self.needs_calibration:
             ids = self.calibration.input_ids
             shard = self.world.shard(ids.shape[0], self.batch_size)
@@ -100,7 +100,7 @@ class SequentialPipeline:
             for method, carry in zip(self.methods, self.run.load_carry(start - 1)):
                 method.restore(carry)
         tokens = self.calibration.input_ids.numel() if self.needs_calibration else 0
-        session = ModelSession(self.model, self.adapter, hidden, block_kwargs, runner, self.progress, tokens)
+        session = ModelSession(self.model, self.adapter, hidden, block_kwargs, runner, self.progress, tokens, ids)
         for method in self.methods:
             method.on_start(session)
         hidden = session.hidden
@@ -147,6 +147,10 @@ class SequentialPipeline:
                 del ctx
                 release_memory()
                 bar.advance()
+        dropped = [index for index, meta in enumerate(self.block_meta) if meta.get("dropped")]
+        if dropped:
+            self.progress.log(f"removing {len(dropped)} dropped blocks: {dropped}")
+            self.adapter.remove_blocks(self.model, dropped)
         for method in self.methods:
             method.on_end(session)
 
@@ -165,6 +169,8 @@ class SequentialPipeline:
         for method in self.methods:
             method.on_block_start(ctx)
             ctx.block.to(self.device)  # a method may have computed on the CPU (pruners factorize there)
+            if ctx.dropped:  # removed from the model: nothing later works on it
+                return {}
         ctx.begin_groups(self.float_path, want_outputs)
         records: dict[str, Record] = {}
         linears = ctx.linears()
@@ -174,7 +180,7 @@ class SequentialPipeline:
             for method in self.methods:
                 produced = method.on_group(ctx, group, members)
                 records.update(produced)
-                changed = changed or bool(produced)
+                changed = changed or (bool(produced) and not method.measures)
             ctx.end_group(changed)
         for method in self.methods:
             method.on_block_end(ctx)
