@@ -30,7 +30,7 @@ from compressor.methods.composition import describe as describe_methods
 from compressor.models import assets
 from compressor.models.adapters import adapter_for_config, count_parameters
 from compressor.models.loading import LoadedModel, load_model, resolve_model_path, source_bytes
-from compressor.outputs import check_output, is_safe_name
+from compressor.outputs import check_output, is_safe_name, writes_output
 from compressor.pipeline.checkpoint import RunDirectory
 from compressor.pipeline.distributed import World
 from compressor.pipeline.progress import Progress
@@ -111,6 +111,7 @@ def run_directory_for(out: Path) -> Path:
     return out.with_name(f".{out.name}.run")
 
 
+@writes_output
 def compress(model: str, methods: str | list[str] | list[Method], out: str | Path,
              options: dict[str, Any] | None = None, *,
              calib: str = "wiki", samples: int = 128, seq_len: int = 512, seed: int = 0,
@@ -152,6 +153,9 @@ def compress(model: str, methods: str | list[str] | list[Method], out: str | Pat
                               "pass --resume to continue the interrupted run or --restart to discard it")
     if batch_size < 1:
         raise CompressorError(f"batch size must be at least 1 (got {batch_size})", "raise --batch-size")
+    if samples < 1 or seq_len < 1:  # checked whether or not a method calibrates: a wrong setting is never ignored
+        raise CompressorError(f"--samples and --seq-len must be at least 1 (got {samples} and {seq_len})",
+                              "e.g. --samples 128 --seq-len 512")
     if hessian_dtype not in (torch.float32, torch.float64):
         raise CompressorError(f"Hessians accumulate in float32 or float64, not {hessian_dtype}",
                               "pass --hessian-dtype float32 or float64")
@@ -277,6 +281,7 @@ def sensitivity(model: str, method: str, out: str | Path, options: dict[str, Any
 
 # ---------------------------------------------------------------- distill
 
+@writes_output
 def distill(teacher: str, student: str, data: str | list[str], out: str | Path, settings: dict | None = None,
             **options) -> dict:
     """Distill `teacher` into `student` on `data` (a reference text, files; comma-separated or a
@@ -305,6 +310,7 @@ def check_stage(stage) -> None:
         parse_settings(stage.spec.settings)
 
 
+@writes_output
 def run_recipe(recipe_path: str | Path, model: str, out: str | Path, *, calib: str | None = None,
                device: str = "cpu", overwrite: bool = False, resume: bool = False, restart: bool = False,
                allow_pickle: bool = False, verify: bool = True, progress: Progress | None = None) -> dict:
@@ -328,8 +334,21 @@ def run_recipe(recipe_path: str | Path, model: str, out: str | Path, *, calib: s
     if not out.exists():
         check_output(out, overwrite=False, sources=[source], needs_bytes=source_bytes(source) * 2)
     state = _recipe_state(out, recipe, names, str(source), overwrite, resume, restart)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / RECIPE_STATE, json.dumps(state, indent=2, default=str).encode())
+    try:
+        return _run_stages(recipe, names, state, out, model, calib=calib, device=device, resume=resume,
+                           allow_pickle=allow_pickle, verify=verify, progress=progress)
+    except CompressorError:
+        # Bad input found in the first stage, before anything was kept: leave no trace of this run.
+        if created and not state["done"] and not any(out.glob(".*.run/run.json")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run_stages(recipe, names: list[str], state: dict, out: Path, model: str, *, calib: str | None, device: str,
+                resume: bool, allow_pickle: bool, verify: bool, progress: Progress) -> dict:
     current, made, eval_settings = model, [], None
     for index, (stage, name) in enumerate(zip(recipe.stages, names)):
         spec, target = stage.spec, out / name
@@ -456,6 +475,9 @@ def evaluate(model: str, base: str | None = None, data: str = "wiki", windows: i
                            warn=progress.warn)
     reference = (open_model(base, allow_pickle=allow_pickle, verify=verify, log=progress.log,
                             warn=progress.warn) if base else None)
+    for loaded, ref in ((candidate, model), (reference, base)):
+        if loaded is not None:
+            _check_finite(loaded.model, ref)
     tokenizer = candidate.tokenizer or (reference.tokenizer if reference else None)
     if reference is not None and candidate.model.config.vocab_size != reference.model.config.vocab_size:
         raise CompressorError(
@@ -479,6 +501,14 @@ def evaluate(model: str, base: str | None = None, data: str = "wiki", windows: i
     return out
 
 
+def _check_finite(model: torch.nn.Module, ref: str) -> None:
+    """A model with NaN or Inf weights evaluates to NaN: refused, naming the tensor."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            raise CompressorError(f"{ref}: {name} has NaN or Inf in its weights",
+                                  "the checkpoint is damaged: re-export or re-download it")
+
+
 def evaluate_tasks(model: str, tasks: list[str], *, limit: float | None = None, num_fewshot: int | None = None,
                    device: str = "cpu", batch_size: int = 1, add_bos_token: bool | None = None,
                    chat_template: bool = False, verify: bool = True, progress: Progress | None = None) -> dict:
@@ -494,6 +524,7 @@ def evaluate_tasks(model: str, tasks: list[str], *, limit: float | None = None, 
     return {"model": str(model), **result, "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
 
 
+@writes_output
 def report(artifacts_: list[str], base: str, out: str | Path, *, texts: tuple[str, ...] = ("wiki", "austen"),
            windows: int = 64, window_len: int = 512, tasks: tuple[str, ...] = (), limit: float | None = None,
            batch_size: int = 4, device: str = "cpu", allow_mixed_base: bool = False, cache: str | Path | None = None,
@@ -516,6 +547,8 @@ def report(artifacts_: list[str], base: str, out: str | Path, *, texts: tuple[st
         raise CompressorError("--batch-size and --windows must be at least 1", "raise them")
     out = Path(out)
     device = check_device(device)
+    for ref in (base, *artifacts_):  # every input exists before anything is evaluated
+        resolve_model_path(ref, progress.log)
     _check_report_output(out, overwrite)
     settings = SuiteSettings(tuple(texts), windows, window_len, tuple(tasks), limit, batch_size, device)
     base_c, candidates = evaluate_all(list(artifacts_), base, settings, EvalCache(cache), allow_mixed_base, progress)
@@ -661,6 +694,7 @@ def _pack_config(options: dict[str, Any] | None):
                               "see `compress pack --help`") from None
 
 
+@writes_output
 def pack(model: str | Path, out: str | Path, *, dtype: str | None = None, options: dict[str, Any] | None = None,
          overwrite: bool = False, check: bool = True, verify: bool = True,
          progress: Progress | None = None) -> dict:
@@ -683,6 +717,7 @@ def pack(model: str | Path, out: str | Path, *, dtype: str | None = None, option
     return {**{k: v for k, v in result.items() if k != "files"}, "codec": native.status()}
 
 
+@writes_output
 def unpack(packed_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> dict:
     """Rebuild the original tensors of a packed artifact, byte for byte (sha256 checked)."""
     from compressor.formats import packed

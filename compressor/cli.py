@@ -15,7 +15,7 @@ from rich.table import Table
 from compressor import __version__
 from compressor.cli_options import calibration, collect, given_settings, with_method_options, with_settings_options
 from compressor.distill.settings import DistillSettings
-from compressor.errors import CompressorError
+from compressor.errors import CompressorError, disk_error
 from compressor.progress import Progress, for_terminal
 
 
@@ -125,6 +125,14 @@ def _run(action: Callable[[], Any], render: Callable[[Any], None], json_out: boo
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/bold red]; rerun with --resume to continue where it stopped")
         raise typer.Exit(130) from None
+    except OSError as exc:
+        error = disk_error(exc)
+        if error is None:
+            raise
+        if OPTS.debug:
+            traceback.print_exc()
+        _fail(error.message, error.hint, error.exit_code)
+        raise typer.Exit(error.exit_code) from None
     if OPTS.json:
         print(json.dumps(result, indent=2, default=str))
     else:
@@ -376,6 +384,12 @@ def eval_cmd(
     from compressor.outputs import report_path
 
     def action():
+        if tasks is None:
+            given = [flag for flag, value in (("--limit", limit), ("--num-fewshot", num_fewshot), ("--bos", bos),
+                                              ("--chat-template", chat_template or None)) if value is not None]
+            if given:
+                raise CompressorError(f"{', '.join(given)} only apply to lm-eval tasks",
+                                      "add --tasks (e.g. --tasks arc_easy) or drop them")
         if tasks is not None:
             names = [t.strip() for t in tasks.split(",") if t.strip()]
             limit_n = int(limit) if limit is not None and limit >= 1 else limit

@@ -20,7 +20,7 @@ from compressor.calib.data import TokenSet
 from compressor.errors import CompressorError
 from compressor.methods.base import Method, Record
 from compressor.models.adapters import Adapter
-from compressor.pipeline.checkpoint import RunDirectory
+from compressor.pipeline.checkpoint import DamagedCheckpoint, RunDirectory
 from compressor.pipeline.context import BlockSession, Calibration, ModelSession
 from compressor.pipeline.distributed import World
 from compressor.pipeline.passes import BlockRunner, capture_block_kwargs, capture_inputs, check_weights
@@ -77,10 +77,10 @@ class SequentialPipeline:
     def execute(self, resume: bool) -> None:
         """Process every block not yet recorded in the run directory."""
         blocks = self.adapter.blocks(self.model)
-        start = self.run.completed() if resume else 0
+        start = self._resume_point() if resume else 0
         for index in range(start, len(blocks)):  # before any expensive work
             check_weights(self.adapter, blocks[index], self.adapter.block_prefix(self.model, index))
-        if not resume and self.world.is_main:
+        if not start and self.world.is_main:
             self.run.start()
         self.world.barrier()
 
@@ -153,6 +153,17 @@ class SequentialPipeline:
             self.adapter.remove_blocks(self.model, dropped)
         for method in self.methods:
             method.on_end(session)
+
+    def _resume_point(self) -> int:
+        """Blocks to skip on resume: those recorded, if every file a resume reads is intact; after
+        damage none (the run is recomputed from its first block, which gives the same result)."""
+        try:
+            start = self.run.completed()
+            self.run.check(start, self.needs_calibration)
+        except DamagedCheckpoint as damage:
+            self.progress.warn(f"{damage.message}: recomputing from the first block")
+            return 0
+        return start
 
     def _process_block(self, ctx: BlockSession, want_outputs: bool) -> dict[str, Record]:
         for method in self.methods:

@@ -169,6 +169,9 @@ def shipped() -> dict[str, Path]:
     return {p.stem: p for p in sorted(SHIPPED.glob("*.yaml"))}
 
 
+MAX_RECIPE_BYTES = 1 << 20
+
+
 def recipe_path(ref: str | Path) -> Path:
     """A recipe file, or the shipped recipe of that name."""
     path = Path(ref)
@@ -183,10 +186,20 @@ def recipe_path(ref: str | Path) -> Path:
 
 def load_recipe(ref: str | Path) -> Recipe:
     path = recipe_path(ref)
-    text = path.read_text()
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise CompressorError(f"recipe {path} is {path.stat().st_size} bytes, more than a recipe can need",
+                              "pass the recipe YAML file itself")
     try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise CompressorError(f"recipe {path} is not UTF-8 text", "save the recipe as UTF-8 YAML") from None
+    try:
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text)):
+            raise CompressorError(f"recipe {path} uses YAML aliases (*name)", "write each setting out in full")
         raw = yaml.safe_load(text)
         tree = yaml.compose(text)
+    except RecursionError:
+        raise CompressorError(f"recipe {path} is nested too deeply", "fix the YAML structure") from None
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
