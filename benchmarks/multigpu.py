@@ -415,13 +415,13 @@ def render(data: dict) -> str:
     fsdp_rows = [r for r in rows if r.get("part") == "fsdp"]
     if fsdp_rows:
         lines += ["## FSDP: an 8B-shaped student", ""]
-        lines += table(["run", "GPUs", "student params", "outcome", "tokens/s", "MFU", "peak GB per GPU"],
-                       [[r["method"], str(r["gpus"]), fmt(r["config"].get("student_params"), lambda v: f"{v / 1e9:.2f}B"),
+        lines += table(["run", "GPUs", "batch per GPU x seq", "student params", "outcome", "tokens/s", "MFU",
+                        "peak GB per GPU"],
+                       [[r["method"], str(r["gpus"]), f"{r['config']['batch_per_gpu']} x 512", fmt(r["config"].get("student_params"), lambda v: f"{v / 1e9:.2f}B"),
                          "fits, trains" if r.get("ok") else ("out of memory" if r.get("oom") else "failed"),
                          fmt(r.get("tokens_per_s"), "{:,.0f}", "-"), fmt(r.get("mfu"), "{:.1%}", "-"),
                          _gb(r.get("peak_memory_gb_per_gpu"))] for r in fsdp_rows])
-        lines += ["", f"Student: {fsdp_rows[0]['config']['student']}; teacher: {fsdp_rows[0]['config']['teacher']}; "
-                      f"{fsdp_rows[0]['config']['batch_per_gpu']} x 512 tokens per GPU per step.", ""]
+        lines += ["", f"Student: {fsdp_rows[0]['config']['student']}; teacher: {fsdp_rows[0]['config']['teacher']}.", ""]
     calib_rows = [r for r in rows if r.get("part") == "calib"]
     if calib_rows:
         lines += ["## Data-parallel GPTQ calibration (`torchrun --nproc-per-node 2`)", ""]
