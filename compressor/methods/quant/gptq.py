@@ -31,6 +31,7 @@ from compressor.models.adapters import Adapter, LinearGroup
 from compressor.schemes import WeightScheme, group_index
 
 MAX_DAMP = 1.0
+REFIT_CHUNK_BYTES = 1 << 30
 
 
 class GPTQConfig(WeightQuantConfig):
@@ -62,10 +63,11 @@ def mse_qparams(w: torch.Tensor, scheme: WeightScheme, col_weight: torch.Tensor 
     minimises its squared rounding error, each column weighted by `col_weight` (the Hessian
     diagonal: how much that input matters)."""
     g = w.float().reshape(w.shape[0], scheme.groups(w.shape[1]), -1)
-    weight = (torch.ones(w.shape[1]) if col_weight is None else col_weight.float().cpu()).reshape(1, *g.shape[1:])
+    weight = (torch.ones(w.shape[1], device=w.device) if col_weight is None
+              else col_weight.float().to(w.device)).reshape(1, *g.shape[1:])
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
     best_scale, best_zero = qparams_from_range(lo, hi, scheme)
-    best_err = torch.full(g.shape[:2], float("inf"))
+    best_err = torch.full(g.shape[:2], float("inf"), device=w.device)
     for step in range(grid):
         ratio = 1.0 - (1.0 - min_ratio) * step / (grid - 1)
         scale, zero = qparams_from_range(lo * ratio, hi * ratio, scheme)
@@ -88,7 +90,7 @@ def mse_qparams(w: torch.Tensor, scheme: WeightScheme, col_weight: torch.Tensor 
 def inverse_hessian_cholesky(h: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of H⁻¹ after dampening; damp grows ×10 until H is positive definite."""
     diag_mean = torch.diagonal(h).mean()
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     while damp <= MAX_DAMP:
         chol, info = torch.linalg.cholesky_ex(h + damp * diag_mean * eye)
         if int(info) == 0:
@@ -113,15 +115,16 @@ class _GroupParams:
         self.static = config.static_groups or self.scheme.per_channel
         if self.static:
             self.scale, self.zero = self._qparams(w, self.scheme, self.h_diag)
-            self.col_group = group_index(cols, self.scheme)[perm]  # group of each processed column
+            self.col_group = group_index(cols, self.scheme).to(w.device)[perm]  # group of each processed column
             # Gathered once: row c holds the scales (zero points) of processed column c.
             self.scale_rows = self.scale.float()[:, self.col_group].T.contiguous()
             self.zero_rows = None if self.zero is None else self.zero.float()[:, self.col_group].T.contiguous()
         else:
             groups = self.scheme.groups(cols)
-            self.scale = torch.empty(w.shape[0], groups, dtype=SCALE_DTYPES[self.scheme.scale_dtype])
-            self.zero = None if self.scheme.symmetric else torch.empty(w.shape[0], groups, dtype=torch.int8)
-            self.col_group = torch.arange(cols) // self.size
+            self.scale = torch.empty(w.shape[0], groups, dtype=SCALE_DTYPES[self.scheme.scale_dtype], device=w.device)
+            self.zero = (None if self.scheme.symmetric
+                         else torch.empty(w.shape[0], groups, dtype=torch.int8, device=w.device))
+            self.col_group = torch.arange(cols, device=w.device) // self.size
 
     def _qparams(self, w: torch.Tensor, scheme: WeightScheme, col_weight: torch.Tensor):
         return mse_qparams(w, scheme, col_weight) if self.mse else compute_qparams(w, scheme)
@@ -150,7 +153,7 @@ def float_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, damp: fl
     argmin ||X̃ Vᵀ − X Wᵀ||, i.e. H V ᵀ = C Wᵀ with H = X̃ᵀX̃, C = X̃ᵀX (dampened like GPTQ's H).
     Since ||X̃Qᵀ − XWᵀ||² = ||X̃(Q − V)ᵀ||² + const, GPTQ on V minimises the error to the float model."""
     h64 = h.double()
-    h64 = h64 + damp * torch.diagonal(h64).mean() * torch.eye(h64.shape[0], dtype=torch.float64)
+    h64 = h64 + damp * torch.diagonal(h64).mean() * torch.eye(h64.shape[0], dtype=torch.float64, device=h.device)
     return torch.linalg.solve(h64, cross.double() @ w.double().T).T.float()
 
 
@@ -169,8 +172,13 @@ def refit_scales(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero
     h = h.float()
     ug = u.reshape(rows, groups, size)
     # t[r, g2, c] = Σ_{j∈g2} u_rj H_jc ; A[r, g1, g2] = Σ_{c∈g1} u_rc t[r, g2, c] ; b[r, g] = Σ_{c∈g} u_rc (H w_r)_c
-    t = torch.einsum("rgs,gsc->rgc", ug, h.reshape(groups, size, cols))
-    a = torch.einsum("rgs,rkgs->rgk", ug, t.reshape(rows, groups, groups, size))
+    # t holds rows × groups × cols floats (26 GB for an 8B model's down_proj): built for a slice of rows
+    # at a time when it would pass REFIT_CHUNK_BYTES (small layers keep the one-shot computation).
+    step = max(1, REFIT_CHUNK_BYTES // max(4 * groups * cols, 1))
+    hg = h.reshape(groups, size, cols)
+    a = torch.cat([torch.einsum("rgs,rkgs->rgk", ug[i:i + step],
+                                torch.einsum("rgs,gsc->rgc", ug[i:i + step], hg).reshape(-1, groups, groups, size))
+                   for i in range(0, rows, step)])
     b = (u * (w.float() @ h)).reshape(rows, groups, size).sum(-1)
     solved, info = torch.linalg.solve_ex(a.double(), b.double().unsqueeze(-1))
     solved = solved.squeeze(-1)
@@ -178,6 +186,43 @@ def refit_scales(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero
     refit = torch.where(ok.unsqueeze(1), solved.float(), scale.float()).to(scale.dtype)
     tiny = torch.finfo(refit.dtype).tiny
     return torch.where(refit.float() > tiny, refit, scale)
+
+
+def _fused_sweep():
+    """The Triton in-block sweep, or None where Triton is not installed."""
+    try:
+        from compressor.methods.quant.gptq_kernel import sweep_block
+    except ImportError:
+        return None
+    return sweep_block
+
+
+def _sweep_columns(wt: torch.Tensor, hinv: torch.Tensor, q_all: torch.Tensor, start: int, end: int,
+                   params: _GroupParams, perm: torch.Tensor, scheme: WeightScheme) -> torch.Tensor:
+    """Quantize processed columns start..end one at a time (the reference loop); returns their
+    scaled errors for the lazy update of the columns after the block."""
+    wb = wt[start:end].clone()
+    eb = torch.zeros_like(wb)
+    hb = hinv[start:end, start:end]
+    for i in range(end - start):
+        col = start + i
+        if params.starts_group(col):
+            stop = col + params.size
+            params.fit(col, torch.cat([wb[i:stop - start], wt[end:stop]]).T, perm)
+        scale, zero = params.column(col)
+        x = wb[i]
+        q = torch.div(x, scale).round_()
+        if zero is not None:
+            q.add_(zero).clamp_(scheme.qmin, scheme.qmax)
+            deq = (q - zero).mul_(scale)
+        else:
+            q.clamp_(scheme.qmin, scheme.qmax)
+            deq = q * scale
+        q_all[col] = q
+        err = x.sub(deq).div_(hb[i, i])
+        wb[i:].addr_(hb[i, i:], err, alpha=-1)
+        eb[i] = err
+    return eb
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig, name: str = "layer",
@@ -197,7 +242,8 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig, name: st
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if config.act_order else torch.arange(cols)
+    perm = (torch.argsort(torch.diagonal(h), descending=True, stable=True) if config.act_order
+            else torch.arange(cols, device=w.device))
     params = _GroupParams(w, perm, config, torch.diagonal(h).clone())
     w, h = w[:, perm], h[perm][:, perm]
     hinv, damp = inverse_hessian_cholesky(h, config.damp, name)
@@ -205,29 +251,16 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig, name: st
     # Columns are rows of the transposed weight, so each step reads and updates contiguous memory.
     wt = w.T.contiguous()
     q_all = torch.empty_like(wt)
+    fused = wt.is_cuda and params.static and _fused_sweep() is not None
     for start in range(0, cols, config.block_size):
         end = min(start + config.block_size, cols)
-        wb = wt[start:end].clone()
-        eb = torch.zeros_like(wb)
-        hb = hinv[start:end, start:end]
-        for i in range(end - start):
-            col = start + i
-            if params.starts_group(col):
-                stop = col + params.size
-                params.fit(col, torch.cat([wb[i:stop - start], wt[end:stop]]).T, perm)
-            scale, zero = params.column(col)
-            x = wb[i]
-            q = torch.div(x, scale).round_()
-            if zero is not None:
-                q.add_(zero).clamp_(scheme.qmin, scheme.qmax)
-                deq = (q - zero).mul_(scale)
-            else:
-                q.clamp_(scheme.qmin, scheme.qmax)
-                deq = q * scale
-            q_all[col] = q
-            err = x.sub(deq).div_(hb[i, i])
-            wb[i:].addr_(hb[i, i:], err, alpha=-1)
-            eb[i] = err
+        if fused:  # one launch for the block's columns (static scales: rows are independent)
+            zero_rows = None if params.zero_rows is None else params.zero_rows[start:end]
+            q_all[start:end], eb = _fused_sweep()(wt[start:end], hinv[start:end, start:end],
+                                                  params.scale_rows[start:end], zero_rows,
+                                                  scheme.qmin, scheme.qmax, config.block_size)
+        else:
+            eb = _sweep_columns(wt, hinv, q_all, start, end, params, perm, scheme)
         wt[end:].addmm_(hinv[start:end, end:].T, eb, alpha=-1)
     codes = q_all.T.to(torch.int8)
     natural = torch.empty_like(codes)
@@ -295,9 +328,11 @@ class GPTQ(Method):
         # GPTQ treats rows independently given the Hessian, so linears sharing an input are
         # quantized as one stacked matrix: one inverse Hessian and one column sweep per group.
         names = list(linears)
-        stacked = torch.cat([linears[n].weight.data.float().cpu() for n in names])
-        cross = stats["cross"].cpu() if "cross" in stats else None
-        record, _ = gptq_quantize(stacked, stats["hessian"].cpu(), self.config, "/".join(names), cross)
+        # On the block's device: the sweep and the inverse run where the Hessian was accumulated.
+        device = next(iter(linears.values())).weight.device
+        stacked = torch.cat([linears[n].weight.data.float() for n in names])
+        cross = stats["cross"].to(device) if "cross" in stats else None
+        record, _ = gptq_quantize(stacked, stats["hessian"].to(device), self.config, "/".join(names), cross)
         records = dict(zip(names, split_rows(record, [linears[n].out_features for n in names])))
         for name, linear in linears.items():
             linear.weight.data = dequantize_record(records[name], linear.weight.dtype).to(linear.weight.device)
