@@ -42,6 +42,8 @@ class LoadedModel:
     extra: dict = field(default_factory=dict)
     # The dtype the checkpoint stores its floating-point weights in (the model may compute in another).
     stored_dtype: torch.dtype = torch.float32
+    # Set when the decoder blocks stay in the checkpoint until the engine reads them (models.lazy).
+    lazy: object | None = None
 
 
 def resolve_model_path(ref: str | Path, log: Callable[[str], None] = lambda _: None) -> Path:
@@ -177,8 +179,11 @@ def load_model(
     allow_pickle: bool = False,
     log: Callable[[str], None] = lambda _: None,
     warn: Callable[[str], None] = lambda _: None,
+    lazy: bool = False,
 ) -> LoadedModel:
-    """Load an HF directory, a .gguf file or a reference name as a float model."""
+    """Load an HF directory, a .gguf file or a reference name as a float model. With `lazy`, a
+    safetensors checkpoint whose names match the model leaves its decoder blocks on disk (meta
+    tensors in the model) for the engine to read one at a time."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(ref, log)
@@ -195,7 +200,11 @@ def load_model(
     if from_pickle:
         warn(f"loading pickle weights from {path} (--allow-pickle); torch's weights-only loader refuses code, "
              "but only load checkpoints whose source you trust")
-    model = None if from_pickle else _load_safetensors_directly(path, config, dtype)
+    lazy_weights = None
+    if lazy and not from_pickle:
+        model, lazy_weights = _load_lazily(path, config, dtype)
+    else:
+        model = None if from_pickle else _load_safetensors_directly(path, config, dtype)
     if model is None:
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -211,7 +220,7 @@ def load_model(
     model.eval()
     log(f"hashing {human_bytes(source_bytes(path))} of weights (recorded in the artifact's manifest)")
     return LoadedModel(model, load_tokenizer(path), adapter, path, source_hash(path), str(ref),
-                       stored_dtype=stored_float_dtype(weight_files(path)) or dtype)
+                       stored_dtype=stored_float_dtype(weight_files(path)) or dtype, lazy=lazy_weights)
 
 
 def source_bytes(path: Path) -> int:
@@ -248,3 +257,31 @@ def _load_safetensors_directly(path: Path, config, dtype: torch.dtype) -> nn.Mod
         return build_model(config, state, dtype)
     except CompressorError:
         return None
+
+
+def _load_lazily(path: Path, config, dtype: torch.dtype):
+    """(model, LazyWeights) with everything but the decoder blocks read now; (None, None) when
+    the checkpoint's names or shapes differ from the model's (transformers must rename them)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from compressor.models.lazy import LazyWeights
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    adapter = adapter_for_config(config)
+    adapter.prepare(model)
+    weights = LazyWeights(weight_files(path), dtype)
+    tied = set(adapter.tied_weight_names(model))
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
+    stored = {k: e.shape for k, (_, e) in weights.entries.items()}
+    if any(stored.get(k) != shape for k, shape in expected.items()) or set(stored) - set(expected) - tied:
+        return None, None
+    prefixes = [adapter.block_prefix(model, i) for i in range(len(adapter.blocks(model)))]
+    outside = [k for k in expected if not any(k.startswith(p) for p in prefixes)]
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.read(outside).items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    model.eval()
+    return model, weights
