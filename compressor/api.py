@@ -28,7 +28,7 @@ from compressor.methods.composition import build_methods, method_names
 from compressor.methods.composition import describe as describe_methods
 from compressor.models import assets
 from compressor.models.adapters import adapter_for_config, count_parameters
-from compressor.models.loading import LoadedModel, load_model, resolve_model_path, source_bytes
+from compressor.models.loading import LoadedModel, load_model, quick_identity, resolve_model_path, source_bytes
 from compressor.outputs import check_output, is_safe_name
 from compressor.pipeline.checkpoint import RunDirectory
 from compressor.pipeline.distributed import World
@@ -179,7 +179,7 @@ def compress(model: str, methods: str | list[str], out: str | Path, options: dic
     blocks = loaded.adapter.blocks(loaded.model)
     described = describe_methods(chain, methods)
     # Everything that changes the numbers; a resumed run must match it exactly.
-    fingerprint = _fingerprint(__version__, loaded.source_hash, described,
+    fingerprint = _fingerprint(__version__, quick_identity(loaded.path), described,
                                tokens.sha256 if tokens else None, str(dtype), str(hessian_dtype), batch_size,
                                torch.device(device).type, world.size)
     run = RunDirectory(run_path, fingerprint, len(blocks), rank=world.rank if world.size > 1 else None)
@@ -204,7 +204,7 @@ def compress(model: str, methods: str | list[str], out: str | Path, options: dic
     artifacts.write_artifact(
         out, config=config, tensors=tensors, tokenizer=loaded.tokenizer,
         generation_config=getattr(loaded.model, "generation_config", None), kind=export.artifact_kind(chain),
-        source={"ref": loaded.name, "sha256": loaded.source_hash}, method=described,
+        source={"ref": loaded.name, "sha256": loaded.source_sha256()}, method=described,
         calibration=tokens.describe() | {"seed": seed} if tokens else None, metrics=metrics,
         overwrite=overwrite, build={"wall_s": time.perf_counter() - started, "engine_s": engine_s, "device": device,
                                     "processes": world.size, "peak_rss_mb": peak_rss_mb(),

@@ -52,10 +52,10 @@ def artifact_contents(loaded: LoadedModel, methods: list[Method], block_meta: li
         block = {} if pruner is not None else {prefix + k: _stored(v, loaded.stored_dtype) for k, v in params.items()}
         for name, record in (records.items() if writer is not None else ()):
             module = prefix + name
-            original = (tensors if pruner is not None else block).pop(module + ".weight")
+            original = (tensors if pruner is not None else block).pop(module + ".weight", None)  # lazy runs drop it
             encoded = writer.encode(module, record)
             block.update(encoded)
-            quantized_params += original.numel()
+            quantized_params += (original if original is not None else model.get_submodule(module).weight).numel()
             quantized_bytes += sum(t.numel() * t.element_size() for k, t in encoded.items()
                                    if not k.endswith("weight_shape"))
         tensors.update(_spill(block, run, index) if pruner is None else block)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -44,6 +45,12 @@ class LoadedModel:
     stored_dtype: torch.dtype = torch.float32
     # Set when the decoder blocks stay in the checkpoint until the engine reads them (models.lazy).
     lazy: object | None = None
+
+    def source_sha256(self) -> str:
+        """The checkpoint's hash; a lazy load computes it in a background thread while the engine runs."""
+        if isinstance(self.source_hash, Future):
+            self.source_hash = self.source_hash.result()
+        return self.source_hash
 
 
 def resolve_model_path(ref: str | Path, log: Callable[[str], None] = lambda _: None) -> Path:
@@ -219,8 +226,32 @@ def load_model(
         adapter.prepare(model)
     model.eval()
     log(f"hashing {human_bytes(source_bytes(path))} of weights (recorded in the artifact's manifest)")
-    return LoadedModel(model, load_tokenizer(path), adapter, path, source_hash(path), str(ref),
+    digest = _hashing(path) if lazy_weights is not None else source_hash(path)
+    return LoadedModel(model, load_tokenizer(path), adapter, path, digest, str(ref),
                        stored_dtype=stored_float_dtype(weight_files(path)) or dtype, lazy=lazy_weights)
+
+
+def _hashing(path: Path) -> Future:
+    """source_hash in a background thread (hashlib releases the GIL on large reads)."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="source-hash")
+    future = pool.submit(source_hash, path)
+    pool.shutdown(wait=False)
+    return future
+
+
+def quick_identity(path: Path) -> str:
+    """A cheap identity of a checkpoint (names, sizes, modification times and safetensors headers
+    of its files): what a resumed run checks against, without reading every weight."""
+    from compressor.safetensors_file import header_bytes
+
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else [path / "config.json", *weight_files(path), *pickle_files(path)]
+    for f in files:
+        stat = f.stat()
+        h.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        if f.suffix == ".safetensors":
+            h.update(header_bytes(f))
+    return h.hexdigest()
 
 
 def source_bytes(path: Path) -> int:

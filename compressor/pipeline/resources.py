@@ -21,7 +21,9 @@ DEVICE_SHARE = 0.6
 HOST_SHARE = 0.8
 # Tokens per forward batch on a GPU: enough to keep the tensor cores busy on 1B–70B blocks.
 GPU_BATCH_TOKENS = 65536
-FORCE_ENV = "COMPRESSOR_ACTIVATIONS"  # "host" or "device": override the automatic choice
+# "host" or "device": override the automatic choice (for hosts whose available memory grows as it
+# is used, like ballooned VMs, where MemAvailable understates what the run can have).
+FORCE_ENV = "COMPRESSOR_ACTIVATIONS"
 
 
 def activation_bytes(tokens: int, hidden: int, widest: int, element_bytes: int, float_path: bool) -> int:
@@ -56,7 +58,7 @@ def plan_activations(need: int, device: torch.device, device_free: int | None = 
             device_free = torch.cuda.mem_get_info(device)[0]
         if force != "host" and (need <= DEVICE_SHARE * device_free or force == "device"):
             return device, f"activations on {device} ({human_bytes(need)})"
-        if need <= HOST_SHARE * host_free:
+        if need <= HOST_SHARE * host_free or force == "host":  # forced: the user vouches for the host
             return cpu, (f"activations offloaded to host memory ({human_bytes(need)}; {human_bytes(device_free)} "
                          f"free on {device})")
         raise CompressorError(

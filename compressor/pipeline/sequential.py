@@ -221,7 +221,10 @@ class SequentialPipeline:
             ctx.close()
         with self.clock.phase("save"):
             if self.lazy is not None:
-                params = {k: v.detach() for k, v in block.state_dict().items()}
+                # Quantized linears are exported from their records; their float weights would only
+                # be needed to rebuild the block in memory, which a lazy run never does.
+                stored = {f"{name}.weight" for name in records}
+                params = {k: v.detach() for k, v in block.state_dict().items() if k not in stored}
                 release(block)  # its memory goes once the checkpoint is written
             else:
                 block.to("cpu")
