@@ -245,47 +245,54 @@ def solve_work(shape: str) -> int:
     return sum(i * i * o for o, i in groups)
 
 
-def extrapolate(row: dict, shape: str, target: str) -> float:
-    """Seconds for every block of `target` from one measured block of `shape`: statistics,
-    propagation, load and save scale with the block's weights; the solve with in² × out."""
+def extrapolate(row: dict, shape: str, target: str, tokens: int) -> float:
+    """Seconds for every block of `target` at `tokens` calibration tokens from one measured block of
+    `shape`: statistics and propagation scale with the block's weights × tokens, load and save with
+    the weights, the solve with in² × out (it does not see the tokens)."""
     per = row["per_block_s"]
     scale = block_params(target) / block_params(shape)
-    block = (per["load"] + per["stats"] + per["propagate"] + per["save"]) * scale
+    token_scale = tokens / (row["samples"] * row["seq_len"])
+    block = (per["stats"] + per["propagate"]) * scale * token_scale + (per["load"] + per["save"]) * scale
     block += per["solve"] * solve_work(target) / solve_work(shape)
     return block * SHAPES[target]["num_hidden_layers"]
 
 
+def scaled_to_32(row: dict) -> float:
+    """Seconds for a 32-block run: the typical block's cost × 32 plus what does not grow with blocks."""
+    fixed = row["wall_s"] - row["block_loop_s"]
+    return fixed + row["block_s"] * 32
+
+
 def summarize(rows: list[dict]) -> dict:
     ok = [r for r in rows if "error" not in r]
-    sizes = sorted({r["samples"] for r in ok if r.get("samples")})
+    sizes = sorted({r["samples"] for r in ok if r.get("samples") and r["shape"] == "8b"})
     if not sizes:
         return {}
     n, n2 = sizes[0], sizes[-1]
 
-    def find(shape: str, run: str, samples: int, full: bool | None = None) -> dict | None:
-        return next((r for r in ok if r["shape"] == shape and r["run"] == run and r.get("samples") == samples
-                     and (full is None or r.get("full") == full)), None)
+    def find(shape: str, run: str, samples: int) -> dict | None:
+        return next((r for r in ok if r["shape"] == shape and r["run"] == run and r.get("samples") == samples), None)
 
     out: dict = {}
-    ours, llmc = find("8b", "gptq", n, True), find("8b", "llm-compressor gptq", n, True)
+    ours, llmc = find("8b", "gptq", n), find("8b", "llm-compressor gptq", n)
     if ours and llmc:
         out["vs_llmc"] = round(ours["wall_s"] / llmc["load_quantize_s"], 3)
     if ours:
         out["gpu_busy"] = ours["gpu_busy_blocks"]
         out["rss_gb"] = ours["peak_rss_gb"]
-    big = find("8b", "gptq", n2, False) if n2 != n else None
-    if big:  # the blocks measured, scaled to 32, plus what does not grow with the blocks
-        fixed = big["wall_s"] - big["block_loop_s"]
-        out["gptq_512x2048_s"] = round(fixed + big["block_loop_s"] / big["blocks"] * 32, 1)
-    block70 = find("70b", "gptq", n2)
+        out["gptq_32_blocks_s"] = round(scaled_to_32(ours), 1)
+    big = find("8b", "gptq", n2) if n2 != n else None
+    if big:
+        out["gptq_512x2048_s"] = round(scaled_to_32(big), 1)
+    block70 = next((r for r in ok if r["shape"] == "70b"), None)
+    large = 512 * 2048  # the calibration size the 70B target is stated at
     if block70:
-        out["70b_s"] = round(extrapolate(block70, "70b", "70b"), 1)
-        out["405b_s"] = round(extrapolate(block70, "70b", "405b"), 1)
-    gptq = find("8b", "gptq", n, False)
+        out["70b_s"] = round(extrapolate(block70, "70b", "70b", large), 1)
+        out["405b_s"] = round(extrapolate(block70, "70b", "405b", large), 1)
     for run in ("awq+gptq", "smoothquant-w8a8"):
-        other = find("8b", run, n, False)
-        if gptq and other:
-            out[f"{run}_vs_gptq"] = round(other["block_s"] / gptq["block_s"], 2)
+        other = find("8b", run, n)
+        if ours and other:
+            out[f"{run}_vs_gptq"] = round(other["block_s"] / ours["block_s"], 2)
     return out
 
 
@@ -364,8 +371,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--work", default="out/scale")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on any device (checks the script)")
-    parser.add_argument("--small-layers", type=int, default=4, help="blocks of the 8B-shaped model for the "
-                        "AWQ+GPTQ, SmoothQuant and 512×2048 runs (their per-block cost is what is compared)")
+    parser.add_argument("--layers", type=int, default=8, help="blocks of the 8B-shaped model (32 in Llama-3-8B; "
+                        "per-block costs scale to 32, host memory does not grow with them)")
     parser.add_argument("--stages", default="gptq,llmc,awq+gptq,smoothquant-w8a8,gptq-2048,70b")
     parser.add_argument("--results", default=None, help="where to write the results JSON")
     args = report_cli(parser, NAME, render)
@@ -378,7 +385,6 @@ def main() -> None:
     tokenizer_dir = assets.fetch_model("smollm2-135m") if not os.environ.get("SCALE_TOKENIZER") \
         else Path(os.environ["SCALE_TOKENIZER"])
     big, huge = ("tiny", "tiny") if args.tiny else ("8b", "70b")
-    full_layers = 6 if args.tiny else 32
     n, l, n2, l2 = (8, 64, 16, 128) if args.tiny else (128, 512, 512, 2048)
     results_path = Path(args.results) if args.results else RESULTS / f"{NAME}.json"
     rows: list[dict] = []
@@ -404,13 +410,11 @@ def main() -> None:
             row = fn()
         except Exception as exc:  # one failed stage leaves the others' measurements
             row = {"run": name, "error": f"{type(exc).__name__}: {exc}"}
-        rows.append({"shape": label, "layers": layers, "full": label == "8b" and layers == full_layers, **row})
+        rows.append({"shape": label, "layers": layers, **row})
         print(json.dumps(rows[-1]), flush=True)
         save()
 
-    full = work / f"{big}-{full_layers}"
-    small = work / f"{big}-{args.small_layers}"
-    block70 = work / f"{huge}-2"
+    block70 = work / f"model-70b-{huge}"
     built = {}
 
     def model(path: Path, shape: str, layers: int) -> Path:
@@ -420,28 +424,28 @@ def main() -> None:
         return path
 
     ids = work / "calib-ids.pt"
-    stage("gptq", "8b", full_layers, lambda: run_ours(model(full, big, full_layers), work / "out", "gptq", n, l,
+    # One 8B-shaped checkpoint of --layers blocks for every 8B run (llm-compressor's too: same model,
+    # same tokens, same process conditions); 32-block figures scale the typical block's cost.
+    eight = work / f"model-8b-{big}"
+    stage("gptq", "8b", args.layers, lambda: run_ours(model(eight, big, args.layers), work / "out", "gptq", n, l,
                                                        args.device))
 
     def llmc():
-        calibration_ids(model(full, big, full_layers), n, l, ids)
-        return {"samples": n, "seq_len": l, **run_llmc(full, ids)}
+        calibration_ids(model(eight, big, args.layers), n, l, ids)
+        return {"samples": n, "seq_len": l, **run_llmc(eight, ids)}
 
-    stage("llmc", "8b", full_layers, llmc)
-    if full.exists():
-        shutil.rmtree(full)  # disk: the small models next
+    stage("llmc", "8b", args.layers, llmc)
     for run in ("awq+gptq", "smoothquant-w8a8"):
-        stage(run, "8b", args.small_layers, lambda run=run: run_ours(model(small, big, args.small_layers),
-                                                                     work / "out", run, n, l, args.device))
-    stage("gptq", "8b", args.small_layers, lambda: run_ours(model(small, big, args.small_layers), work / "out", "gptq",
-                                                            n, l, args.device))
-    stage("gptq-2048", "8b", args.small_layers, lambda: run_ours(model(small, big, args.small_layers), work / "out",
-                                                                 "gptq", n2, l2, args.device))
-    # Two 70B-shaped blocks: the first one's cost (it propagates to the second) is what extrapolates. Its
-    # activations at 512 × 2048 (111 GB with the cached projection inputs) are offloaded to the host; the
-    # VM's MemAvailable grows as memory is used, so the offload is asked for rather than planned.
-    stage("70b", "70b", 2, lambda: run_ours(model(block70, huge, 2), work / "out", "gptq", n2, l2, args.device,
-                                            {"COMPRESSOR_ACTIVATIONS": "host"} if not args.tiny else None))
+        stage(run, "8b", args.layers, lambda run=run: run_ours(model(eight, big, args.layers), work / "out", run, n,
+                                                               l, args.device))
+    stage("gptq-2048", "8b", args.layers, lambda: run_ours(model(eight, big, args.layers), work / "out", "gptq", n2,
+                                                           l2, args.device))
+    if eight.exists():
+        shutil.rmtree(eight)
+    # Two 70B-shaped blocks (the first one's cost, which includes propagating to the second, is what
+    # extrapolates) at a quarter of the 512 × 2048 tokens: its activations then stay on the GPU (28 GB);
+    # the token-proportional phases are scaled ×4 in the extrapolation.
+    stage("70b", "70b", 2, lambda: run_ours(model(block70, huge, 2), work / "out", "gptq", n2 // 4, l2, args.device))
     save()
 
 
