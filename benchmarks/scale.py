@@ -166,8 +166,9 @@ def run_ours(model: Path, out: Path, run: str, samples: int, seq_len: int, devic
     per_block = {k: round(sum(b.get(k, 0.0) for b in typical) / len(typical), 3)
                  for k in ("load", "stats", "solve", "propagate", "save")}
     window = build.get("blocks_window") or [None, None]
+    phases = {**build["phases_s"], **({"write": result["write_s"]} if "write_s" in result else {})}
     row = {"run": run, "samples": samples, "seq_len": seq_len, "wall_s": round(wall, 1),
-           "phases_s": {k: round(v, 2) for k, v in build["phases_s"].items()},
+           "phases_s": {k: round(v, 2) for k, v in phases.items()},
            "blocks": len(blocks), "per_block_s": per_block, "block_s": round(sum(per_block.values()), 3),
            "block_loop_s": round(window[1] - window[0], 1) if window[0] else None,
            "gpu_busy_blocks": gpu.mean(*window), "gpu_busy_all": gpu.mean(),
@@ -277,6 +278,11 @@ def summarize(rows: list[dict]) -> dict:
     ours, llmc = find("8b", "gptq", n), find("8b", "llm-compressor gptq", n)
     if ours and llmc:
         out["vs_llmc"] = round(ours["wall_s"] / llmc["load_quantize_s"], 3)
+        # Llama-3-8B has 32 blocks: both tools' per-block costs × 32 plus their fixed costs as measured.
+        llmc_32 = llmc["load_s"] + llmc["quantize_s"] / llmc["layers"] * 32
+        out["llmc_32_blocks_s"] = round(llmc_32, 1)
+        out["vs_llmc_32_blocks"] = round(scaled_to_32(ours) / llmc_32, 3)
+        out["block_vs_llmc"] = round(ours["block_s"] / (llmc["quantize_s"] / llmc["layers"]), 3)
     if ours:
         out["gpu_busy"] = ours["gpu_busy_blocks"]
         out["rss_gb"] = ours["peak_rss_gb"]
@@ -310,11 +316,17 @@ def render(data: dict) -> str:
              "`benchmarks/scale.py` (synthetic Llama-3-shaped checkpoints, random bf16 weights, the reference "
              "tokenizer's 49,152-token vocabulary; wiki calibration text, seed 0). Wall times are from process "
              "start to finished artifact (ours) or load + quantize (llm-compressor, as its users time it, "
-             "without saving).", "",
+             "without saving). Python's start and imports count for ours (about 20 s of llm-compressor's process "
+             "fell outside its load + quantize).", "",
              "## Targets", ""]
+    layers = next((r["layers"] for r in data["rows"] if r["shape"] == "8b"), None)
     checks = [
-        ("GPTQ W4 g128, 8B, 128×512: ours / llm-compressor load+quantize", s.get("vs_llmc"), f"≤ {t['vs_llmc']}",
-         lambda v: v <= t["vs_llmc"], "{:.2f}×"),
+        (f"GPTQ W4 g128, 8B-shaped with {layers} blocks, 128×512: ours (process start to artifact) / "
+         "llm-compressor load+quantize", s.get("vs_llmc"), f"≤ {t['vs_llmc']}", lambda v: v <= t["vs_llmc"], "{:.2f}×"),
+        ("the same scaled to 32 blocks (each tool's block cost × 32 + its fixed cost)", s.get("vs_llmc_32_blocks"),
+         f"≤ {t['vs_llmc']}", lambda v: v <= t["vs_llmc"], "{:.2f}×"),
+        ("per block: ours / llm-compressor's quantize time per block", s.get("block_vs_llmc"), "",
+         lambda v: True, "{:.2f}×"),
         ("GPU busy during the block loop", s.get("gpu_busy"), f"≥ {t['gpu_busy']:.0%}", lambda v: v >= t["gpu_busy"],
          "{:.0%}"),
         ("host peak RSS (GB)", s.get("rss_gb"), f"≤ {t['rss_gb']:.0f}", lambda v: v <= t["rss_gb"], "{:.1f}"),
@@ -328,7 +340,7 @@ def render(data: dict) -> str:
          lambda v: v <= t["method_ratio"], "{:.2f}×"),
     ]
     lines += table(["target", "measured", "goal", "met"],
-                   [[name, fmt(v, spec, "not measured"), goal, "" if v is None else ("yes" if ok(v) else "no")]
+                   [[name, fmt(v, spec, "not measured"), goal, "" if v is None or not goal else ("yes" if ok(v) else "no")]
                     for name, v, goal, ok, spec in checks])
     lines += ["", "## Runs", ""]
     rows = []
@@ -349,6 +361,9 @@ def render(data: dict) -> str:
             fmt(r.get("device_peak_gb"), "{:.1f}"), r.get("activations", "") or ""])
     lines += table(["shape", "run", "calibration", "blocks", "wall s", "phases (s)", "per block (s)", "GPU busy",
                     "host RSS GB", "device GB", "notes"], rows)
+    notes = data.get("notes", [])
+    if notes:
+        lines += ["", *(f"- {n}" for n in notes)]
     lines += ["", "GPU busy: NVML utilisation sampled every 0.2 s over our block loop (llm-compressor: its whole "
               "process). Per-block phases are synchronized device time: load (read from the checkpoint, copy to "
               "the GPU), stats (forward passes gathering Hessians), solve (GPTQ or the scale search), propagate "

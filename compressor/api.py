@@ -208,14 +208,14 @@ def compress(model: str, methods: str | list[str], out: str | Path, options: dic
         calibration=tokens.describe() | {"seed": seed} if tokens else None, metrics=metrics,
         overwrite=overwrite, build={"wall_s": time.perf_counter() - started, "engine_s": engine_s, "device": device,
                                     "processes": world.size, "peak_rss_mb": peak_rss_mb(),
-                                    "phases_s": {**phases, "embed": pipeline.embed_s, "write": time.perf_counter() - mark},
+                                    "phases_s": {**phases, "embed": pipeline.embed_s, "encode": time.perf_counter() - mark},
                                     "blocks_s": pipeline.block_times, "batch_size": pipeline.batch_size,
                                     "activations": pipeline.activations, "blocks_window": pipeline.window,
                                     **device_peak(device), **({"spec": spec} if spec else {})})
     shutil.rmtree(run_path, ignore_errors=True)
     world.barrier()
     result = {"output": str(out), "method": described, **metrics, "wall_s": time.perf_counter() - started,
-              "peak_rss_mb": peak_rss_mb()}
+              "peak_rss_mb": peak_rss_mb(), "write_s": time.perf_counter() - mark}
     if prunes:
         result.update({"model_type": config["model_type"], "slice_s": engine_s})
     return result

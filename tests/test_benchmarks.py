@@ -14,7 +14,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from benchmarks.common import REPORTS, read_results  # noqa: E402
 
 # report name (results/<name>.json → reports/<name>.md): the module whose render() makes it
-RENDERERS = {"quantize": "quantize", "slicing": "slicing", "spine": "spine", "lossless": "lossless_report",
+RENDERERS = {"quantize": "quantize", "scale": "scale", "slicing": "slicing", "spine": "spine", "lossless": "lossless_report",
              "kernels": "kernels_report", "engine": "engine"}
 
 
