@@ -47,6 +47,8 @@ from transformers.models.llama import modeling_llama  # imported before the base
 with torch.device("meta"):
     AutoModelForCausalLM.from_config(LlamaConfig(num_hidden_layers=1, hidden_size=64, intermediate_size=64,
                                                  num_attention_heads=4, vocab_size=64))
+from compressor.formats import ct_config, quantized  # the writer's library: code, not weights
+ct_config.library()
 base = rss("VmRSS:")
 mode = sys.argv[1]
 if mode == "quantize":

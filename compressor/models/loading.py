@@ -304,6 +304,8 @@ def _load_lazily(path: Path, config, dtype: torch.dtype):
     adapter.prepare(model)
     weights = LazyWeights(weight_files(path), dtype)
     tied = set(adapter.tied_weight_names(model))
+    if getattr(config, "tie_word_embeddings", False):  # meta tensors do not show the aliasing yet
+        tied.add(f"{adapter.head_name}.weight")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
     stored = {k: e.shape for k, (_, e) in weights.entries.items()}
     if any(stored.get(k) != shape for k, shape in expected.items()) or set(stored) - set(expected) - tied:

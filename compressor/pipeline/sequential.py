@@ -22,9 +22,9 @@ from compressor.calib.data import TokenSet
 from compressor.errors import CompressorError
 from compressor.methods.base import Method, Record
 from compressor.models.adapters import Adapter
+from compressor.models.lazy import release
 from compressor.pipeline.checkpoint import RunDirectory
 from compressor.pipeline.context import BlockSession, Calibration, ModelSession
-from compressor.models.lazy import release
 from compressor.pipeline.distributed import World
 from compressor.pipeline.passes import BlockRunner, capture_block_kwargs, capture_inputs, check_weights
 from compressor.pipeline.progress import Progress
