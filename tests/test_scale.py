@@ -106,7 +106,8 @@ def test_block_by_block_write_equals_the_whole_write(tmp_path):
         save_tensors(blocks, dict(sorted(spilled.items())), max_shard_bytes=limit)
         names = sorted(p.name for p in whole.iterdir())
         assert names == sorted(p.name for p in blocks.iterdir())
-        assert len(names) == (1 if limit > 1 << 30 else 4)
+        assert (names == ["model.safetensors"]) if limit > 1 << 30 else ("model.safetensors.index.json" in names
+                                                                         and len(names) > 3)
         for name in names:
             assert (whole / name).read_bytes() == (blocks / name).read_bytes(), name
 
