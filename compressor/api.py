@@ -242,16 +242,41 @@ def prune(model: str, method: str, out: str | Path, sparsity: float | None = Non
     return compress(model, method, out, {"sparsity": sparsity, **(options or {})}, command="prune", **settings)
 
 
+# ---------------------------------------------------------------- distill
+
+def distill(teacher: str, student: str, data: str | list[str], out: str | Path, settings: dict | None = None,
+            **options) -> dict:
+    """Distill `teacher` into `student` on `data` (a reference text, files; comma-separated or a
+    list) and write the student as an artifact; `settings` are DistillSettings fields."""
+    from compressor.distill.run import distill as run
+    from compressor.distill.settings import parse_settings
+
+    refs = [d.strip() for d in data.split(",") if d.strip()] if isinstance(data, str) else list(data)
+    return run(teacher, student, refs, out, parse_settings(settings), load=load, peak_rss_mb=peak_rss_mb, **options)
+
+
 # ---------------------------------------------------------------- recipes
 
 RECIPE_STATE = "recipe-run.json"
+
+
+def check_stage(stage) -> None:
+    """A recipe stage's settings, checked before any stage runs."""
+    if stage.kind in ("prune", "quantize"):
+        make_methods(stage.spec.method, stage.spec.options, stage.kind)
+    elif stage.kind == "pack":
+        _pack_config(stage.spec.options)
+    elif stage.kind == "distill":
+        from compressor.distill.settings import parse_settings
+
+        parse_settings(stage.spec.settings)
 
 
 def run_recipe(recipe_path: str | Path, model: str, out: str | Path, *, calib: str | None = None,
                device: str = "cpu", overwrite: bool = False, resume: bool = False, restart: bool = False,
                allow_pickle: bool = False, verify: bool = True, progress: Progress | None = None) -> dict:
     """Run a recipe's stages in order, each reading what the stage before it made; every stage's
-    output goes under OUT (`01-prune/`, `02-quantize/`, ..., `04-eval.json`, `05-report/`), and
+    output goes under OUT (`01-prune/`, `02-distill/`, ..., `04-eval.json`, `05-report/`), and
     `--resume` continues after the last finished stage (inside an interrupted engine pass, from its
     last finished block). `calib` overrides every stage's calibration data."""
     from compressor.recipes import load_recipe
@@ -260,10 +285,7 @@ def run_recipe(recipe_path: str | Path, model: str, out: str | Path, *, calib: s
     recipe = load_recipe(recipe_path)
     names = recipe.stage_names()
     for stage in recipe.stages:  # every stage's settings, before any work
-        if stage.kind in ("prune", "quantize"):
-            make_methods(stage.spec.method, stage.spec.options, stage.kind)
-        elif stage.kind == "pack":
-            _pack_config(stage.spec.options)
+        check_stage(stage)
     if resume and restart:
         raise CompressorError("--resume and --restart contradict each other",
                               "pass --resume to continue the interrupted run or --restart to discard it")
@@ -346,6 +368,14 @@ def _run_stage(stage, target: Path, current: str, source: str, made: list[str], 
                         chat_template=cal.chat_template, batch_size=cal.batch_size, device=device, overwrite=True,
                         resume=resume and interrupted, restart=not (resume and interrupted) and interrupted,
                         allow_pickle=allow_pickle, verify=verify, progress=progress)
+    if stage.kind == "distill":
+        from compressor.distill.checkpoint import checkpoint_dir
+
+        interrupted = (checkpoint_dir(target) / "latest" / "state.json").is_file()
+        return distill(spec.teacher or source, current, spec.data, target, spec.settings, eval_data=spec.eval_data,
+                       device=device, overwrite=True, resume=resume and interrupted,
+                       restart=not (resume and interrupted) and interrupted, allow_pickle=allow_pickle,
+                       verify=verify, progress=progress)
     if stage.kind == "pack":
         return pack(current, target, dtype=spec.dtype, options=spec.options, overwrite=True, verify=verify,
                     progress=progress)

@@ -13,7 +13,8 @@ from rich.console import Console
 from rich.table import Table
 
 from compressor import __version__
-from compressor.cli_options import calibration, collect, with_method_options
+from compressor.cli_options import calibration, collect, given_settings, with_method_options, with_settings_options
+from compressor.distill.settings import DistillSettings
 from compressor.errors import CompressorError
 from compressor.progress import Progress, for_terminal
 
@@ -224,6 +225,43 @@ _methods_command(
     "prune", "slicegpt",
     f"A pruner, or a list starting with one (slicegpt,gptq): {', '.join(_method_names('structure'))}.",
     "Structured pruning (SliceGPT, MoDeGPT) into an artifact that transformers loads.")
+
+
+# ---------------------------------------------------------------- distill
+
+def distill_cmd(
+    teacher: str = typer.Option(..., "--teacher", help="Teacher: HF directory, .gguf file, artifact or reference name."),
+    student: str = typer.Option(..., "--student", help="Student to train: a pruned artifact (minitron, slicegpt, "
+                                                        "modegpt) or any model sharing the teacher's tokenizer."),
+    data: str = typer.Option(..., "--data", help="Training text, comma-separated: 'wiki' (its calibration split), "
+                                                 ".txt/.jsonl/.parquet files or saved datasets."),
+    output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
+    eval_data: str = typer.Option("wiki", "--eval-data", help="Held-out text for evaluation (its eval split)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda (several GPUs: accelerate launch / torchrun)."),
+    text_field: str = TEXT_FIELD_OPTION,
+    overwrite: bool = OVERWRITE_OPTION,
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted distillation from its last "
+                                                         "checkpoint (same data order and loss curve)."),
+    restart: bool = typer.Option(False, "--restart", help="Discard an interrupted distillation and start again."),
+    allow_pickle: bool = ALLOW_PICKLE_OPTION,
+    no_verify: bool = NO_VERIFY_OPTION,
+    json_out: bool = JSON_OPTION,
+    **settings: Any,
+) -> None:
+    """Knowledge distillation: train STUDENT on TEACHER's next-token distribution (forward KL)."""
+    from compressor import api
+
+    def action():
+        return api.distill(teacher, student, data, output, given_settings(DistillSettings, settings),
+                           eval_data=eval_data, device=device, text_field=text_field, overwrite=overwrite,
+                           resume=resume, restart=restart, allow_pickle=allow_pickle, verify=not no_verify,
+                           progress=_progress())
+
+    _run(action, lambda r: _kv_table(f"wrote {r['output']}", {k: v for k, v in r.items() if k != "losses"}),
+         json_out)
+
+
+app.command("distill")(with_settings_options(DistillSettings, distill_cmd))
 
 
 # ---------------------------------------------------------------- run

@@ -32,9 +32,11 @@ def artifact_contents(loaded: LoadedModel, methods: list[Method], block_meta: li
     fallbacks = {k: v for meta in block_meta for k, v in meta.get("fallbacks", {}).items()}
     if fallbacks:
         metrics["fallbacks"] = fallbacks
+    kept = [index for index, meta in enumerate(block_meta) if not meta.get("dropped")]
     if pruner is not None:
         spec = pruner.structure(_structure_meta(block_meta), model, adapter)
-        config, tensors = sliced_format.export(model, adapter, spec, original_config, loaded.stored_dtype)
+        config, tensors = sliced_format.export(model, adapter, spec, original_config, loaded.stored_dtype,
+                                               dropped=sorted(set(range(len(block_meta))) - set(kept)))
         metrics.update({"params_before": params_before, "param_reduction": 1 - params / params_before,
                         "ordinary_config": config.get("model_type") == original_config.model_type})
     else:
@@ -44,8 +46,9 @@ def artifact_contents(loaded: LoadedModel, methods: list[Method], block_meta: li
         tensors = _outside_blocks(model, adapter, loaded.stored_dtype)
     writer = quantized.writer_for(quantizer.export()) if quantizer is not None else None
     quantized_params = quantized_bytes = 0
-    for index in range(len(adapter.blocks(model)) if pruner is None or writer is not None else 0):
-        prefix = adapter.block_prefix(model, index)
+    # Records are saved under the block's original index (a depth pruner may have dropped blocks).
+    for position, index in enumerate(kept if pruner is None or writer is not None else []):
+        prefix = adapter.block_prefix(model, position)
         params, records, _ = run.load_block(index)
         # Without a pruner the block's tensors come from its checkpoint (the model may hold only
         # meta tensors: models.lazy), one block in memory at a time, left on disk until written.
@@ -106,5 +109,6 @@ def structure(methods: list[Method], block_meta: list[dict[str, Any]], loaded: L
 
 
 def _structure_meta(block_meta: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each block's widths as its pruner recorded them (without the quantizer's fallback notes)."""
-    return [{k: v for k, v in meta.items() if k != "fallbacks"} for meta in block_meta]
+    """Each kept block's widths as its pruner recorded them (without the quantizer's fallback
+    notes); dropped blocks are no longer part of the model."""
+    return [{k: v for k, v in meta.items() if k != "fallbacks"} for meta in block_meta if not meta.get("dropped")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from pathlib import Path
 
 
@@ -62,3 +63,18 @@ def _malloc_trim():
 
 
 _TRIM = False
+
+
+_COUNT_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
+
+
+def parse_count(value: str | int, what: str = "count") -> int:
+    """'100M', '1.5B', '70e6', '20k' or 70000000 as an integer."""
+    from compressor.errors import CompressorError
+
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbg]?)\s*", str(value).lower())
+    if not match:
+        raise CompressorError(f"cannot read {what} {value!r}", "write it like 20M, 1.5B, 64k or 70000000")
+    return int(round(float(match.group(1)) * _COUNT_SUFFIXES[match.group(2)]))

@@ -15,7 +15,7 @@ from benchmarks.common import REPORTS, read_results  # noqa: E402
 
 # report name (results/<name>.json → reports/<name>.md): the module whose render() makes it
 RENDERERS = {"quantize": "quantize", "scale": "scale", "slicing": "slicing", "spine": "spine", "lossless": "lossless_report",
-             "kernels": "kernels_report", "engine": "engine"}
+             "kernels": "kernels_report", "engine": "engine", "minitron": "minitron", "multigpu": "multigpu"}
 
 
 # reports/index.md is `compress publish`'s, held to its results by tests/test_report.py.

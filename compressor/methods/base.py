@@ -13,6 +13,7 @@ The order of calls for a list [m1, m2, ...]:
             on_group(block, group, linears)   every method: edits only the group's linears,
                                               returns a record per linear it quantized
         on_block_end(block)    every method
+    (blocks a method dropped with ctx.drop() are deleted from the model here)
     on_end(model)              every method, once: may edit what is outside the blocks
 
 Every hook is optional. What a method keeps from one block to the next (a basis, a plan) lives
@@ -90,6 +91,10 @@ class BlockContext(Protocol):
         """The next block's calibration inputs, when they are not this block's plain outputs
         (a slicing method projects them); ignored if a later method changes the block."""
 
+    def drop(self) -> None:
+        """Remove this whole block from the model (depth pruning): no later hook sees it, the next
+        block reads this block's inputs, and the engine deletes it after the last block."""
+
 
 class ModelContext(Protocol):
     """What the engine hands a method before the first block and after the last."""
@@ -101,6 +106,7 @@ class ModelContext(Protocol):
     run: Runner
     progress: Any  # .log(message), .warn(message), .task(description, total)
     calibration_tokens: int  # in the whole calibration set, across processes
+    input_ids: torch.Tensor | None  # this process's calibration tokens [samples, seq_len] (None without)
 
     def set_inputs(self, hidden: torch.Tensor) -> None:
         """Replace the calibration inputs of block 0 (after the embedding was rotated, say)."""

@@ -42,6 +42,7 @@ class ModelSession:
     run: BlockRunner
     progress: Any
     calibration_tokens: int = 0  # across every process
+    input_ids: torch.Tensor | None = None  # this process's calibration tokens
 
     def set_inputs(self, hidden: torch.Tensor) -> None:
         self.hidden = hidden
@@ -98,6 +99,14 @@ class BlockSession:
 
     def set_outputs(self, outputs: torch.Tensor) -> None:
         self._outputs, self._outputs_version = outputs, self.version
+
+    def drop(self) -> None:
+        self.meta["dropped"] = True
+        self.set_outputs(self.hidden)
+
+    @property
+    def dropped(self) -> bool:
+        return bool(self.meta.get("dropped"))
 
     # ------------------------------------------------------------ what the engine calls
 

@@ -126,7 +126,7 @@ class SequentialPipeline:
             self.run.start()
         self.world.barrier()
 
-        block_kwargs, hidden, first_sample = None, None, 0
+        block_kwargs, hidden, first_sample, ids = None, None, 0, None
         home = torch.device("cpu")
         if self.needs_calibration:
             ids = self.calibration.input_ids
@@ -147,7 +147,7 @@ class SequentialPipeline:
             for method, carry in zip(self.methods, self.run.load_carry(start - 1)):
                 method.restore(carry)
         tokens = self.calibration.input_ids.numel() if self.needs_calibration else 0
-        session = ModelSession(self.model, self.adapter, hidden, block_kwargs, runner, self.progress, tokens)
+        session = ModelSession(self.model, self.adapter, hidden, block_kwargs, runner, self.progress, tokens, ids)
         for method in self.methods:
             method.on_start(session)
         hidden = session.hidden
@@ -180,6 +180,10 @@ class SequentialPipeline:
             self.window[1] = time.time()
             if self.lazy is not None:
                 self.lazy.close()
+        dropped = [index for index, meta in enumerate(self.block_meta) if meta.get("dropped")]
+        if dropped:
+            self.progress.log(f"removing {len(dropped)} dropped blocks: {dropped}")
+            self.adapter.remove_blocks(self.model, dropped)
         for method in self.methods:
             method.on_end(session)
 
@@ -261,6 +265,8 @@ class SequentialPipeline:
         for method in self.methods:
             method.on_block_start(ctx)
             ctx.block.to(self.device)  # a method may have computed on the CPU (pruners factorize there)
+            if ctx.dropped:  # removed from the model: nothing later works on it
+                return {}
         ctx.begin_groups(self.float_path, want_outputs)
         records: dict[str, Record] = {}
         linears = ctx.linears()
