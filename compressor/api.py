@@ -29,11 +29,12 @@ from compressor.methods.composition import build_methods, method_names
 from compressor.methods.composition import describe as describe_methods
 from compressor.models import assets
 from compressor.models.adapters import adapter_for_config, count_parameters
-from compressor.models.loading import LoadedModel, load_model, resolve_model_path, source_bytes
+from compressor.models.loading import LoadedModel, load_model, quick_identity, resolve_model_path, source_bytes
 from compressor.outputs import check_output, is_safe_name, writes_output
 from compressor.pipeline.checkpoint import RunDirectory
 from compressor.pipeline.distributed import World
 from compressor.pipeline.progress import Progress
+from compressor.pipeline.resources import device_batch
 from compressor.pipeline.sequential import SequentialPipeline, check_order
 from compressor.util import fingerprint, release_memory, write_atomic
 
@@ -50,6 +51,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def device_peak(device: str) -> dict:
+    """Peak memory the compute device's allocator held, where it is a GPU."""
+    if torch.device(device).type != "cuda":
+        return {}
+    return {"device_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+
+
 # ---------------------------------------------------------------- assets
 
 def fetch_assets(names: list[str], progress: Progress | None = None) -> list[dict]:
@@ -64,7 +72,8 @@ def fetch_assets(names: list[str], progress: Progress | None = None) -> list[dic
 # ---------------------------------------------------------------- loading
 
 def load(ref: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool = False,
-         progress: Progress | None = None, verify: bool = True, device: str | None = None) -> LoadedModel:
+         progress: Progress | None = None, verify: bool = True, device: str | None = None,
+         lazy: bool = False) -> LoadedModel:
     """A checkpoint, GGUF file, reference name or compressor artifact, as a float model.
 
     A compressor artifact is checked against its manifest first (every header, tensor and file;
@@ -85,7 +94,7 @@ def load(ref: str | Path, dtype: torch.dtype = torch.float32, allow_pickle: bool
         from compressor.formats.universal import load_quantized_artifact
 
         return load_quantized_artifact(path, str(ref), dtype)
-    loaded = load_model(path, dtype=dtype, allow_pickle=allow_pickle, log=progress.log, warn=progress.warn)
+    loaded = load_model(path, dtype=dtype, allow_pickle=allow_pickle, log=progress.log, warn=progress.warn, lazy=lazy)
     loaded.name = str(ref)
     return loaded
 
@@ -172,7 +181,12 @@ def compress(model: str, methods: str | list[str] | list[Method], out: str | Pat
         raise CompressorError(f"an interrupted run of this output exists at {run_path}",
                               "pass --resume to continue it or --restart to discard it")
 
-    loaded = load(model, dtype=dtype, allow_pickle=allow_pickle, progress=progress, verify=verify)
+    # Without a pruner (which edits the whole model) the blocks stay on disk until the engine reads
+    # them: host memory holds one block, the embedding and the head, whatever the model's size.
+    phases: dict[str, float] = {}
+    mark = time.perf_counter()
+    loaded = load(model, dtype=dtype, allow_pickle=allow_pickle, progress=progress, verify=verify, lazy=not prunes)
+    phases["load"] = time.perf_counter() - mark
     if prunes and getattr(loaded.model.config, "base_model_type", None):
         raise CompressorError(f"{model} is already a sliced artifact", "prune the original checkpoint instead")
     for method in chain:
@@ -186,7 +200,7 @@ def compress(model: str, methods: str | list[str] | list[Method], out: str | Pat
     blocks = loaded.adapter.blocks(loaded.model)
     described = describe_methods(chain, None if configured else methods)
     # Everything that changes the numbers; a resumed run must match it exactly.
-    key = fingerprint(__version__, loaded.source_hash, described,
+    key = fingerprint(__version__, quick_identity(loaded.path), described,
                                tokens.sha256 if tokens else None, str(dtype), str(hessian_dtype), batch_size,
                                torch.device(device).type, world.size)
     run = RunDirectory(run_path, key, len(blocks), rank=world.rank if world.size > 1 else None)
@@ -194,13 +208,17 @@ def compress(model: str, methods: str | list[str] | list[Method], out: str | Pat
         shutil.rmtree(run_path)
     world.barrier()
     pipeline = SequentialPipeline(loaded.model, loaded.adapter, chain, run, tokens, device=device,
-                                  batch_size=batch_size, hessian_dtype=hessian_dtype, progress=progress, world=world)
+                                  batch_size=device_batch(batch_size, seq_len, torch.device(device)),
+                                  hessian_dtype=hessian_dtype, progress=progress, world=world, lazy=loaded.lazy)
+    mark = time.perf_counter()
     pipeline.execute(resume=resume)
+    phases["engine"] = time.perf_counter() - mark
     engine_s = time.perf_counter() - started
     if not world.is_main:  # every process holds the same result; the first one writes it
         world.barrier()
         return {"output": str(out), "rank": world.rank, "world_size": world.size}
 
+    mark = time.perf_counter()
     config, tensors, metrics = export.artifact_contents(loaded, chain, pipeline.block_meta, run, original_config,
                                                         params_before)
     if extra_metrics is not None:
@@ -209,15 +227,18 @@ def compress(model: str, methods: str | list[str] | list[Method], out: str | Pat
     artifacts.write_artifact(
         out, config=config, tensors=tensors, tokenizer=loaded.tokenizer,
         generation_config=getattr(loaded.model, "generation_config", None), kind=export.artifact_kind(chain),
-        source={"ref": loaded.name, "sha256": loaded.source_hash}, method=described,
+        source={"ref": loaded.name, "sha256": loaded.source_sha256()}, method=described,
         calibration=tokens.describe() | {"seed": seed} if tokens else None, metrics=metrics,
         overwrite=overwrite, build={"wall_s": time.perf_counter() - started, "engine_s": engine_s, "device": device,
                                     "processes": world.size, "peak_rss_mb": peak_rss_mb(),
-                                    **({"spec": spec} if spec else {})})
+                                    "phases_s": {**phases, "embed": pipeline.embed_s, "encode": time.perf_counter() - mark},
+                                    "blocks_s": pipeline.block_times, "batch_size": pipeline.batch_size,
+                                    "activations": pipeline.activations, "blocks_window": pipeline.window,
+                                    **device_peak(device), **({"spec": spec} if spec else {})})
     shutil.rmtree(run_path, ignore_errors=True)
     world.barrier()
     result = {"output": str(out), "method": described, **metrics, "wall_s": time.perf_counter() - started,
-              "peak_rss_mb": peak_rss_mb()}
+              "peak_rss_mb": peak_rss_mb(), "write_s": time.perf_counter() - mark}
     if prunes:
         result.update({"model_type": config["model_type"], "slice_s": engine_s})
     return result

@@ -16,6 +16,7 @@ from compressor.methods.base import Method
 from compressor.models.adapters import count_parameters
 from compressor.models.loading import LoadedModel
 from compressor.pipeline.checkpoint import RunDirectory
+from compressor.safetensors_file import StoredTensor, stored_tensors, write_tensors
 from compressor.util import release_memory
 
 
@@ -42,31 +43,52 @@ def artifact_contents(loaded: LoadedModel, methods: list[Method], block_meta: li
         config = model.config.to_dict()
         config.pop("quantization_config", None)
         config["dtype"] = str(loaded.stored_dtype).removeprefix("torch.")
-        state = model.state_dict()
-        for name in adapter.tied_weight_names(model):
-            state.pop(name, None)
-        tensors = {k: v.to(loaded.stored_dtype) if v.is_floating_point() else v for k, v in state.items()}
-    if quantizer is not None:
-        writer = quantized.writer_for(quantizer.export())
-        quantized_params = quantized_bytes = 0
-        for position, index in enumerate(kept):  # records are saved under the block's original index
-            prefix = adapter.block_prefix(model, position)
-            _, records, _ = run.load_block(index)
-            for name, record in records.items():
-                module = prefix + name
-                original = tensors.pop(module + ".weight")
-                encoded = writer.encode(module, record)
-                tensors.update(encoded)
-                quantized_params += original.numel()
-                quantized_bytes += sum(t.numel() * t.element_size() for k, t in encoded.items()
-                                       if not k.endswith("weight_shape"))
-            release_memory()
+        tensors = _outside_blocks(model, adapter, loaded.stored_dtype)
+    writer = quantized.writer_for(quantizer.export()) if quantizer is not None else None
+    quantized_params = quantized_bytes = 0
+    # Records are saved under the block's original index (a depth pruner may have dropped blocks).
+    for position, index in enumerate(kept if pruner is None or writer is not None else []):
+        prefix = adapter.block_prefix(model, position)
+        params, records, _ = run.load_block(index)
+        # Without a pruner the block's tensors come from its checkpoint (the model may hold only
+        # meta tensors: models.lazy), one block in memory at a time, left on disk until written.
+        block = {} if pruner is not None else {prefix + k: _stored(v, loaded.stored_dtype) for k, v in params.items()}
+        for name, record in (records.items() if writer is not None else ()):
+            module = prefix + name
+            original = (tensors if pruner is not None else block).pop(module + ".weight", None)  # lazy runs drop it
+            encoded = writer.encode(module, record)
+            block.update(encoded)
+            quantized_params += (original if original is not None else model.get_submodule(module).weight).numel()
+            quantized_bytes += sum(t.numel() * t.element_size() for k, t in encoded.items()
+                                   if not k.endswith("weight_shape"))
+        tensors.update(_spill(block, run, index) if pruner is None else block)
+        del params, records, block
+        release_memory()
+    if writer is not None:
         qconfig = writer.quantization_config([adapter.head_name])
         if qconfig is not None:  # None: every linear kept in 16 bits (a mixed plan's loosest budget)
             config["quantization_config"] = qconfig
         metrics.update({"quantized_params": quantized_params,
                         "bits_per_weight": round(8 * quantized_bytes / max(quantized_params, 1), 4)})
     return config, dict(sorted(tensors.items())), metrics
+
+
+def _stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return t.to(dtype) if t.is_floating_point() else t
+
+
+def _outside_blocks(model, adapter, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The model's tensors outside its decoder blocks (embedding, final norm, untied head)."""
+    prefixes = tuple(adapter.block_prefix(model, i) for i in range(len(adapter.blocks(model))))
+    tied = set(adapter.tied_weight_names(model))
+    return {k: _stored(v, dtype) for k, v in model.state_dict().items() if not k.startswith(prefixes) and k not in tied}
+
+
+def _spill(tensors: dict[str, torch.Tensor], run: RunDirectory, index: int) -> dict[str, StoredTensor]:
+    """Write one block's artifact tensors beside its checkpoint; the artifact copies them from there."""
+    path = run.path / f"export-{index:04d}.safetensors"
+    write_tensors(path, tensors)
+    return stored_tensors(path)
 
 
 def check_formats(methods: list[Method]) -> None:

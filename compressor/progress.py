@@ -30,6 +30,9 @@ class Progress:
     def task(self, description: str, total: int) -> Iterator["Progress"]:
         yield self
 
+    def detail(self, message: str) -> None:
+        """A line for logs only (per-step timings); silent where a bar shows progress."""
+
     def advance(self, steps: int = 1) -> None:
         pass
 
@@ -88,6 +91,9 @@ class LineProgress(Progress):
         print(text, file=self.stream, flush=True)
 
     def log(self, message: str) -> None:
+        self._print(message)
+
+    def detail(self, message: str) -> None:
         self._print(message)
 
     @contextmanager

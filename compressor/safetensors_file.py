@@ -182,8 +182,59 @@ def read_tensors(path: Path) -> dict:
     return out
 
 
+def read_into(path: Path, entry: TensorEntry, pin: bool = False):
+    """One tensor of a checked safetensors file, read with a plain read into fresh (optionally
+    page-locked, for asynchronous copies to a GPU) memory."""
+    import torch
+
+    t = torch.empty(entry.shape, dtype=torch_dtype(entry.dtype), pin_memory=pin)
+    if entry.end > entry.start:
+        with open(path, "rb") as f:
+            f.seek(entry.start)
+            if f.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != entry.end - entry.start:
+                raise CompressorError(f"{path} is truncated inside tensor {entry.name!r}", "re-create the file")
+    return t
+
+
+class StoredTensor:
+    """A tensor left in a checked safetensors file, which `write_tensors` copies in chunks
+    (writing an artifact block by block keeps only one block in memory)."""
+
+    def __init__(self, path: Path, entry: TensorEntry):
+        self.path, self.entry = Path(path), entry
+        self.shape = entry.shape
+        self.dtype = torch_dtype(entry.dtype)
+        self.nbytes = entry.end - entry.start
+
+    def is_floating_point(self) -> bool:
+        return self.dtype.is_floating_point
+
+    def copy_to(self, out, chunk: int = 1 << 24) -> None:
+        with open(self.path, "rb") as f:
+            f.seek(self.entry.start)
+            left = self.nbytes
+            while left > 0:
+                data = f.read(min(chunk, left))
+                if not data:
+                    raise CompressorError(f"{self.path} is truncated inside tensor {self.entry.name!r}",
+                                          "re-create the file")
+                out.write(data)
+                left -= len(data)
+
+
+def stored_tensors(path: Path) -> dict[str, StoredTensor]:
+    """Every tensor of a checked safetensors file, left on disk."""
+    entries, _ = read_header(path)
+    return {name: StoredTensor(path, e) for name, e in entries.items()}
+
+
+def nbytes(t) -> int:
+    return t.nbytes if isinstance(t, StoredTensor) else t.numel() * t.element_size()
+
+
 def write_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file tensor by tensor, without building the whole file in memory."""
+    """Write a safetensors file tensor by tensor, without building the whole file in memory
+    (values are tensors, or StoredTensors copied from their file)."""
     import torch
 
     header: dict = {"__metadata__": metadata} if metadata else {}
@@ -191,15 +242,18 @@ def write_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = N
     names = sorted(tensors)
     for name in names:
         t = tensors[name]
-        nbytes = t.numel() * t.element_size()
-        header[name] = {"dtype": _dtype_code(t.dtype), "shape": list(t.shape), "data_offsets": [offset, offset + nbytes]}
-        offset += nbytes
+        size = nbytes(t)
+        header[name] = {"dtype": _dtype_code(t.dtype), "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as f:
         f.write(struct.pack("<Q", len(raw)))
         f.write(raw)
         for name in names:
+            if isinstance(tensors[name], StoredTensor):
+                tensors[name].copy_to(f)
+                continue
             t = tensors[name].detach().contiguous().cpu()
             if t.numel():
                 f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))

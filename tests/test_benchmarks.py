@@ -14,9 +14,9 @@ sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
 from benchmarks.common import REPORTS, read_results  # noqa: E402
 
 # report name (results/<name>.json → reports/<name>.md): the module whose render() makes it
-RENDERERS = {"quantize": "quantize", "slicing": "slicing", "spine": "spine", "lossless": "lossless_report",
-             "kernels": "kernels_report", "engine": "engine", "minitron": "minitron", "multigpu": "multigpu",
-             "mixed": "mixed", "robustness": "robustness"}
+RENDERERS = {"quantize": "quantize", "scale": "scale", "slicing": "slicing", "spine": "spine",
+             "lossless": "lossless_report", "kernels": "kernels_report", "engine": "engine", "minitron": "minitron",
+             "multigpu": "multigpu", "mixed": "mixed", "robustness": "robustness"}
 
 
 # reports/index.md is `compress publish`'s, held to its results by tests/test_report.py.

@@ -21,6 +21,7 @@ from compressor.errors import CompressorError
 from compressor.formats import quantized
 from compressor.formats.manifest import build_manifest, verify, write_manifest
 from compressor.safetensors_file import int_values, read_header, read_tensors, write_tensors
+from compressor.safetensors_file import nbytes as stored_nbytes
 from compressor.outputs import atomic_dir, check_output
 
 WEIGHTS = "model.safetensors"
@@ -33,8 +34,8 @@ def save_tensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_by
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in tensors:
-        t = tensors[name].contiguous()
-        nbytes = t.numel() * t.element_size()
+        t = tensors[name]
+        nbytes = stored_nbytes(t)
         if shards[-1] and size + nbytes > max_shard_bytes:
             shards.append({})
             size = 0
@@ -49,7 +50,7 @@ def save_tensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_by
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
         write_tensors(directory / fname, shard, metadata)
         weight_map.update({k: fname for k in shard})
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    total = sum(stored_nbytes(t) for t in tensors.values())
     (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                               indent=2, sort_keys=True))
 

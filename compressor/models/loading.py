@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pickle
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -43,6 +44,14 @@ class LoadedModel:
     extra: dict = field(default_factory=dict)
     # The dtype the checkpoint stores its floating-point weights in (the model may compute in another).
     stored_dtype: torch.dtype = torch.float32
+    # Set when the decoder blocks stay in the checkpoint until the engine reads them (models.lazy).
+    lazy: object | None = None
+
+    def source_sha256(self) -> str:
+        """The checkpoint's hash; a lazy load computes it in a background thread while the engine runs."""
+        if isinstance(self.source_hash, Future):
+            self.source_hash = self.source_hash.result()
+        return self.source_hash
 
     def __post_init__(self):
         check_tokenizer(self.model, self.tokenizer, self.name)
@@ -197,8 +206,11 @@ def load_model(
     allow_pickle: bool = False,
     log: Callable[[str], None] = lambda _: None,
     warn: Callable[[str], None] = lambda _: None,
+    lazy: bool = False,
 ) -> LoadedModel:
-    """Load an HF directory, a .gguf file or a reference name as a float model."""
+    """Load an HF directory, a .gguf file or a reference name as a float model. With `lazy`, a
+    safetensors checkpoint whose names match the model leaves its decoder blocks on disk (meta
+    tensors in the model) for the engine to read one at a time."""
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(ref, log)
@@ -215,7 +227,11 @@ def load_model(
     if from_pickle:
         warn(f"loading pickle weights from {path} (--allow-pickle); torch's weights-only loader refuses code, "
              "but only load checkpoints whose source you trust")
-    model = None if from_pickle else _load_safetensors_directly(path, config, dtype)
+    lazy_weights = None
+    if lazy and not from_pickle:
+        model, lazy_weights = _load_lazily(path, config, dtype)
+    else:
+        model = None if from_pickle else _load_safetensors_directly(path, config, dtype)
     if model is None:
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -230,8 +246,32 @@ def load_model(
         adapter.prepare(model)
     model.eval()
     log(f"hashing {human_bytes(source_bytes(path))} of weights (recorded in the artifact's manifest)")
-    return LoadedModel(model, load_tokenizer(path), adapter, path, source_hash(path), str(ref),
-                       stored_dtype=stored_float_dtype(weight_files(path)) or dtype)
+    digest = _hashing(path) if lazy_weights is not None else source_hash(path)
+    return LoadedModel(model, load_tokenizer(path), adapter, path, digest, str(ref),
+                       stored_dtype=stored_float_dtype(weight_files(path)) or dtype, lazy=lazy_weights)
+
+
+def _hashing(path: Path) -> Future:
+    """source_hash in a background thread (hashlib releases the GIL on large reads)."""
+    pool = ThreadPoolExecutor(1, thread_name_prefix="source-hash")
+    future = pool.submit(source_hash, path)
+    pool.shutdown(wait=False)
+    return future
+
+
+def quick_identity(path: Path) -> str:
+    """A cheap identity of a checkpoint (names, sizes, modification times and safetensors headers
+    of its files): what a resumed run checks against, without reading every weight."""
+    from compressor.safetensors_file import header_bytes
+
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else [path / "config.json", *weight_files(path), *pickle_files(path)]
+    for f in files:
+        stat = f.stat()
+        h.update(f"{f.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
+        if f.suffix == ".safetensors":
+            h.update(header_bytes(f))
+    return h.hexdigest()
 
 
 def source_bytes(path: Path) -> int:
@@ -268,3 +308,33 @@ def _load_safetensors_directly(path: Path, config, dtype: torch.dtype) -> nn.Mod
         return build_model(config, state, dtype)
     except CompressorError:
         return None
+
+
+def _load_lazily(path: Path, config, dtype: torch.dtype):
+    """(model, LazyWeights) with everything but the decoder blocks read now; (None, None) when
+    the checkpoint's names or shapes differ from the model's (transformers must rename them)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from compressor.models.lazy import LazyWeights
+
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+    adapter = adapter_for_config(config)
+    adapter.prepare(model)
+    weights = LazyWeights(weight_files(path), dtype)
+    tied = set(adapter.tied_weight_names(model))
+    if getattr(config, "tie_word_embeddings", False):  # meta tensors do not show the aliasing yet
+        tied.add(f"{adapter.head_name}.weight")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k not in tied}
+    stored = {k: e.shape for k, (_, e) in weights.entries.items()}
+    if any(stored.get(k) != shape for k, shape in expected.items()) or set(stored) - set(expected) - tied:
+        return None, None
+    prefixes = [adapter.block_prefix(model, i) for i in range(len(adapter.blocks(model)))]
+    outside = [k for k in expected if not any(k.startswith(p) for p in prefixes)]
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in weights.read(outside).items()}
+    model.load_state_dict(state, strict=False, assign=True)
+    if tied:
+        model.tie_weights()
+    model.eval()
+    return model, weights

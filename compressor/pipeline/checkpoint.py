@@ -105,9 +105,9 @@ class RunDirectory:
         _save_atomic(tensors, self.block_file(index), metadata)
         self._write_state(index + 1)
     def save_inputs(self, index: int, hidden: torch.Tensor, fp_hidden: torch.Tensor | None = None) -> None:
-        tensors = {"hidden": hidden.contiguous()}
+        tensors = {"hidden": hidden.cpu().contiguous()}
         if fp_hidden is not None:
-            tensors["fp_hidden"] = fp_hidden.contiguous()
+            tensors["fp_hidden"] = fp_hidden.cpu().contiguous()
         _save_atomic(tensors, self.hidden_file(index))
 
     def drop_inputs(self, index: int) -> None:

@@ -18,6 +18,7 @@ from compressor.pipeline.distributed import World
 from compressor.pipeline.passes import (BatchCursor, BlockRunner, ShortcutCache, feed_block, record_group_inputs,
                                         run_block)
 from compressor.pipeline.replay import BlockReplays, record_block
+from compressor.pipeline.resources import PhaseClock
 
 
 @dataclass
@@ -29,6 +30,7 @@ class Calibration:
     hessian_dtype: torch.dtype
     world: World
     first_sample: int = 0  # index of this process's first sample in the whole calibration set
+    clock: PhaseClock = field(default_factory=PhaseClock)  # seconds per phase, for the progress line
 
 
 @dataclass
@@ -91,7 +93,7 @@ class BlockSession:
         shortcut = self.adapter.shortcut_ending_at(group.linears[0]) if len(group.linears) == 1 else None
         record = None
         if shortcut is not None and self._pending is None:
-            self._pending = record = ShortcutCache(self.block, shortcut, self.cursor)
+            self._pending = record = ShortcutCache(self.block, shortcut, self.cursor, self.hidden.device)
         return self._collect([group], kinds, record=record)[group.name]
 
     def replays(self, samples: int, kinds: set[str]) -> BlockReplays:
@@ -166,10 +168,12 @@ class BlockSession:
                 stack.enter_context(record.recording())
             collectors = stack.enter_context(collect_inputs(targets, plain, c.hessian_dtype,
                                                             stop_after_last=outputs is None))
-            if outputs is None:
-                feed_block(self.block, self.hidden, self.kwargs, c.batch_size, c.device, self.cursor)
-            else:
-                outputs.append(run_block(self.block, self.hidden, self.kwargs, c.batch_size, c.device, self.cursor))
+            with c.clock.phase("stats"):
+                if outputs is None:
+                    feed_block(self.block, self.hidden, self.kwargs, c.batch_size, c.device, self.cursor)
+                else:
+                    outputs.append(run_block(self.block, self.hidden, self.kwargs, c.batch_size, c.device,
+                                             self.cursor))
         for name, cross in crosses.items():
             collectors[name]["cross"] = cross
         c.world.merge(collectors)

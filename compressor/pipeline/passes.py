@@ -69,14 +69,15 @@ def capture_block_kwargs(model: nn.Module, adapter: Adapter, input_ids: torch.Te
 
 @torch.no_grad()
 def capture_inputs(model: nn.Module, adapter: Adapter, input_ids: torch.Tensor, batch_size: int,
-                   device: torch.device) -> torch.Tensor:
-    """Hidden states entering the first block for every sample: [samples, seq_len, hidden] on CPU."""
+                   device: torch.device, home: torch.device | str = "cpu") -> torch.Tensor:
+    """Hidden states entering the first block for every sample: [samples, seq_len, hidden], kept
+    on `home` (the CPU, or the compute device when the activations fit there)."""
     first = adapter.blocks(model)[0]
     chunks: list[torch.Tensor] = []
 
     def hook(_m, args, kwargs):
         hidden = args[0] if args else kwargs["hidden_states"]
-        chunks.append(hidden.detach().to("cpu"))
+        chunks.append(hidden.detach().to(home))
         raise _Captured
 
     handle = first.register_forward_pre_hook(hook, with_kwargs=True)
@@ -123,7 +124,7 @@ def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict[str, Any], ba
     for batch in _batches(hidden, batch_size, cursor):
         out = block(batch.to(device), **kwargs)
         out = out[0] if isinstance(out, tuple) else out
-        outputs.append(out.to("cpu"))
+        outputs.append(out.to(hidden.device))  # where the activations live
     return torch.cat(outputs)
 
 
@@ -142,7 +143,8 @@ class ShortcutCache:
     """Per-batch inputs of a shortcut's last linear; once installed, the submodule returns
     `last_linear(cached input)` instead of recomputing everything before it."""
 
-    def __init__(self, block: nn.Module, shortcut: Shortcut, cursor: BatchCursor):
+    def __init__(self, block: nn.Module, shortcut: Shortcut, cursor: BatchCursor, home: torch.device | str = "cpu"):
+        self.home = home  # where the cached inputs live (with the block's other activations)
         self.module = block.get_submodule(shortcut.module)
         self.linear = block.get_submodule(shortcut.last_linear)
         self.returns_tuple = shortcut.returns_tuple
@@ -152,7 +154,7 @@ class ShortcutCache:
     @contextmanager
     def recording(self) -> Iterator[None]:
         def hook(_module, args):
-            self.inputs.append(args[0].detach().to("cpu"))
+            self.inputs.append(args[0].detach().to(self.home))
 
         handle = self.linear.register_forward_pre_hook(hook)
         try:
@@ -191,7 +193,7 @@ def record_group_inputs(block: nn.Module, adapter: Adapter, hidden: torch.Tensor
     with ExitStack() as stack:
         for group in groups:
             handle = linears[group.linears[0]].register_forward_pre_hook(
-                lambda _m, args, name=group.name: inputs[name].append(args[0].detach().to("cpu")))
+                lambda _m, args, name=group.name: inputs[name].append(args[0].detach().to(hidden.device)))
             stack.callback(handle.remove)
         outputs = run_block(block, hidden, kwargs, batch_size, device)
     return inputs, outputs if want_outputs else None

@@ -11,7 +11,9 @@ finished block and gives the same bytes as an uninterrupted one.
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -20,11 +22,13 @@ from compressor.calib.data import TokenSet
 from compressor.errors import CompressorError
 from compressor.methods.base import Method, Record
 from compressor.models.adapters import Adapter
+from compressor.models.lazy import release
 from compressor.pipeline.checkpoint import DamagedCheckpoint, RunDirectory
 from compressor.pipeline.context import BlockSession, Calibration, ModelSession
 from compressor.pipeline.distributed import World
 from compressor.pipeline.passes import BlockRunner, capture_block_kwargs, capture_inputs, check_weights
 from compressor.pipeline.progress import Progress
+from compressor.pipeline.resources import PhaseClock, activation_bytes, plan_activations
 from compressor.util import release_memory
 
 ORDER = {"structure": 0, "transform": 1, "weights": 2}
@@ -48,11 +52,40 @@ def check_order(methods: list[Method]) -> None:
                                   "keep one; chain further stages in a recipe")
 
 
+class CheckpointWriter:
+    """Writes finished blocks' checkpoints in one background thread while the next block computes
+    (at most one write pending; a failed write is raised at the next call). Data-parallel runs
+    write in the foreground: their barriers order the processes' writes."""
+
+    def __init__(self, background: bool):
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if background else None
+        self.pending: Future | None = None
+
+    def submit(self, job: Callable[[], None]) -> None:
+        self.wait()
+        if self.pool is None:
+            job()
+        else:
+            self.pending = self.pool.submit(job)
+
+    def wait(self) -> None:
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
+
+    def close(self) -> None:
+        try:
+            self.wait()
+        finally:
+            if self.pool is not None:
+                self.pool.shutdown(wait=True)
+
+
 class SequentialPipeline:
     def __init__(self, model: nn.Module, adapter: Adapter, methods: list[Method], run: RunDirectory,
                  calibration: TokenSet | None, device: torch.device | str = "cpu", batch_size: int = 8,
                  hessian_dtype: torch.dtype = torch.float32, progress: Progress | None = None,
-                 world: World = World()):
+                 world: World = World(), lazy=None):
         check_order(methods)
         self.model = model
         self.adapter = adapter
@@ -67,6 +100,12 @@ class SequentialPipeline:
         self.needs_calibration = any(m.needs_calibration for m in methods)
         self.float_path = any(m.needs_float_path for m in methods)
         self.block_meta: list[dict[str, Any]] = []
+        self.lazy = lazy  # models.lazy.LazyWeights: blocks read from the checkpoint one at a time
+        self.clock = PhaseClock(self.device)
+        self.block_times: list[dict[str, float]] = []  # per block: seconds per phase
+        self.activations = "cpu"
+        self.embed_s = 0.0
+        self.window: list[float | None] = [None, None]
         if self.needs_calibration and calibration is None:
             raise ValueError(f"{', '.join(m.name for m in methods)} needs calibration data")
 
@@ -78,23 +117,31 @@ class SequentialPipeline:
         """Process every block not yet recorded in the run directory."""
         blocks = self.adapter.blocks(self.model)
         start = self._resume_point() if resume else 0
-        for index in range(start, len(blocks)):  # before any expensive work
-            check_weights(self.adapter, blocks[index], self.adapter.block_prefix(self.model, index))
+        if self.lazy is None:  # before any expensive work (lazy blocks are checked as they are read)
+            for index in range(start, len(blocks)):
+                check_weights(self.adapter, blocks[index], self.adapter.block_prefix(self.model, index))
+        elif start < len(blocks):
+            self.lazy.prefetch(self.adapter.block_prefix(self.model, start), self.device.type == "cuda")
         if not start and self.world.is_main:
             self.run.start()
         self.world.barrier()
 
         block_kwargs, hidden, first_sample, ids = None, None, 0, None
+        home = torch.device("cpu")
         if self.needs_calibration:
             ids = self.calibration.input_ids
             shard = self.world.shard(ids.shape[0], self.batch_size)
             first_sample = shard.start
             ids = ids[shard]
-            block_kwargs = capture_block_kwargs(self.model, self.adapter, ids, self.device)
-            self.progress.log(f"embedding {ids.shape[0]} calibration samples of {ids.shape[1]} tokens")
-            hidden = capture_inputs(self.model, self.adapter, ids, self.batch_size, self.device)
+            home = self._plan_activations(blocks[0], ids.numel())
+            with self.clock.phase("embed"):
+                block_kwargs = capture_block_kwargs(self.model, self.adapter, ids, self.device)
+                self.progress.log(f"embedding {ids.shape[0]} calibration samples of {ids.shape[1]} tokens")
+                hidden = capture_inputs(self.model, self.adapter, ids, self.batch_size, self.device, home)
+        self.embed_s = self.clock.take().get("embed", 0.0)
         runner = BlockRunner(self.batch_size, self.device)
-        calibration = Calibration(self.batch_size, self.device, self.hessian_dtype, self.world, first_sample)
+        calibration = Calibration(self.batch_size, self.device, self.hessian_dtype, self.world, first_sample,
+                                  self.clock)
 
         if start:  # what the methods carried and the finished blocks, exactly as they were saved
             for method, carry in zip(self.methods, self.run.load_carry(start - 1)):
@@ -108,7 +155,8 @@ class SequentialPipeline:
             params, _, meta = self.run.load_block(index)
             for method in self.methods:
                 method.restore_block(blocks[index], meta, self.adapter, self.model)
-            blocks[index].load_state_dict(params, strict=True)
+            if self.lazy is None:  # lazy blocks stay on disk: the export reads them from the run directory
+                blocks[index].load_state_dict(params, strict=True)
             self.block_meta.append(meta)
         fp_hidden = hidden if self.float_path else None
         if start:
@@ -117,36 +165,21 @@ class SequentialPipeline:
                 saved = self.run.load_inputs(start)
                 if saved is None:
                     raise RuntimeError(f"run directory lacks the inputs of block {start}")
-                hidden, fp_hidden = saved["hidden"], saved.get("fp_hidden")
+                hidden, fp_hidden = (None if v is None else v.to(home) for v in (saved["hidden"], saved.get("fp_hidden")))
 
-        with self.progress.task(f"{self.label}: blocks", total=len(blocks)) as bar:
-            bar.advance(start)
-            for index in range(start, len(blocks)):
-                block = blocks[index]
-                block.to(self.device)
-                last = index + 1 == len(blocks)
-                ctx = BlockSession(block, index, self.adapter.block_prefix(self.model, index), self.adapter, hidden,
-                                   block_kwargs[index] if block_kwargs else None, calibration, fp_hidden)
-                try:
-                    records = self._process_block(ctx, want_outputs=not last)
-                    next_hidden = ctx.outputs() if hidden is not None and not last else None
-                    fp_next = ctx.fp_outputs if not last else None
-                finally:
-                    ctx.close()
-                block.to("cpu")
-                if next_hidden is not None:
-                    self.run.save_inputs(index + 1, next_hidden, fp_next)
-                self.world.barrier()  # every process's inputs are saved before the block counts as done
-                if self.world.is_main:
-                    self.run.save_block(index, block.state_dict(), records, ctx.meta,
-                                        [m.carry() for m in self.methods])
-                self.world.barrier()
-                self.run.drop_inputs(index)
-                self.block_meta.append(ctx.meta)
-                hidden, fp_hidden = next_hidden, fp_next
-                del ctx
-                release_memory()
-                bar.advance()
+        writer = CheckpointWriter(background=self.world.size == 1)
+        self.window = [time.time(), None]  # wall-clock span of the block loop (benchmarks align samples to it)
+        try:
+            with self.progress.task(f"{self.label}: blocks", total=len(blocks)) as bar:
+                bar.advance(start)
+                for index in range(start, len(blocks)):
+                    hidden, fp_hidden = self._block(blocks, index, hidden, fp_hidden, block_kwargs, calibration, writer)
+                    bar.advance()
+        finally:
+            writer.close()
+            self.window[1] = time.time()
+            if self.lazy is not None:
+                self.lazy.close()
         dropped = [index for index, meta in enumerate(self.block_meta) if meta.get("dropped")]
         if dropped:
             self.progress.log(f"removing {len(dropped)} dropped blocks: {dropped}")
@@ -164,6 +197,80 @@ class SequentialPipeline:
             self.progress.warn(f"{damage.message}: recomputing from the first block")
             return 0
         return start
+
+    def _plan_activations(self, first: nn.Module, tokens: int) -> torch.device:
+        """Where the calibration activations live: on the GPU when they fit (no copies per batch),
+        in host memory otherwise (said in the progress), refused when neither holds them."""
+        widest = max(l.in_features for l in self.adapter.block_linears(first).values())
+        hidden = self.model.config.hidden_size
+        element = torch.finfo(next(iter(self.adapter.block_linears(first).values())).weight.dtype).bits // 8
+        need = activation_bytes(tokens, hidden, widest, element, self.float_path)
+        home, phrase = plan_activations(need, self.device)
+        self.activations = phrase
+        self.progress.log(phrase)
+        return home
+
+    def _block(self, blocks, index: int, hidden, fp_hidden, block_kwargs, calibration: Calibration,
+               writer: CheckpointWriter):
+        """Process one block; returns the next block's inputs (and the float path's)."""
+        block = blocks[index]
+        prefix = self.adapter.block_prefix(self.model, index)
+        with self.clock.phase("load"):
+            if self.lazy is not None:
+                self.lazy.materialize(block, prefix, self.device)
+                if index + 1 < len(blocks):  # read the next block while this one computes
+                    self.lazy.prefetch(self.adapter.block_prefix(self.model, index + 1), self.device.type == "cuda")
+                check_weights(self.adapter, block, prefix)
+            else:
+                block.to(self.device)
+        last = index + 1 == len(blocks)
+        ctx = BlockSession(block, index, prefix, self.adapter, hidden,
+                           block_kwargs[index] if block_kwargs else None, calibration, fp_hidden)
+        try:
+            with self.clock.phase("groups"):
+                records = self._process_block(ctx, want_outputs=not last)
+            with self.clock.phase("propagate"):
+                next_hidden = ctx.outputs() if hidden is not None and not last else None
+            fp_next = ctx.fp_outputs if not last else None
+        finally:
+            ctx.close()
+        with self.clock.phase("save"):
+            if self.lazy is not None:
+                # Quantized linears are exported from their records; their float weights would only
+                # be needed to rebuild the block in memory, which a lazy run never does.
+                stored = {f"{name}.weight" for name in records}
+                params = {k: v.detach() for k, v in block.state_dict().items() if k not in stored}
+                release(block)  # its memory goes once the checkpoint is written
+            else:
+                block.to("cpu")
+                params = block.state_dict()
+            carries = [m.carry() for m in self.methods]
+            meta = ctx.meta
+
+            def save() -> None:
+                if next_hidden is not None:
+                    self.run.save_inputs(index + 1, next_hidden, fp_next)
+                self.world.barrier()  # every process's inputs are saved before the block counts as done
+                if self.world.is_main:
+                    self.run.save_block(index, params, records, meta, carries)
+                self.world.barrier()
+                self.run.drop_inputs(index)
+
+            writer.submit(save)
+        self.block_meta.append(meta)
+        del ctx
+        release_memory()
+        self._report(index, len(blocks))
+        return next_hidden, fp_next
+
+    def _report(self, index: int, total: int) -> None:
+        """One line per block where progress goes to a log: its seconds per phase."""
+        times = self.clock.take()
+        times["solve"] = max(times.pop("groups", 0.0) - times.get("stats", 0.0), 0.0)
+        self.block_times.append(times)
+        parts = ", ".join(f"{name} {times.get(name, 0.0):.2f}s" for name in ("load", "stats", "solve", "propagate", "save"))
+        offloaded = " · activations on host" if self.activations.startswith("activations offloaded") else ""
+        self.progress.detail(f"block {index + 1}/{total}: {sum(times.values()):.2f}s ({parts}){offloaded}")
 
     def _process_block(self, ctx: BlockSession, want_outputs: bool) -> dict[str, Record]:
         for method in self.methods:

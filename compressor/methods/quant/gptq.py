@@ -32,6 +32,7 @@ from compressor.schemes import WeightScheme, group_index
 from compressor.util import one_thread
 
 MAX_DAMP = 1.0
+REFIT_CHUNK_BYTES = 1 << 30
 
 
 class GPTQConfig(WeightQuantConfig):
@@ -63,10 +64,11 @@ def mse_qparams(w: torch.Tensor, scheme: WeightScheme, col_weight: torch.Tensor 
     minimises its squared rounding error, each column weighted by `col_weight` (the Hessian
     diagonal: how much that input matters)."""
     g = w.float().reshape(w.shape[0], scheme.groups(w.shape[1]), -1)
-    weight = (torch.ones(w.shape[1]) if col_weight is None else col_weight.float().cpu()).reshape(1, *g.shape[1:])
+    weight = (torch.ones(w.shape[1], device=w.device) if col_weight is None
+              else col_weight.float().to(w.device)).reshape(1, *g.shape[1:])
     lo, hi = g.amin(dim=-1), g.amax(dim=-1)
     best_scale, best_zero = qparams_from_range(lo, hi, scheme)
-    best_err = torch.full(g.shape[:2], float("inf"))
+    best_err = torch.full(g.shape[:2], float("inf"), device=w.device)
     for step in range(grid):
         ratio = 1.0 - (1.0 - min_ratio) * step / (grid - 1)
         scale, zero = qparams_from_range(lo * ratio, hi * ratio, scheme)
@@ -89,7 +91,7 @@ def mse_qparams(w: torch.Tensor, scheme: WeightScheme, col_weight: torch.Tensor 
 def inverse_hessian_cholesky(h: torch.Tensor, damp: float, name: str) -> tuple[torch.Tensor, float]:
     """Upper Cholesky factor of H⁻¹ after dampening; damp grows ×10 until H is positive definite."""
     diag_mean = torch.diagonal(h).mean()
-    eye = torch.eye(h.shape[0], dtype=h.dtype)
+    eye = torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
     while damp <= MAX_DAMP:
         chol, info = torch.linalg.cholesky_ex(h + damp * diag_mean * eye)
         if int(info) == 0:
@@ -114,15 +116,16 @@ class _GroupParams:
         self.static = config.static_groups or self.scheme.per_channel
         if self.static:
             self.scale, self.zero = self._qparams(w, self.scheme, self.h_diag)
-            self.col_group = group_index(cols, self.scheme)[perm]  # group of each processed column
+            self.col_group = group_index(cols, self.scheme).to(w.device)[perm]  # group of each processed column
             # Gathered once: row c holds the scales (zero points) of processed column c.
             self.scale_rows = self.scale.float()[:, self.col_group].T.contiguous()
             self.zero_rows = None if self.zero is None else self.zero.float()[:, self.col_group].T.contiguous()
         else:
             groups = self.scheme.groups(cols)
-            self.scale = torch.empty(w.shape[0], groups, dtype=SCALE_DTYPES[self.scheme.scale_dtype])
-            self.zero = None if self.scheme.symmetric else torch.empty(w.shape[0], groups, dtype=torch.int8)
-            self.col_group = torch.arange(cols) // self.size
+            self.scale = torch.empty(w.shape[0], groups, dtype=SCALE_DTYPES[self.scheme.scale_dtype], device=w.device)
+            self.zero = (None if self.scheme.symmetric
+                         else torch.empty(w.shape[0], groups, dtype=torch.int8, device=w.device))
+            self.col_group = torch.arange(cols, device=w.device) // self.size
 
     def _qparams(self, w: torch.Tensor, scheme: WeightScheme, col_weight: torch.Tensor):
         return mse_qparams(w, scheme, col_weight) if self.mse else compute_qparams(w, scheme)
@@ -174,7 +177,7 @@ def float_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, damp: fl
     argmin ||X̃ Vᵀ − X Wᵀ||, i.e. H V ᵀ = C Wᵀ with H = X̃ᵀX̃, C = X̃ᵀX (dampened like GPTQ's H).
     Since ||X̃Qᵀ − XWᵀ||² = ||X̃(Q − V)ᵀ||² + const, GPTQ on V minimises the error to the float model."""
     h64 = h.double()
-    h64 = h64 + damp * torch.diagonal(h64).mean() * torch.eye(h64.shape[0], dtype=torch.float64)
+    h64 = h64 + damp * torch.diagonal(h64).mean() * torch.eye(h64.shape[0], dtype=torch.float64, device=h.device)
     return torch.linalg.solve(h64, cross.double() @ w.double().T).T.float()
 
 
@@ -193,8 +196,13 @@ def refit_scales(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero
     h = h.float()
     ug = u.reshape(rows, groups, size)
     # t[r, g2, c] = Σ_{j∈g2} u_rj H_jc ; A[r, g1, g2] = Σ_{c∈g1} u_rc t[r, g2, c] ; b[r, g] = Σ_{c∈g} u_rc (H w_r)_c
-    t = torch.einsum("rgs,gsc->rgc", ug, h.reshape(groups, size, cols))
-    a = torch.einsum("rgs,rkgs->rgk", ug, t.reshape(rows, groups, groups, size))
+    # t holds rows × groups × cols floats (26 GB for an 8B model's down_proj): built for a slice of rows
+    # at a time when it would pass REFIT_CHUNK_BYTES (small layers keep the one-shot computation).
+    step = max(1, REFIT_CHUNK_BYTES // max(4 * groups * cols, 1))
+    hg = h.reshape(groups, size, cols)
+    a = torch.cat([torch.einsum("rgs,rkgs->rgk", ug[i:i + step],
+                                torch.einsum("rgs,gsc->rgc", ug[i:i + step], hg).reshape(-1, groups, groups, size))
+                   for i in range(0, rows, step)])
     b = (u * (w.float() @ h)).reshape(rows, groups, size).sum(-1)
     solved, info = torch.linalg.solve_ex(a.double(), b.double().unsqueeze(-1))
     solved = solved.squeeze(-1)
@@ -202,6 +210,15 @@ def refit_scales(w: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero
     refit = torch.where(ok.unsqueeze(1), solved.float(), scale.float()).to(scale.dtype)
     tiny = torch.finfo(refit.dtype).tiny
     return torch.where(refit.float() > tiny, refit, scale)
+
+
+def _fused_sweep():
+    """The Triton in-block sweep, or None where Triton is not installed."""
+    try:
+        from compressor.methods.quant.gptq_kernel import sweep_block
+    except ImportError:
+        return None
+    return sweep_block
 
 
 def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig, name: str = "layer",
@@ -231,7 +248,8 @@ def gptq_quantize_rows(w: torch.Tensor, h: torch.Tensor, blocks: list[tuple[int,
     dead = torch.diagonal(h) == 0
     h[dead, dead] = 1
     w[:, dead] = 0
-    perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if config.act_order else torch.arange(cols)
+    perm = (torch.argsort(torch.diagonal(h), descending=True, stable=True) if config.act_order
+            else torch.arange(cols, device=w.device))
     rows = [count for count, _ in blocks]
     h_diag = torch.diagonal(h).clone()
     if len(blocks) == 1:
@@ -276,13 +294,21 @@ def _sweep(w: torch.Tensor, hinv: torch.Tensor, params, perm: torch.Tensor, qmin
     # Columns are rows of the transposed weight, so each step reads and updates contiguous memory.
     wt = w.T.contiguous()
     q_all = torch.empty_like(wt)
+    # The Triton kernel sweeps a block's columns in one launch; it needs static scales and one
+    # format for every row (scalar qmin/qmax), so mixed row blocks take the reference loop.
+    fused = wt.is_cuda and isinstance(params, _GroupParams) and params.static and _fused_sweep() is not None
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
-        wb = wt[start:end].clone()
-        eb = torch.zeros_like(wb)
-        hb = hinv[start:end, start:end]
-        with one_thread():
-            _sweep_block(wb, eb, hb, wt, q_all, params, perm, qmin, qmax, start, end)
+        if fused:
+            zero_rows = None if params.zero_rows is None else params.zero_rows[start:end]
+            q_all[start:end], eb = _fused_sweep()(wt[start:end], hinv[start:end, start:end],
+                                                  params.scale_rows[start:end], zero_rows, qmin, qmax, block_size)
+        else:
+            wb = wt[start:end].clone()
+            eb = torch.zeros_like(wb)
+            hb = hinv[start:end, start:end]
+            with one_thread():
+                _sweep_block(wb, eb, hb, wt, q_all, params, perm, qmin, qmax, start, end)
         wt[end:].addmm_(hinv[start:end, end:].T, eb, alpha=-1)
     return q_all.T.to(torch.int8)
 
@@ -361,9 +387,11 @@ class GPTQ(Method):
         # GPTQ treats rows independently given the Hessian, so linears sharing an input are
         # quantized as one stacked matrix: one inverse Hessian and one column sweep per group.
         names = list(linears)
-        stacked = torch.cat([linears[n].weight.data.float().cpu() for n in names])
-        cross = stats["cross"].cpu() if "cross" in stats else None
-        record, _ = gptq_quantize(stacked, stats["hessian"].cpu(), self.config, "/".join(names), cross)
+        # On the block's device: the sweep and the inverse run where the Hessian was accumulated.
+        device = next(iter(linears.values())).weight.device
+        stacked = torch.cat([linears[n].weight.data.float() for n in names])
+        cross = stats["cross"].to(device) if "cross" in stats else None
+        record, _ = gptq_quantize(stacked, stats["hessian"].to(device), self.config, "/".join(names), cross)
         records = dict(zip(names, split_rows(record, [linears[n].out_features for n in names])))
         for name, linear in linears.items():
             linear.weight.data = dequantize_record(records[name], linear.weight.dtype).to(linear.weight.device)
