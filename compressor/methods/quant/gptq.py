@@ -23,6 +23,7 @@ from torch import nn
 
 from compressor.errors import CompressorError
 from compressor.methods.base import METHODS, BlockContext, Method, ModelContext, Record
+from compressor.methods.quant.lowrank import compensate
 from compressor.methods.quant.quantizer import (
     SCALE_DTYPES, check_scheme, compute_qparams, dequantize_record, qparams_from_range,
 )
@@ -43,6 +44,9 @@ class GPTQConfig(WeightQuantConfig):
                                                   "least output error given the chosen codes")
     fp_target: bool = Field(False, description="fit the float model's outputs, not the float layer's "
                                                "outputs on already-quantized inputs (GPTAQ-style)")
+    lowrank: int = Field(0, ge=0, le=1024, description="rank of a bfloat16 correction B·A of each linear's "
+                                                       "quantization error, fitted in the eigenspace of its "
+                                                       "inputs (EoRA); 0: none")
 
     @model_validator(mode="after")
     def _storable(self) -> "GPTQConfig":
@@ -301,6 +305,12 @@ class GPTQ(Method):
         records = dict(zip(names, split_rows(record, [linears[n].out_features for n in names])))
         for name, linear in linears.items():
             linear.weight.data = dequantize_record(records[name], linear.weight.dtype).to(linear.weight.device)
+        if self.config.lowrank:
+            originals = torch.split(stacked, [linears[n].out_features for n in names])
+            for (name, linear), original in zip(linears.items(), originals):
+                quantized = dequantize_record(records[name], torch.float32)
+                weight = compensate(records[name], original, quantized, stats["hessian"].cpu(), self.config.lowrank)
+                linear.weight.data = weight.to(linear.weight.dtype).to(linear.weight.device)
         return records
 
     def export(self) -> dict:
