@@ -51,6 +51,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--windows", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=128, help="calibration windows of 512 tokens")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--work", default="out/variants")
     parser.add_argument("--results", default=None)
@@ -68,7 +69,7 @@ def main() -> None:
             continue
         started = time.perf_counter()
         q = api.quantize(args.model, method, Path(args.work) / name, options, device=args.device, overwrite=True,
-                         restart=True, progress=None)
+                         restart=True, progress=None, samples=args.samples)
         built[name] = {"bits_per_weight": q["bits_per_weight"], "wall_s": round(time.perf_counter() - started, 1)}
         info.write_text(json.dumps(built[name]))
         print(json.dumps({name: built[name]}), flush=True)
@@ -84,7 +85,7 @@ def main() -> None:
                  (f"{text}_ppl", results[text][name]["ppl"]), (f"{text}_kl", results[text][name]["kl"]),
                  (f"{text}_base_ppl", results[text]["base"]["ppl"]))}}
             for name, info in built.items()]
-    protocol = {"eval_windows": args.windows, "window": 512, "calib_samples": 128, "calib_len": 512}
+    protocol = {"eval_windows": args.windows, "window": 512, "calib_samples": args.samples, "calib_len": 512}
     print(f"wrote {write_results('quantize_variants', rows, protocol, {'device': args.device}, path=path)}")
 
 
