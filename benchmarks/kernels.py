@@ -28,7 +28,7 @@ from torch.nn import functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.common import write_results  # noqa: E402
-from compressor.kernels import quant_linear, splitk, w8_triton, wq_layout, wq_triton  # noqa: E402
+from compressor.kernels import quant_linear, splitk, w8_triton, wq_gemv, wq_layout, wq_triton  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (28672, 8192), (8192, 28672)]  # (N, K): out × in
 MS = [1, 4, 16, 64, 256]
@@ -94,14 +94,14 @@ def bf16_op(n: int, k: int, g: torch.Generator):
     return (lambda x: F.linear(x, w)), n * k * 2
 
 
-def weight_only_op(n: int, k: int, bits: int, group: int, g: torch.Generator, use_asm=None):
+def weight_only_op(n: int, k: int, bits: int, group: int, g: torch.Generator):
     codes = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (n, k), generator=g, device="cuda", dtype=torch.int8)
     scale = (torch.rand(n, k // group, generator=g, device="cuda") * 0.01 + 1e-3).half()
     w = wq_layout.repack(codes, scale, None, bits, group)
     counters = torch.zeros(quant_linear.COUNTERS, dtype=torch.int32, device="cuda")
     del codes
-    def op(x):
-        return wq_triton.wq_matmul(x, w, None, counters, use_asm=use_asm)
+    def op(x):  # what QuantLinear runs: the decode GEMV for few rows, the Triton GEMM above
+        return quant_linear.weight_only_matmul(x, w, None, counters)
 
     op.layout = w
     return op, w.nbytes()
@@ -147,7 +147,7 @@ def time_ops(ops: list, m: int, k: int, g: torch.Generator) -> float:
 
 # ---------------------------------------------------------------- kernel rows
 
-def operators(n: int, k: int, g: torch.Generator, weight_only=WEIGHT_ONLY) -> list:
+def operators(n: int, k: int, g: torch.Generator, weight_only=WEIGHT_ONLY, methods=None) -> list:
     cases = [("torch-int4pack", {"bits": 4, "group_size": gs}, lambda gs=gs: int4pack_op(n, k, gs, g))
              for gs in (64, 128)]
     cases += [(f"w{b}a16", {"bits": b, "group_size": gs}, lambda b=b, gs=gs: weight_only_op(n, k, b, gs, g))
@@ -156,7 +156,7 @@ def operators(n: int, k: int, g: torch.Generator, weight_only=WEIGHT_ONLY) -> li
               ("fp8", {"bits": 8, "act_bits": 8, "backend": "triton"}, lambda: eight_bit_op(n, k, True, g)),
               ("fp8", {"bits": 8, "act_bits": 8, "backend": "scaled_mm"},
                lambda: eight_bit_op(n, k, True, g, scaled_mm=True))]
-    return cases
+    return [c for c in cases if methods is None or c[0] in methods]
 
 
 def row(method: str, config: dict, n: int, k: int, m: int, t: float, nbytes: int, base_t: float,
@@ -168,7 +168,7 @@ def row(method: str, config: dict, n: int, k: int, m: int, t: float, nbytes: int
             "tflops": 2 * m * n * k / t / 1e12}
 
 
-def kernel_rows(copy_gbps: float, log, rows: list, save, shapes=SHAPES, ms=MS) -> None:
+def kernel_rows(copy_gbps: float, log, rows: list, save, shapes=SHAPES, ms=MS, methods=None) -> None:
     """Appends to `rows`, saving after each shape."""
     g = torch.Generator(device="cuda").manual_seed(0)
     for n, k in shapes:
@@ -176,7 +176,7 @@ def kernel_rows(copy_gbps: float, log, rows: list, save, shapes=SHAPES, ms=MS) -
         base = {m: time_ops(ops, m, k, g) for m in ms}
         rows += [row("bf16", {"bits": 16}, n, k, m, base[m], nbytes, base[m], copy_gbps) for m in ms]
         del ops
-        for method, config, make in operators(n, k, g):
+        for method, config, make in operators(n, k, g, methods=methods):
             try:
                 ops, nbytes = build_copies(make)
                 for m in ms:
@@ -247,6 +247,124 @@ def sweep_rows(copy_gbps: float, log, spec: dict) -> list[dict]:
     return rows
 
 
+GEMV_SHAPES = [(14336, 4096), (4096, 14336)]  # one "wide" and one "narrow" output (wq_gemv.LAUNCH)
+GEMV_CONFIGS = [{"rt": rt, "nw": nw, "un": un, "warps_per_sm": wps}  # the two best of the first sweep and neighbours
+                for rt, nw, un, wps in ((1, 4, 1, 32), (1, 8, 2, 16), (2, 4, 1, 32), (1, 4, 2, 24), (1, 8, 1, 32))]
+CROSSOVER_MS = [1, 2, 4, 8, 16]
+
+
+def gemv_rows(copy_gbps: float, log) -> list[dict]:
+    """The decode GEMV's launch settings timed on 4-bit g128 weights of the 8B MLP shapes at M=1, the
+    fastest per output width applied to wq_gemv.LAUNCH; then the GEMV against the Triton GEMM at
+    M = 1..16 on the same weights, the largest M up to which the GEMV is never slower applied to
+    quant_linear.GEMV_MAX_M (everything measured after this runs with both)."""
+    rows: list[dict] = []
+    if not check_gemv(log):
+        quant_linear.GEMV_MAX_M = 0
+        return rows
+    try:
+        measure_gemv(copy_gbps, log, rows)
+    except Exception as exc:  # recorded; the Triton GEMM then runs every M
+        quant_linear.GEMV_MAX_M = 0
+        log(f"gemv failed, not used: {type(exc).__name__}: {str(exc)[:500]}")
+    return rows
+
+
+def check_gemv(log) -> bool:
+    """The decode GEMV must match dequantize-then-matmul before it is timed or used."""
+    from compressor.schemes import dequantize
+
+    g = torch.Generator(device="cuda").manual_seed(5)
+    counters = torch.zeros(quant_linear.COUNTERS, dtype=torch.int32, device="cuda")
+    for bits, group, asym, m, n, k in ((4, 128, False, 1, 14336, 4096), (4, 64, True, 4, 4096, 14336),
+                                       (3, 64, False, 16, 2048, 4096), (8, 128, False, 1, 4096, 4096),
+                                       (2, 32, True, 8, 1024, 2048)):
+        codes = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (n, k), generator=g, device="cuda",
+                              dtype=torch.int8)
+        scale = (torch.rand(n, k // group, generator=g, device="cuda") * 0.01 + 1e-3).half()
+        zero = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (n, k // group), generator=g, device="cuda",
+                             dtype=torch.int8) if asym else None
+        x = torch.randn(m, k, generator=g, device="cuda").to(torch.bfloat16)
+        exact = x.double() @ dequantize(codes, scale, zero, None, torch.float64).T
+        try:
+            y = wq_gemv.gemv(x, wq_layout.repack(codes, scale, zero, bits, group), None, counters)
+            err = float((y.double() - exact).norm() / exact.norm())
+        except Exception as exc:
+            log(f"gemv check failed, not used: {type(exc).__name__}: {str(exc)[:500]}")
+            return False
+        log(f"gemv check w{bits} g{group} {'asym' if asym else 'sym'} m={m} {n}x{k}: relative error {err:.2e}")
+        if not err < 4e-3:
+            log("gemv disagrees with the reference: not used")
+            return False
+    return True
+
+
+def measure_gemv(copy_gbps: float, log, rows: list[dict]) -> None:
+    g = torch.Generator(device="cuda").manual_seed(4)
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    counters = torch.zeros(quant_linear.COUNTERS, dtype=torch.int32, device="cuda")
+    faster = {m: True for m in CROSSOVER_MS}
+    for n, k in GEMV_SHAPES:
+        ops, _ = build_copies(lambda: bf16_op(n, k, g))
+        base = {m: time_ops(ops, m, k, g) for m in CROSSOVER_MS}
+        del ops
+        made, nbytes = build_copies(lambda: weight_only_op(n, k, 4, 128, g))
+        weights = [op.layout for op in made]
+        width = "wide" if weights[0].n_pad >= 8192 else "narrow"
+
+        def timed(fn, m):
+            return time_ops([lambda x, w=w: fn(x, w) for w in weights], m, k, g)
+
+        best = None
+        for cfg in GEMV_CONFIGS:
+            config = wq_gemv.plan(1, weights[0], sms, **cfg)
+            try:
+                t = timed(lambda x, w: wq_gemv.gemv(x, w, None, counters, config=config), 1)
+            except Exception as exc:
+                log(f"gemv {n}x{k} {cfg}: {type(exc).__name__}: {str(exc)[:300]}")
+                continue
+            rows.append(row("gemv-sweep", {"bits": 4, "group_size": 128, **cfg, **config}, n, k, 1, t, nbytes,
+                            base[1], copy_gbps))
+            if best is None or t < best[0]:
+                best = (t, cfg)
+        if best is None:
+            raise RuntimeError("no launch setting ran")
+        wq_gemv.LAUNCH[width] = dict(best[1])
+        log(f"gemv {n}x{k} m=1: best {best[1]} {best[0] * 1e6:.1f} us ({base[1] / best[0]:.2f}x bf16), "
+            f"applied to {width} layers")
+        for m in CROSSOVER_MS:
+            t_gemv = timed(lambda x, w: wq_gemv.gemv(x, w, None, counters), m)
+            t_triton = timed(lambda x, w: wq_triton.wq_matmul(x, w, None, counters), m)
+            for name, t in (("gemv-decode", t_gemv), ("triton-decode", t_triton)):
+                rows.append(row(name, {"bits": 4, "group_size": 128}, n, k, m, t, nbytes, base[m], copy_gbps))
+            faster[m] &= t_gemv <= t_triton
+            log(f"gemv {n}x{k} m={m}: gemv {t_gemv * 1e6:.1f} us, triton {t_triton * 1e6:.1f} us, "
+                f"bf16 {base[m] * 1e6:.1f} us")
+        made = weights = []
+        torch.cuda.empty_cache()
+    max_m = 0
+    for m in CROSSOVER_MS:
+        if not faster[m]:
+            break
+        max_m = m
+    quant_linear.GEMV_MAX_M = max_m
+    log(f"gemv used up to M={max_m}")
+
+
+def carried_rows(path: Path, rows: list[dict]) -> list[dict]:
+    """Rows of an earlier results file for what this run did not measure (not its sweeps), each
+    marked with the date of the run that measured it."""
+    old = json.loads(path.read_text())
+
+    def key(r):
+        return (r["method"], json.dumps(r.get("config"), sort_keys=True), r.get("shape"), r.get("m"), r.get("model"),
+                r.get("batch"))
+
+    have = {key(r) for r in rows}
+    return [{"carried_from": old["date"], **r} for r in old["rows"]
+            if not r["method"].endswith("-sweep") and key(r) not in have]
+
+
 # ---------------------------------------------------------------- end to end
 
 def synthetic_tensors(kind: str, layers: int, g: torch.Generator, shape: dict = LLAMA_8B,
@@ -296,8 +414,11 @@ def synthetic_tensors(kind: str, layers: int, g: torch.Generator, shape: dict = 
     return t, qconfig
 
 
+E2E_KINDS = ("bf16", "w4a16", "w3a16", "w8a8", "fp8")
+
+
 def end_to_end_rows(log, layers: int = 32, batches=(1, 16), prompt_len: int = 512, gen_len: int = 64,
-                    shape: dict = LLAMA_8B, device: str = "cuda") -> list[dict]:
+                    shape: dict = LLAMA_8B, device: str = "cuda", kinds=E2E_KINDS) -> list[dict]:
     from transformers import LlamaConfig
 
     from compressor.evaluation.speed import measure
@@ -306,7 +427,7 @@ def end_to_end_rows(log, layers: int = 32, batches=(1, 16), prompt_len: int = 51
 
     config = LlamaConfig(num_hidden_layers=layers, **shape)
     rows, base = [], {}
-    for kind in ("bf16", "w4a16", "w3a16", "w8a8", "fp8"):
+    for kind in kinds:
         g = torch.Generator(device=device).manual_seed(7)
         started = time.perf_counter()
         tensors, qconfig = synthetic_tensors(kind, layers, g, shape, device)
@@ -369,8 +490,17 @@ def check_asm(log) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", type=Path, required=True)
-    ap.add_argument("--parts", default="kernels,e2e", help="comma-separated: kernels, e2e, sweep=SPEC.json, profile")
+    ap.add_argument("--parts", default="gemv,kernels,e2e",
+                    help="comma-separated: gemv (launch settings and crossover of the decode GEMV), kernels, e2e, "
+                         "sweep=SPEC.json, profile")
     ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--shapes", help="kernel rows for these NxK shapes only (comma-separated)")
+    ap.add_argument("--ms", help="kernel rows for these M only (comma-separated)")
+    ap.add_argument("--methods", help="kernel rows for these methods only (comma-separated; bf16 always runs)")
+    ap.add_argument("--e2e-kinds", default=",".join(E2E_KINDS), help="formats of the end-to-end part")
+    ap.add_argument("--e2e-batches", default="1,16", help="batch sizes of the end-to-end part")
+    ap.add_argument("--keep-from", type=Path,
+                    help="an earlier kernels.json: its rows for what this run does not measure are kept, marked")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     log_file = open(args.out / "kernels.log", "a")
@@ -391,14 +521,26 @@ def main() -> None:
         protocol = {"timing": "CUDA graph over weight copies beyond L2, median of replays",
                     "rotation_bytes": ROTATION_BYTES, "l2_bytes": props.L2_cache_size,
                     "sms": props.multi_processor_count, "copy_gbps": copy_gbps, "bf16_matmul_tflops": tflops,
-                    "torch": torch.__version__, "asm": wq_triton.USE_ASM, "triton": __import__("triton").__version__}
-        write_results("kernels", rows, protocol, {"device": torch.cuda.get_device_name()}, path=result_path)
+                    "torch": torch.__version__, "asm": wq_triton.USE_ASM, "triton": __import__("triton").__version__,
+                    "gemv": {"cupy": wq_gemv.available(), "max_m": quant_linear.GEMV_MAX_M,
+                             "launch": wq_gemv.LAUNCH}}
+        if args.keep_from:
+            protocol["carried_from"] = args.keep_from.name
+        carried = carried_rows(args.keep_from, rows) if args.keep_from else []
+        write_results("kernels", rows + carried, protocol, {"device": torch.cuda.get_device_name()}, path=result_path)
 
     for part in args.parts.split(","):
         if part.startswith("sweep="):
             rows += sweep_rows(copy_gbps, log, json.loads(Path(part[len("sweep="):]).read_text()))
+        elif part == "gemv":
+            if wq_gemv.available():
+                rows += gemv_rows(copy_gbps, log)
+            else:
+                log("CuPy is not installed: no decode GEMV, the Triton GEMM runs every M")
         elif part == "kernels":
-            kernel_rows(copy_gbps, log, rows, save)
+            shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")] if args.shapes else SHAPES
+            ms = [int(v) for v in args.ms.split(",")] if args.ms else MS
+            kernel_rows(copy_gbps, log, rows, save, shapes, ms, args.methods.split(",") if args.methods else None)
         elif part == "profile":  # a decode launch for ncu: 4-bit g128, 14336x4096, M=1
             g = torch.Generator(device="cuda").manual_seed(2)
             ops, _ = build_copies(lambda: weight_only_op(14336, 4096, 4, 128, g))
@@ -408,7 +550,8 @@ def main() -> None:
                     op(x)
             torch.cuda.synchronize()
         elif part == "e2e":
-            rows += end_to_end_rows(log, args.layers)
+            rows += end_to_end_rows(log, args.layers, [int(b) for b in args.e2e_batches.split(",")],
+                                    kinds=args.e2e_kinds.split(","))
         save()
 
 

@@ -17,7 +17,7 @@ from compressor.schemes import dequantize
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 triton = pytest.importorskip("triton")
 
-from compressor.kernels import splitk, w8_triton, wq_layout, wq_triton  # noqa: E402
+from compressor.kernels import quant_linear, splitk, w8_triton, wq_gemv, wq_layout, wq_triton  # noqa: E402
 
 # bits, group, asymmetric, act-order, dtype, M, N, K
 WQ_CASES = [
@@ -85,6 +85,36 @@ def test_weight_only_kernel_matches_the_reference(case):
         assert int(counters.abs().sum()) == 0, "split-K counters not reset"
 
 
+GEMV_CASES = [c for c in WQ_CASES if c[5] <= wq_gemv.MAX_M] + [
+    (4, 64, False, False, torch.bfloat16, 1, 14336, 4096), (4, 128, True, False, torch.float16, 16, 4096, 14336),
+    (3, 64, False, False, torch.bfloat16, 8, 1024, 4096), (2, 64, True, False, torch.bfloat16, 4, 2048, 1024)]
+
+
+@pytest.mark.skipif(not wq_gemv.available(), reason="the decode GEMV needs CuPy")
+@pytest.mark.parametrize("case", GEMV_CASES, ids=case_id)
+def test_decode_gemv_matches_the_reference(case):
+    """The CUDA decode GEMV under its own plan, a deep split-K and a wide block without split."""
+    bits, group, _, _, dtype, m, n, k = case
+    sms = splitk.sm_count(torch.device("cuda"))
+    for seed, forced in ((1, {}), (2, {"rt": 1, "nw": 2, "un": 2, "split": 3}), (3, {"rt": 2, "nw": 8, "split": 1})):
+        codes, scale, zero, g_idx, x, bias = weight_only(case, seed + 500 + 10 * GEMV_CASES.index(case))
+        w = wq_layout.repack(codes, scale, zero, bits, group, g_idx)
+        exact = x.double() @ dequantize(codes, scale, zero, g_idx, torch.float64).T
+        if bias is not None:
+            exact += bias.double()
+        reference = F.linear(x, dequantize(codes, scale, zero, g_idx, dtype), bias)
+        counters = torch.zeros(4096, dtype=torch.int32, device="cuda")
+        out = torch.full((m, n), float("nan"), dtype=dtype, device="cuda")
+        wq_gemv.gemv(x, w, bias, counters, config=wq_gemv.plan(m, w, sms, **forced) if forced else None, out=out)
+        assert torch.isfinite(out).all(), "unwritten or non-finite outputs"
+        assert rel(out, exact) <= min(max(2 * rel(reference, exact), 4e-3), 1e-2), (seed, rel(out, exact),
+                                                                                     rel(reference, exact))
+        assert int(counters.abs().sum()) == 0, "split-K counters not reset"
+        if not forced:  # QuantLinear's dispatch picks this path for decode rows and agrees with it
+            assert torch.equal(quant_linear.weight_only_matmul(x, w, bias, counters), out) == \
+                (m <= quant_linear.GEMV_MAX_M)
+
+
 # kind, static input scale, dtype, M, N, K
 W8_CASES = [("int", False, torch.bfloat16, 1, 4096, 4096), ("int", False, torch.bfloat16, 16, 1000, 1000),
             ("int", True, torch.float16, 70, 520, 2048), ("int", False, torch.bfloat16, 300, 2048, 1024),
@@ -144,4 +174,6 @@ def test_quant_linears_through_the_loader_match_the_float_path(tmp_path):
         slow = api.load(out, dtype=torch.bfloat16).model.cuda()
         with torch.no_grad():
             a, b = fast(ids).logits.float(), slow(ids).logits.float()
+            a1, b1 = fast(ids[:, :1]).logits.float(), slow(ids[:, :1]).logits.float()  # decode-sized rows
         assert rel(a, b) < (5e-2 if method == "fp8" else 2e-2), (method, options, rel(a, b))
+        assert rel(a1, b1) < (5e-2 if method == "fp8" else 2e-2), (method, options, rel(a1, b1))

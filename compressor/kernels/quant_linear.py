@@ -1,8 +1,9 @@
 """QuantLinear: a linear layer whose weights stay quantized in device memory.
 
 Backends, chosen once when the layer is built (`build`):
-- "triton": our kernels (wq_triton for integer weight-only, w8_triton for W8A8 int8 and FP8,
-  with torch._scaled_mm for FP8 at prefill sizes), on CUDA with Triton and bf16/fp16 inputs;
+- "triton": our kernels (for integer weight-only: the CUDA decode GEMV wq_gemv up to GEMV_MAX_M
+  activation rows when CuPy is there, the Triton GEMM wq_triton above; w8_triton for W8A8 int8
+  and FP8, with torch._scaled_mm for FP8 at prefill sizes), on CUDA with Triton and bf16/fp16 inputs;
 - "torch": the reference, dequantize-then-matmul in plain torch, on any device. Layers the
   kernels do not cover fall back to it, and `build` says why, naming the layer.
 """
@@ -21,6 +22,7 @@ from compressor.schemes import dequantize
 
 KERNEL_DTYPES = (torch.bfloat16, torch.float16)
 COUNTERS = 4096  # split-K tile counters per layer (kernels use at most ~4 per multiprocessor)
+GEMV_MAX_M = 8  # the decode GEMV runs up to this many rows: its crossover with wq_triton on the H200
 
 
 @dataclass
@@ -79,9 +81,7 @@ class QuantLinear(nn.Module):
         if self.backend == "torch":
             return self._reference(x)
         if self.kind == "weight-only":
-            from compressor.kernels import wq_triton
-
-            return wq_triton.wq_matmul(x, self._layout(), self.bias, self.counters)
+            return weight_only_matmul(x, self._layout(), self.bias, self.counters)
         from compressor.kernels import w8_triton
 
         if self.kind == "fp8" and x.dtype == torch.bfloat16 and x.numel() // x.shape[-1] > 16 and self.scaled_mm_ok:
@@ -106,6 +106,15 @@ class QuantLinear(nn.Module):
         return WqWeights(self.bits, self.in_features, self.out_features, self.block_k,
                          [self.plane0] + ([self.plane1] if self.plane1 is not None else []), self.scales, self.zeros,
                          self.perm)
+
+
+def weight_only_matmul(x: torch.Tensor, w, bias: torch.Tensor | None, counters: torch.Tensor) -> torch.Tensor:
+    """y = x · Wᵀ for a WqWeights layout on CUDA: the decode GEMV for few rows, else the GEMM."""
+    from compressor.kernels import wq_gemv, wq_triton
+
+    if x.numel() <= GEMV_MAX_M * x.shape[-1] and wq_gemv.available() and wq_gemv.supports(x, w):
+        return wq_gemv.gemv(x, w, bias, counters)
+    return wq_triton.wq_matmul(x, w, bias, counters)
 
 
 def build(name: str, spec: WeightOnly | EightBit, bias: torch.Tensor | None, device: torch.device,
