@@ -81,6 +81,8 @@ def main() -> None:
                         help="quality rows measured on a GPU by quantize_variants.py, merged into the results")
     parser.add_argument("--reduced-rows", default=str(RESULTS / "quantize_variants_cpu_reduced.json"),
                         help="rows of quantize_variants.py on the CPU at a reduced protocol, merged as their own set")
+    parser.add_argument("--layer-rows", default=str(RESULTS / "quantize_layers.json"),
+                        help="rows of quantize_layers.py (layer-level output error), merged as their own set")
     parser.add_argument("--timing-rows", default=str(RESULTS / "quantize_peer_cpu.json"),
                         help="rows of peer_gptq_cpu.py (CPU wall time against llm-compressor), merged as their own set")
     args = report_cli(parser, "quantize", render, refresh=lambda data, args: {
@@ -125,7 +127,7 @@ def main() -> None:
 def merged_rows(args: argparse.Namespace) -> list[dict]:
     """Rows measured by the other quantization scripts, each marked with where it comes from."""
     return (gpu_rows(Path(args.gpu_rows)) + gpu_rows(Path(args.reduced_rows), device="cpu", set_name="reduced")
-            + timing_rows(Path(args.timing_rows)))
+            + set_rows(Path(args.timing_rows), "timing") + set_rows(Path(args.layer_rows), "layers"))
 
 
 def gpu_rows(path: Path, device: str = "cuda", set_name: str | None = None) -> list[dict]:
@@ -160,12 +162,13 @@ def gpu_rows(path: Path, device: str = "cuda", set_name: str | None = None) -> l
     return out
 
 
-def timing_rows(path: Path) -> list[dict]:
-    """Rows of peer_gptq_cpu.py: our GPTQ and llm-compressor's, same sitting, with the load average."""
+def set_rows(path: Path, set_name: str) -> list[dict]:
+    """Rows of another script's results (peer_gptq_cpu.py: "timing"; quantize_layers.py: "layers"),
+    each marked with the set and that script's protocol."""
     if not path.is_file():
         return []
     data = json.loads(path.read_text())
-    return [{**r, "set": "timing", "protocol": data["protocol"]} for r in data["rows"]]
+    return [{**r, "set": set_name, "protocol": data["protocol"]} for r in data["rows"]]
 
 
 def _pct(value: float) -> str:
@@ -184,6 +187,7 @@ def render(data: dict) -> str:
     gpu = [r for r in rows if r.get("device") == "cuda"]
     reduced = [r for r in rows if r.get("set") == "reduced"]
     timing = [r for r in rows if r.get("set") == "timing"]
+    layers = [r for r in rows if r.get("set") == "layers"]
     lines += table(["row", "method", "bits/weight", "size", "ppl", "increase", "of RTN", "KL", "wall", "CPU",
                     "peak RSS"], [[
                         r.get("row", "fp32"), r["method"], str(r.get("bits_per_weight", "")),
@@ -231,6 +235,25 @@ def render(data: dict) -> str:
             fmt(r.get("wall_vs_peer"), "{:.2f}×"),
             ", ".join(f"{x['wall_s']:.0f} s @ {x['load_before']:.0f}–{x['load_after']:.0f}" for x in r["runs"])]
             for r in timing])
+    if layers:
+        p = layers[0]["protocol"]
+        rtn = {r["config"]["bits"]: r for r in layers if r["method"] == "rtn"}
+        lines += ["", "## Layer-level output error, in domain and out of domain", "",
+                  f"`python benchmarks/quantize_layers.py`: {len(p['linears'])} linears of the reference model "
+                  f"({', '.join(p['linears'])}), quantized from the input second moment of {p['calib_samples']} × "
+                  f"{p['calib_len']} calibration tokens; relative output error tr(E H Eᵀ)/tr(W H Wᵀ) (mean over the "
+                  f"linears) under H of the calibration tokens, of {p['eval_windows']} × {p['window']} held-out wiki "
+                  "tokens and of as many Austen tokens. A proxy, not perplexity; `of RTN` is the ratio to RTN's error "
+                  "at the same integer bits on that text.", ""]
+
+        def of_rtn(r, text):
+            base = rtn.get(r["config"]["bits"])
+            return None if base is None or base is r else r[f"rel_err_{text}"] / base[f"rel_err_{text}"]
+
+        lines += table(["row", "bits/weight", "calib", "wiki", "of RTN", "Austen", "of RTN"], [[
+            r["row"], str(r["bits_per_weight"]), f"{r['rel_err_calib']:.5f}", f"{r['rel_err_wiki']:.5f}",
+            fmt(of_rtn(r, "wiki"), lambda v: f"{100 * v:.1f}%"), f"{r['rel_err_austen']:.5f}",
+            fmt(of_rtn(r, "austen"), lambda v: f"{100 * v:.1f}%")] for r in layers])
     return "\n".join(lines) + "\n"
 
 
