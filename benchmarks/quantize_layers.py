@@ -31,10 +31,15 @@ VARIANTS = {
     "rtn-w4": ("rtn", W4, 0),
     "hqq-w4": ("hqq", W4, 0),
     "gptq-w4": ("gptq", {**W4, "act_order": True}, 0),
+    "gptq-w4-damp0.03": ("gptq", {**W4, "act_order": True, "damp": 0.03}, 0),
     "gptq-w4-damp0.1": ("gptq", {**W4, "act_order": True, "damp": 0.1}, 0),
+    "gptq-w4-damp0.3": ("gptq", {**W4, "act_order": True, "damp": 0.3}, 0),
     "rtn-w3": ("rtn", W3, 0),
     "gptq-w3": ("gptq", {**W3, "act_order": True}, 0),
+    "gptq-w3-damp0.1": ("gptq", {**W3, "act_order": True, "damp": 0.1}, 0),
+    "gptq-w3-r4": ("gptq", {**W3, "act_order": True}, 4),
     "gptq-w3-r8": ("gptq", {**W3, "act_order": True}, 8),
+    "gptq-w3-r8-damp0.1": ("gptq", {**W3, "act_order": True, "damp": 0.1}, 8),
     "gptq-w3-g32": ("gptq", {**W3, "group_size": 32, "act_order": True}, 0),
 }
 
