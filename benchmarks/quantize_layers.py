@@ -31,15 +31,14 @@ VARIANTS = {
     "rtn-w4": ("rtn", W4, 0),
     "hqq-w4": ("hqq", W4, 0),
     "gptq-w4": ("gptq", {**W4, "act_order": True}, 0),
-    "gptq-w4-damp0.03": ("gptq", {**W4, "act_order": True, "damp": 0.03}, 0),
     "gptq-w4-damp0.1": ("gptq", {**W4, "act_order": True, "damp": 0.1}, 0),
     "gptq-w4-damp0.3": ("gptq", {**W4, "act_order": True, "damp": 0.3}, 0),
     "rtn-w3": ("rtn", W3, 0),
     "gptq-w3": ("gptq", {**W3, "act_order": True}, 0),
     "gptq-w3-damp0.1": ("gptq", {**W3, "act_order": True, "damp": 0.1}, 0),
-    "gptq-w3-r4": ("gptq", {**W3, "act_order": True}, 4),
     "gptq-w3-r8": ("gptq", {**W3, "act_order": True}, 8),
-    "gptq-w3-r8-damp0.1": ("gptq", {**W3, "act_order": True, "damp": 0.1}, 8),
+    "gptq-w3-r8-1pass": ("gptq", {**W3, "act_order": True, "lowrank_passes": 0}, 8),
+    "gptq-w3-r32": ("gptq", {**W3, "act_order": True}, 32),
     "gptq-w3-g32": ("gptq", {**W3, "group_size": 32, "act_order": True}, 0),
 }
 
@@ -74,22 +73,24 @@ def quantize(w, h, method: str, config: dict, rank: int):
     """(effective weight, record) of one variant."""
     import torch
 
-    from compressor.methods.quant.gptq import GPTQConfig, gptq_quantize
+    from compressor.methods.quant.gptq import GPTQ, GPTQConfig, gptq_quantize
     from compressor.methods.quant.hqq import HQQConfig, hqq_qparams
-    from compressor.methods.quant.lowrank import compensate
     from compressor.methods.quant.quantizer import compute_qparams, dequantize_record, make_record
     from compressor.methods.quant.rtn import WeightQuantConfig
 
     if method == "gptq":
-        record, _ = gptq_quantize(w, h, GPTQConfig(**config))
+        gptq = GPTQ(GPTQConfig(**config, lowrank=rank))
+        record, _ = gptq_quantize(w, h, gptq.config)
+        if rank:  # what GPTQ.on_group does with --lowrank (its passes on the residual included)
+            linear = torch.nn.Linear(w.shape[1], w.shape[0], bias=False)
+            record = gptq._compensated(w, {"l": record}, h, ["l"], {"l": linear}, None)["l"]
+            return linear.weight.data, record
     else:
         cfg = (HQQConfig if method == "hqq" else WeightQuantConfig)(**config)
         scheme = cfg.scheme()
         qparams = hqq_qparams(w, scheme, cfg) if method == "hqq" else compute_qparams(w, scheme)
         record = make_record(w, *qparams, scheme)
     weight = dequantize_record(record, torch.float32)
-    if rank:
-        weight = compensate(record, w, weight, h, rank)
     return weight, record
 
 

@@ -47,6 +47,8 @@ class GPTQConfig(WeightQuantConfig):
     lowrank: int = Field(0, ge=0, le=1024, description="rank of a bfloat16 correction B·A of each linear's "
                                                        "quantization error, fitted in the eigenspace of its "
                                                        "inputs (EoRA); 0: none")
+    lowrank_passes: int = Field(2, ge=0, le=8, description="with --lowrank: GPTQ passes on the weight minus the "
+                                                           "last correction, each followed by a refit of it")
 
     @model_validator(mode="after")
     def _storable(self) -> "GPTQConfig":
@@ -306,11 +308,28 @@ class GPTQ(Method):
         for name, linear in linears.items():
             linear.weight.data = dequantize_record(records[name], linear.weight.dtype).to(linear.weight.device)
         if self.config.lowrank:
-            originals = torch.split(stacked, [linears[n].out_features for n in names])
-            for (name, linear), original in zip(linears.items(), originals):
+            records = self._compensated(stacked, records, stats["hessian"].cpu(), names, linears, cross)
+        return records
+
+    def _compensated(self, stacked: torch.Tensor, records: dict[str, Record], h: torch.Tensor, names: list[str],
+                     linears: dict[str, nn.Linear], cross: torch.Tensor | None) -> dict[str, Record]:
+        """Each linear's low-rank correction of the error its records leave; then `lowrank_passes`
+        times: GPTQ again on the weight minus the correction (the codes no longer spend their
+        precision on what the correction carries) and the correction refitted to the new error."""
+        rows = [linears[n].out_features for n in names]
+        originals = dict(zip(names, torch.split(stacked, rows)))
+        for step in range(self.config.lowrank_passes + 1):
+            if step:
+                residual = stacked - torch.cat(corrections)
+                record, _ = gptq_quantize(residual, h, self.config, "/".join(names), cross)
+                records = dict(zip(names, split_rows(record, rows)))
+            corrections, weights = [], {}
+            for name in names:
                 quantized = dequantize_record(records[name], torch.float32)
-                weight = compensate(records[name], original, quantized, stats["hessian"].cpu(), self.config.lowrank)
-                linear.weight.data = weight.to(linear.weight.dtype).to(linear.weight.device)
+                weights[name] = compensate(records[name], originals[name], quantized, h, self.config.lowrank)
+                corrections.append(weights[name] - quantized)
+        for name, linear in linears.items():
+            linear.weight.data = weights[name].to(linear.weight.dtype).to(linear.weight.device)
         return records
 
     def export(self) -> dict:
