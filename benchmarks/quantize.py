@@ -83,6 +83,8 @@ def main() -> None:
                         help="rows of quantize_variants.py on the CPU at a reduced protocol, merged as their own set")
     parser.add_argument("--layer-rows", default=str(RESULTS / "quantize_layers.json"),
                         help="rows of quantize_layers.py (layer-level output error), merged as their own set")
+    parser.add_argument("--size-rows", default=str(RESULTS / "quantize_sizes.json"),
+                        help="artifact sizes of quantize_variants.py --no-eval (e.g. --keep-dtype), merged as their own set")
     parser.add_argument("--timing-rows", default=str(RESULTS / "quantize_peer_cpu.json"),
                         help="rows of peer_gptq_cpu.py (CPU wall time against llm-compressor), merged as their own set")
     args = report_cli(parser, "quantize", render, refresh=lambda data, args: {
@@ -127,7 +129,8 @@ def main() -> None:
 def merged_rows(args: argparse.Namespace) -> list[dict]:
     """Rows measured by the other quantization scripts, each marked with where it comes from."""
     return (gpu_rows(Path(args.gpu_rows)) + gpu_rows(Path(args.reduced_rows), device="cpu", set_name="reduced")
-            + set_rows(Path(args.timing_rows), "timing") + set_rows(Path(args.layer_rows), "layers"))
+            + set_rows(Path(args.timing_rows), "timing") + set_rows(Path(args.layer_rows), "layers")
+            + set_rows(Path(args.size_rows), "sizes"))
 
 
 def gpu_rows(path: Path, device: str = "cuda", set_name: str | None = None) -> list[dict]:
@@ -188,6 +191,7 @@ def render(data: dict) -> str:
     reduced = [r for r in rows if r.get("set") == "reduced"]
     timing = [r for r in rows if r.get("set") == "timing"]
     layers = [r for r in rows if r.get("set") == "layers"]
+    sizes = [r for r in rows if r.get("set") == "sizes"]
     lines += table(["row", "method", "bits/weight", "size", "ppl", "increase", "of RTN", "KL", "wall", "CPU",
                     "peak RSS"], [[
                         r.get("row", "fp32"), r["method"], str(r.get("bits_per_weight", "")),
@@ -254,6 +258,14 @@ def render(data: dict) -> str:
             r["row"], str(r["bits_per_weight"]), f"{r['rel_err_calib']:.5f}", f"{r['rel_err_wiki']:.5f}",
             fmt(of_rtn(r, "wiki"), lambda v: f"{100 * v:.1f}%"), f"{r['rel_err_austen']:.5f}",
             fmt(of_rtn(r, "austen"), lambda v: f"{100 * v:.1f}%")] for r in layers])
+    if sizes:
+        lines += ["", "## Artifact size: unquantized tensors in the checkpoint's dtype or in bfloat16", "",
+                  "`python benchmarks/quantize_variants.py --no-eval --variants rtn-w4,rtn-w4-keep-bf16`: the "
+                  "same quantized linears; `--keep-dtype bfloat16` stores the embedding (tied head) and norms of "
+                  "the fp32 reference model in bfloat16.", ""]
+        lines += table(["row", "keep dtype", "bits/weight (linears)", "size"], [[
+            r["variant"], r.get("keep_dtype", "source"), str(r["bits_per_weight"]),
+            f"{r['size_bytes'] / 1e6:.1f} MB"] for r in sizes])
     return "\n".join(lines) + "\n"
 
 

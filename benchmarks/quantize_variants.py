@@ -37,6 +37,7 @@ VARIANTS = {  # GPTQ defaults: static groups, Hessian-weighted MSE clipping
     "hqq-w4": ("hqq", W4),
     "gptq-w3-r8": ("gptq", {**W3, "act_order": True, "lowrank": 8}),
     "gptq-w3-g32": ("gptq", {**W3, "group_size": 32, "act_order": True}),
+    "rtn-w4-keep-bf16": ("rtn", W4, {"keep_dtype": "bfloat16"}),
     "fp8": ("fp8", {}),
     "fp8-gptq": ("fp8", {"gptq": True}),
     "smoothquant+fp8": ("smoothquant,fp8", {"alpha": 0.5}),
@@ -46,6 +47,7 @@ VARIANTS = {  # GPTQ defaults: static groups, Hessian-weighted MSE clipping
 
 def main() -> None:
     from compressor import api
+    from compressor.models.loading import parse_dtype
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
@@ -62,18 +64,23 @@ def main() -> None:
     path = Path(args.results or RESULTS / f"quantize_variants_{args.device.split(':')[0]}.json")
     built = {}
     for name in args.variants.split(","):
-        method, options = VARIANTS[name]
+        method, options, *settings = VARIANTS[name]
+        settings = {k: parse_dtype(v) if k == "keep_dtype" else v for k, v in (settings[0] if settings else {}).items()}
         info = Path(args.work) / f"{name}.json"
         if args.reuse and info.is_file():
             built[name] = json.loads(info.read_text())
             continue
         started = time.perf_counter()
         q = api.quantize(args.model, method, Path(args.work) / name, options, device=args.device, overwrite=True,
-                         restart=True, progress=None, samples=args.samples)
-        built[name] = {"bits_per_weight": q["bits_per_weight"], "wall_s": round(time.perf_counter() - started, 1)}
+                         restart=True, progress=None, samples=args.samples, **settings)
+        built[name] = {"bits_per_weight": q["bits_per_weight"], "wall_s": round(time.perf_counter() - started, 1),
+                       "size_bytes": sum(f.stat().st_size for f in (Path(args.work) / name).glob("*.safetensors"))}
         info.write_text(json.dumps(built[name]))
         print(json.dumps({name: built[name]}), flush=True)
-    if args.no_eval:
+    if args.no_eval:  # sizes only
+        rows = [{"variant": name, "method": VARIANTS[name][0], "config": VARIANTS[name][1], **info,
+                 **(VARIANTS[name][2] if len(VARIANTS[name]) > 2 else {})} for name, info in built.items()]
+        print(f"wrote {write_results('quantize_variants', rows, {'calib_samples': args.samples}, path=path)}")
         return
     texts = args.texts.split(",")
     results = {text: evaluate(args.model, {name: Path(args.work) / name for name in built}, args.windows,
