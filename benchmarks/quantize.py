@@ -214,7 +214,8 @@ def render(data: dict) -> str:
         p = reduced[0]["protocol"]
         lines += ["", "## Reduced protocol on the shared CPU: in domain and out of domain", "",
                   f"`python benchmarks/quantize_variants.py --samples {p['calib_samples']} --windows "
-                  f"{p['eval_windows']} --texts wiki,austen` on the shared 2-core CPU (heavily loaded by other jobs, "
+                  f"{p['eval_windows']} --texts {'wiki,austen' if any('austen_ppl' in r for r in reduced) else 'wiki'}` "
+                  "on the shared 2-core CPU (heavily loaded by other jobs, "
                   f"so wall times are not comparable): calibration {p['calib_samples']} × {p['calib_len']} wiki tokens, "
                   f"{p['eval_windows']} × {p['window']} held-out tokens of wiki and of Austen (out of domain), its "
                   "own fp32 row. `of HQQ` = the row's perplexity increase as a fraction of calibration-free HQQ's at "
