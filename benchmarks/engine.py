@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -51,34 +53,54 @@ def checkout(commit: str, work: Path) -> Path:
     return path
 
 
-def run(code: Path, args: list[str], out: Path) -> dict:
-    """One command in a fresh process with `code` first on the path; its JSON plus process wall time."""
+def children_cpu_s() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run(code: Path, args: list[str], out: Path, threads: int | None = None) -> dict:
+    """One command in a fresh process with `code` first on the path; its JSON plus process wall and CPU time.
+
+    CPU seconds are recorded beside wall time because on a machine shared with other work the wall time
+    measures the neighbours as much as the engine; with one thread the CPU time is the single-core wall time."""
     env = {**os.environ, "PYTHONPATH": str(code)}
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "compressor.cli", "--json", *args, "-o", str(out), "--overwrite",
-                           "--restart"], capture_output=True, text=True, env=env, cwd=code)
-    wall = time.perf_counter() - started
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    started, cpu_before = time.perf_counter(), children_cpu_s()
+    # A fresh start without --restart, which the engine before had only for quantize: no run directory left.
+    shutil.rmtree(out.with_name(f".{out.name}.run"), ignore_errors=True)
+    proc = subprocess.run([sys.executable, "-m", "compressor.cli", "--json", *args, "-o", str(out), "--overwrite"],
+                          capture_output=True, text=True, env=env, cwd=code)
+    wall, cpu = time.perf_counter() - started, children_cpu_s() - cpu_before
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(args)} with {code} failed: {proc.stderr.strip()[-1500:]}")
     result = json.loads(proc.stdout)
-    return {"process_wall_s": wall, "peak_rss_mb": result["peak_rss_mb"], "wall_s": result["wall_s"]}
+    return {"process_wall_s": wall, "cpu_s": cpu, "peak_rss_mb": result["peak_rss_mb"], "wall_s": result["wall_s"]}
 
 
-def timing_rows(before: str, repeats: int, work: Path) -> list[dict]:
+def timing_rows(before: str, repeats: int, work: Path, samples: int | None, threads: int | None,
+                only: list[str]) -> list[dict]:
     codes = {"before": checkout(before, work), "now": ROOT}
     rows = []
     for name, args in TIMED.items():
+        if only and name not in only:
+            continue
+        args = [*args, "--samples", str(samples)] if samples else args
         runs: dict[str, list[dict]] = {"before": [], "now": []}
         for i in range(repeats):
             for label in ("before", "now") if i % 2 == 0 else ("now", "before"):
                 print(f"{name}: {label} run {i + 1}/{repeats}", flush=True)
-                runs[label].append(run(codes[label], args, work / f"{name}-{label}"))
-        row = {"model": MODEL, "method": f"engine:{name}", "config": {"command": " ".join(args), "before": before}}
+                runs[label].append(run(codes[label], args, work / f"{name}-{label}", threads))
+        row = {"model": MODEL, "method": f"engine:{name}",
+               "config": {"command": " ".join(args), "before": before, "threads": threads},
+               "load_average_1m": round(os.getloadavg()[0], 1)}
         for label, results in runs.items():
             row[f"{label}_wall_s"] = round(median([r["process_wall_s"] for r in results]), 1)
             row[f"{label}_wall_runs_s"] = [round(r["process_wall_s"], 1) for r in results]
             row[f"{label}_peak_rss_mb"] = round(max(r["peak_rss_mb"] for r in results))
+            row[f"{label}_cpu_s"] = round(median([r["cpu_s"] for r in results]), 1)
         row["wall_ratio"] = round(row["now_wall_s"] / row["before_wall_s"], 3)
+        row["cpu_ratio"] = round(row["now_cpu_s"] / row["before_cpu_s"], 3)
         row["peak_rss_ratio"] = round(row["now_peak_rss_mb"] / row["before_peak_rss_mb"], 3)
         rows.append(row)
     return rows
@@ -113,13 +135,18 @@ def render(data: dict) -> str:
     if timed:
         lines += ["## Engine overhead, same sitting", "",
                   f"Each command ran {len(timed[0]['now_wall_runs_s'])}× with the engine before "
-                  f"(`{timed[0]['config']['before']}`) and now, alternating; medians of process wall time.", "",
-                  "| command | wall before | wall now | ratio | peak RSS before | peak RSS now | ratio |",
-                  "|---|---|---|---|---|---|---|"]
+                  f"(`{timed[0]['config']['before']}`) and now, alternating; medians of process wall time and "
+                  "of the process's CPU time (user + system), the figure that stays meaningful when other work "
+                  "shares the machine (load average at the end of each command's runs in the last column).", "",
+                  "| command | threads | wall before | wall now | ratio | CPU before | CPU now | ratio | "
+                  "peak RSS before | peak RSS now | ratio | load |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in timed:
-            lines.append(f"| `{r['config']['command']}` | {r['before_wall_s']} s | {r['now_wall_s']} s | "
-                         f"{r['wall_ratio']} | {r['before_peak_rss_mb']} MB | {r['now_peak_rss_mb']} MB | "
-                         f"{r['peak_rss_ratio']} |")
+            lines.append(f"| `{r['config']['command']}` | {r['config'].get('threads') or 'default'} | "
+                         f"{r['before_wall_s']} s | {r['now_wall_s']} s | {r['wall_ratio']} | "
+                         f"{r.get('before_cpu_s', '')} s | {r.get('now_cpu_s', '')} s | {r.get('cpu_ratio', '')} | "
+                         f"{r['before_peak_rss_mb']} MB | {r['now_peak_rss_mb']} MB | {r['peak_rss_ratio']} | "
+                         f"{r.get('load_average_1m', '')} |")
         lines.append("")
     quality = [r for r in data["rows"] if not r["method"].startswith("engine:")]
     if quality:
@@ -142,14 +169,17 @@ def main() -> None:
     parser.add_argument("--work", default="out/bench-engine")
     parser.add_argument("--skip-timing", action="store_true")
     parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--only", nargs="*", default=[], choices=list(TIMED), help="timed commands to run")
+    parser.add_argument("--samples", type=int, help="calibration samples for the timed commands (default: protocol's)")
+    parser.add_argument("--threads", type=int, help="OMP/MKL threads of the timed commands (1: CPU time = wall time)")
     args = report_cli(parser, "engine", render)
     if args is None:
         return
     work = Path(args.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
-    previous = json.loads((RESULTS / "engine.json").read_text())["rows"] if (RESULTS / "engine.json").is_file() else []
-    rows = [] if args.skip_timing else timing_rows(args.before, args.repeats, work)
+    rows = [] if args.skip_timing else timing_rows(args.before, args.repeats, work, args.samples, args.threads, args.only)
     rows += [] if args.skip_quality else quality_rows(args.windows, work)
+    previous = json.loads((RESULTS / "engine.json").read_text())["rows"] if (RESULTS / "engine.json").is_file() else []
     kept = {r["method"] if r["method"].startswith("engine:") else r.get("row", r["method"]) for r in rows}
     rows += [r for r in previous if (r["method"] if r["method"].startswith("engine:") else
                                      r.get("row", r["method"])) not in kept]
@@ -157,7 +187,8 @@ def main() -> None:
     path = write_results("engine", rows, protocol)
     data = json.loads(path.read_text())
     print_table([r for r in rows if r["method"].startswith("engine:")],
-                ["method", "before_wall_s", "now_wall_s", "wall_ratio", "before_peak_rss_mb", "now_peak_rss_mb"],
+                ["method", "before_wall_s", "now_wall_s", "wall_ratio", "before_cpu_s", "now_cpu_s", "cpu_ratio",
+                 "before_peak_rss_mb", "now_peak_rss_mb"],
                 "engine overhead")
     print_table([r for r in rows if not r["method"].startswith("engine:")],
                 ["row", "bits_per_weight", "ppl", "kl", "ppl_increase_pct"], "HQQ vs RTN")

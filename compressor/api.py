@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import resource
 import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from pydantic import ValidationError
@@ -20,21 +19,23 @@ from compressor.calib.data import calibration_set, evaluation_set
 from compressor.devices import check_device
 from compressor.errors import CompressorError
 from compressor.formats import artifact as artifacts
+from compressor.formats import mixed_precision
 from compressor.formats import manifest as manifests
 from compressor.formats.manifest import read_manifest
 from compressor import export
 from compressor.methods import METHODS, Method
+from compressor.methods.quant.mixed import MIXED_BUDGETS, MixedPrecision
 from compressor.methods.composition import build_methods, method_names
 from compressor.methods.composition import describe as describe_methods
 from compressor.models import assets
 from compressor.models.adapters import adapter_for_config, count_parameters
 from compressor.models.loading import LoadedModel, load_model, resolve_model_path, source_bytes
-from compressor.outputs import check_output, is_safe_name
+from compressor.outputs import check_output, is_safe_name, writes_output
 from compressor.pipeline.checkpoint import RunDirectory
 from compressor.pipeline.distributed import World
 from compressor.pipeline.progress import Progress
 from compressor.pipeline.sequential import SequentialPipeline, check_order
-from compressor.util import release_memory, write_atomic
+from compressor.util import fingerprint, release_memory, write_atomic
 
 
 def peak_rss_mb() -> float:
@@ -106,22 +107,24 @@ def make_methods(spec: str | list[str], options: dict[str, Any] | None, command:
     return methods
 
 
-def _fingerprint(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
-
-
 def run_directory_for(out: Path) -> Path:
     return out.with_name(f".{out.name}.run")
 
 
-def compress(model: str, methods: str | list[str], out: str | Path, options: dict[str, Any] | None = None, *,
+@writes_output
+def compress(model: str, methods: str | list[str] | list[Method], out: str | Path,
+             options: dict[str, Any] | None = None, *,
              calib: str = "wiki", samples: int = 128, seq_len: int = 512, seed: int = 0,
              text_field: str = "text", chat_template: bool = False, device: str = "cpu", batch_size: int = 8,
              dtype: torch.dtype = torch.float32, hessian_dtype: torch.dtype = torch.float32,
              keep_dtype: torch.dtype | None = None,
              overwrite: bool = False, resume: bool = False, restart: bool = False, allow_pickle: bool = False,
-             verify: bool = True, progress: Progress | None = None, command: str = "quantize") -> dict:
-    """Run a list of methods over a model in one engine pass and write the artifact; `keep_dtype`
+             verify: bool = True, progress: Progress | None = None, command: str = "quantize",
+             extra_metrics: dict | Callable[[torch.nn.Module], dict] | None = None) -> dict:
+    """Run a list of methods over a model in one engine pass and write the artifact.
+
+    `methods` is a spec (names, lists) or methods already configured; `extra_metrics` (a dict, or
+    a function of the model as the engine left it) joins the manifest's metrics; `keep_dtype`
     stores the tensors left unquantized (embeddings, norms, a tied head) in that dtype instead of
     the checkpoint's own."""
     started = time.perf_counter()
@@ -130,14 +133,32 @@ def compress(model: str, methods: str | list[str], out: str | Path, options: dic
     device = world.device(device)
     progress = (progress or Progress()) if world.is_main else Progress()
     out = Path(out)
-    chain = make_methods(methods, options, command)
+    configured = isinstance(methods, list) and all(isinstance(m, Method) for m in methods) and methods
+    chain = methods if configured else make_methods(methods, options, command)
+    if configured:
+        check_order(chain)
     export.check_formats(chain)
+    planless = next((m for m in chain if isinstance(m, MixedPrecision) and not m.config.plan), None)
+    if planless is not None:  # a mixed-precision budget: search a plan, then come back here to build it
+        from compressor.mixed.driver import Calibration, quantize_mixed
+
+        if resume or restart:
+            raise CompressorError("--resume and --restart do not apply to a mixed-precision search",
+                                  "rerun it: the sensitivity pass resumes from its cache by itself")
+        check_output(out, overwrite=overwrite, sources=[resolve_model_path(model, progress.log)])
+        return quantize_mixed(model, chain, out, calib=Calibration(calib, samples, seq_len, seed, text_field,
+                                                                   chat_template, batch_size),
+                              device=device, dtype=dtype, hessian_dtype=hessian_dtype, overwrite=overwrite,
+                              allow_pickle=allow_pickle, verify=verify, progress=progress, load=load, build=compress)
     prunes = any(m.produces == "structure" for m in chain)
     if resume and restart:
         raise CompressorError("--resume and --restart contradict each other",
                               "pass --resume to continue the interrupted run or --restart to discard it")
     if batch_size < 1:
         raise CompressorError(f"batch size must be at least 1 (got {batch_size})", "raise --batch-size")
+    if samples < 1 or seq_len < 1:  # checked whether or not a method calibrates: a wrong setting is never ignored
+        raise CompressorError(f"--samples and --seq-len must be at least 1 (got {samples} and {seq_len})",
+                              "e.g. --samples 128 --seq-len 512")
     if hessian_dtype not in (torch.float32, torch.float64):
         raise CompressorError(f"Hessians accumulate in float32 or float64, not {hessian_dtype}",
                               "pass --hessian-dtype float32 or float64")
@@ -171,12 +192,12 @@ def compress(model: str, methods: str | list[str], out: str | Path, options: dic
         tokens = calibration_set(calib, loaded.tokenizer, samples, seq_len, seed, text_field, chat_template,
                                  progress.log)
     blocks = loaded.adapter.blocks(loaded.model)
-    described = describe_methods(chain, methods)
+    described = describe_methods(chain, None if configured else methods)
     # Everything that changes the numbers; a resumed run must match it exactly.
-    fingerprint = _fingerprint(__version__, loaded.source_hash, described,
+    key = fingerprint(__version__, loaded.source_hash, described,
                                tokens.sha256 if tokens else None, str(dtype), str(hessian_dtype), batch_size,
                                torch.device(device).type, world.size)
-    run = RunDirectory(run_path, fingerprint, len(blocks), rank=world.rank if world.size > 1 else None)
+    run = RunDirectory(run_path, key, len(blocks), rank=world.rank if world.size > 1 else None)
     if restart and run_path.exists() and world.is_main:
         shutil.rmtree(run_path)
     world.barrier()
@@ -190,6 +211,8 @@ def compress(model: str, methods: str | list[str], out: str | Path, options: dic
 
     config, tensors, metrics = export.artifact_contents(loaded, chain, pipeline.block_meta, run, original_config,
                                                         params_before)
+    if extra_metrics is not None:
+        metrics.update(extra_metrics(loaded.model) if callable(extra_metrics) else extra_metrics)
     spec = export.structure(chain, pipeline.block_meta, loaded)
     artifacts.write_artifact(
         out, config=config, tensors=tensors, tokenizer=loaded.tokenizer,
@@ -208,8 +231,15 @@ def compress(model: str, methods: str | list[str], out: str | Path, options: dic
     return result
 
 
-def quantize(model: str, method: str, out: str | Path, options: dict[str, Any] | None = None, **settings) -> dict:
-    """Quantize a model (a method or a list, e.g. "gptq", "awq+gptq") into a compressed-tensors artifact."""
+def quantize(model: str, method: str, out: str | Path, options: dict[str, Any] | None = None, mixed: bool = False,
+             **settings) -> dict:
+    """Quantize a model (a method or a list, e.g. "gptq", "awq+gptq") into a compressed-tensors artifact.
+    `mixed` chooses each linear's format under the budget in `options` (target_bits, max_kl or
+    max_ppl_increase), with the list's quantizer as the base."""
+    from compressor.methods.quant.mixed import mixed_spec
+
+    if mixed or any((options or {}).get(k) is not None for k in MIXED_BUDGETS):
+        method, options = mixed_spec(method, options, mixed)
     return compress(model, method, out, options, command="quantize", **settings)
 
 
@@ -229,16 +259,71 @@ def prune(model: str, method: str, out: str | Path, sparsity: float | None = Non
     return compress(model, method, out, {"sparsity": sparsity, **(options or {})}, command="prune", **settings)
 
 
+def sensitivity(model: str, method: str, out: str | Path, options: dict[str, Any] | None = None, *,
+                calib: str = "wiki", samples: int = 128, seq_len: int = 512, seed: int = 0, text_field: str = "text",
+                chat_template: bool = False, device: str = "cpu", batch_size: int = 8,
+                dtype: torch.dtype = torch.float32, hessian_dtype: torch.dtype = torch.float32,
+                overwrite: bool = False, allow_pickle: bool = False, verify: bool = True,
+                progress: Progress | None = None) -> dict:
+    """Per-linear sensitivities of every candidate format (one calibration pass, reused by later
+    `quantize --mixed --sensitivity OUT` searches), with a heatmap and the most sensitive linears."""
+    from compressor.methods.quant.mixed import mixed_spec
+    from compressor.mixed.driver import Calibration, sensitivity_command
+
+    progress = progress or Progress()
+    device = check_device(device)
+    names, options = mixed_spec(method, options, True)
+    chain = make_methods(names, options, "sensitivity")
+    if chain[-1].config.budget() is not None:
+        raise CompressorError("a sensitivity pass takes no budget", "search one with `compress quantize --mixed`")
+    out = Path(out)
+    if (out / "run.json").is_file() and overwrite:
+        shutil.rmtree(out)
+    if not (out / "run.json").is_file():  # a directory of this pass's own is resumed or reused
+        check_output(out, overwrite=overwrite, sources=[resolve_model_path(model, progress.log)])
+    return sensitivity_command(model, chain, out, calib=Calibration(calib, samples, seq_len, seed, text_field,
+                                                                    chat_template, batch_size),
+                               device=device, dtype=dtype, hessian_dtype=hessian_dtype, allow_pickle=allow_pickle,
+                               verify=verify, progress=progress, load=load)
+
+
+# ---------------------------------------------------------------- distill
+
+@writes_output
+def distill(teacher: str, student: str, data: str | list[str], out: str | Path, settings: dict | None = None,
+            **options) -> dict:
+    """Distill `teacher` into `student` on `data` (a reference text, files; comma-separated or a
+    list) and write the student as an artifact; `settings` are DistillSettings fields."""
+    from compressor.distill.run import distill as run
+    from compressor.distill.settings import parse_settings
+
+    refs = [d.strip() for d in data.split(",") if d.strip()] if isinstance(data, str) else list(data)
+    return run(teacher, student, refs, out, parse_settings(settings), load=load, peak_rss_mb=peak_rss_mb, **options)
+
+
 # ---------------------------------------------------------------- recipes
 
 RECIPE_STATE = "recipe-run.json"
 
 
+def check_stage(stage) -> None:
+    """A recipe stage's settings, checked before any stage runs."""
+    if stage.kind in ("prune", "quantize"):
+        make_methods(stage.spec.method, stage.spec.options, stage.kind)
+    elif stage.kind == "pack":
+        _pack_config(stage.spec.options)
+    elif stage.kind == "distill":
+        from compressor.distill.settings import parse_settings
+
+        parse_settings(stage.spec.settings)
+
+
+@writes_output
 def run_recipe(recipe_path: str | Path, model: str, out: str | Path, *, calib: str | None = None,
                device: str = "cpu", overwrite: bool = False, resume: bool = False, restart: bool = False,
                allow_pickle: bool = False, verify: bool = True, progress: Progress | None = None) -> dict:
     """Run a recipe's stages in order, each reading what the stage before it made; every stage's
-    output goes under OUT (`01-prune/`, `02-quantize/`, ..., `04-eval.json`, `05-report/`), and
+    output goes under OUT (`01-prune/`, `02-distill/`, ..., `04-eval.json`, `05-report/`), and
     `--resume` continues after the last finished stage (inside an interrupted engine pass, from its
     last finished block). `calib` overrides every stage's calibration data."""
     from compressor.recipes import load_recipe
@@ -247,10 +332,7 @@ def run_recipe(recipe_path: str | Path, model: str, out: str | Path, *, calib: s
     recipe = load_recipe(recipe_path)
     names = recipe.stage_names()
     for stage in recipe.stages:  # every stage's settings, before any work
-        if stage.kind in ("prune", "quantize"):
-            make_methods(stage.spec.method, stage.spec.options, stage.kind)
-        elif stage.kind == "pack":
-            _pack_config(stage.spec.options)
+        check_stage(stage)
     if resume and restart:
         raise CompressorError("--resume and --restart contradict each other",
                               "pass --resume to continue the interrupted run or --restart to discard it")
@@ -260,8 +342,21 @@ def run_recipe(recipe_path: str | Path, model: str, out: str | Path, *, calib: s
     if not out.exists():
         check_output(out, overwrite=False, sources=[source], needs_bytes=source_bytes(source) * 2)
     state = _recipe_state(out, recipe, names, str(source), overwrite, resume, restart)
+    created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / RECIPE_STATE, json.dumps(state, indent=2, default=str).encode())
+    try:
+        return _run_stages(recipe, names, state, out, model, calib=calib, device=device, resume=resume,
+                           allow_pickle=allow_pickle, verify=verify, progress=progress)
+    except CompressorError:
+        # Bad input found in the first stage, before anything was kept: leave no trace of this run.
+        if created and not state["done"] and not any(out.glob(".*.run/run.json")):
+            shutil.rmtree(out, ignore_errors=True)
+        raise
+
+
+def _run_stages(recipe, names: list[str], state: dict, out: Path, model: str, *, calib: str | None, device: str,
+                resume: bool, allow_pickle: bool, verify: bool, progress: Progress) -> dict:
     current, made, eval_settings = model, [], None
     for index, (stage, name) in enumerate(zip(recipe.stages, names)):
         spec, target = stage.spec, out / name
@@ -333,6 +428,14 @@ def _run_stage(stage, target: Path, current: str, source: str, made: list[str], 
                         chat_template=cal.chat_template, batch_size=cal.batch_size, device=device, overwrite=True,
                         resume=resume and interrupted, restart=not (resume and interrupted) and interrupted,
                         allow_pickle=allow_pickle, verify=verify, progress=progress)
+    if stage.kind == "distill":
+        from compressor.distill.checkpoint import checkpoint_dir
+
+        interrupted = (checkpoint_dir(target) / "latest" / "state.json").is_file()
+        return distill(spec.teacher or source, current, spec.data, target, spec.settings, eval_data=spec.eval_data,
+                       device=device, overwrite=True, resume=resume and interrupted,
+                       restart=not (resume and interrupted) and interrupted, allow_pickle=allow_pickle,
+                       verify=verify, progress=progress)
     if stage.kind == "pack":
         return pack(current, target, dtype=spec.dtype, options=spec.options, overwrite=True, verify=verify,
                     progress=progress)
@@ -380,6 +483,9 @@ def evaluate(model: str, base: str | None = None, data: str = "wiki", windows: i
                            warn=progress.warn)
     reference = (open_model(base, allow_pickle=allow_pickle, verify=verify, log=progress.log,
                             warn=progress.warn) if base else None)
+    for loaded, ref in ((candidate, model), (reference, base)):
+        if loaded is not None:
+            _check_finite(loaded.model, ref)
     tokenizer = candidate.tokenizer or (reference.tokenizer if reference else None)
     if reference is not None and candidate.model.config.vocab_size != reference.model.config.vocab_size:
         raise CompressorError(
@@ -403,6 +509,14 @@ def evaluate(model: str, base: str | None = None, data: str = "wiki", windows: i
     return out
 
 
+def _check_finite(model: torch.nn.Module, ref: str) -> None:
+    """A model with NaN or Inf weights evaluates to NaN: refused, naming the tensor."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            raise CompressorError(f"{ref}: {name} has NaN or Inf in its weights",
+                                  "the checkpoint is damaged: re-export or re-download it")
+
+
 def evaluate_tasks(model: str, tasks: list[str], *, limit: float | None = None, num_fewshot: int | None = None,
                    device: str = "cpu", batch_size: int = 1, add_bos_token: bool | None = None,
                    chat_template: bool = False, verify: bool = True, progress: Progress | None = None) -> dict:
@@ -418,6 +532,7 @@ def evaluate_tasks(model: str, tasks: list[str], *, limit: float | None = None, 
     return {"model": str(model), **result, "wall_s": time.perf_counter() - started, "peak_rss_mb": peak_rss_mb()}
 
 
+@writes_output
 def report(artifacts_: list[str], base: str, out: str | Path, *, texts: tuple[str, ...] = ("wiki", "austen"),
            windows: int = 64, window_len: int = 512, tasks: tuple[str, ...] = (), limit: float | None = None,
            batch_size: int = 4, device: str = "cpu", allow_mixed_base: bool = False, cache: str | Path | None = None,
@@ -440,6 +555,8 @@ def report(artifacts_: list[str], base: str, out: str | Path, *, texts: tuple[st
         raise CompressorError("--batch-size and --windows must be at least 1", "raise them")
     out = Path(out)
     device = check_device(device)
+    for ref in (base, *artifacts_):  # every input exists before anything is evaluated
+        resolve_model_path(ref, progress.log)
     _check_report_output(out, overwrite)
     settings = SuiteSettings(tuple(texts), windows, window_len, tuple(tasks), limit, batch_size, device)
     base_c, candidates = evaluate_all(list(artifacts_), base, settings, EvalCache(cache), allow_mixed_base, progress)
@@ -524,6 +641,14 @@ def inspect(ref: str) -> dict:
                                                            base_model_type=config.get("base_model_type")))).__name__
     except CompressorError:
         adapter = None
+    mixed = None
+    if mixed_precision.is_mixed(qconfig):  # a format per linear: the bit map, and the bits over all of them
+        layers = mixed_precision.bit_map(path, qconfig)
+        weights = sum(v["params"] for v in layers.values())
+        mixed = {"bits_per_weight_linears": round(sum(v["bits_per_weight"] * v["params"] for v in layers.values())
+                                                  / weights, 4), "quantized_params": weights,
+                 "quantization": {"formats": _counts(v["format"] for v in layers.values())},
+                 "bit_map": {m: v["format"] for m, v in layers.items()}}
     return {
         "path": str(path), "kind": manifest.get("kind", "checkpoint"),
         "architecture": (config.get("architectures") or ["?"])[0], "model_type": config.get("model_type"),
@@ -538,7 +663,15 @@ def inspect(ref: str) -> dict:
         "bits_per_weight_file": round(8 * stored / max(params, 1), 3),
         "quantization": qconfig["config_groups"]["group_0"]["weights"] if qconfig else None,
         "method": manifest.get("method"), "source": manifest.get("source"),
+        **(mixed or {}),
     }
+
+
+def _counts(values) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return dict(sorted(out.items()))
 
 
 def verify(path: str | Path) -> dict:
@@ -569,6 +702,7 @@ def _pack_config(options: dict[str, Any] | None):
                               "see `compress pack --help`") from None
 
 
+@writes_output
 def pack(model: str | Path, out: str | Path, *, dtype: str | None = None, options: dict[str, Any] | None = None,
          overwrite: bool = False, check: bool = True, verify: bool = True,
          progress: Progress | None = None) -> dict:
@@ -591,6 +725,7 @@ def pack(model: str | Path, out: str | Path, *, dtype: str | None = None, option
     return {**{k: v for k, v in result.items() if k != "files"}, "codec": native.status()}
 
 
+@writes_output
 def unpack(packed_dir: str | Path, out: str | Path, *, overwrite: bool = False) -> dict:
     """Rebuild the original tensors of a packed artifact, byte for byte (sha256 checked)."""
     from compressor.formats import packed

@@ -13,8 +13,9 @@ from rich.console import Console
 from rich.table import Table
 
 from compressor import __version__
-from compressor.cli_options import calibration, collect, with_method_options
-from compressor.errors import CompressorError
+from compressor.cli_options import calibration, collect, given_settings, with_method_options, with_settings_options
+from compressor.distill.settings import DistillSettings
+from compressor.errors import CompressorError, disk_error
 from compressor.progress import Progress, for_terminal
 
 
@@ -124,6 +125,14 @@ def _run(action: Callable[[], Any], render: Callable[[Any], None], json_out: boo
     except KeyboardInterrupt:
         err_console.print("[bold red]interrupted[/bold red]; rerun with --resume to continue where it stopped")
         raise typer.Exit(130) from None
+    except OSError as exc:
+        error = disk_error(exc)
+        if error is None:
+            raise
+        if OPTS.debug:
+            traceback.print_exc()
+        _fail(error.message, error.hint, error.exit_code)
+        raise typer.Exit(error.exit_code) from None
     if OPTS.json:
         print(json.dumps(result, indent=2, default=str))
     else:
@@ -194,6 +203,9 @@ def _methods_command(name: str, default_method: str, method_help: str, doc: str)
         restart: bool = RESTART_OPTION,
         allow_pickle: bool = ALLOW_PICKLE_OPTION,
         no_verify: bool = NO_VERIFY_OPTION,
+        mixed: bool = typer.Option(False, "--mixed", hidden=name != "quantize",
+                                   help="Choose a format per linear under --target-bits, --max-kl or "
+                                        "--max-ppl-increase, with the list's quantizer (gptq, rtn) as the base."),
         json_out: bool = JSON_OPTION,
         **options: Any,
     ) -> None:
@@ -211,8 +223,10 @@ def _methods_command(name: str, default_method: str, method_help: str, doc: str)
                             progress=_progress())
             method_options = collect(options)
             if name == "prune":
+                if mixed:
+                    raise CompressorError("--mixed is a quantize option", "drop it, or quantize after pruning")
                 return run(model, method, output, method_options.pop("sparsity", None), method_options, **settings)
-            return run(model, method, output, method_options, **settings)
+            return run(model, method, output, method_options, mixed=mixed, **settings)
 
         _run(action, lambda r: _kv_table(f"wrote {r['output']}", r), json_out)
 
@@ -228,6 +242,89 @@ _methods_command(
     "prune", "slicegpt",
     f"A pruner, or a list starting with one (slicegpt,gptq): {', '.join(_method_names('structure'))}.",
     "Structured pruning (SliceGPT, MoDeGPT) into an artifact that transformers loads.")
+
+
+def sensitivity_cmd(
+    model: str = typer.Argument(..., help="HF model directory, .gguf file or reference name (smollm2-135m)."),
+    output: Path = typer.Option(..., "-o", "--output", help="Sensitivity directory to write (reused by "
+                                                              "`quantize --mixed --sensitivity DIR`)."),
+    method: str = typer.Option("gptq", "--method", "-m", help="The base quantizer, or a list ending in one "
+                                                               "(gptq, rtn, awq+gptq)."),
+    device: str = DEVICE_OPTION,
+    dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32, bfloat16, float16."),
+    hessian_dtype: str = typer.Option("float32", "--hessian-dtype", help="Hessian accumulation: float32 or float64."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Discard an existing sensitivity directory."),
+    allow_pickle: bool = ALLOW_PICKLE_OPTION,
+    no_verify: bool = NO_VERIFY_OPTION,
+    json_out: bool = JSON_OPTION,
+    **options: Any,
+) -> None:
+    """Loss estimate of every linear in every candidate format (one calibration pass): JSON, a PNG
+    heatmap, and the most sensitive linears."""
+    from compressor import api
+    from compressor.models.loading import parse_dtype
+
+    def action():
+        cal = calibration(options)
+        return api.sensitivity(model, method, output, collect(options), calib=cal.data, samples=cal.samples,
+                               seq_len=cal.seq_len, seed=cal.seed, text_field=cal.text_field,
+                               chat_template=cal.chat_template, device=device, batch_size=cal.batch_size,
+                               dtype=parse_dtype(dtype),
+                               hessian_dtype=parse_dtype(hessian_dtype), overwrite=overwrite,
+                               allow_pickle=allow_pickle, verify=not no_verify, progress=_progress())
+
+    def render(r):
+        console.print(f"[green]wrote[/green] {r['table']} and {r['heatmap']} ({r['linears']} linears, "
+                      f"{len(r['formats'])} formats)")
+        for note in r["notes"]:
+            console.print(f"note: {note}")
+        table = Table("linear", "format", "predicted KL" if r["augmented"] else "Hessian score", "Hessian score",
+                      title="most sensitive linears")
+        for row in r["top"]:
+            table.add_row(row["linear"], row["format"], f"{row['predicted_kl']:.4g}", f"{row['hessian_score']:.4g}")
+        console.print(table)
+
+    _run(action, render, json_out)
+
+
+app.command("sensitivity")(with_method_options(sensitivity_cmd))
+
+
+# ---------------------------------------------------------------- distill
+
+def distill_cmd(
+    teacher: str = typer.Option(..., "--teacher", help="Teacher: HF directory, .gguf file, artifact or reference name."),
+    student: str = typer.Option(..., "--student", help="Student to train: a pruned artifact (minitron, slicegpt, "
+                                                        "modegpt) or any model sharing the teacher's tokenizer."),
+    data: str = typer.Option(..., "--data", help="Training text, comma-separated: 'wiki' (its calibration split), "
+                                                 ".txt/.jsonl/.parquet files or saved datasets."),
+    output: Path = typer.Option(..., "-o", "--output", help="Artifact directory to write."),
+    eval_data: str = typer.Option("wiki", "--eval-data", help="Held-out text for evaluation (its eval split)."),
+    device: str = typer.Option("cpu", "--device", help="cpu or cuda (several GPUs: accelerate launch / torchrun)."),
+    text_field: str = TEXT_FIELD_OPTION,
+    overwrite: bool = OVERWRITE_OPTION,
+    resume: bool = typer.Option(False, "--resume", help="Continue an interrupted distillation from its last "
+                                                         "checkpoint (same data order and loss curve)."),
+    restart: bool = typer.Option(False, "--restart", help="Discard an interrupted distillation and start again."),
+    allow_pickle: bool = ALLOW_PICKLE_OPTION,
+    no_verify: bool = NO_VERIFY_OPTION,
+    json_out: bool = JSON_OPTION,
+    **settings: Any,
+) -> None:
+    """Knowledge distillation: train STUDENT on TEACHER's next-token distribution (forward KL)."""
+    from compressor import api
+
+    def action():
+        return api.distill(teacher, student, data, output, given_settings(DistillSettings, settings),
+                           eval_data=eval_data, device=device, text_field=text_field, overwrite=overwrite,
+                           resume=resume, restart=restart, allow_pickle=allow_pickle, verify=not no_verify,
+                           progress=_progress())
+
+    _run(action, lambda r: _kv_table(f"wrote {r['output']}", {k: v for k, v in r.items() if k != "losses"}),
+         json_out)
+
+
+app.command("distill")(with_settings_options(DistillSettings, distill_cmd))
 
 
 # ---------------------------------------------------------------- run
@@ -291,6 +388,12 @@ def eval_cmd(
     from compressor.outputs import report_path
 
     def action():
+        if tasks is None:
+            given = [flag for flag, value in (("--limit", limit), ("--num-fewshot", num_fewshot), ("--bos", bos),
+                                              ("--chat-template", chat_template or None)) if value is not None]
+            if given:
+                raise CompressorError(f"{', '.join(given)} only apply to lm-eval tasks",
+                                      "add --tasks (e.g. --tasks arc_easy) or drop them")
         if tasks is not None:
             names = [t.strip() for t in tasks.split(",") if t.strip()]
             limit_n = int(limit) if limit is not None and limit >= 1 else limit
@@ -386,7 +489,31 @@ def inspect(model: str = typer.Argument(..., help="Artifact, HF directory, .gguf
     """Architecture, parameter count, bits per weight and size of a checkpoint or artifact."""
     from compressor import api
 
-    _run(lambda: api.inspect(model), lambda r: _kv_table(r["path"], r), json_out)
+    def render(r):
+        shown = {k: v for k, v in r.items() if k != "bit_map"}
+        if "bit_map" in r:  # the plan is the bit map below
+            shown["method"] = json.loads(json.dumps(r["method"]).replace(json.dumps(r["method"]["config"]["plan"]),
+                                                                          f'"{len(r["bit_map"])} linears"'))
+        _kv_table(r["path"], shown)
+        if "bit_map" in r:
+            _bit_map(r["bit_map"])
+
+    _run(lambda: api.inspect(model), render, json_out)
+
+
+def _bit_map(formats: dict[str, str]) -> None:
+    """Blocks (rows) by linears (columns): bits/group size of each, 16 where kept in 16 bits."""
+    rows: dict[str, dict[str, str]] = {}
+    for module, fmt in formats.items():
+        head, _, leaf = module.rpartition(".")
+        block = head.rpartition(".")[0] if head.rsplit(".", 1)[-1] in ("self_attn", "mlp") else head
+        rows.setdefault(block, {})[leaf] = fmt.removeprefix("int").replace("-g", "/").replace("fp16", "16")
+    order = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    columns = sorted({c for row in rows.values() for c in row}, key=lambda c: (order.index(c) if c in order else 99, c))
+    table = Table("block", *columns, title="bits/group size per linear (16: kept in 16 bits)")
+    for block, row in sorted(rows.items(), key=lambda kv: int(kv[0].rsplit(".", 1)[-1])):
+        table.add_row(block.rsplit(".", 1)[-1], *(row.get(c, "") for c in columns))
+    console.print(table)
 
 
 @app.command()

@@ -65,19 +65,39 @@ def _help(field: str, owners: list[tuple[str, Any]]) -> str:
 
 def method_parameters() -> list[inspect.Parameter]:
     """One keyword parameter per method setting, as typer options."""
-    params = []
-    for field, owners in sorted(_method_fields().items()):
-        info = owners[0][1]
-        flag = (info.json_schema_extra or {}).get("flag") if isinstance(info.json_schema_extra, dict) else None
-        kind = _base_type(info.annotation)
-        if kind is bool:
-            decls = [flag or f"--{field.replace('_', '-')}/--no-{field.replace('_', '-')}"]
-        else:
-            decls = [flag or f"--{field.replace('_', '-')}"]
-        option = typer.Option(None, *decls, help=_help(field, owners), show_default=False)
-        params.append(inspect.Parameter(field, inspect.Parameter.KEYWORD_ONLY, default=option,
-                                        annotation=Optional[kind]))
-    return params
+    return [_option(field, owners[0][1], _help(field, owners)) for field, owners in sorted(_method_fields().items())]
+
+
+def _option(field: str, info: Any, help: str) -> inspect.Parameter:
+    flag = (info.json_schema_extra or {}).get("flag") if isinstance(info.json_schema_extra, dict) else None
+    kind = _base_type(info.annotation)
+    if kind is bool:
+        decls = [flag or f"--{field.replace('_', '-')}/--no-{field.replace('_', '-')}"]
+    else:
+        decls = [flag or f"--{field.replace('_', '-')}"]
+    option = typer.Option(None, *decls, help=help, show_default=False)
+    return inspect.Parameter(field, inspect.Parameter.KEYWORD_ONLY, default=option, annotation=Optional[kind])
+
+
+def with_settings_options(settings: type, command: Callable[..., None]) -> Callable[..., None]:
+    """Give a command one option per field of a pydantic settings model (help from the field's
+    description, with its default); the function receives them as keyword arguments, None where
+    not given (`given_settings` keeps the others)."""
+    signature = inspect.signature(command)
+    own = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    taken = {p.name for p in own}
+    extra = []
+    for field, info in settings.model_fields.items():
+        if field not in taken:
+            description = info.description or field.replace("_", " ")
+            extra.append(_option(field, info, f"{description[0].upper()}{description[1:]}; default "
+                                              f"{json.dumps(info.default)}."))
+    command.__signature__ = signature.replace(parameters=own + extra)
+    return command
+
+
+def given_settings(settings: type, values: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if k in settings.model_fields and v is not None}
 
 
 OPT_PARAMETER = inspect.Parameter(

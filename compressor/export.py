@@ -31,9 +31,11 @@ def artifact_contents(loaded: LoadedModel, methods: list[Method], block_meta: li
     fallbacks = {k: v for meta in block_meta for k, v in meta.get("fallbacks", {}).items()}
     if fallbacks:
         metrics["fallbacks"] = fallbacks
+    kept = [index for index, meta in enumerate(block_meta) if not meta.get("dropped")]
     if pruner is not None:
         spec = pruner.structure(_structure_meta(block_meta), model, adapter)
-        config, tensors = sliced_format.export(model, adapter, spec, original_config, loaded.stored_dtype)
+        config, tensors = sliced_format.export(model, adapter, spec, original_config, loaded.stored_dtype,
+                                               dropped=sorted(set(range(len(block_meta))) - set(kept)))
         metrics.update({"params_before": params_before, "param_reduction": 1 - params / params_before,
                         "ordinary_config": config.get("model_type") == original_config.model_type})
     else:
@@ -47,8 +49,8 @@ def artifact_contents(loaded: LoadedModel, methods: list[Method], block_meta: li
     if quantizer is not None:
         writer = quantized.writer_for(quantizer.export())
         quantized_params = quantized_bytes = 0
-        for index in range(len(adapter.blocks(model))):
-            prefix = adapter.block_prefix(model, index)
+        for position, index in enumerate(kept):  # records are saved under the block's original index
+            prefix = adapter.block_prefix(model, position)
             _, records, _ = run.load_block(index)
             for name, record in records.items():
                 module = prefix + name
@@ -59,7 +61,9 @@ def artifact_contents(loaded: LoadedModel, methods: list[Method], block_meta: li
                 quantized_bytes += sum(t.numel() * t.element_size() for k, t in encoded.items()
                                        if not k.endswith("weight_shape"))
             release_memory()
-        config["quantization_config"] = writer.quantization_config([adapter.head_name])
+        qconfig = writer.quantization_config([adapter.head_name])
+        if qconfig is not None:  # None: every linear kept in 16 bits (a mixed plan's loosest budget)
+            config["quantization_config"] = qconfig
         metrics.update({"quantized_params": quantized_params,
                         "bits_per_weight": round(8 * quantized_bytes / max(quantized_params, 1), 4)})
     return config, dict(sorted(tensors.items())), metrics
@@ -85,5 +89,6 @@ def structure(methods: list[Method], block_meta: list[dict[str, Any]], loaded: L
 
 
 def _structure_meta(block_meta: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each block's widths as its pruner recorded them (without the quantizer's fallback notes)."""
-    return [{k: v for k, v in meta.items() if k != "fallbacks"} for meta in block_meta]
+    """Each kept block's widths as its pruner recorded them (without the quantizer's fallback
+    notes); dropped blocks are no longer part of the model."""
+    return [{k: v for k, v in meta.items() if k != "fallbacks"} for meta in block_meta if not meta.get("dropped")]

@@ -5,13 +5,18 @@ source it is built from (is it, lies inside it or contains it), when its parent 
 written or lacks room, and when it exists and is anything but a compressor artifact: `--overwrite`
 replaces only a directory that we wrote (its manifest says so and it holds nothing else).
 Names read from files (tensor names, file names in metadata and manifests) are untrusted and
-must pass `safe_name` before they become part of a path.
+must pass `safe_name` before they become part of a path. One process at a time writes an output
+(`writes_output`): a second one is refused while the first runs.
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
+import functools
+import hashlib
+import inspect
 import json
 import os
 import re
@@ -20,7 +25,7 @@ import tempfile
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from compressor.errors import CompressorError
 from compressor.util import human_bytes
@@ -232,3 +237,64 @@ def _exchange(a: Path, b: Path) -> bool:
     if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP):
         return False
     raise OSError(code, os.strerror(code), str(b))
+
+
+# ---------------------------------------------------------------- one writer per output
+
+_HELD: set[str] = set()  # outputs this process holds the lock of (a nested call may write the same one)
+
+
+def lock_path(out: Path) -> Path:
+    """The lock file of an output: in a per-user directory, not beside the output, so that it never
+    appears among the user's files; named by the output's absolute path."""
+    key = hashlib.sha256(os.fsencode(Path(out).absolute().resolve())).hexdigest()[:24]
+    return Path(tempfile.gettempdir()) / f"compressor-locks-{os.getuid()}" / f"{key}.lock"
+
+
+@contextmanager
+def output_lock(out: Path) -> Iterator[None]:
+    """Hold the output's lock for the block (released by the system if the process dies);
+    CompressorError at once if another process holds it."""
+    path = lock_path(out)
+    key = str(path)
+    if key in _HELD:
+        yield
+        return
+    try:
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:  # no lock directory to be had: work unlocked rather than not at all
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            raise CompressorError(f"{out} is being written by another compress process (pid {holder})",
+                                  "wait for it to finish, or choose another -o path") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        _HELD.add(key)
+        try:
+            yield
+        finally:
+            _HELD.discard(key)
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)
+
+
+def writes_output(function: Callable) -> Callable:
+    """Run `function` holding the lock of the output its `out` argument names."""
+    signature = inspect.signature(function)
+
+    @functools.wraps(function)
+    def locked(*args, **kwargs):
+        out = signature.bind_partial(*args, **kwargs).arguments.get("out")
+        if out is None:
+            return function(*args, **kwargs)
+        with output_lock(Path(out)):
+            return function(*args, **kwargs)
+
+    return locked

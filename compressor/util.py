@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any, Iterator
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -13,6 +17,11 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
         while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+def fingerprint(*parts: Any) -> str:
+    """sha256 of JSON-able settings: equal exactly when every part is equal."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -31,6 +40,21 @@ def human_bytes(n: float) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000
     return f"{n:.1f} TB"
+
+
+@contextmanager
+def one_thread() -> Iterator[None]:
+    """torch on one thread for a while: small vector steps (GPTQ's columns) and LAPACK's solvers
+    spin on busy cores (a 576x576 float64 eigh took 11 s on 2 contended threads, 0.25 s on one),
+    so waking a second thread costs more than it saves. Results are the same either way."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def release_memory() -> None:
@@ -62,3 +86,18 @@ def _malloc_trim():
 
 
 _TRIM = False
+
+
+_COUNT_SUFFIXES = {"": 1, "k": 10**3, "m": 10**6, "b": 10**9, "g": 10**9}
+
+
+def parse_count(value: str | int, what: str = "count") -> int:
+    """'100M', '1.5B', '70e6', '20k' or 70000000 as an integer."""
+    from compressor.errors import CompressorError
+
+    if isinstance(value, int):
+        return value
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kmbg]?)\s*", str(value).lower())
+    if not match:
+        raise CompressorError(f"cannot read {what} {value!r}", "write it like 20M, 1.5B, 64k or 70000000")
+    return int(round(float(match.group(1)) * _COUNT_SUFFIXES[match.group(2)]))

@@ -15,7 +15,8 @@ from benchmarks.common import REPORTS, read_results  # noqa: E402
 
 # report name (results/<name>.json → reports/<name>.md): the module whose render() makes it
 RENDERERS = {"quantize": "quantize", "slicing": "slicing", "spine": "spine", "lossless": "lossless_report",
-             "kernels": "kernels_report", "engine": "engine"}
+             "kernels": "kernels_report", "engine": "engine", "minitron": "minitron", "multigpu": "multigpu",
+             "mixed": "mixed", "robustness": "robustness"}
 
 
 # reports/index.md is `compress publish`'s, held to its results by tests/test_report.py.

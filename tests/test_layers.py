@@ -20,7 +20,9 @@ BUILDS_ON: dict[str, set[str]] = {
     "lm_eval": {"evaluation"},  # `python -m compressor.lm_eval`: lm-eval's CLI with our model registered
     "cli": {"api", "cli_options"},
     "cli_options": {"api"},  # the CLI's options, derived from the method configs
-    "api": {"export", "pipeline", "evaluation", "reporting", "formats", "models", "recipes"},
+    "api": {"export", "pipeline", "distill", "evaluation", "reporting", "formats", "models", "recipes", "mixed"},
+    "distill": {"calib", "formats", "models"},  # knowledge distillation on accelerate
+    "mixed": {"pipeline"},  # mixed-precision search: sensitivity pass, probes, knapsack, measured rounds
     "export": {"pipeline", "formats"},  # what an engine run becomes on disk
     "pipeline": {"methods", "calib", "models"},
     "methods": {"calib", "models"},

@@ -41,8 +41,7 @@ def test_shipped_recipe_validates(path):
     recipe = load_recipe(path)
     assert recipe.name == path.stem
     for stage in recipe.stages:
-        if stage.kind in ("prune", "quantize"):
-            api.make_methods(stage.spec.method, stage.spec.options, stage.kind)
+        api.check_stage(stage)
     assert recipe.stages[-1].kind == "report"  # every shipped recipe ends with its report
 
 
@@ -158,6 +157,32 @@ def test_killed_chain_resumes_after_its_last_finished_stage(tiny_llama, text_fil
         for manifest in manifests:  # where each stage read its input from differs; nothing else may
             manifest["source"].pop("ref")
         assert resumed == uninterrupted and manifests[0] == manifests[1]
+
+
+def test_prune_distill_eval_recipe_runs_end_to_end(tiny_llama, text_file, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""name: r
+stages:
+  - prune: {{method: minitron, options: {{ffn: 64}}, calib: {{data: {text_file}, samples: 8, seq_len: 32}}}}
+  - distill: {{data: {text_file}, eval_data: {text_file}, settings: {{tokens: 512, seq_len: 32, batch_size: 4,
+               eval_windows: 2}}}}
+  - eval: {{texts: [{text_file}], windows: 2, window_len: 32}}
+""")
+    out = tmp_path / "out"
+    result = api.run_recipe(recipe, str(tiny_llama), out)
+    assert list(result["stages"]) == ["01-prune", "02-distill", "03-eval"]
+    assert result["stages"]["02-distill"]["steps"] == 4 and result["artifact"] == str(out / "02-distill")
+    manifest = json.loads((out / "02-distill" / "manifest.json").read_text())
+    assert manifest["metrics"]["tokens"] == 512 and manifest["metrics"]["steps"] == 4
+    evaluation = json.loads((out / "03-eval.json").read_text())
+    assert evaluation["model"] == str(out / "02-distill") and evaluation["result"]
+
+
+def test_distill_after_pack_is_refused(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nstages:\n  - quantize: {method: rtn}\n  - pack: {}\n  - distill: {data: wiki}\n")
+    with pytest.raises(CompressorError, match="stage 3 \\(distill\\) comes after stage 2 \\(pack\\)"):
+        load_recipe(recipe)
 
 
 @pytest.mark.slow

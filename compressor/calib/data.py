@@ -184,6 +184,21 @@ def calibration_set(
     return TokenSet(ids, str(ref), tensor_hash(ids))
 
 
+def calibration_holdout(
+    ref: str | Path, tokenizer, samples: int, seq_len: int, seed: int, count: int, text_field: str = "text",
+    chat_template: bool = False, log: Callable[[str], None] = lambda _: None,
+) -> TokenSet:
+    """`count` windows of the calibration data that `calibration_set` with the same settings does not
+    choose: text of the calibration split that calibration never saw, to measure a build on without
+    touching the evaluation split."""
+    windows = _all_windows(ref, tokenizer, "calib", samples + count, seq_len, "calibration with a held-out part",
+                           ("--samples", "--seq-len"), text_field, chat_template, log)
+    generator = torch.Generator().manual_seed(seed)
+    chosen = torch.randperm(windows.shape[0], generator=generator)[samples:samples + count].sort().values
+    ids = windows[chosen].clone()
+    return TokenSet(ids, f"{ref} (held out from calibration)", tensor_hash(ids))
+
+
 def evaluation_set(
     ref: str | Path, tokenizer, windows: int = 64, window_len: int = 512, text_field: str = "text",
     log: Callable[[str], None] = lambda _: None,

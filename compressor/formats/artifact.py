@@ -144,9 +144,13 @@ def storage_summary(directory: Path) -> dict[str, int]:
 def read_config(directory: Path) -> dict:
     path = Path(directory) / "config.json"
     try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise CompressorError(f"cannot read {path} ({exc})", "the artifact is damaged; rebuild it") from None
+        config = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as exc:  # ValueError: bad JSON or bad UTF-8
+        raise CompressorError(f"cannot read {path} ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__})",
+                              "the artifact is damaged; rebuild it") from None
+    if not isinstance(config, dict):
+        raise CompressorError(f"{path} is not a JSON object", "the artifact is damaged; rebuild it")
+    return config
 
 
 def is_quantized(directory: Path) -> bool:
@@ -158,6 +162,9 @@ def load_quantized_state(directory: Path, dtype: torch.dtype) -> tuple[dict, dic
     """Config (without quantization_config) and dequantized float state dict of an artifact
     (with static activation scales, `<module>.input_scale`, where the format stores them)."""
     config = read_config(directory)
-    qconfig = config.pop("quantization_config")
+    qconfig = config.pop("quantization_config", None)
+    if not isinstance(qconfig, dict):
+        raise CompressorError(f"{directory}/config.json has no valid quantization_config",
+                              "the artifact is damaged; rebuild it")
     tensors = load_tensors(directory)
     return config, quantized.decode(tensors, qconfig, dtype)

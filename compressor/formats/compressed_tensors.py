@@ -23,6 +23,7 @@ from compressor.schemes import WeightScheme, dequantize
 FORMAT = "pack-quantized"
 LOWRANK = ("weight_lowrank_b", "weight_lowrank_a")
 SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", *LOWRANK)
+KEPT_DTYPE = torch.float16  # a linear a mixed-precision plan keeps unquantized
 
 
 def weight_args(scheme: WeightScheme, actorder: str | None = None):
@@ -35,6 +36,23 @@ def weight_args(scheme: WeightScheme, actorder: str | None = None):
 
 def quantization_config(scheme: WeightScheme, ignore: list[str], actorder: str | None = None) -> dict:
     return ct_config.quantization_config(FORMAT, weight_args(scheme, actorder), None, ignore)
+
+
+def mixed_quantization_config(schemes: dict[str, WeightScheme | None], ignore: list[str],
+                              actorder: str | None = None) -> dict | None:
+    """A scheme per module (mixed precision): one config group per distinct scheme targeting its
+    modules by name, fewest bits first; modules kept in 16 bits (None) are ignored. None when every
+    module is kept."""
+    by_scheme: dict[WeightScheme, list[str]] = {}
+    for module, scheme in schemes.items():
+        if scheme is not None:
+            by_scheme.setdefault(scheme, []).append(module)
+    if not by_scheme:
+        return None
+    kept = sorted(m for m, s in schemes.items() if s is None)
+    ordered = sorted(by_scheme, key=lambda s: (s.bits, -s.group_size))
+    return ct_config.grouped_config(FORMAT, [(sorted(by_scheme[s]), weight_args(s, actorder), None) for s in ordered],
+                                    [*ignore, *kept])
 
 
 def encode(module: str, record: dict[str, torch.Tensor], scheme: WeightScheme) -> dict[str, torch.Tensor]:
@@ -153,7 +171,9 @@ def decode(tensors: dict[str, torch.Tensor], qconfig: dict, dtype: torch.dtype) 
 
 
 class PackQuantized:
-    """The registered format of integer weight-only quantization (export kind "weight-int")."""
+    """The registered format of integer weight-only quantization (export kind "weight-int"): one
+    `scheme` for every linear, or `schemes` per module (mixed precision; None keeps a linear's
+    weight in 16 bits, from a record {"weight": tensor})."""
 
     name = FORMAT
     kind = "weight-int"
@@ -162,10 +182,16 @@ class PackQuantized:
     schemes = staticmethod(group_schemes)
 
     def __init__(self, export: dict):
-        self.scheme, self.actorder = export["scheme"], export.get("actorder")
+        self.scheme, self.actorder = export.get("scheme"), export.get("actorder")
+        self.per_module: dict[str, WeightScheme | None] | None = export.get("schemes")
 
-    def quantization_config(self, ignore: list[str]) -> dict:
+    def quantization_config(self, ignore: list[str]) -> dict | None:
+        if self.per_module is not None:
+            return mixed_quantization_config(self.per_module, ignore, self.actorder)
         return quantization_config(self.scheme, ignore, self.actorder)
 
     def encode(self, module: str, record: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return encode(module, record, self.scheme)
+        scheme = self.scheme if self.per_module is None else self.per_module[module]
+        if scheme is None:
+            return {f"{module}.weight": record["weight"].to(KEPT_DTYPE).contiguous()}
+        return encode(module, record, scheme)

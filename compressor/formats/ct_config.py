@@ -46,9 +46,17 @@ def _args_dict(quant_args) -> dict | None:
 
 def quantization_config(fmt: str, weights, inputs, ignore: list[str]) -> dict:
     """One config group targeting every Linear not in `ignore`, stored compressed in format `fmt`."""
+    return grouped_config(fmt, [(["Linear"], weights, inputs)], ignore)
+
+
+def grouped_config(fmt: str, groups: list[tuple[list[str], Any, Any]], ignore: list[str]) -> dict:
+    """Config groups `group_0`, `group_1`, … of (targets, weight args, input args), in order; a
+    mixed-precision artifact has one per format, targeting its modules by name."""
     q = library()
-    scheme = q.QuantizationScheme(targets=["Linear"], weights=weights, input_activations=inputs, format=fmt)
-    config = q.QuantizationConfig(config_groups={"group_0": scheme}, format=fmt, ignore=ignore,
+    schemes = {f"group_{i}": q.QuantizationScheme(targets=targets, weights=weights, input_activations=inputs,
+                                                   format=fmt)
+               for i, (targets, weights, inputs) in enumerate(groups)}
+    config = q.QuantizationConfig(config_groups=schemes, format=fmt, ignore=ignore,
                                   quantization_status="compressed")
     groups = {}
     for name, group in config.config_groups.items():

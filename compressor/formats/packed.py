@@ -157,8 +157,10 @@ def read_packed_file(path: Path) -> tuple[dict, dict[str, dfloat.PackedTensor]]:
         raise CompressorError(f"{path}: {problem}", "pass a directory written by `compress pack`")
     try:
         metas = json.loads(metadata["tensors"])
-    except (KeyError, json.JSONDecodeError):
-        raise CompressorError(f"{path} has damaged packing metadata", "restore the artifact from a good copy") from None
+    except (KeyError, ValueError, RecursionError):
+        metas = None
+    if not isinstance(metas, dict) or not all(isinstance(m, dict) for m in metas.values()):
+        raise CompressorError(f"{path} has damaged packing metadata", "restore the artifact from a good copy")
     stored = read_tensors(path)
     out: dict[str, dfloat.PackedTensor] = {}
     for name, meta in metas.items():

@@ -29,9 +29,10 @@ def _damaged(module: str, exc: Exception) -> CompressorError:
 
 def _weight_only_specs(tensors: dict[str, torch.Tensor], qconfig: dict,
                        device: torch.device) -> dict[str, WeightOnly]:
-    scheme = compressed_tensors.scheme_from_config(qconfig)
+    schemes = compressed_tensors.group_schemes(qconfig)
     specs = {}
     for m in sorted(k.rsplit(".", 1)[0] for k in tensors if k.endswith(".weight_packed")):
+        scheme = compressed_tensors.scheme_for(m, schemes)
         try:
             out_features, in_features = (int(v) for v in tensors[f"{m}.weight_shape"].tolist())
             scale = tensors[f"{m}.weight_scale"]

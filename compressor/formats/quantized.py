@@ -58,7 +58,7 @@ SUFFIXES = tuple(dict.fromkeys(s for _, fmt in FORMATS.items() for s in fmt.suff
 def supports(qconfig: dict) -> bool:
     """Whether `decode` reads this quantization config (config groups of schemes we read)."""
     fmt = qconfig.get("format")
-    if qconfig.get("quant_method") != "compressed-tensors" or fmt not in FORMATS:
+    if qconfig.get("quant_method") != "compressed-tensors" or not isinstance(fmt, str) or fmt not in FORMATS:
         return False
     try:
         FORMATS.get(fmt).schemes(qconfig)
@@ -69,9 +69,17 @@ def supports(qconfig: dict) -> bool:
 
 def decode(tensors: dict[str, torch.Tensor], qconfig: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """The float state dict of a quantized artifact (plus static activation scales, if any)."""
-    fmt = qconfig.get("format")
-    if qconfig.get("quant_method") != "compressed-tensors" or fmt not in FORMATS:
+    fmt = qconfig.get("format") if isinstance(qconfig, dict) else None
+    if (not isinstance(qconfig, dict) or qconfig.get("quant_method") != "compressed-tensors"
+            or not isinstance(fmt, str) or fmt not in FORMATS):
         raise CompressorError(
-            f"unsupported quantization format {qconfig.get('quant_method')}/{fmt}",
+            f"unsupported quantization format "
+            f"{qconfig.get('quant_method') if isinstance(qconfig, dict) else type(qconfig).__name__}/{fmt}",
             f"this reader handles compressed-tensors {', '.join(FORMATS.names())}")
-    return FORMATS.get(fmt).decode(tensors, qconfig, dtype)
+    try:
+        return FORMATS.get(fmt).decode(tensors, qconfig, dtype)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError, OverflowError, RuntimeError) as exc:
+        # The config is untrusted input: a value of the wrong kind anywhere in it is damage, said in one line.
+        raise CompressorError(f"the quantization config is damaged or unsupported ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0] if str(exc) else ''})",
+                              "rebuild the artifact, or restore its config.json") from None

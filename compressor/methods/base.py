@@ -13,6 +13,7 @@ The order of calls for a list [m1, m2, ...]:
             on_group(block, group, linears)   every method: edits only the group's linears,
                                               returns a record per linear it quantized
         on_block_end(block)    every method
+    (blocks a method dropped with ctx.drop() are deleted from the model here)
     on_end(model)              every method, once: may edit what is outside the blocks
 
 Every hook is optional. What a method keeps from one block to the next (a basis, a plan) lives
@@ -76,8 +77,10 @@ class BlockContext(Protocol):
 
     def linears(self) -> dict[str, nn.Linear]: ...
 
-    def block_stats(self, kinds: set[str]) -> dict[str, dict[str, torch.Tensor]]:
-        """Every group's input statistics, in one pass over the block as it is now."""
+    def block_stats(self, kinds: set[str], keep_outputs: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+        """Every group's input statistics, in one pass over the block as it is now; with
+        `keep_outputs` the pass runs the whole block and its outputs become the next block's
+        inputs unless a group changes afterwards (a method that only measures saves a pass)."""
 
     def group_stats(self, group: LinearGroup, kinds: set[str]) -> dict[str, torch.Tensor]:
         """The group's input statistics with every earlier group of the block already final
@@ -90,6 +93,10 @@ class BlockContext(Protocol):
         """The next block's calibration inputs, when they are not this block's plain outputs
         (a slicing method projects them); ignored if a later method changes the block."""
 
+    def drop(self) -> None:
+        """Remove this whole block from the model (depth pruning): no later hook sees it, the next
+        block reads this block's inputs, and the engine deletes it after the last block."""
+
 
 class ModelContext(Protocol):
     """What the engine hands a method before the first block and after the last."""
@@ -101,6 +108,7 @@ class ModelContext(Protocol):
     run: Runner
     progress: Any  # .log(message), .warn(message), .task(description, total)
     calibration_tokens: int  # in the whole calibration set, across processes
+    input_ids: torch.Tensor | None  # this process's calibration tokens [samples, seq_len] (None without)
 
     def set_inputs(self, hidden: torch.Tensor) -> None:
         """Replace the calibration inputs of block 0 (after the embedding was rotated, say)."""
@@ -125,6 +133,8 @@ class Method:
     needs_calibration: ClassVar[bool] = False
     # The float model's hidden states, propagated beside the quantized ones ("cross" statistics).
     needs_float_path: bool = False
+    # Records are measurements of candidates (a sensitivity pass), not edits: the block is left as it was.
+    measures: ClassVar[bool] = False
 
     def __init__(self, config: MethodConfig):
         self.config = config

@@ -106,6 +106,23 @@ class Adapter:
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return self.decoder(model).layers
 
+    def remove_blocks(self, model: nn.Module, indices: list[int]) -> None:
+        """Delete decoder blocks (depth pruning), in place: the rest are renumbered, each keeps its
+        own attention type, and the config's layer count and per-layer types follow."""
+        drop = set(indices)
+        decoder = self.decoder(model)
+        kept = [block for i, block in enumerate(self.blocks(model)) if i not in drop]
+        decoder.layers = nn.ModuleList(kept)
+        for position, block in enumerate(kept):
+            for module in block.modules():
+                if hasattr(module, "layer_idx"):
+                    module.layer_idx = position  # the KV cache's slot
+        config = self.text_config(model.config)
+        types = getattr(config, "layer_types", None)
+        if types is not None and len(types) == len(kept) + len(drop):
+            config.layer_types = [t for i, t in enumerate(types) if i not in drop]
+        config.num_hidden_layers = len(kept)
+
     def block_prefix(self, model: nn.Module, index: int) -> str:
         """State-dict prefix of block `index`, e.g. 'model.layers.3.'."""
         return f"{_module_path(model, self.blocks(model))}.{index}."

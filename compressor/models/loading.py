@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from compressor.errors import CompressorError
+from compressor.models.gguf_file import check_gguf
 from compressor.models import assets
 from compressor.models.adapters import Adapter, adapter_for_config
 from compressor.safetensors_file import read_header, read_tensors
@@ -42,6 +43,24 @@ class LoadedModel:
     extra: dict = field(default_factory=dict)
     # The dtype the checkpoint stores its floating-point weights in (the model may compute in another).
     stored_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        check_tokenizer(self.model, self.tokenizer, self.name)
+
+
+def check_tokenizer(model: nn.Module, tokenizer, name: str) -> None:
+    """A tokenizer that makes ids the model has no embedding for belongs to another model."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if tokenizer is None or not isinstance(rows, int):
+        return
+    try:
+        tokens = len(tokenizer)
+    except TypeError:
+        return
+    if tokens > rows:
+        raise CompressorError(f"the tokenizer of {name} has {tokens} tokens but the model embeds only {rows}",
+                              "put the model's own tokenizer files beside its weights")
 
 
 def resolve_model_path(ref: str | Path, log: Callable[[str], None] = lambda _: None) -> Path:
@@ -121,6 +140,7 @@ def load_gguf(path: Path, dtype: torch.dtype = torch.float32):
         import gguf  # noqa: F401
     except ImportError:
         raise CompressorError("loading .gguf files needs the gguf package", "pip install gguf") from None
+    check_gguf(path)  # every count and range bounded by the file's size before the library reads it
     try:
         tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
         model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)

@@ -332,28 +332,45 @@ def register_with_transformers() -> None:
     register_model()
 
 
-def sliced_config_dict(original_config, spec: dict, tie_word_embeddings: bool) -> dict:
+def sliced_config_dict(original_config, spec: dict, tie_word_embeddings: bool, dropped: list[int] = ()) -> dict:
     """config.json of a sliced artifact: the original fields, the spec, our model type."""
     data = base_config_dict(original_config)
     base_type = data.pop("model_type")
     data.update(model_type=MODEL_TYPE, base_model_type=base_type, slicing=copy.deepcopy(spec),
                 tie_word_embeddings=tie_word_embeddings, architectures=["SlicedForCausalLM"])
-    return data
+    return drop_layers(data, dropped)
 
 
 def ordinary_config_dict(original_config, hidden_size: int | None = None, intermediate_size: int | None = None,
-                         tie_word_embeddings: bool | None = None) -> dict:
-    """config.json of an artifact that fits the original architecture with smaller widths."""
+                         tie_word_embeddings: bool | None = None, heads: int | None = None,
+                         kv_heads: int | None = None, dropped: list[int] = ()) -> dict:
+    """config.json of an artifact that fits the original architecture with smaller widths (and
+    fewer heads or layers)."""
     data = original_config.to_dict()
     data.pop("transformers_version", None)
+    if hidden_size is not None or heads is not None:
+        data["head_dim"] = data.get("head_dim") or data["hidden_size"] // data["num_attention_heads"]
     if hidden_size is not None:
-        heads = data["num_attention_heads"]
-        data["head_dim"] = data.get("head_dim") or data["hidden_size"] // heads
         data["hidden_size"] = hidden_size
     if intermediate_size is not None:
         data["intermediate_size"] = intermediate_size
+    if heads is not None:
+        data["num_attention_heads"] = heads
+    if kv_heads is not None:
+        data["num_key_value_heads"] = kv_heads
     if tie_word_embeddings is not None:
         data["tie_word_embeddings"] = tie_word_embeddings
+    return drop_layers(data, dropped)
+
+
+def drop_layers(data: dict, dropped: list[int]) -> dict:
+    """A config dict without the decoder layers at `dropped` (their count and per-layer types)."""
+    if not dropped:
+        return data
+    layers = data["num_hidden_layers"]
+    if isinstance(data.get("layer_types"), list) and len(data["layer_types"]) == layers:
+        data["layer_types"] = [t for i, t in enumerate(data["layer_types"]) if i not in set(dropped)]
+    data["num_hidden_layers"] = layers - len(set(dropped))
     return data
 
 

@@ -1,23 +1,33 @@
 """The run directory of a pipeline: one file per finished block (its parameters, the methods'
 records, its metadata and what each method carries to the next block), the inputs of the next
-block, and a small state file, all written atomically so a killed run resumes exactly."""
+block, and a small state file, all written atomically so a killed run resumes exactly.
+
+Every checkpoint file carries the sha256 of its own contents (tensor names, dtypes, shapes and
+bytes, and its metadata) in its header; a file that no longer matches it, or a state file that
+cannot be read, is damage (a bad disk, a stray edit): the run is then recomputed from its first
+block, said on the progress line, rather than resumed from data that is not what was saved."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import save_file
 
 from compressor.errors import CompressorError
-from compressor.safetensors_file import read_header, read_tensors
+from compressor.safetensors_file import read_header, read_tensors, write_tensors
 from compressor.util import write_atomic
 
 STATE = "run.json"
 RECORD_PREFIX = "__record__."
 CARRY_PREFIX = "__carry__."
+DIGEST = "sha256"
+
+
+class DamagedCheckpoint(CompressorError):
+    """A checkpoint file of the run directory is not what was saved."""
 
 
 class RunDirectory:
@@ -33,12 +43,31 @@ class RunDirectory:
 
     def completed(self) -> int:
         """Number of finished blocks recorded; checks the run was started with the same settings."""
-        state = json.loads((self.path / STATE).read_text())
-        if state.get("fingerprint") != self.fingerprint:
+        try:
+            state = json.loads((self.path / STATE).read_text())
+            completed = state["completed"]
+            fingerprint = state["fingerprint"]
+        except (OSError, ValueError, TypeError, KeyError):
+            raise DamagedCheckpoint(f"the state file of the run in {self.path} is damaged",
+                                    "pass --restart to discard the run") from None
+        if not isinstance(completed, int) or isinstance(completed, bool) or not 0 <= completed <= self.num_blocks:
+            raise DamagedCheckpoint(f"the state file of the run in {self.path} is damaged",
+                                    "pass --restart to discard the run")
+        if fingerprint != self.fingerprint:
             raise CompressorError(
                 f"the interrupted run in {self.path} was started with other settings, model or data",
                 "rerun with the original settings, or pass --restart to discard it")
-        return int(state["completed"])
+        return completed
+
+    def check(self, completed: int, needs_inputs: bool) -> None:
+        """Every file a resume after `completed` blocks reads is intact (DamagedCheckpoint if not)."""
+        for index in range(completed):
+            self._read(index)
+        if completed and needs_inputs:
+            f = self.hidden_file(completed)
+            if not f.is_file():
+                raise DamagedCheckpoint(f"the run in {self.path} lacks {f.name}", "pass --restart to discard the run")
+            _read_checked(f)
 
     def start(self) -> None:
         self.path.mkdir(parents=True, exist_ok=True)
@@ -108,17 +137,43 @@ class RunDirectory:
         return carries
 
     def _read(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-        path = self.block_file(index)
-        _, metadata = read_header(path)
-        return read_tensors(path), metadata
+        return _read_checked(self.block_file(index))
 
     def load_inputs(self, index: int) -> dict[str, torch.Tensor] | None:
         """{"hidden": ..., and "fp_hidden" where the float model's path is tracked too}."""
         f = self.hidden_file(index)
-        return read_tensors(f) if f.exists() else None
+        return _read_checked(f)[0] if f.exists() else None
+
+
+def digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
+    """sha256 of what a checkpoint file holds: its metadata and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(json.dumps(metadata, sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _read_checked(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    damaged = DamagedCheckpoint(f"checkpoint {path.name} in {path.parent} is damaged (its contents do not match "
+                                "the hash saved with them)", "pass --restart to discard the run")
+    try:
+        _, metadata = read_header(path)
+        tensors = read_tensors(path)
+    except (CompressorError, OSError):
+        raise damaged from None
+    metadata = dict(metadata)
+    saved = metadata.pop(DIGEST, None)
+    if saved is None or saved != digest(tensors, metadata):
+        raise damaged
+    return tensors, metadata
 
 
 def _save_atomic(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str] | None = None) -> None:
+    metadata = dict(metadata or {})
+    metadata[DIGEST] = digest(tensors, metadata)
     tmp = path.with_name(path.name + ".part")
-    save_file(tensors, str(tmp), metadata=metadata)
+    write_tensors(tmp, tensors, metadata)  # plain writes: a full disk is an OSError like any other
     tmp.replace(path)

@@ -40,6 +40,7 @@ class ModelSession:
     run: BlockRunner
     progress: Any
     calibration_tokens: int = 0  # across every process
+    input_ids: torch.Tensor | None = None  # this process's calibration tokens
 
     def set_inputs(self, hidden: torch.Tensor) -> None:
         self.hidden = hidden
@@ -75,8 +76,14 @@ class BlockSession:
     def linears(self) -> dict[str, nn.Linear]:
         return self.adapter.block_linears(self.block)
 
-    def block_stats(self, kinds: set[str]) -> dict[str, dict[str, torch.Tensor]]:
-        return self._collect(list(self.groups), kinds)
+    def block_stats(self, kinds: set[str], keep_outputs: bool = False) -> dict[str, dict[str, torch.Tensor]]:
+        if not keep_outputs:
+            return self._collect(list(self.groups), kinds)
+        # The whole block runs anyway: its outputs are the next block's inputs until a group changes.
+        outputs = []
+        stats = self._collect(list(self.groups), kinds, outputs=outputs)
+        self.set_outputs(torch.cat(outputs))
+        return stats
 
     def group_stats(self, group: LinearGroup, kinds: set[str]) -> dict[str, torch.Tensor]:
         # A group whose first linear ends a shortcut (o_proj, down_proj) records that linear's
@@ -96,6 +103,14 @@ class BlockSession:
 
     def set_outputs(self, outputs: torch.Tensor) -> None:
         self._outputs, self._outputs_version = outputs, self.version
+
+    def drop(self) -> None:
+        self.meta["dropped"] = True
+        self.set_outputs(self.hidden)
+
+    @property
+    def dropped(self) -> bool:
+        return bool(self.meta.get("dropped"))
 
     # ------------------------------------------------------------ what the engine calls
 
@@ -128,7 +143,7 @@ class BlockSession:
     # ------------------------------------------------------------ internals
 
     def _collect(self, groups: list[LinearGroup], kinds: set[str], record: ShortcutCache | None = None,
-                 ) -> dict[str, dict[str, torch.Tensor]]:
+                 outputs: list[torch.Tensor] | None = None) -> dict[str, dict[str, torch.Tensor]]:
         if self.hidden is None:
             raise RuntimeError("statistics need calibration data; the method must set needs_calibration")
         c = self.calibration
@@ -149,8 +164,12 @@ class BlockSession:
                     stack.callback(handle.remove)
             if record is not None:
                 stack.enter_context(record.recording())
-            collectors = stack.enter_context(collect_inputs(targets, plain, c.hessian_dtype, stop_after_last=True))
-            feed_block(self.block, self.hidden, self.kwargs, c.batch_size, c.device, self.cursor)
+            collectors = stack.enter_context(collect_inputs(targets, plain, c.hessian_dtype,
+                                                            stop_after_last=outputs is None))
+            if outputs is None:
+                feed_block(self.block, self.hidden, self.kwargs, c.batch_size, c.device, self.cursor)
+            else:
+                outputs.append(run_block(self.block, self.hidden, self.kwargs, c.batch_size, c.device, self.cursor))
         for name, cross in crosses.items():
             collectors[name]["cross"] = cross
         c.world.merge(collectors)

@@ -20,7 +20,7 @@ from compressor.calib.data import TokenSet
 from compressor.errors import CompressorError
 from compressor.methods.base import Method, Record
 from compressor.models.adapters import Adapter
-from compressor.pipeline.checkpoint import RunDirectory
+from compressor.pipeline.checkpoint import DamagedCheckpoint, RunDirectory
 from compressor.pipeline.context import BlockSession, Calibration, ModelSession
 from compressor.pipeline.distributed import World
 from compressor.pipeline.passes import BlockRunner, capture_block_kwargs, capture_inputs, check_weights
@@ -77,14 +77,14 @@ class SequentialPipeline:
     def execute(self, resume: bool) -> None:
         """Process every block not yet recorded in the run directory."""
         blocks = self.adapter.blocks(self.model)
-        start = self.run.completed() if resume else 0
+        start = self._resume_point() if resume else 0
         for index in range(start, len(blocks)):  # before any expensive work
             check_weights(self.adapter, blocks[index], self.adapter.block_prefix(self.model, index))
-        if not resume and self.world.is_main:
+        if not start and self.world.is_main:
             self.run.start()
         self.world.barrier()
 
-        block_kwargs, hidden, first_sample = None, None, 0
+        block_kwargs, hidden, first_sample, ids = None, None, 0, None
         if self.needs_calibration:
             ids = self.calibration.input_ids
             shard = self.world.shard(ids.shape[0], self.batch_size)
@@ -100,7 +100,7 @@ class SequentialPipeline:
             for method, carry in zip(self.methods, self.run.load_carry(start - 1)):
                 method.restore(carry)
         tokens = self.calibration.input_ids.numel() if self.needs_calibration else 0
-        session = ModelSession(self.model, self.adapter, hidden, block_kwargs, runner, self.progress, tokens)
+        session = ModelSession(self.model, self.adapter, hidden, block_kwargs, runner, self.progress, tokens, ids)
         for method in self.methods:
             method.on_start(session)
         hidden = session.hidden
@@ -147,13 +147,30 @@ class SequentialPipeline:
                 del ctx
                 release_memory()
                 bar.advance()
+        dropped = [index for index, meta in enumerate(self.block_meta) if meta.get("dropped")]
+        if dropped:
+            self.progress.log(f"removing {len(dropped)} dropped blocks: {dropped}")
+            self.adapter.remove_blocks(self.model, dropped)
         for method in self.methods:
             method.on_end(session)
+
+    def _resume_point(self) -> int:
+        """Blocks to skip on resume: those recorded, if every file a resume reads is intact; after
+        damage none (the run is recomputed from its first block, which gives the same result)."""
+        try:
+            start = self.run.completed()
+            self.run.check(start, self.needs_calibration)
+        except DamagedCheckpoint as damage:
+            self.progress.warn(f"{damage.message}: recomputing from the first block")
+            return 0
+        return start
 
     def _process_block(self, ctx: BlockSession, want_outputs: bool) -> dict[str, Record]:
         for method in self.methods:
             method.on_block_start(ctx)
             ctx.block.to(self.device)  # a method may have computed on the CPU (pruners factorize there)
+            if ctx.dropped:  # removed from the model: nothing later works on it
+                return {}
         ctx.begin_groups(self.float_path, want_outputs)
         records: dict[str, Record] = {}
         linears = ctx.linears()
@@ -163,7 +180,7 @@ class SequentialPipeline:
             for method in self.methods:
                 produced = method.on_group(ctx, group, members)
                 records.update(produced)
-                changed = changed or bool(produced)
+                changed = changed or (bool(produced) and not method.measures)
             ctx.end_group(changed)
         for method in self.methods:
             method.on_block_end(ctx)

@@ -2,21 +2,23 @@
 
     name: release
     stages:
-      - prune:    {method: slicegpt, options: {sparsity: 0.25}, calib: {samples: 128}}
+      - prune:    {method: modegpt, options: {sparsity: 0.25}, calib: {samples: 128}}
+      - distill:  {data: wiki, settings: {tokens: 64K}}
       - quantize: {method: gptq, options: {bits: 4, group_size: 64, act_order: true}}
       - pack:     {dtype: keep}
       - eval:     {texts: [wiki, austen], windows: 64}
       - report:   {}
 
 `compress run RECIPE MODEL -o DIR` writes each stage's output under DIR (`01-prune/`,
-`02-quantize/`, ..., `04-eval.json`, `05-report/`), each stage reading the artifact the stage
+`02-distill/`, ..., `04-eval.json`, `05-report/`), each stage reading the artifact the stage
 before it made, and resumes after the last finished stage. A quantize or prune stage is one
-engine pass over a method or a list ([awq, gptq], [slicegpt, gptq]).
+engine pass over a method or a list ([awq, gptq], [slicegpt, gptq]); a distill stage trains the
+artifact so far (the student) on logits of the recipe's input model (the teacher).
 
-Unknown keys anywhere are errors naming the line, stage orders that cannot work (a pruner or
-quantizer after `pack`, which leaves no float weights to change) are errors, each stage's method
-options are checked against the methods' own settings, and stage names are bare directory names:
-all before the first stage starts.
+Unknown keys anywhere are errors naming the line, stage orders that cannot work (a pruner,
+quantizer or distillation after `pack`, which leaves no float weights to change) are errors, each
+stage's method options and distillation settings are checked against their own settings, and
+stage names are bare directory names: all before the first stage starts.
 """
 
 from __future__ import annotations
@@ -68,6 +70,16 @@ class MethodsStage(_StageSpec):
     calib: CalibSpec = CalibSpec()
 
 
+class DistillStage(_StageSpec):
+    """Distill the previous stage's output (the student) from the recipe's input model (the
+    teacher, unless one is named) on `data`; `settings` are `compress distill`'s."""
+
+    data: str | list[str] = "wiki"
+    eval_data: str = "wiki"
+    teacher: str | None = None
+    settings: dict[str, Any] = Field(default_factory=dict)
+
+
 class PackStage(_StageSpec):
     """Lossless entropy coding of the artifact so far (`compress pack`)."""
 
@@ -93,11 +105,12 @@ class ReportStage(_StageSpec):
     title: str | None = None
 
 
-ARTIFACT_STAGES = ("prune", "quantize", "pack")
+ARTIFACT_STAGES = ("prune", "distill", "quantize", "pack")
 
 
 class Stage(_Strict):
     prune: MethodsStage | None = None
+    distill: DistillStage | None = None
     quantize: MethodsStage | None = None
     pack: PackStage | None = None
     eval: EvalStage | None = None
@@ -134,7 +147,7 @@ class Recipe(_Strict):
         for index, stage in enumerate(self.stages):
             if stage.kind == "pack":
                 packed_at = packed_at or index + 1
-            elif stage.kind in ("prune", "quantize") and packed_at:
+            elif stage.kind in ("prune", "distill", "quantize") and packed_at:
                 raise ValueError(f"stage {index + 1} ({stage.kind}) comes after stage {packed_at} (pack), which "
                                  "leaves no float weights to change; pack last")
         if self.stages[-1].kind == "report" and not any(s.makes_artifact or s.kind == "eval" for s in self.stages):
@@ -156,6 +169,9 @@ def shipped() -> dict[str, Path]:
     return {p.stem: p for p in sorted(SHIPPED.glob("*.yaml"))}
 
 
+MAX_RECIPE_BYTES = 1 << 20
+
+
 def recipe_path(ref: str | Path) -> Path:
     """A recipe file, or the shipped recipe of that name."""
     path = Path(ref)
@@ -170,10 +186,20 @@ def recipe_path(ref: str | Path) -> Path:
 
 def load_recipe(ref: str | Path) -> Recipe:
     path = recipe_path(ref)
-    text = path.read_text()
+    if path.stat().st_size > MAX_RECIPE_BYTES:
+        raise CompressorError(f"recipe {path} is {path.stat().st_size} bytes, more than a recipe can need",
+                              "pass the recipe YAML file itself")
     try:
+        text = path.read_text()
+    except UnicodeDecodeError:
+        raise CompressorError(f"recipe {path} is not UTF-8 text", "save the recipe as UTF-8 YAML") from None
+    try:
+        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text)):
+            raise CompressorError(f"recipe {path} uses YAML aliases (*name)", "write each setting out in full")
         raw = yaml.safe_load(text)
         tree = yaml.compose(text)
+    except RecursionError:
+        raise CompressorError(f"recipe {path} is nested too deeply", "fix the YAML structure") from None
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""

@@ -32,11 +32,11 @@ from torch import nn
 from compressor.errors import CompressorError
 from compressor.methods.base import METHODS, BlockContext, MethodConfig, ModelContext, Runner
 from compressor.methods.prune.pruner import Pruner
-from compressor.methods.prune.slicegpt import Covariance, _capture_input, eigh, one_thread
+from compressor.methods.prune.slicegpt import Covariance, _capture_input, eigh
 from compressor.models.adapters import Adapter
 from compressor.models.attention import make_reduced_attention
 from compressor.models.sliced import set_linear
-from compressor.util import release_memory
+from compressor.util import one_thread, release_memory
 
 
 class MoDeGPTConfig(MethodConfig):

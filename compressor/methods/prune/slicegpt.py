@@ -29,7 +29,6 @@ stays an ordinary config).
 from __future__ import annotations
 
 import math
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable, Literal
 
@@ -43,7 +42,7 @@ from compressor.methods.prune.pruner import Pruner
 from compressor.models.adapters import Adapter
 from compressor.models.sliced import (make_sliced_layer, rms_scale, set_embedding, set_linear, set_norm,
                                       set_probed_norm, shortcut)
-from compressor.util import release_memory
+from compressor.util import one_thread, release_memory
 
 
 class SliceGPTConfig(MethodConfig):
@@ -99,18 +98,6 @@ class Covariance:
         return vectors[:, order[:width]].contiguous()  # [full, width] float64, orthonormal columns
 
 
-@contextmanager
-def one_thread():
-    """Dense factorizations on one thread: LAPACK's multithreaded solvers spin on busy cores (a
-    576x576 float64 eigh took 11 s on 2 contended threads, 0.25 s on one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
 def eigh(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     with one_thread():
         return torch.linalg.eigh(matrix)
@@ -137,17 +124,23 @@ def _set_norm_gain(norm: nn.Module, gain: torch.Tensor, offset: float) -> None:
     set_norm(norm, (gain - offset).to(norm.weight.dtype))
 
 
+# The bases are computed where the statistics are (the CPU); each block is rotated where it runs.
+
 def _scale_columns(linear: nn.Linear, gain: torch.Tensor) -> None:
+    gain = gain.to(linear.weight.device)
     set_linear(linear, (linear.weight.double() * gain).to(linear.weight.dtype), linear.bias)
 
 
 def _rotate_inputs(linear: nn.Linear, basis: torch.Tensor) -> None:
     """A linear reading the stream: W <- W B (reads the rotated, sliced stream)."""
+    basis = basis.to(linear.weight.device)
     set_linear(linear, (linear.weight.double() @ basis).to(linear.weight.dtype), linear.bias)
 
 
 def _rotate_outputs(linear: nn.Linear, basis: torch.Tensor, gain: torch.Tensor | None = None) -> None:
     """A linear writing the stream: W <- B^T diag(gain) W."""
+    basis = basis.to(linear.weight.device)
+    gain = gain.to(linear.weight.device) if gain is not None else None
     w = linear.weight.double()
     if gain is not None:
         w = w * gain[:, None]
@@ -163,6 +156,8 @@ def _shortcut(layer_dtype: torch.dtype, device, src: torch.Tensor | None, dst: t
     """Residual map from basis `src` to basis `dst` (None: the original, unrotated stream)."""
     if src is dst:
         return None
+    src = src.to(device) if src is not None else None
+    dst = dst.to(device) if dst is not None else None
     if src is None:
         matrix = dst.T  # [d_dst, full]
     elif dst is None:
@@ -300,7 +295,9 @@ class SliceGPT(Pruner):
         """Rotate and slice one block; its projected outputs are the next block's inputs."""
         full, dtype, layout, run = self.full, self.dtype, ctx.adapter.layout, ctx.run
         off = ctx.adapter.norm_weight_offset
-        layer, index, hidden, kwargs, b_in = ctx.block, ctx.index, ctx.hidden, ctx.kwargs, self.b_in
+        layer, index, hidden, kwargs = ctx.block, ctx.index, ctx.hidden, ctx.kwargs
+        # the embedding's basis (and a global one) come from where the embeddings ran: move to the block
+        b_in = self.b_in = self.b_in.to(hidden.device) if self.b_in is not None else None
         width = self.slice_widths[index]
         is_last = index == len(self.slice_widths) - 1
         needs_signals = self.global_basis is None or bool(layout.attn_post_norm or layout.mlp_post_norm)
@@ -359,7 +356,7 @@ class SliceGPT(Pruner):
         del attn
         if want_out:
             if self.global_basis is not None:
-                b_out = self.global_basis
+                b_out = self.global_basis.to(hidden.device)
             else:
                 cov_out = Covariance()
                 for i in range(0, out.shape[0], 8):
@@ -417,7 +414,7 @@ class SliceGPT(Pruner):
 
     @staticmethod
     def _project(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
-        b = basis.to(x.dtype)
+        b = basis.to(x.device, x.dtype)
         return torch.cat([x[i:i + 8] @ b for i in range(0, x.shape[0], 8)])
 
     def _write_stream(self, layer: nn.Module, output: str, post_norm: str | None, basis: torch.Tensor,

