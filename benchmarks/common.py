@@ -59,9 +59,9 @@ def median(values: list[float]) -> float:
 def evaluate(model: str, candidates: dict[str, str | Path], windows: int, *, device: str = "cpu",
              batch_size: int = 4, per_pass: int | None = None,
              each: Callable[[str, object], None] | None = None, before: Callable[[object], None] | None = None,
-             ) -> dict:
+             text: str = "wiki") -> dict:
     """Perplexity and KL(base ‖ candidate) of every candidate artifact on the protocol's held-out
-    text (`windows` × 512 wiki tokens), one base forward per batch shared by the candidates loaded
+    text (`windows` × 512 tokens of `text`: 'wiki', or 'austen' out of domain), one base forward per batch shared by the candidates loaded
     together (`per_pass` at a time, all by default). `before(base)` runs once the base is loaded,
     `each(name, model)` while a candidate is loaded. Returns evaluate_models' rows by candidate
     name and "base", plus "tokens" (the TokenSet) and "loaded_base" (the base's LoadedModel)."""
@@ -70,7 +70,7 @@ def evaluate(model: str, candidates: dict[str, str | Path], windows: int, *, dev
     from compressor.evaluation.perplexity import evaluate_models
 
     base = api.load(model)
-    tokens = evaluation_set("wiki", base.tokenizer, windows, 512)
+    tokens = evaluation_set(text, base.tokenizer, windows, 512)
     if before is not None:
         before(base)
     base.model.to(device)

@@ -34,34 +34,65 @@ VARIANTS = {  # GPTQ defaults: static groups, Hessian-weighted MSE clipping
     "gptq-w3-fp": ("gptq", {**W3, "act_order": True, "fp_target": True}),
     "awq+gptq-w3": ("awq+gptq", {**W3, "act_order": True}),
     "awq+gptq-w3-fp": ("awq+gptq", {**W3, "act_order": True, "fp_target": True}),
+    "hqq-w4": ("hqq", W4),
+    "gptq-w3-r8": ("gptq", {**W3, "act_order": True, "lowrank": 8}),
+    "gptq-w3-g32": ("gptq", {**W3, "group_size": 32, "act_order": True}),
+    "rtn-w4-keep-bf16": ("rtn", W4, {"keep_dtype": "bfloat16"}),
+    "fp8": ("fp8", {}),
+    "fp8-gptq": ("fp8", {"gptq": True}),
+    "smoothquant+fp8": ("smoothquant,fp8", {"alpha": 0.5}),
+    "smoothquant+fp8-gptq": ("smoothquant,fp8", {"alpha": 0.5, "gptq": True}),
 }
 
 
 def main() -> None:
     from compressor import api
+    from compressor.models.loading import parse_dtype
 
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="smollm2-135m")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--windows", type=int, default=64)
+    parser.add_argument("--samples", type=int, default=128, help="calibration windows of 512 tokens")
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--work", default="out/variants")
     parser.add_argument("--results", default=None)
+    parser.add_argument("--reuse", action="store_true", help="keep artifacts built by an earlier (or parallel) run")
+    parser.add_argument("--no-eval", action="store_true", help="only build the artifacts (evaluate later with --reuse)")
+    parser.add_argument("--texts", default="wiki", help="held-out texts, comma-separated (wiki, austen)")
     args = parser.parse_args()
     path = Path(args.results or RESULTS / f"quantize_variants_{args.device.split(':')[0]}.json")
     built = {}
     for name in args.variants.split(","):
-        method, options = VARIANTS[name]
+        method, options, *settings = VARIANTS[name]
+        settings = {k: parse_dtype(v) if k == "keep_dtype" else v for k, v in (settings[0] if settings else {}).items()}
+        info = Path(args.work) / f"{name}.json"
+        if args.reuse and info.is_file():
+            built[name] = json.loads(info.read_text())
+            continue
         started = time.perf_counter()
         q = api.quantize(args.model, method, Path(args.work) / name, options, device=args.device, overwrite=True,
-                         restart=True)
-        built[name] = {"bits_per_weight": q["bits_per_weight"], "wall_s": round(time.perf_counter() - started, 1)}
+                         restart=True, progress=None, samples=args.samples, **settings)
+        built[name] = {"bits_per_weight": q["bits_per_weight"], "wall_s": round(time.perf_counter() - started, 1),
+                       "size_bytes": sum(f.stat().st_size for f in (Path(args.work) / name).glob("*.safetensors"))}
+        info.write_text(json.dumps(built[name]))
         print(json.dumps({name: built[name]}), flush=True)
-    results = evaluate(args.model, {name: Path(args.work) / name for name in built}, args.windows,
-                       device=args.device)
-    rows = [{"variant": name, "method": VARIANTS[name][0], "config": VARIANTS[name][1], "ppl": results[name]["ppl"],
-             "kl": results[name]["kl"], "base_ppl": results["base"]["ppl"], **info} for name, info in built.items()]
-    protocol = {"eval_windows": args.windows, "window": 512, "calib_samples": 128, "calib_len": 512}
+    if args.no_eval:  # sizes only
+        rows = [{"variant": name, "method": VARIANTS[name][0], "config": VARIANTS[name][1], **info,
+                 **(VARIANTS[name][2] if len(VARIANTS[name]) > 2 else {})} for name, info in built.items()]
+        print(f"wrote {write_results('quantize_variants', rows, {'calib_samples': args.samples}, path=path)}")
+        return
+    texts = args.texts.split(",")
+    results = {text: evaluate(args.model, {name: Path(args.work) / name for name in built}, args.windows,
+                              device=args.device, text=text) for text in texts}
+    wiki = results[texts[0]]
+    rows = [{"variant": name, "method": VARIANTS[name][0], "config": VARIANTS[name][1], "ppl": wiki[name]["ppl"],
+             "kl": wiki[name]["kl"], "base_ppl": wiki["base"]["ppl"], **info,
+             **{key: value for text in texts[1:] for key, value in (
+                 (f"{text}_ppl", results[text][name]["ppl"]), (f"{text}_kl", results[text][name]["kl"]),
+                 (f"{text}_base_ppl", results[text]["base"]["ppl"]))}}
+            for name, info in built.items()]
+    protocol = {"eval_windows": args.windows, "window": 512, "calib_samples": args.samples, "calib_len": 512}
     print(f"wrote {write_results('quantize_variants', rows, protocol, {'device': args.device}, path=path)}")
 
 

@@ -126,13 +126,16 @@ def compress(model: str, methods: str | list[str] | list[Method], out: str | Pat
              calib: str = "wiki", samples: int = 128, seq_len: int = 512, seed: int = 0,
              text_field: str = "text", chat_template: bool = False, device: str = "cpu", batch_size: int = 8,
              dtype: torch.dtype = torch.float32, hessian_dtype: torch.dtype = torch.float32,
+             keep_dtype: torch.dtype | None = None,
              overwrite: bool = False, resume: bool = False, restart: bool = False, allow_pickle: bool = False,
              verify: bool = True, progress: Progress | None = None, command: str = "quantize",
              extra_metrics: dict | Callable[[torch.nn.Module], dict] | None = None) -> dict:
     """Run a list of methods over a model in one engine pass and write the artifact.
 
     `methods` is a spec (names, lists) or methods already configured; `extra_metrics` (a dict, or
-    a function of the model as the engine left it) joins the manifest's metrics."""
+    a function of the model as the engine left it) joins the manifest's metrics; `keep_dtype`
+    stores the tensors left unquantized (embeddings, norms, a tied head) in that dtype instead of
+    the checkpoint's own."""
     started = time.perf_counter()
     device = check_device(device)
     world = World.from_env(device)
@@ -168,6 +171,9 @@ def compress(model: str, methods: str | list[str] | list[Method], out: str | Pat
     if hessian_dtype not in (torch.float32, torch.float64):
         raise CompressorError(f"Hessians accumulate in float32 or float64, not {hessian_dtype}",
                               "pass --hessian-dtype float32 or float64")
+    if keep_dtype not in (None, torch.float32, torch.bfloat16, torch.float16):
+        raise CompressorError(f"unquantized tensors are stored in float32, bfloat16 or float16, not {keep_dtype}",
+                              "pass --keep-dtype bfloat16, float16, float32 or source")
     source = resolve_model_path(model, progress.log)
     # The run directory keeps every finished block (about the source's size) beside the artifact;
     # per-block slicing can add shortcut matrices, so a sliced model may outgrow its source.
@@ -187,6 +193,8 @@ def compress(model: str, methods: str | list[str] | list[Method], out: str | Pat
     mark = time.perf_counter()
     loaded = load(model, dtype=dtype, allow_pickle=allow_pickle, progress=progress, verify=verify, lazy=not prunes)
     phases["load"] = time.perf_counter() - mark
+    if keep_dtype is not None:
+        loaded.stored_dtype = keep_dtype
     if prunes and getattr(loaded.model.config, "base_model_type", None):
         raise CompressorError(f"{model} is already a sliced artifact", "prune the original checkpoint instead")
     for method in chain:

@@ -195,6 +195,9 @@ def _methods_command(name: str, default_method: str, method_help: str, doc: str)
         dtype: str = typer.Option("float32", "--dtype", help="Compute dtype: float32, bfloat16, float16."),
         hessian_dtype: str = typer.Option("float32", "--hessian-dtype",
                                           help="Hessian accumulation: float32 or float64."),
+        keep_dtype: str = typer.Option("source", "--keep-dtype",
+                                       help="Store unquantized tensors (embeddings, norms) as source, bfloat16, "
+                                            "float16 or float32."),
         overwrite: bool = OVERWRITE_OPTION,
         resume: bool = RESUME_OPTION,
         restart: bool = RESTART_OPTION,
@@ -214,7 +217,8 @@ def _methods_command(name: str, default_method: str, method_help: str, doc: str)
             cal = calibration(options)
             settings = dict(calib=cal.data, samples=cal.samples, seq_len=cal.seq_len, seed=cal.seed,
                             text_field=cal.text_field, chat_template=cal.chat_template, device=device,
-                            batch_size=cal.batch_size, dtype=parse_dtype(dtype), hessian_dtype=parse_dtype(hessian_dtype), overwrite=overwrite,
+                            batch_size=cal.batch_size, dtype=parse_dtype(dtype), hessian_dtype=parse_dtype(hessian_dtype),
+                            keep_dtype=None if keep_dtype == "source" else parse_dtype(keep_dtype), overwrite=overwrite,
                             resume=resume, restart=restart, allow_pickle=allow_pickle, verify=not no_verify,
                             progress=_progress())
             method_options = collect(options)

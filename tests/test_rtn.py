@@ -51,3 +51,32 @@ def test_zero_rows_do_not_produce_nan():
     for sym in (True, False):
         out = dequantize_record(quantize_weight(w, WeightScheme(4, 32, sym)), torch.float32)
         assert torch.equal(out, w)
+
+
+def test_keep_dtype_stores_unquantized_tensors_in_16_bits(tiny_llama, tmp_path):
+    """--keep-dtype bfloat16: embeddings and norms in bfloat16, quantized tensors unchanged, a
+    smaller artifact that our loader and transformers load alike."""
+    from transformers import AutoModelForCausalLM
+
+    from compressor import api
+    from compressor.errors import CompressorError
+    from compressor.safetensors_file import read_header
+
+    opts = {"group_size": 32}
+    api.quantize(str(tiny_llama), "rtn", tmp_path / "source", opts)
+    api.quantize(str(tiny_llama), "rtn", tmp_path / "bf16", opts, keep_dtype=torch.bfloat16)
+    source, _ = read_header(tmp_path / "source" / "model.safetensors")
+    kept, _ = read_header(tmp_path / "bf16" / "model.safetensors")
+    assert source["model.embed_tokens.weight"].dtype == "F32" and kept["model.embed_tokens.weight"].dtype == "BF16"
+    assert kept["model.norm.weight"].dtype == "BF16"
+    assert {k: v.dtype for k, v in kept.items() if "weight_" in k} == {k: v.dtype for k, v in source.items()
+                                                                      if "weight_" in k}
+    sizes = {n: (tmp_path / n / "model.safetensors").stat().st_size for n in ("source", "bf16")}
+    assert sizes["bf16"] < sizes["source"]
+    ours = api.load(tmp_path / "bf16").model
+    theirs = AutoModelForCausalLM.from_pretrained(tmp_path / "bf16", dtype=torch.float32).eval()
+    ids = torch.randint(3, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(theirs(ids).logits, ours(ids).logits, atol=1e-4, rtol=1e-4)
+    with pytest.raises(CompressorError, match="--keep-dtype"):
+        api.quantize(str(tiny_llama), "rtn", tmp_path / "bad", opts, keep_dtype=torch.int8)

@@ -4,6 +4,10 @@ Writes the pack-quantized layout (int32 `weight_packed`, `weight_scale`, packed
 `weight_zero_point` for asymmetric schemes, `weight_shape`, optional `weight_g_idx`) with a
 matching `quantization_config`, so transformers (with the compressed-tensors package) and
 vLLM load the artifact. Reading dequantizes back to float weights for our own evaluation.
+
+A linear with a low-rank error correction (GPTQ's `lowrank`) also carries `weight_lowrank_b`
+[out, r] and `weight_lowrank_a` [r, in] in bfloat16: our readers use the weight Q + B·A; other
+loaders do not know these tensors and load Q alone (transformers reports them as unused).
 """
 
 from __future__ import annotations
@@ -17,7 +21,8 @@ from compressor.formats import bitpack, ct_config
 from compressor.schemes import WeightScheme, dequantize
 
 FORMAT = "pack-quantized"
-SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx")
+LOWRANK = ("weight_lowrank_b", "weight_lowrank_a")
+SUFFIXES = ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape", "weight_g_idx", *LOWRANK)
 KEPT_DTYPE = torch.float16  # a linear a mixed-precision plan keeps unquantized
 
 
@@ -62,7 +67,22 @@ def encode(module: str, record: dict[str, torch.Tensor], scheme: WeightScheme) -
         out[f"{module}.weight_zero_point"] = bitpack.pack(record["zero_point"], scheme.bits, dim=0)
     if "g_idx" in record:
         out[f"{module}.weight_g_idx"] = record["g_idx"].to(torch.int32)
+    if "lowrank_b" in record:
+        out[f"{module}.weight_lowrank_b"] = record["lowrank_b"].contiguous()
+        out[f"{module}.weight_lowrank_a"] = record["lowrank_a"].contiguous()
     return out
+
+
+def lowrank(tensors: dict[str, torch.Tensor], module: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(B, A) of a module's low-rank correction, checked against its weight shape, or None."""
+    if f"{module}.weight_lowrank_b" not in tensors:
+        return None
+    b, a = tensors[f"{module}.weight_lowrank_b"], tensors.get(f"{module}.weight_lowrank_a")
+    shape = tuple(int(x) for x in tensors[f"{module}.weight_shape"].tolist())
+    if a is None or b.dim() != 2 or a.dim() != 2 or (b.shape[0], a.shape[1]) != shape or b.shape[1] != a.shape[0]:
+        raise ValueError(f"low-rank factors {tuple(b.shape)} × {None if a is None else tuple(a.shape)} "
+                         f"do not make a {shape} weight")
+    return b, a
 
 
 def _weight_scheme(weights: dict) -> WeightScheme:
@@ -143,6 +163,10 @@ def decode(tensors: dict[str, torch.Tensor], qconfig: dict, dtype: torch.dtype) 
             # Our rule, not the library's `dequantize`: that one multiplies in the scale's dtype (float16),
             # ours in float32 as the pipeline's simulated model does, so reloading gives its exact weights.
             out[f"{m}.weight"] = dequantize(codes, scale, zero, g_idx, dtype)
+            factors = lowrank(tensors, m)
+            if factors is not None:
+                out[f"{m}.weight"] = (dequantize(codes, scale, zero, g_idx, torch.float32)
+                                      + factors[0].float() @ factors[1].float()).to(dtype)
     return out
 
 

@@ -74,7 +74,7 @@ def _eight_bit_specs(tensors: dict[str, torch.Tensor], qconfig: dict) -> dict[st
 
 
 def quantized_linears(tensors: dict[str, torch.Tensor], qconfig: dict, dtype: torch.dtype, device: torch.device,
-                      warn: Callable[[str], None]) -> tuple[dict[str, torch.Tensor], dict[str, QuantLinear]]:
+                      warn: Callable[[str], None]) -> tuple[dict[str, torch.Tensor], dict[str, nn.Module]]:
     """Split an artifact's tensors into float tensors and QuantLinear modules (by module name)."""
     fmt = qconfig.get("format")
     if qconfig.get("quant_method") != "compressed-tensors" or fmt not in (
@@ -91,13 +91,33 @@ def quantized_linears(tensors: dict[str, torch.Tensor], qconfig: dict, dtype: to
              if not (k.rsplit(".", 1)[0] in specs and k.rsplit(".", 1)[1] in leaves + ("bias",))}
     if device.type == "cuda" and not triton_available():
         warn("Triton is not installed: quantized layers run the reference path (dequantize, then matmul)")
-    layers = {}
+    layers: dict[str, nn.Module] = {}
     for name, spec in specs.items():
         bias = tensors.get(f"{name}.bias")
         layers[name], reason = build(name, spec, bias.to(dtype) if bias is not None else None, device, dtype)
         if reason:
             warn(f"{name}: no kernel for {reason}; this layer runs the reference path")
+        if fmt == compressed_tensors.FORMAT:
+            try:
+                factors = compressed_tensors.lowrank(tensors, name)
+            except ValueError as exc:
+                raise _damaged(name, exc) from None
+            if factors is not None:
+                layers[name] = LowRankCorrected(layers[name], *(f.to(device) for f in factors))
     return state, layers
+
+
+class LowRankCorrected(nn.Module):
+    """A quantized linear plus its low-rank error correction: y = Q x + B (A x)."""
+
+    def __init__(self, inner: nn.Module, b: torch.Tensor, a: torch.Tensor):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("b", b, persistent=False)
+        self.register_buffer("a", a, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x) + nn.functional.linear(nn.functional.linear(x, self.a.to(x.dtype)), self.b.to(x.dtype))
 
 
 def runtime_dtype(dtype: torch.dtype, stored: torch.dtype | None) -> torch.dtype:

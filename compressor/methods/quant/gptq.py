@@ -23,6 +23,7 @@ from torch import nn
 
 from compressor.errors import CompressorError
 from compressor.methods.base import METHODS, BlockContext, Method, ModelContext, Record
+from compressor.methods.quant.lowrank import compensate
 from compressor.methods.quant.quantizer import (
     SCALE_DTYPES, check_scheme, compute_qparams, dequantize_record, qparams_from_range,
 )
@@ -45,6 +46,11 @@ class GPTQConfig(WeightQuantConfig):
                                                   "least output error given the chosen codes")
     fp_target: bool = Field(False, description="fit the float model's outputs, not the float layer's "
                                                "outputs on already-quantized inputs (GPTAQ-style)")
+    lowrank: int = Field(0, ge=0, le=1024, description="rank of a bfloat16 correction B·A of each linear's "
+                                                       "quantization error, fitted in the eigenspace of its "
+                                                       "inputs (EoRA); 0: none")
+    lowrank_passes: int = Field(2, ge=0, le=8, description="with --lowrank: GPTQ passes on the weight minus the "
+                                                           "last correction, each followed by a refit of it")
 
     @model_validator(mode="after")
     def _storable(self) -> "GPTQConfig":
@@ -395,6 +401,29 @@ class GPTQ(Method):
         records = dict(zip(names, split_rows(record, [linears[n].out_features for n in names])))
         for name, linear in linears.items():
             linear.weight.data = dequantize_record(records[name], linear.weight.dtype).to(linear.weight.device)
+        if self.config.lowrank:
+            records = self._compensated(stacked, records, stats["hessian"].cpu(), names, linears, cross)
+        return records
+
+    def _compensated(self, stacked: torch.Tensor, records: dict[str, Record], h: torch.Tensor, names: list[str],
+                     linears: dict[str, nn.Linear], cross: torch.Tensor | None) -> dict[str, Record]:
+        """Each linear's low-rank correction of the error its records leave; then `lowrank_passes`
+        times: GPTQ again on the weight minus the correction (the codes no longer spend their
+        precision on what the correction carries) and the correction refitted to the new error."""
+        rows = [linears[n].out_features for n in names]
+        originals = dict(zip(names, torch.split(stacked, rows)))
+        for step in range(self.config.lowrank_passes + 1):
+            if step:
+                residual = stacked - torch.cat(corrections)
+                record, _ = gptq_quantize(residual, h, self.config, "/".join(names), cross)
+                records = dict(zip(names, split_rows(record, rows)))
+            corrections, weights = [], {}
+            for name in names:
+                quantized = dequantize_record(records[name], torch.float32)
+                weights[name] = compensate(records[name], originals[name], quantized, h, self.config.lowrank)
+                corrections.append(weights[name] - quantized)
+        for name, linear in linears.items():
+            linear.weight.data = weights[name].to(linear.weight.dtype).to(linear.weight.device)
         return records
 
     def export(self) -> dict:
