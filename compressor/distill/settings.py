@@ -46,18 +46,12 @@ class DistillSettings(BaseModel):
     @field_validator("tokens", mode="before")
     @classmethod
     def _count(cls, value):
-        count = parse_count(value, "--tokens")
-        if count < 1:
-            raise ValueError("must be at least 1")
-        return count
+        return _count_at_least(value, "--tokens", 1)
 
     @field_validator("generate_data", mode="before")
     @classmethod
     def _generated(cls, value):
-        count = parse_count(value, "--generate-data")
-        if count < 0:
-            raise ValueError("must be 0 or more")
-        return count
+        return _count_at_least(value, "--generate-data", 0)
 
     def fingerprinted(self) -> dict:
         return {k: v for k, v in self.model_dump().items() if k not in NOT_FINGERPRINTED}
@@ -76,3 +70,10 @@ def parse_settings(values: dict | DistillSettings | None) -> DistillSettings:
             raise err["ctx"]["error"] from None
         raise CompressorError(f"invalid distill setting {field}: {err['msg']} (got {err.get('input')!r})",
                               "see `compress distill --help` for valid values") from None
+
+
+def _count_at_least(value, flag: str, minimum: int) -> int:
+    count = parse_count(value, flag)
+    if count < minimum:
+        raise ValueError(f"must be at least {minimum}")
+    return count
