@@ -189,9 +189,11 @@ def compress(model: str, methods: str | list[str] | list[Method], out: str | Pat
 
     # Without a pruner (which edits the whole model) the blocks stay on disk until the engine reads
     # them: host memory holds one block, the embedding and the head, whatever the model's size.
+    # Metrics measured on the finished model in memory (mixed precision's) need it whole.
     phases: dict[str, float] = {}
     mark = time.perf_counter()
-    loaded = load(model, dtype=dtype, allow_pickle=allow_pickle, progress=progress, verify=verify, lazy=not prunes)
+    lazy = not prunes and extra_metrics is None
+    loaded = load(model, dtype=dtype, allow_pickle=allow_pickle, progress=progress, verify=verify, lazy=lazy)
     phases["load"] = time.perf_counter() - mark
     if keep_dtype is not None:
         loaded.stored_dtype = keep_dtype
