@@ -63,10 +63,14 @@ def check_tokenizer(model: nn.Module, tokenizer, name: str) -> None:
     rows = getattr(embeddings, "num_embeddings", None)
     if tokenizer is None or not isinstance(rows, int):
         return
-    try:
-        tokens = len(tokenizer)
-    except TypeError:
-        return
+    # The base vocabulary: added tokens beyond the embedding (a pad token, say) are common in
+    # published checkpoints and harmless unless used, but base ids past it mean another model.
+    tokens = getattr(tokenizer, "vocab_size", None)
+    if not isinstance(tokens, int):
+        try:
+            tokens = len(tokenizer)
+        except TypeError:
+            return
     if tokens > rows:
         raise CompressorError(f"the tokenizer of {name} has {tokens} tokens but the model embeds only {rows}",
                               "put the model's own tokenizer files beside its weights")

@@ -182,6 +182,15 @@ def check_weights(adapter: Adapter, block: nn.Module, prefix: str) -> None:
                                   "the checkpoint is damaged: re-export or re-download it")
 
 
+def check_stored_weights(lazy, adapter: Adapter, block: nn.Module, prefix: str) -> None:
+    """check_weights for a block still on disk (models.lazy), read one weight at a time."""
+    for name in adapter.block_linears(block):
+        tensor = lazy.read([f"{prefix}{name}.weight"])[f"{prefix}{name}.weight"]
+        if not torch.isfinite(tensor).all():
+            raise CompressorError(f"{prefix}{name} has NaN or Inf in its weights",
+                                  "the checkpoint is damaged: re-export or re-download it")
+
+
 @torch.no_grad()
 def record_group_inputs(block: nn.Module, adapter: Adapter, hidden: torch.Tensor, kwargs: dict[str, Any],
                         batch_size: int, device: torch.device, want_outputs: bool,

@@ -26,7 +26,8 @@ from compressor.models.lazy import release
 from compressor.pipeline.checkpoint import DamagedCheckpoint, RunDirectory
 from compressor.pipeline.context import BlockSession, Calibration, ModelSession
 from compressor.pipeline.distributed import World
-from compressor.pipeline.passes import BlockRunner, capture_block_kwargs, capture_inputs, check_weights
+from compressor.pipeline.passes import (BlockRunner, capture_block_kwargs, capture_inputs, check_stored_weights,
+                                       check_weights)
 from compressor.pipeline.progress import Progress
 from compressor.pipeline.resources import PhaseClock, activation_bytes, plan_activations
 from compressor.util import release_memory
@@ -117,10 +118,14 @@ class SequentialPipeline:
         """Process every block not yet recorded in the run directory."""
         blocks = self.adapter.blocks(self.model)
         start = self._resume_point() if resume else 0
-        if self.lazy is None:  # before any expensive work (lazy blocks are checked as they are read)
+        if self.lazy is None:  # before any expensive work
             for index in range(start, len(blocks)):
                 check_weights(self.adapter, blocks[index], self.adapter.block_prefix(self.model, index))
-        elif start < len(blocks):
+        else:  # one tensor in memory at a time: a damaged checkpoint is refused before any work
+            for index in range(start, len(blocks)):
+                check_stored_weights(self.lazy, self.adapter, blocks[index],
+                                     self.adapter.block_prefix(self.model, index))
+        if self.lazy is not None and start < len(blocks):
             self.lazy.prefetch(self.adapter.block_prefix(self.model, start), self.device.type == "cuda")
         if not start and self.world.is_main:
             self.run.start()
