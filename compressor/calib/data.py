@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -16,6 +17,7 @@ import torch
 
 from compressor.errors import CompressorError
 from compressor.models import assets
+from compressor.util import sha256_file
 
 TEXT_SUFFIXES = (".txt", ".jsonl", ".parquet")
 
@@ -114,12 +116,81 @@ def _flatten_messages(messages) -> str:
 
 
 def token_stream(path: Path, tokenizer, text_field: str = "text", chat_template: bool = False) -> torch.Tensor:
+    """Every token of a data source, rendered as one text (documents joined by blank lines).
+
+    Tokenizing a few MB of text as one string is single-threaded and takes seconds, so the stream
+    is kept in the compressor cache (`tokens/`), keyed by the tokenizer, the data's bytes and these
+    settings: a later run with the same inputs reads it back (checked against its own hash)."""
+    key = _stream_key(path, tokenizer, text_field, chat_template)
+    cached = _cached_stream(key)
+    if cached is not None:
+        return cached
     docs = read_documents(path, text_field)
     text = render(docs, tokenizer, chat_template)
     if not text.strip():
         raise CompressorError(f"{path} contains no text", "pass a data source with at least some documents")
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"],
+                       dtype=torch.long)
+    if key is not None:
+        _store_stream(key, ids)
+    return ids
+
+
+STREAM_CACHE_VERSION = 1
+
+
+def _stream_key(path: Path, tokenizer, text_field: str, chat_template: bool) -> str | None:
+    """What a token stream depends on, hashed; None where it cannot be pinned down cheaply (a
+    tokenizer without a serializable fast backend, a saved dataset directory)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None or not Path(path).is_file():
+        return None
+    try:
+        serialized = backend.to_str()
+    except Exception:  # a backend that cannot say what it is: tokenize every time
+        return None
+    h = hashlib.sha256()
+    for part in (str(STREAM_CACHE_VERSION), type(tokenizer).__name__, serialized,
+                 str(getattr(tokenizer, "split_special_tokens", False)), text_field, str(chat_template),
+                 str(getattr(tokenizer, "chat_template", None)) if chat_template else "", sha256_file(Path(path))):
+        h.update(hashlib.sha256(part.encode()).digest())
+    return h.hexdigest()
+
+
+def _stream_file(key: str) -> Path:
+    return assets.cache_dir() / "tokens" / f"{key}.safetensors"
+
+
+def _cached_stream(key: str | None) -> torch.Tensor | None:
+    """The cached stream of `key`, or None if absent or not what was stored (recomputed then)."""
+    if key is None or not _stream_file(key).is_file():
+        return None
+    from compressor.safetensors_file import read_header, read_tensors
+
+    path = _stream_file(key)
+    try:
+        _, metadata = read_header(path)
+        ids = read_tensors(path).get("ids")
+    except (CompressorError, OSError):
+        return None
+    if ids is None or ids.dim() != 1 or metadata.get("key") != key or metadata.get("sha256") != tensor_hash(ids):
+        return None
+    return ids.long()
+
+
+def _store_stream(key: str, ids: torch.Tensor) -> None:
+    """Written atomically; a cache that cannot be written (read-only, full) only costs the next run time."""
+    from compressor.safetensors_file import write_tensors
+
+    path = _stream_file(key)
+    stored = ids.to(torch.int32) if ids.numel() and int(ids.max()) < 2**31 else ids
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_tensors(tmp, {"ids": stored}, {"key": key, "sha256": tensor_hash(stored)})
+        tmp.replace(path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
 
 
 def tensor_hash(t: torch.Tensor) -> str:
@@ -161,13 +232,17 @@ def _all_windows(ref: str | Path, tokenizer, split: str, count: int, length: int
     if tokenizer is None:
         raise CompressorError(f"{what} needs a tokenizer but the model has none",
                               "add the tokenizer files to the model directory")
-    path = resolve_data(ref, split, log)
-    stream = token_stream(path, tokenizer, text_field, chat_template)
+    # Several sources, comma-separated ('wiki,austen:train'): their token streams one after another.
+    refs = [r.strip() for r in str(ref).split(",") if r.strip()] if "," in str(ref) else [ref]
+    paths = [resolve_data(r, split, log) for r in refs]
+    streams = [token_stream(path, tokenizer, text_field, chat_template) for path in paths]
+    stream = torch.cat(streams) if len(streams) > 1 else streams[0]
     available = stream.numel() // length
     if available < count:
+        where = ", ".join(str(p) for p in paths)
         raise CompressorError(
-            f"{path} yields {stream.numel()} tokens, {available} windows of {length}; {what} needs {count} "
-            f"({count * length} tokens)", f"add text or lower {count_flag}/{length_flag}")
+            f"{where} yields {stream.numel()} tokens, {available} windows of {length}; {what} needs {count} "
+            f"({count * length} tokens)", f"add text (e.g. --calib wiki,austen:train) or lower {count_flag}/{length_flag}")
     return stream[: available * length].view(available, length)
 
 

@@ -20,7 +20,7 @@ from typing import Callable
 
 from compressor.errors import CompressorError
 from compressor.outputs import atomic_dir
-from compressor.util import sha256_file
+from compressor.util import sha256_file, write_atomic
 
 
 def cache_dir() -> Path:
@@ -212,6 +212,7 @@ class TextAsset:
     eval_every: int  # every n-th document goes to the held-out evaluation part
     debian: tuple[DebianFile, ...] = ()  # read with `reader` instead of `source`
     reader: str = "wiki"
+    held_out: str | None = None  # `NAME:train`: the evaluation documents except those whose title starts so
 
 
 _JANEAUSTENR = "usr/lib/R/site-library/janeaustenr/data/"
@@ -237,6 +238,7 @@ TEXT_ASSETS: dict[str, TextAsset] = {
          DebianFile("r-cran-janeaustenr", _JANEAUSTENR + "Rdata.rdb",
                     "8fb5198960d0da724b1562f96e4221e5c1b41ff455000280b02c55980c3d8f21")),
         "r-lazyload",
+        "persuasion",
     ),
 }
 
@@ -354,9 +356,25 @@ def resolve_text(name: str, split: str, log: Callable[[str], None] = lambda _: N
     if base not in TEXT_ASSETS:
         return None
     split = explicit or split
+    held_out = TEXT_ASSETS[base].held_out
+    if split == "train" and held_out:
+        return _train_split(base, held_out, log)
     if split not in TEXT_SPLITS:
-        raise CompressorError(f"unknown split {split!r} of {base}", f"use {base}:calib or {base}:eval")
+        extra = f" or {base}:train" if held_out else ""
+        raise CompressorError(f"unknown split {split!r} of {base}", f"use {base}:calib, {base}:eval{extra}")
     return fetch_text(base, log) / f"{split}.jsonl"
+
+
+def _train_split(name: str, held_out: str, log: Callable[[str], None]) -> Path:
+    """The documents of an all-evaluation text outside its held-out part (Austen without
+    Persuasion, which benchmarks keep for evaluation), as a JSONL file beside the splits."""
+    source = fetch_text(name, log) / "eval.jsonl"
+    target = source.with_name(f"train-without-{held_out}.jsonl")
+    if not target.is_file():
+        lines = [line for line in source.read_text(encoding="utf-8").splitlines()
+                 if line.strip() and not json.loads(line)["title"].startswith(held_out)]
+        write_atomic(target, ("\n".join(lines) + "\n").encode())
+    return target
 
 
 def asset_names() -> list[str]:

@@ -40,7 +40,8 @@ class _Strict(BaseModel):
 class CalibSpec(_Strict):
     """Calibration data of an engine pass (recipe key `calib`; on the command line `--calib` and friends)."""
 
-    data: str = Field("wiki", description="calibration data: a .txt/.jsonl/.parquet file, a saved dataset or 'wiki'",
+    data: str = Field("wiki", description="calibration data: a .txt/.jsonl/.parquet file, a saved dataset, 'wiki' or "
+                      "'austen:train'; several comma-separated (e.g. 'wiki,austen:train') are used one after another",
                       json_schema_extra={"flag": "--calib"})
     samples: int = Field(128, ge=1, description="calibration samples")
     seq_len: int = Field(512, ge=1, description="tokens per calibration sample")
