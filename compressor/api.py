@@ -36,7 +36,7 @@ from compressor.pipeline.distributed import World
 from compressor.pipeline.progress import Progress
 from compressor.pipeline.resources import device_batch
 from compressor.pipeline.sequential import SequentialPipeline, check_order
-from compressor.util import fingerprint, release_memory, write_atomic
+from compressor.util import fingerprint, process_age, release_memory, write_atomic
 
 
 def peak_rss_mb() -> float:
@@ -191,6 +191,9 @@ def compress(model: str, methods: str | list[str] | list[Method], out: str | Pat
     # them: host memory holds one block, the embedding and the head, whatever the model's size.
     # Metrics measured on the finished model in memory (mixed precision's) need it whole.
     phases: dict[str, float] = {}
+    startup = process_age()  # interpreter start and imports, before this call
+    if startup is not None:
+        phases["startup"] = max(startup - (time.perf_counter() - started), 0.0)
     mark = time.perf_counter()
     lazy = not prunes and extra_metrics is None
     loaded = load(model, dtype=dtype, allow_pickle=allow_pickle, progress=progress, verify=verify, lazy=lazy)
@@ -205,8 +208,10 @@ def compress(model: str, methods: str | list[str] | list[Method], out: str | Pat
     params_before = count_parameters(loaded.model)
     tokens = None
     if any(m.needs_calibration for m in chain):
+        mark = time.perf_counter()
         tokens = calibration_set(calib, loaded.tokenizer, samples, seq_len, seed, text_field, chat_template,
                                  progress.log)
+        phases["calibration"] = time.perf_counter() - mark
     blocks = loaded.adapter.blocks(loaded.model)
     described = describe_methods(chain, None if configured else methods)
     # Everything that changes the numbers; a resumed run must match it exactly.
@@ -234,21 +239,27 @@ def compress(model: str, methods: str | list[str] | list[Method], out: str | Pat
     if extra_metrics is not None:
         metrics.update(extra_metrics(loaded.model) if callable(extra_metrics) else extra_metrics)
     spec = export.structure(chain, pipeline.block_meta, loaded)
+    phases["encode"] = time.perf_counter() - mark
+    source_sha256 = loaded.source_sha256()
+    phases["source_hash_wait"] = time.perf_counter() - mark - phases["encode"]
+    writer_phases: dict[str, float] = {}
     artifacts.write_artifact(
         out, config=config, tensors=tensors, tokenizer=loaded.tokenizer,
         generation_config=getattr(loaded.model, "generation_config", None), kind=export.artifact_kind(chain),
-        source={"ref": loaded.name, "sha256": loaded.source_sha256()}, method=described,
+        source={"ref": loaded.name, "sha256": source_sha256}, method=described,
         calibration=tokens.describe() | {"seed": seed} if tokens else None, metrics=metrics,
         overwrite=overwrite, build={"wall_s": time.perf_counter() - started, "engine_s": engine_s, "device": device,
                                     "processes": world.size, "peak_rss_mb": peak_rss_mb(),
-                                    "phases_s": {**phases, "embed": pipeline.embed_s, "encode": time.perf_counter() - mark},
+                                    "phases_s": {**phases, "embed": pipeline.embed_s},
                                     "blocks_s": pipeline.block_times, "batch_size": pipeline.batch_size,
                                     "activations": pipeline.activations, "blocks_window": pipeline.window,
-                                    **device_peak(device), **({"spec": spec} if spec else {})})
+                                    **device_peak(device), **({"spec": spec} if spec else {})},
+        timings=writer_phases)
     shutil.rmtree(run_path, ignore_errors=True)
     world.barrier()
     result = {"output": str(out), "method": described, **metrics, "wall_s": time.perf_counter() - started,
-              "peak_rss_mb": peak_rss_mb(), "write_s": time.perf_counter() - mark}
+              "peak_rss_mb": peak_rss_mb(), "write_s": time.perf_counter() - mark,
+              "phases_s": {**phases, "embed": pipeline.embed_s, **writer_phases}}
     if prunes:
         result.update({"model_type": config["model_type"], "slice_s": engine_s})
     return result

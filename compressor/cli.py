@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 import traceback
@@ -660,6 +661,10 @@ def main() -> None:
         _fail(f"internal error {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}",
               "this is a bug; rerun with --debug and report the traceback", 1)
         code = 1
+    # Everything is written and closed by now. Interpreter shutdown would walk every object torch,
+    # transformers and their imports made (seconds: measured 5.9 s vs 0.9 s on 2 busy cores);
+    # frozen, the final collections skip them and the process ends at once.
+    gc.freeze()
     sys.exit(code if isinstance(code, int) else 0)
 
 

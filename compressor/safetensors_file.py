@@ -209,7 +209,8 @@ class StoredTensor:
     def is_floating_point(self) -> bool:
         return self.dtype.is_floating_point
 
-    def copy_to(self, out, chunk: int = 1 << 24) -> None:
+    def copy_to(self, out, chunk: int = 1 << 24, digest=None) -> None:
+        """Copy the bytes to `out`, also fed to `digest` (a hashlib object) when given."""
         with open(self.path, "rb") as f:
             f.seek(self.entry.start)
             left = self.nbytes
@@ -219,6 +220,8 @@ class StoredTensor:
                     raise CompressorError(f"{self.path} is truncated inside tensor {self.entry.name!r}",
                                           "re-create the file")
                 out.write(data)
+                if digest is not None:
+                    digest.update(data)
                 left -= len(data)
 
 
@@ -232,9 +235,19 @@ def nbytes(t) -> int:
     return t.nbytes if isinstance(t, StoredTensor) else t.numel() * t.element_size()
 
 
-def write_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> None:
+@dataclass(frozen=True)
+class WrittenHashes:
+    """sha256 of a written file's header (length prefix and JSON, as `header_bytes` reads it) and
+    of each tensor's bytes, computed from the bytes as they were written."""
+
+    header: str
+    tensors: dict[str, str]
+
+
+def write_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = None) -> WrittenHashes:
     """Write a safetensors file tensor by tensor, without building the whole file in memory
-    (values are tensors, or StoredTensors copied from their file)."""
+    (values are tensors, or StoredTensors copied from their file); returns the hashes of what
+    was written (a manifest needs no second read of the file)."""
     import torch
 
     header: dict = {"__metadata__": metadata} if metadata else {}
@@ -247,13 +260,18 @@ def write_tensors(path: Path, tensors: dict, metadata: dict[str, str] | None = N
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
+    prefix = struct.pack("<Q", len(raw)) + raw
+    digests = {}
     with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(raw)))
-        f.write(raw)
+        f.write(prefix)
         for name in names:
+            h = digests[name] = hashlib.sha256()
             if isinstance(tensors[name], StoredTensor):
-                tensors[name].copy_to(f)
+                tensors[name].copy_to(f, digest=h)
                 continue
             t = tensors[name].detach().contiguous().cpu()
             if t.numel():
-                f.write(memoryview(t.view(-1).view(torch.uint8).numpy()))
+                data = memoryview(t.view(-1).view(torch.uint8).numpy())
+                f.write(data)
+                h.update(data)
+    return WrittenHashes(hashlib.sha256(prefix).hexdigest(), {k: h.hexdigest() for k, h in digests.items()})

@@ -19,6 +19,19 @@ def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def process_age() -> float | None:
+    """Seconds since this process started (Linux /proc; None elsewhere): what interpreter start
+    and imports cost before the first line of a command ran."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        with open("/proc/self/stat") as f:
+            started = int(f.read().rpartition(")")[2].split()[19]) / ticks
+        with open("/proc/uptime") as f:
+            return float(f.read().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def fingerprint(*parts: Any) -> str:
     """sha256 of JSON-able settings: equal exactly when every part is equal."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()

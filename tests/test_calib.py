@@ -104,3 +104,76 @@ def test_reference_text_split_never_overlaps(monkeypatch, tmp_path):
     assert len(c) == 32 and not set(c) & set(e)
     meta = json.loads((calib.parent / "meta.json").read_text())
     assert meta["splits"]["eval"]["documents"] == 3
+
+
+def test_token_stream_is_cached_and_checked(tmp_path, tiny_llama, text_file, monkeypatch):
+    """The second tokenization of the same data with the same tokenizer is read from the cache
+    (the tokenizer is not called); a damaged cache file is recomputed, changed data misses it."""
+    from compressor.calib import data
+
+    tok = api.load(str(tiny_llama)).tokenizer
+    first = data.token_stream(text_file, tok)
+    files = list((tmp_path / "cache" / "tokens").glob("*.safetensors"))
+    assert len(files) == 1
+    calls = []
+    backend_encode = type(tok)._encode_plus
+
+    def counting(self, *args, **kwargs):
+        calls.append(1)
+        return backend_encode(self, *args, **kwargs)
+
+    monkeypatch.setattr(type(tok), "_encode_plus", counting)
+    again = data.token_stream(text_file, tok)
+    assert torch.equal(first, again) and again.dtype == torch.long and not calls
+    raw = bytearray(files[0].read_bytes())
+    raw[-3] ^= 0xFF  # one token changed on disk: not what was stored
+    files[0].write_bytes(bytes(raw))
+    assert torch.equal(data.token_stream(text_file, tok), first) and len(calls) == 1
+    assert torch.equal(data.token_stream(text_file, tok), first) and len(calls) == 1  # rewritten, read back
+    other = tmp_path / "other.txt"
+    other.write_text(text_file.read_text() + " more")
+    data.token_stream(other, tok)
+    assert len(calls) == 2 and len(list((tmp_path / "cache" / "tokens").glob("*.safetensors"))) == 2
+
+
+def test_calibration_from_several_sources(tmp_path, tiny_llama, text_file, jsonl_file):
+    """'a,b' calibrates on the two token streams one after another; a shortfall names both."""
+    from compressor.calib.data import token_stream
+    from compressor.errors import CompressorError
+
+    tok = api.load(str(tiny_llama)).tokenizer
+    both = calibration_set(f"{text_file},{jsonl_file}", tok, samples=4, seq_len=32)
+    stream = torch.cat([token_stream(text_file, tok), token_stream(jsonl_file, tok)])
+    windows = stream[: stream.numel() // 32 * 32].view(-1, 32)
+    assert all(any(torch.equal(row, w) for w in windows) for row in both.input_ids)
+    assert both.describe()["source"] == f"{text_file},{jsonl_file}"
+    count = stream.numel() // 32
+    calibration_set(f"{text_file},{jsonl_file}", tok, samples=count, seq_len=32)  # needs the second source
+    assert count > token_stream(text_file, tok).numel() // 32
+    import pytest
+
+    with pytest.raises(CompressorError, match="austen:train") as info:
+        calibration_set(f"{text_file},{jsonl_file}", tok, samples=count + 1, seq_len=32)
+    assert str(text_file) in info.value.message and str(jsonl_file) in info.value.message
+
+
+def test_austen_train_leaves_out_the_held_out_novel(tmp_path, monkeypatch):
+    from compressor.models import assets
+
+    monkeypatch.setenv("COMPRESSOR_CACHE", str(tmp_path / "cache"))
+    root = assets.text_dir("austen")
+    root.mkdir(parents=True)
+    docs = [{"title": f"{book} {i}", "text": f"{book} chapter {i}"} for book in ("emma", "persuasion", "emma2")
+            for i in range(3)]
+    (root / "eval.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (root / "calib.jsonl").write_text("\n")
+    (root / "meta.json").write_text(json.dumps({"name": "austen", "splits": {}}))
+    train = assets.resolve_text("austen:train", "calib")
+    titles = [json.loads(line)["title"] for line in train.read_text().splitlines()]
+    assert titles == [f"{b} {i}" for b in ("emma", "emma2") for i in range(3)]
+    assert assets.resolve_text("austen", "calib") == root / "calib.jsonl"
+    from compressor.errors import CompressorError
+    import pytest
+
+    with pytest.raises(CompressorError, match="wiki:calib, wiki:eval"):
+        assets.resolve_text("wiki:train", "calib")

@@ -173,3 +173,54 @@ def test_fused_gptq_sweep_matches_the_column_loop():
     env = {**os.environ, "PYTHONPATH": str(ROOT), "TRITON_INTERPRET": "1"}
     out = subprocess.run([sys.executable, "-c", KERNEL_CHECK], capture_output=True, text=True, env=env)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_hashes_written_with_the_bytes_match_a_second_read(tmp_path, monkeypatch):
+    """The manifest takes each weight file's hashes from the bytes as they were written (no
+    second read); they are exactly what reading the file back gives, serially or threaded, and a
+    file changed after writing still fails verification."""
+    from compressor.formats import manifest
+    from compressor.safetensors_file import header_bytes
+
+    torch.manual_seed(0)
+    tensors = {f"t{i}": torch.randn(64, 32 + i).to(torch.bfloat16) for i in range(6)}
+    tensors["codes"] = torch.randint(0, 255, (17, 9), dtype=torch.uint8)
+    tensors["empty"] = torch.zeros(0)
+    written = write_tensors(tmp_path / "a.safetensors", tensors, {"format": "pt"})
+    spilled = write_tensors(tmp_path / "b.safetensors", stored_tensors(tmp_path / "a.safetensors"))
+    for name, hashes in (("a.safetensors", written), ("b.safetensors", spilled)):
+        assert hashes.tensors == manifest.tensor_hashes(tmp_path / name)
+        assert hashes.header == manifest.header_sha256(tmp_path / name)
+    import hashlib
+
+    assert written.header == hashlib.sha256(header_bytes(tmp_path / "a.safetensors")).hexdigest()
+    monkeypatch.setattr(manifest, "PARALLEL_HASH_BYTES", 0)
+    monkeypatch.setattr(manifest, "HASH_THREADS", 3)
+    assert manifest.tensor_hashes(tmp_path / "a.safetensors") == written.tensors
+    fields = dict(kind="quantized", source={}, method=None, calibration=None, metrics={})
+    assert manifest.build_manifest(tmp_path, written={"a.safetensors": written, "b.safetensors": spilled},
+                                   **fields) == manifest.build_manifest(tmp_path, **fields)
+    manifest.write_manifest(tmp_path, manifest.build_manifest(tmp_path, written={"a.safetensors": written}, **fields))
+    assert manifest.verify(tmp_path) == []
+    raw = bytearray((tmp_path / "a.safetensors").read_bytes())
+    raw[-40] ^= 1
+    (tmp_path / "a.safetensors").write_bytes(bytes(raw))
+    assert manifest.verify(tmp_path) == ["tensor t5 in a.safetensors is corrupted"]
+
+
+def test_quantize_records_its_phases(tmp_path):
+    """build.json and the result split the wall time: startup (imports), load, calibration,
+    engine, encode, write (shards, manifest) and verify."""
+    from compressor import api
+    from conftest import make_llama, make_text
+
+    model = make_llama(tmp_path / "m", layers=2)
+    text = tmp_path / "c.txt"
+    text.write_text(make_text(4000))
+    result = api.quantize(str(model), "gptq", tmp_path / "out", {"bits": 4, "group_size": 32}, calib=str(text),
+                          samples=4, seq_len=32)
+    build = json.loads((tmp_path / "out" / "build.json").read_text())
+    for phases in (result["phases_s"], build["phases_s"]):
+        assert {"startup", "load", "calibration", "engine", "embed", "encode", "write", "verify"} <= set(phases)
+        assert all(v >= 0 for v in phases.values())
+    assert api.verify(tmp_path / "out")["ok"]

@@ -20,7 +20,7 @@ import torch
 from compressor.errors import CompressorError
 from compressor.formats import quantized
 from compressor.formats.manifest import build_manifest, verify, write_manifest
-from compressor.safetensors_file import int_values, read_header, read_tensors, write_tensors
+from compressor.safetensors_file import WrittenHashes, int_values, read_header, read_tensors, write_tensors
 from compressor.safetensors_file import nbytes as stored_nbytes
 from compressor.outputs import atomic_dir, check_output
 
@@ -29,8 +29,10 @@ INDEX = "model.safetensors.index.json"
 MAX_SHARD_BYTES = 4 * 1024**3
 
 
-def save_tensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_bytes: int = MAX_SHARD_BYTES) -> None:
-    """One model.safetensors, or numbered shards plus the standard index when it is large."""
+def save_tensors(directory: Path, tensors: dict[str, torch.Tensor],
+                 max_shard_bytes: int = MAX_SHARD_BYTES) -> dict[str, WrittenHashes]:
+    """One model.safetensors, or numbered shards plus the standard index when it is large; returns
+    each file's hashes as written (for the manifest)."""
     shards: list[dict[str, torch.Tensor]] = [{}]
     size = 0
     for name in tensors:
@@ -43,16 +45,16 @@ def save_tensors(directory: Path, tensors: dict[str, torch.Tensor], max_shard_by
         size += nbytes
     metadata = {"format": "pt"}
     if len(shards) == 1:
-        write_tensors(directory / WEIGHTS, shards[0], metadata)
-        return
-    weight_map = {}
+        return {WEIGHTS: write_tensors(directory / WEIGHTS, shards[0], metadata)}
+    weight_map, written = {}, {}
     for i, shard in enumerate(shards):
         fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_tensors(directory / fname, shard, metadata)
+        written[fname] = write_tensors(directory / fname, shard, metadata)
         weight_map.update({k: fname for k in shard})
     total = sum(stored_nbytes(t) for t in tensors.values())
     (directory / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map},
                                               indent=2, sort_keys=True))
+    return written
 
 
 def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
@@ -64,29 +66,47 @@ def load_tensors(directory: Path) -> dict[str, torch.Tensor]:
 
 def write_artifact(out: Path, *, config: dict, tensors: dict[str, torch.Tensor], tokenizer, generation_config,
                    kind: str, source: dict, method: dict | None, calibration: dict | None, metrics: dict,
-                   overwrite: bool, build: dict | None = None) -> Path:
+                   overwrite: bool, build: dict | None = None, timings: dict | None = None) -> Path:
+    """Write, verify and publish an artifact; `timings` (when given) receives the seconds spent
+    writing (shards, tokenizer, manifest) and verifying."""
     out = check_output(Path(out), overwrite=overwrite)
+    timings = {} if timings is None else timings
     # Where the source happened to live is not part of the artifact (same inputs, same bytes).
     config = {k: v for k, v in config.items() if k != "_name_or_path"}
     with atomic_dir(out, overwrite=overwrite) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        save_tensors(tmp, tensors)
+        mark = time.perf_counter()
+        written = save_tensors(tmp, tensors)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if generation_config is not None:
             generation_config.save_pretrained(tmp)
         metrics = {**metrics, "size_bytes": weights_size(tmp)}
+        # The weights' hashes come from the bytes as they were written; the one verification
+        # below then reads every file back and checks it against the manifest before publishing.
         write_manifest(tmp, build_manifest(tmp, kind=kind, source=source, method=method,
-                                           calibration=calibration, metrics=metrics))
+                                           calibration=calibration, metrics=metrics, written=written))
+        timings["write"] = time.perf_counter() - mark
+        mark = time.perf_counter()
         problems = verify(tmp)
+        timings["verify"] = time.perf_counter() - mark
         if problems:
             raise CompressorError(f"artifact failed verification before publishing: {problems[0]}",
                                   "this is a bug; rerun with --debug and report it")
         (tmp / "build.json").write_text(json.dumps(
             {"created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "host": platform.node(),
              "command": shlex.join(["compress", *sys.argv[1:]]) if _is_compress(sys.argv) else None,
-             "python": platform.python_version(), "torch": torch.__version__, **(build or {})}, indent=2) + "\n")
+             "python": platform.python_version(), "torch": torch.__version__, **_with_timings(build, timings)},
+            indent=2) + "\n")
     return out
+
+
+def _with_timings(build: dict | None, timings: dict) -> dict:
+    """build.json's contents with the writer's own phases joined to the run's `phases_s`."""
+    build = dict(build or {})
+    if "phases_s" in build:
+        build["phases_s"] = {**build["phases_s"], **timings}
+    return build
 
 
 def _is_compress(argv: list[str]) -> bool:

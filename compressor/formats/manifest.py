@@ -7,21 +7,39 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from compressor import __version__
 from compressor.errors import CompressorError
 from compressor.outputs import MANIFEST, UNLISTED, is_safe_name
-from compressor.safetensors_file import header_bytes, read_header, tensor_sha256
+from compressor.safetensors_file import WrittenHashes, header_bytes, read_header, tensor_sha256
 from compressor.util import sha256_file
 
 FORMAT_VERSION = 2
 
 
+HASH_THREADS = min(8, os.cpu_count() or 1)
+PARALLEL_HASH_BYTES = 64 << 20  # files larger than this are hashed by HASH_THREADS threads
+
+
 def tensor_hashes(path: Path) -> dict[str, str]:
+    """sha256 of every tensor's bytes, read back from the file. Large files are hashed by a few
+    threads at once (hashlib and file reads release the GIL), each on its own file handle."""
     entries, _ = read_header(path)
-    with open(path, "rb") as f:
-        return {name: tensor_sha256(f, e) for name, e in sorted(entries.items())}
+    items = sorted(entries.items())
+    big = sum(e.end - e.start for _, e in items) > PARALLEL_HASH_BYTES and len(items) > 1 and HASH_THREADS > 1
+    if not big:
+        with open(path, "rb") as f:
+            return {name: tensor_sha256(f, e) for name, e in items}
+
+    def one(item):
+        with open(path, "rb") as f:
+            return item[0], tensor_sha256(f, item[1])
+
+    with ThreadPoolExecutor(HASH_THREADS) as pool:
+        return dict(pool.map(one, items))
 
 
 def header_sha256(path: Path) -> str:
@@ -29,12 +47,18 @@ def header_sha256(path: Path) -> str:
 
 
 def build_manifest(directory: Path, *, kind: str, source: dict, method: dict | None,
-                   calibration: dict | None, metrics: dict) -> dict:
+                   calibration: dict | None, metrics: dict, written: dict[str, WrittenHashes] | None = None) -> dict:
+    """The manifest of a directory. `written` holds the hashes of safetensors files as this
+    process wrote them (`write_tensors`' return): those files are not read again here."""
     tensors, headers, files = {}, {}, {}
+    written = written or {}
     for f in sorted(directory.iterdir()):
         if f.name in UNLISTED or not f.is_file():
             continue
-        if f.suffix == ".safetensors":
+        if f.suffix == ".safetensors" and f.name in written:
+            tensors[f.name] = dict(sorted(written[f.name].tensors.items()))
+            headers[f.name] = written[f.name].header
+        elif f.suffix == ".safetensors":
             tensors[f.name] = tensor_hashes(f)
             headers[f.name] = header_sha256(f)
         else:
