@@ -145,13 +145,15 @@ class GpuSampler:
         return round(sum(values) / len(values) / 100, 3) if values else None
 
 
-def run_ours(model: Path, out: Path, run: str, samples: int, seq_len: int, device: str, env: dict | None = None) -> dict:
+def run_ours(model: Path, out: Path, run: str, samples: int, seq_len: int, device: str, env: dict | None = None,
+             calib: str = "wiki", wrapper: list[str] | None = None) -> dict:
     """Our CLI in a fresh process: wall time, its own phase split (build.json), GPU utilisation
-    over the block loop, host peak RSS and the device's peak allocation."""
+    over the block loop, host peak RSS and the device's peak allocation. `wrapper` runs the CLI
+    through another script (the profiler's)."""
     method, options = RUNS[run]
-    cmd = [sys.executable, "-m", "compressor.cli", "--json", "quantize", str(model), "-o", str(out), "--method", method,
-           *options, "--device", device, "--dtype", "bfloat16", "--samples", str(samples), "--seq-len", str(seq_len),
-           "--overwrite", "--restart", "--no-verify"]
+    cmd = [sys.executable, *(wrapper or ["-m", "compressor.cli"]), "--json", "quantize", str(model), "-o", str(out),
+           "--method", method, *options, "--device", device, "--dtype", "bfloat16", "--samples", str(samples),
+           "--seq-len", str(seq_len), "--calib", calib, "--overwrite", "--restart", "--no-verify"]
     started = time.perf_counter()
     with GpuSampler() as gpu:
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
@@ -166,8 +168,10 @@ def run_ours(model: Path, out: Path, run: str, samples: int, seq_len: int, devic
     per_block = {k: round(sum(b.get(k, 0.0) for b in typical) / len(typical), 3)
                  for k in ("load", "stats", "solve", "propagate", "save")}
     window = build.get("blocks_window") or [None, None]
-    phases = {**build["phases_s"], **({"write": result["write_s"]} if "write_s" in result else {})}
-    row = {"run": run, "samples": samples, "seq_len": seq_len, "wall_s": round(wall, 1),
+    phases = result.get("phases_s") or {**build["phases_s"], **({"write": result["write_s"]} if "write_s" in result else {})}
+    if "startup" in phases:  # what the process spent outside the phases it timed (its exit, mostly)
+        phases["other"] = wall - sum(v for k, v in phases.items() if k not in INNER_PHASES)
+    row = {"run": run, "samples": samples, "seq_len": seq_len, "calib": calib, "wall_s": round(wall, 1),
            "phases_s": {k: round(v, 2) for k, v in phases.items()},
            "blocks": len(blocks), "per_block_s": per_block, "block_s": round(sum(per_block.values()), 3),
            "block_loop_s": round(window[1] - window[0], 1) if window[0] else None,
@@ -222,15 +226,73 @@ def run_llmc(model: Path, ids_file: Path) -> dict:
             "gpu_busy_all": gpu.mean()}
 
 
-def calibration_ids(model: Path, samples: int, seq_len: int, path: Path) -> None:
-    """The calibration tokens our CLI uses by default (wiki, seed 0), saved for llm-compressor."""
+def calibration_ids(model: Path, samples: int, seq_len: int, path: Path | None = None, calib: str = "wiki") -> float:
+    """The calibration tokens our CLI uses (seed 0), saved for llm-compressor where `path` is given.
+    Tokenizing fills the compressor cache, as any earlier run on the same data would have: the timed
+    runs then start from tokens, as llm-compressor's (handed these ids) does. Returns the seconds taken."""
     import torch
     from transformers import AutoTokenizer
 
     from compressor.calib.data import calibration_set
 
-    tokens = calibration_set("wiki", AutoTokenizer.from_pretrained(model), samples, seq_len, 0, "text", False)
-    torch.save(tokens.input_ids.clone(), path)
+    started = time.perf_counter()
+    tokens = calibration_set(calib, AutoTokenizer.from_pretrained(model), samples, seq_len, 0, "text", False)
+    if path is not None:
+        torch.save(tokens.input_ids.clone(), path)
+    return round(time.perf_counter() - started, 1)
+
+
+PROFILE_SCRIPT = r"""
+import json, sys, time
+import torch
+from torch.profiler import ProfilerActivity, profile
+from compressor.pipeline import sequential
+
+out, block_index = sys.argv[1], int(sys.argv[2])
+original = sequential.SequentialPipeline._block
+
+
+def profiled(self, blocks, index, *args, **kwargs):
+    if index != block_index:
+        return original(self, blocks, index, *args, **kwargs)
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        result = original(self, blocks, index, *args, **kwargs)
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - started
+    events = prof.key_averages()
+    device = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / 1e6
+    kernels = sorted(((e.key, device(e), e.count) for e in events if device(e) > 0), key=lambda k: -k[1])
+    cpu = sorted(((e.key, e.self_cpu_time_total / 1e6, e.count) for e in events), key=lambda k: -k[1])
+    json.dump({"block": index, "wall_s": wall, "device_busy_s": sum(k[1] for k in kernels),
+               "kernels": kernels[:20], "cpu": cpu[:20]},
+              open(out, "w"), indent=1)
+    return result
+
+
+sequential.SequentialPipeline._block = profiled
+from compressor.cli import main
+sys.argv = ["compress", *sys.argv[3:]]
+main()
+"""
+
+
+def run_profile(model: Path, out: Path, samples: int, seq_len: int, device: str, work: Path) -> dict:
+    """Our GPTQ run with block 1 under torch.profiler: where one block's time goes, kernel by
+    kernel (device time) and op by op (host time); the profiler slows the host side."""
+    script = work / "profile_block.py"
+    script.write_text(PROFILE_SCRIPT)
+    target = work / "profile.json"
+    row = run_ours(model, out, "gptq", samples, seq_len, device, wrapper=[str(script), str(target), "1"])
+    profile = json.loads(target.read_text())
+    top = lambda items: [[name[:60], round(t, 4), n] for name, t, n in items[:12]]  # noqa: E731
+    return {"run": "gptq profile", "samples": samples, "seq_len": seq_len, "profile": {
+        "block": profile["block"], "wall_s": round(profile["wall_s"], 3),
+        "device_busy_s": round(profile["device_busy_s"], 3),
+        "device_busy": round(profile["device_busy_s"] / profile["wall_s"], 3),
+        "kernels": top(profile["kernels"]), "host_ops": top(profile["cpu"])},
+        "wall_s": row["wall_s"]}
 
 
 # ---------------------------------------------------------------- extrapolation
@@ -258,10 +320,25 @@ def extrapolate(row: dict, shape: str, target: str, tokens: int) -> float:
     return block * SHAPES[target]["num_hidden_layers"]
 
 
-def scaled_to_32(row: dict) -> float:
-    """Seconds for a 32-block run: the typical block's cost × 32 plus what does not grow with blocks."""
-    fixed = row["wall_s"] - row["block_loop_s"]
-    return fixed + row["block_s"] * 32
+WRITE_PHASES = ("encode", "write", "verify")  # grow with the artifact's bytes
+INNER_PHASES = ("embed",)  # inside "engine"
+
+
+def artifact_bytes(shape: str, blocks: int, bits: float) -> float:
+    """Bytes of an artifact of `blocks` blocks: the bf16 embedding and head, the quantized linears."""
+    return 2 * 2 * VOCAB * SHAPES[shape]["hidden_size"] + blocks * block_params(shape) * bits / 8
+
+
+def scaled_to_32(row: dict, shape: str = "8b") -> float:
+    """Seconds for a 32-block run: the typical block's cost × 32, the writing phases (encode, write,
+    verify) scaled by the artifact's bytes, plus what does not grow with blocks (start, imports,
+    load of the embedding, calibration, embedding the samples)."""
+    phases = row.get("phases_s", {})
+    writing = sum(phases.get(k, 0.0) for k in WRITE_PHASES)
+    fixed = row["wall_s"] - row["block_loop_s"] - writing
+    bits = row.get("bits_per_weight") or 16
+    grow = artifact_bytes(shape, 32, bits) / artifact_bytes(shape, row["blocks"], bits)
+    return fixed + row["block_s"] * 32 + writing * grow
 
 
 def summarize(rows: list[dict]) -> dict:
@@ -345,6 +422,8 @@ def render(data: dict) -> str:
     lines += ["", "## Runs", ""]
     rows = []
     for r in data["rows"]:
+        if "profile" in r:
+            continue
         if "error" in r:
             rows.append([r["shape"], r["run"], "", "", "", "", "", "", "", "", r["error"][:120]])
             continue
@@ -364,6 +443,14 @@ def render(data: dict) -> str:
     notes = data.get("notes", [])
     if notes:
         lines += ["", *(f"- {n}" for n in notes)]
+    prof = next((r["profile"] for r in data["rows"] if "profile" in r), None)
+    if prof:
+        lines += ["", f"## Where one 8B-shaped block's time goes (block {prof['block']}, under torch.profiler)", "",
+                  f"{prof['wall_s']:.2f} s of wall time, {prof['device_busy_s']:.2f} s of it with a kernel running "
+                  f"({prof['device_busy']:.0%}); the profiler adds host overhead.", ""]
+        lines += table(["kernel (device time)", "s", "calls"], [[k, f"{t:.3f}", str(n)] for k, t, n in prof["kernels"]])
+        lines += [""]
+        lines += table(["op (host time, self)", "s", "calls"], [[k, f"{t:.3f}", str(n)] for k, t, n in prof["host_ops"]])
     lines += ["", "GPU busy: NVML utilisation sampled every 0.2 s over our block loop (llm-compressor: its whole "
               "process). Per-block phases are synchronized device time: load (read from the checkpoint, copy to "
               "the GPU), stats (forward passes gathering Hessians), solve (GPTQ or the scale search), propagate "
@@ -388,13 +475,20 @@ def main() -> None:
     parser.add_argument("--tiny", action="store_true", help="tiny shapes on any device (checks the script)")
     parser.add_argument("--layers", type=int, default=8, help="blocks of the 8B-shaped model (32 in Llama-3-8B; "
                         "per-block costs scale to 32, host memory does not grow with them)")
-    parser.add_argument("--stages", default="gptq,llmc,awq+gptq,smoothquant-w8a8,gptq-2048,70b")
+    parser.add_argument("--stages", default="gptq,llmc,gptq-2048,70b,profile,awq+gptq,smoothquant-w8a8",
+                        help="in the order they run")
+    parser.add_argument("--calib-large", default="wiki,austen:train",
+                        help="calibration data of the 512 × 2048 run (the wiki calibration split alone has 961k tokens)")
+    parser.add_argument("--budget-s", type=float, default=None,
+                        help="skip a stage (recorded as skipped) when its estimated time would pass this many seconds "
+                             "since the start (one device call's limit)")
     parser.add_argument("--results", default=None, help="where to write the results JSON")
     args = report_cli(parser, NAME, render)
     if args is None:
         return
     from compressor.models import assets
 
+    began = time.perf_counter()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     tokenizer_dir = assets.fetch_model("smollm2-135m") if not os.environ.get("SCALE_TOKENIZER") \
@@ -403,6 +497,7 @@ def main() -> None:
     n, l, n2, l2 = (8, 64, 16, 128) if args.tiny else (128, 512, 512, 2048)
     results_path = Path(args.results) if args.results else RESULTS / f"{NAME}.json"
     rows: list[dict] = []
+    notes: list[str] = []
     gpu = "no GPU"
     try:
         import torch
@@ -413,13 +508,24 @@ def main() -> None:
         pass
 
     def save():
-        data = {"gpu": gpu, "summary": summarize(rows), "targets": TARGETS}
-        write_results(NAME, rows, {"calibration": f"wiki, seed 0, {n}×{l} and {n2}×{l2} tokens",
-                                   "weights": "random bf16, std 0.02", "vocab": VOCAB}, data, path=results_path)
+        data = {"gpu": gpu, "summary": summarize(rows), "targets": TARGETS, "notes": notes}
+        write_results(NAME, rows, {"calibration": f"wiki, seed 0, {n}×{l}; {args.calib_large}, seed 0, {n2}×{l2}",
+                                   "weights": "random bf16, std 0.02", "vocab": VOCAB,
+                                   "tokenized_before_timing": True}, data, path=results_path)
         print(json.dumps(data["summary"]), flush=True)
+
+    # Seconds each stage took on one H200 (the last measured call), to stay inside --budget-s.
+    estimates = {"gptq": 60, "llmc": 60, "gptq-2048": 110, "70b": 90, "profile": 50, "awq+gptq": 60,
+                 "smoothquant-w8a8": 45}
 
     def stage(name: str, label: str, layers: int, fn) -> None:
         if name not in args.stages.split(","):
+            return
+        elapsed = time.perf_counter() - began
+        if args.budget_s is not None and elapsed + estimates.get(name, 60) > args.budget_s:
+            rows.append({"shape": label, "layers": layers, "run": name,
+                         "error": f"skipped: {elapsed:.0f} s used of the call's {args.budget_s:.0f} s budget"})
+            save()
             return
         try:
             row = fn()
@@ -442,25 +548,37 @@ def main() -> None:
     # One 8B-shaped checkpoint of --layers blocks for every 8B run (llm-compressor's too: same model,
     # same tokens, same process conditions); 32-block figures scale the typical block's cost.
     eight = work / f"model-8b-{big}"
+    if any(st in args.stages.split(",") for st in ("gptq", "llmc", "awq+gptq", "smoothquant-w8a8", "profile")):
+        seconds = calibration_ids(model(eight, big, args.layers), n, l, ids)
+        notes.append(f"The {n}×{l} wiki calibration tokens were made before the timed runs ({seconds} s, "
+                     "tokenizing or reading the compressor's token cache): our runs read them from the cache, "
+                     "llm-compressor was handed the same ids.")
     stage("gptq", "8b", args.layers, lambda: run_ours(model(eight, big, args.layers), work / "out", "gptq", n, l,
                                                        args.device))
+    stage("llmc", "8b", args.layers, lambda: {"samples": n, "seq_len": l, **run_llmc(eight, ids)})
 
-    def llmc():
-        calibration_ids(model(eight, big, args.layers), n, l, ids)
-        return {"samples": n, "seq_len": l, **run_llmc(eight, ids)}
+    def large():
+        seconds = calibration_ids(model(eight, big, args.layers), n2, l2, calib=args.calib_large)
+        notes.append(f"The {n2}×{l2} calibration tokens of {args.calib_large} were made before the timed run "
+                     f"({seconds} s).")
+        return run_ours(model(eight, big, args.layers), work / "out", "gptq", n2, l2, args.device,
+                        calib=args.calib_large)
 
-    stage("llmc", "8b", args.layers, llmc)
-    for run in ("awq+gptq", "smoothquant-w8a8"):
-        stage(run, "8b", args.layers, lambda run=run: run_ours(model(eight, big, args.layers), work / "out", run, n,
-                                                               l, args.device))
-    stage("gptq-2048", "8b", args.layers, lambda: run_ours(model(eight, big, args.layers), work / "out", "gptq", n2,
-                                                           l2, args.device))
-    if eight.exists():
-        shutil.rmtree(eight)
+    stage("gptq-2048", "8b", args.layers, large)
     # Two 70B-shaped blocks (the first one's cost, which includes propagating to the second, is what
     # extrapolates) at a quarter of the 512 × 2048 tokens: its activations then stay on the GPU (28 GB);
     # the token-proportional phases are scaled ×4 in the extrapolation.
     stage("70b", "70b", 2, lambda: run_ours(model(block70, huge, 2), work / "out", "gptq", n2 // 4, l2, args.device))
+    if block70.exists():
+        shutil.rmtree(block70)
+    if args.device != "cpu":
+        stage("profile", "8b", args.layers, lambda: run_profile(model(eight, big, args.layers), work / "out", n, l,
+                                                                 args.device, work))
+    for run in ("awq+gptq", "smoothquant-w8a8"):
+        stage(run, "8b", args.layers, lambda run=run: run_ours(model(eight, big, args.layers), work / "out", run, n,
+                                                               l, args.device))
+    if eight.exists():
+        shutil.rmtree(eight)
     save()
 
 

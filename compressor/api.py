@@ -194,6 +194,7 @@ def compress(model: str, methods: str | list[str] | list[Method], out: str | Pat
     startup = process_age()  # interpreter start and imports, before this call
     if startup is not None:
         phases["startup"] = max(startup - (time.perf_counter() - started), 0.0)
+    phases["setup"] = time.perf_counter() - started  # checks, and the libraries they import
     mark = time.perf_counter()
     lazy = not prunes and extra_metrics is None
     loaded = load(model, dtype=dtype, allow_pickle=allow_pickle, progress=progress, verify=verify, lazy=lazy)
@@ -202,6 +203,7 @@ def compress(model: str, methods: str | list[str] | list[Method], out: str | Pat
         loaded.stored_dtype = keep_dtype
     if prunes and getattr(loaded.model.config, "base_model_type", None):
         raise CompressorError(f"{model} is already a sliced artifact", "prune the original checkpoint instead")
+    prepared = time.perf_counter()  # "prepare": the methods' checks, the run's identity, the engine's set-up
     for method in chain:
         method.check(loaded.model, loaded.adapter)
     original_config = copy.deepcopy(loaded.model.config)
@@ -226,6 +228,7 @@ def compress(model: str, methods: str | list[str] | list[Method], out: str | Pat
                                   batch_size=device_batch(batch_size, seq_len, torch.device(device)),
                                   hessian_dtype=hessian_dtype, progress=progress, world=world, lazy=loaded.lazy)
     mark = time.perf_counter()
+    phases["prepare"] = mark - prepared - phases.get("calibration", 0.0)
     pipeline.execute(resume=resume)
     phases["engine"] = time.perf_counter() - mark
     engine_s = time.perf_counter() - started
@@ -255,7 +258,9 @@ def compress(model: str, methods: str | list[str] | list[Method], out: str | Pat
                                     "activations": pipeline.activations, "blocks_window": pipeline.window,
                                     **device_peak(device), **({"spec": spec} if spec else {})},
         timings=writer_phases)
+    mark_cleanup = time.perf_counter()
     shutil.rmtree(run_path, ignore_errors=True)
+    writer_phases["cleanup"] = time.perf_counter() - mark_cleanup
     world.barrier()
     result = {"output": str(out), "method": described, **metrics, "wall_s": time.perf_counter() - started,
               "peak_rss_mb": peak_rss_mb(), "write_s": time.perf_counter() - mark,

@@ -221,6 +221,7 @@ def test_quantize_records_its_phases(tmp_path):
                           samples=4, seq_len=32)
     build = json.loads((tmp_path / "out" / "build.json").read_text())
     for phases in (result["phases_s"], build["phases_s"]):
-        assert {"startup", "load", "calibration", "engine", "embed", "encode", "write", "verify"} <= set(phases)
+        assert {"startup", "setup", "load", "calibration", "prepare", "engine", "embed", "encode", "write",
+                "verify"} <= set(phases)
         assert all(v >= 0 for v in phases.values())
     assert api.verify(tmp_path / "out")["ok"]
