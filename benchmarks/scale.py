@@ -391,10 +391,12 @@ def render(data: dict) -> str:
     lines = ["# PTQ at scale", "",
              f"Measured {data['date']} on {data['machine']}, {data.get('gpu', 'no GPU')}; written by "
              "`benchmarks/scale.py` (synthetic Llama-3-shaped checkpoints, random bf16 weights, the reference "
-             "tokenizer's 49,152-token vocabulary; wiki calibration text, seed 0). Wall times are from process "
-             "start to finished artifact (ours) or load + quantize (llm-compressor, as its users time it, "
-             "without saving). Python's start and imports count for ours (about 20 s of llm-compressor's process "
-             "fell outside its load + quantize).", "",
+             f"tokenizer's 49,152-token vocabulary; calibration: {data.get('protocol', {}).get('calibration', 'wiki, seed 0')}). "
+             "Wall times are from process start to finished artifact (ours) or load + quantize (llm-compressor, as "
+             "its users time it, without saving). Python's start and imports count for ours (about 20 s of "
+             "llm-compressor's process fell outside its load + quantize). Phases: startup (interpreter and imports), "
+             "setup (checks and the libraries they import), load, calibration (tokens), prepare, embed, encode, "
+             "write (shards hashed as written, manifest), verify (one read-back), other (process exit).", "",
              "## Targets", ""]
     layers = next((r["layers"] for r in data["rows"] if r["shape"] == "8b"), None)
     checks = [

@@ -20,11 +20,12 @@ prepare)
   HERE=$(cd "$(dirname "$0")/.." && pwd)
   CACHE=${COMPRESSOR_CACHE:-$HOME/.cache/compressor}
   WHEELS=${WHEELS:-/work/main/.carry-scale/.whl}
-  mkdir -p "$D/code" "$D/whl" "$D/cache/data" "$D/tokenizer"
-  rsync -a --delete --exclude __pycache__ --exclude 'results/*.log' "$HERE/compressor" "$HERE/benchmarks" "$HERE/pyproject.toml" "$D/code/"
-  rsync -a "$WHEELS"/*.whl "$D/whl/"
-  rsync -a --delete "$CACHE/data/wiki" "$CACHE/data/austen" "$D/cache/data/"
-  [ -d "$CACHE/tokens" ] && rsync -a --delete "$CACHE/tokens" "$D/cache/"
+  rm -rf "$D" && mkdir -p "$D/code" "$D/whl" "$D/cache/data" "$D/tokenizer"
+  cp -r "$HERE/compressor" "$HERE/benchmarks" "$HERE/pyproject.toml" "$D/code/"
+  find "$D/code" -name __pycache__ -prune -exec rm -rf {} +
+  cp "$WHEELS"/*.whl "$D/whl/"
+  cp -r "$CACHE/data/wiki" "$CACHE/data/austen" "$D/cache/data/"
+  [ -d "$CACHE/tokens" ] && cp -r "$CACHE/tokens" "$D/cache/"
   cp "$CACHE"/models/smollm2-135m/{tokenizer.json,tokenizer_config.json,config.json} "$D/tokenizer/"
   cp "$CACHE"/models/smollm2-135m/chat_template.jinja "$D/tokenizer/" 2>/dev/null
   du -sh "$D" ;;

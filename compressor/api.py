@@ -224,9 +224,11 @@ def compress(model: str, methods: str | list[str] | list[Method], out: str | Pat
     if restart and run_path.exists() and world.is_main:
         shutil.rmtree(run_path)
     world.barrier()
+    early = export.EarlyExport(loaded, chain, run) if export.EarlyExport.applies(loaded, chain) else None
     pipeline = SequentialPipeline(loaded.model, loaded.adapter, chain, run, tokens, device=device,
                                   batch_size=device_batch(batch_size, seq_len, torch.device(device)),
-                                  hessian_dtype=hessian_dtype, progress=progress, world=world, lazy=loaded.lazy)
+                                  hessian_dtype=hessian_dtype, progress=progress, world=world, lazy=loaded.lazy,
+                                  on_block_saved=early.block if early is not None else None)
     mark = time.perf_counter()
     phases["prepare"] = mark - prepared - phases.get("calibration", 0.0)
     pipeline.execute(resume=resume)
@@ -238,7 +240,7 @@ def compress(model: str, methods: str | list[str] | list[Method], out: str | Pat
 
     mark = time.perf_counter()
     config, tensors, metrics = export.artifact_contents(loaded, chain, pipeline.block_meta, run, original_config,
-                                                        params_before)
+                                                        params_before, early)
     if extra_metrics is not None:
         metrics.update(extra_metrics(loaded.model) if callable(extra_metrics) else extra_metrics)
     spec = export.structure(chain, pipeline.block_meta, loaded)

@@ -21,9 +21,10 @@ from compressor.util import release_memory
 
 
 def artifact_contents(loaded: LoadedModel, methods: list[Method], block_meta: list[dict[str, Any]],
-                      run: RunDirectory, original_config, params_before: int,
+                      run: RunDirectory, original_config, params_before: int, early: "EarlyExport | None" = None,
                       ) -> tuple[dict, dict[str, torch.Tensor], dict[str, Any]]:
-    """(config.json contents, tensors, metrics) of the artifact."""
+    """(config.json contents, tensors, metrics) of the artifact; `early` holds blocks already
+    encoded while the engine ran."""
     model, adapter = loaded.model, loaded.adapter
     pruner = next((m for m in methods if m.produces == "structure"), None)
     quantizer = next((m for m in methods if m.produces == "weights"), None)
@@ -44,25 +45,25 @@ def artifact_contents(loaded: LoadedModel, methods: list[Method], block_meta: li
         config.pop("quantization_config", None)
         config["dtype"] = str(loaded.stored_dtype).removeprefix("torch.")
         tensors = _outside_blocks(model, adapter, loaded.stored_dtype)
-    writer = quantized.writer_for(quantizer.export()) if quantizer is not None else None
+    export = quantizer.export() if quantizer is not None else None
+    writer = quantized.writer_for(export) if quantizer is not None else None
     quantized_params = quantized_bytes = 0
+    early = early if early is not None and early.export == export else None
     # Records are saved under the block's original index (a depth pruner may have dropped blocks).
     for position, index in enumerate(kept if pruner is None or writer is not None else []):
-        prefix = adapter.block_prefix(model, position)
+        if pruner is None and early is not None and index in early.blocks:  # encoded while the engine ran
+            stored, counts = early.blocks[index]
+            tensors.update(stored)
+            quantized_params, quantized_bytes = quantized_params + counts[0], quantized_bytes + counts[1]
+            continue
         params, records, _ = run.load_block(index)
-        # Without a pruner the block's tensors come from its checkpoint (the model may hold only
-        # meta tensors: models.lazy), one block in memory at a time, left on disk until written.
-        block = {} if pruner is not None else {prefix + k: _stored(v, loaded.stored_dtype) for k, v in params.items()}
-        for name, record in (records.items() if writer is not None else ()):
-            module = prefix + name
-            original = (tensors if pruner is not None else block).pop(module + ".weight", None)  # lazy runs drop it
-            encoded = writer.encode(module, record)
-            block.update(encoded)
-            quantized_params += (original if original is not None else model.get_submodule(module).weight).numel()
-            quantized_bytes += sum(t.numel() * t.element_size() for k, t in encoded.items()
-                                   if not k.endswith("weight_shape"))
-        tensors.update(_spill(block, run, index) if pruner is None else block)
-        del params, records, block
+        if pruner is None:
+            stored, counts = _encode_block(loaded, writer, position, params, records)
+            tensors.update(_spill(stored, run, index))
+        else:
+            counts = _encode_records(loaded, writer, position, records, tensors, tensors)
+        quantized_params, quantized_bytes = quantized_params + counts[0], quantized_bytes + counts[1]
+        del params, records
         release_memory()
     if writer is not None:
         qconfig = writer.quantization_config([adapter.head_name])
@@ -71,6 +72,57 @@ def artifact_contents(loaded: LoadedModel, methods: list[Method], block_meta: li
         metrics.update({"quantized_params": quantized_params,
                         "bits_per_weight": round(8 * quantized_bytes / max(quantized_params, 1), 4)})
     return config, dict(sorted(tensors.items())), metrics
+
+
+def _encode_records(loaded: LoadedModel, writer, position: int, records: dict, block: dict,
+                    source: dict) -> tuple[int, int]:
+    """Put the encoded records of block `position` into `block`, dropping their float weights from
+    `source`; returns (quantized parameters, their stored bytes)."""
+    prefix = loaded.adapter.block_prefix(loaded.model, position)
+    params = stored_bytes = 0
+    for name, record in (records.items() if writer is not None else ()):
+        module = prefix + name
+        original = source.pop(module + ".weight", None)  # lazy runs drop it
+        encoded = writer.encode(module, record)
+        block.update(encoded)
+        params += (original if original is not None else loaded.model.get_submodule(module).weight).numel()
+        stored_bytes += sum(t.numel() * t.element_size() for k, t in encoded.items() if not k.endswith("weight_shape"))
+    return params, stored_bytes
+
+
+def _encode_block(loaded: LoadedModel, writer, position: int, params: dict, records: dict,
+                  ) -> tuple[dict[str, torch.Tensor], tuple[int, int]]:
+    """A block's artifact tensors without a pruner: its checkpointed parameters in the stored dtype
+    and its encoded records."""
+    prefix = loaded.adapter.block_prefix(loaded.model, position)
+    block = {prefix + k: _stored(v, loaded.stored_dtype) for k, v in params.items()}
+    return block, _encode_records(loaded, writer, position, records, block, block)
+
+
+class EarlyExport:
+    """Blocks encoded and spilled while the engine runs (the engine's checkpoint thread calls
+    `block` once a block's checkpoint is saved), so the export after the last block only
+    collects them. Only blocks encoded by this process are used: a resumed run re-encodes the
+    earlier ones from their checked checkpoints, and the quantizer's export settings must be the
+    same at the end as when the blocks were encoded."""
+
+    def __init__(self, loaded: LoadedModel, methods: list[Method], run: RunDirectory):
+        quantizer = next((m for m in methods if m.produces == "weights"), None)
+        self.loaded, self.run = loaded, run
+        self.export = quantizer.export() if quantizer is not None else None
+        self.writer = quantized.writer_for(self.export) if quantizer is not None else None
+        self.blocks: dict[int, tuple[dict[str, StoredTensor], tuple[int, int]]] = {}
+
+    @staticmethod
+    def applies(loaded: LoadedModel, methods: list[Method]) -> bool:
+        """Without a pruner, on a lazily loaded model (block position = block index)."""
+        return loaded.lazy is not None and not any(m.produces == "structure" for m in methods)
+
+    def block(self, index: int, params: dict[str, torch.Tensor], records: dict[str, dict[str, torch.Tensor]]) -> None:
+        params = {k: v.detach().cpu() for k, v in params.items()}
+        records = {name: {k: v.cpu() for k, v in record.items()} for name, record in records.items()}
+        stored, counts = _encode_block(self.loaded, self.writer, index, params, records)
+        self.blocks[index] = (_spill(stored, self.run, index), counts)
 
 
 def _stored(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -85,9 +137,12 @@ def _outside_blocks(model, adapter, dtype: torch.dtype) -> dict[str, torch.Tenso
 
 
 def _spill(tensors: dict[str, torch.Tensor], run: RunDirectory, index: int) -> dict[str, StoredTensor]:
-    """Write one block's artifact tensors beside its checkpoint; the artifact copies them from there."""
+    """Write one block's artifact tensors beside its checkpoint (complete before it gets its name);
+    the artifact copies them from there."""
     path = run.path / f"export-{index:04d}.safetensors"
-    write_tensors(path, tensors)
+    part = path.with_name(path.name + ".part")
+    write_tensors(part, tensors)
+    part.replace(path)
     return stored_tensors(path)
 
 

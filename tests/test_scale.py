@@ -225,3 +225,41 @@ def test_quantize_records_its_phases(tmp_path):
                 "verify"} <= set(phases)
         assert all(v >= 0 for v in phases.values())
     assert api.verify(tmp_path / "out")["ok"]
+
+
+def test_blocks_encoded_during_the_run_give_the_same_artifact(tmp_path, monkeypatch):
+    """A lazy run encodes and spills each block in the checkpoint thread while the next computes;
+    the artifact is byte for byte the one the export after the last block writes."""
+    from compressor import api, export
+    from conftest import make_llama, make_text
+
+    model = make_llama(tmp_path / "m", layers=3)
+    text = tmp_path / "c.txt"
+    text.write_text(make_text(4000))
+    calls = []
+    original = export.EarlyExport.block
+    monkeypatch.setattr(export.EarlyExport, "block", lambda self, *a: (calls.append(a[0]), original(self, *a)))
+    settings = dict(calib=str(text), samples=4, seq_len=32)
+    api.quantize(str(model), "gptq", tmp_path / "early", {"bits": 4, "group_size": 32}, **settings)
+    assert calls == [0, 1, 2]
+    monkeypatch.setattr(export.EarlyExport, "applies", staticmethod(lambda *a: False))
+    api.quantize(str(model), "gptq", tmp_path / "late", {"bits": 4, "group_size": 32}, **settings)
+    assert calls == [0, 1, 2]
+    names = sorted(p.name for p in (tmp_path / "late").iterdir() if p.name != "build.json")
+    assert names == sorted(p.name for p in (tmp_path / "early").iterdir() if p.name != "build.json")
+    for name in names:
+        assert (tmp_path / "early" / name).read_bytes() == (tmp_path / "late" / name).read_bytes(), name
+
+
+def test_stored_weights_are_checked_in_chunks(tmp_path):
+    """The NaN/Inf check before a lazy run reads each weight in chunks: a NaN in the last chunk of
+    a tensor is found, integer tensors pass."""
+    from compressor.models.lazy import LazyWeights
+
+    t = torch.ones(1000, 37, dtype=torch.bfloat16)
+    bad = t.clone()
+    bad[-1, -1] = float("nan")
+    write_tensors(tmp_path / "w.safetensors", {"a": t, "b": bad, "c": torch.zeros(5, dtype=torch.int32)})
+    lazy = LazyWeights([tmp_path / "w.safetensors"], torch.bfloat16)
+    assert lazy.finite("a", chunk=1000) and lazy.finite("c", chunk=8)
+    assert not lazy.finite("b", chunk=1000) and not lazy.finite("b")

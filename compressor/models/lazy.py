@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from compressor.errors import CompressorError
-from compressor.safetensors_file import TensorEntry, read_header, read_into
+from compressor.safetensors_file import TensorEntry, read_header, read_into, torch_dtype
 
 
 class LazyWeights:
@@ -42,6 +42,28 @@ class LazyWeights:
             path, entry = self.entries[name]
             out[name] = read_into(path, entry, pin=pin)
         return out
+
+    def finite(self, name: str, chunk: int = 1 << 26) -> bool:
+        """Whether a stored floating-point tensor holds no NaN or Inf, read in chunks of `chunk`
+        bytes into one buffer (memory stays at the chunk, whatever the tensor's size)."""
+        path, entry = self.entries[name]
+        dtype = torch_dtype(entry.dtype)
+        if not dtype.is_floating_point:
+            return True
+        size = torch.empty(0, dtype=dtype).element_size()
+        buffer = torch.empty(max(chunk // size, 1), dtype=dtype)
+        raw = memoryview(buffer.view(torch.uint8).numpy())
+        with open(path, "rb") as f:
+            f.seek(entry.start)
+            left = entry.end - entry.start
+            while left > 0:
+                n = min(len(raw), left)
+                if f.readinto(raw[:n]) != n:
+                    raise CompressorError(f"{path} is truncated inside tensor {name!r}", "re-create the file")
+                if not torch.isfinite(buffer[:n // size]).all():
+                    return False
+                left -= n
+        return True
 
     def prefetch(self, prefix: str, pin: bool) -> None:
         """Start reading a block's tensors in the background (one reader thread)."""

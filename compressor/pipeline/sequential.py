@@ -86,8 +86,12 @@ class SequentialPipeline:
     def __init__(self, model: nn.Module, adapter: Adapter, methods: list[Method], run: RunDirectory,
                  calibration: TokenSet | None, device: torch.device | str = "cpu", batch_size: int = 8,
                  hessian_dtype: torch.dtype = torch.float32, progress: Progress | None = None,
-                 world: World = World(), lazy=None):
+                 world: World = World(), lazy=None,
+                 on_block_saved: Callable[[int, dict[str, torch.Tensor], dict[str, Record]], None] | None = None):
         check_order(methods)
+        # Called in the checkpoint thread with a block's parameters and records once its checkpoint
+        # is saved (the export encodes the block there while the next one computes).
+        self.on_block_saved = on_block_saved
         self.model = model
         self.adapter = adapter
         self.methods = methods
@@ -121,10 +125,9 @@ class SequentialPipeline:
         if self.lazy is None:  # before any expensive work
             for index in range(start, len(blocks)):
                 check_weights(self.adapter, blocks[index], self.adapter.block_prefix(self.model, index))
-        else:  # one tensor in memory at a time: a damaged checkpoint is refused before any work
-            for index in range(start, len(blocks)):
-                check_stored_weights(self.lazy, self.adapter, blocks[index],
-                                     self.adapter.block_prefix(self.model, index))
+        else:  # a few chunks in memory at a time: a damaged checkpoint is refused before any work
+            check_stored_weights(self.lazy, self.adapter, [(blocks[index], self.adapter.block_prefix(self.model, index))
+                                                           for index in range(start, len(blocks))])
         if self.lazy is not None and start < len(blocks):
             self.lazy.prefetch(self.adapter.block_prefix(self.model, start), self.device.type == "cuda")
         if not start and self.world.is_main:
@@ -258,6 +261,8 @@ class SequentialPipeline:
                 self.world.barrier()  # every process's inputs are saved before the block counts as done
                 if self.world.is_main:
                     self.run.save_block(index, params, records, meta, carries)
+                    if self.on_block_saved is not None:
+                        self.on_block_saved(index, params, records)
                 self.world.barrier()
                 self.run.drop_inputs(index)
 
