@@ -255,11 +255,13 @@ original = sequential.SequentialPipeline._block
 def profiled(self, blocks, index, *args, **kwargs):
     if index != block_index:
         return original(self, blocks, index, *args, **kwargs)
-    torch.cuda.synchronize()
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    sync()
     started = time.perf_counter()
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])) as prof:
         result = original(self, blocks, index, *args, **kwargs)
-        torch.cuda.synchronize()
+        sync()
     wall = time.perf_counter() - started
     events = prof.key_averages()
     device = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / 1e6

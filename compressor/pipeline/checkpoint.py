@@ -151,8 +151,8 @@ def digest(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> str:
     for name in sorted(tensors):
         t = tensors[name].detach().cpu().contiguous()
         h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        if t.numel():  # hashed in place: no copy of the bytes (a 512 × 2048 block input is 8.6 GB)
+            h.update(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
     return h.hexdigest()
 
 
