@@ -519,8 +519,8 @@ def main() -> None:
         print(json.dumps(data["summary"]), flush=True)
 
     # Seconds each stage took on one H200 (the last measured call), to stay inside --budget-s.
-    estimates = {"gptq": 60, "llmc": 60, "gptq-2048": 110, "70b": 90, "profile": 50, "awq+gptq": 60,
-                 "smoothquant-w8a8": 45}
+    estimates = {"gptq": 45, "llmc": 50, "gptq-2048": 100, "70b": 80, "profile": 40, "awq+gptq": 55,
+                 "smoothquant-w8a8": 40}
 
     def stage(name: str, label: str, layers: int, fn) -> None:
         if name not in args.stages.split(","):

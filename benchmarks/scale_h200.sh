@@ -6,7 +6,7 @@
 # then `python benchmarks/scale.py --report-only`).
 #
 #   bash benchmarks/scale_h200.sh prepare /work/main/.carry-scale2   # here: code, wheels, texts, tokenizer
-#   run(carry=[".carry-scale2"], kind="nvidia-h200", timeout_s=420,
+#   run(carry=[".carry-scale2"], kind="nvidia-h200", timeout_s=380,
 #       command="bash .carry-scale2/code/benchmarks/scale_h200.sh run")
 #
 # The carry folder: code/ (compressor/, benchmarks/), whl/ (llmcompressor 0.14.0.1, compressed-tensors
@@ -37,5 +37,5 @@ run)
       --target /tmp/site "$C"/whl/*.whl || exit 3
   nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
   cd /tmp/code && python3 benchmarks/scale.py --device cuda --work /tmp/scale --results "$OUT/scale.json" \
-      --budget-s "${BUDGET:-370}" ${SCALE_ARGS:-} 2>&1 | tee "$OUT/scale.log" | grep -v '^{"built"' | cut -c1-400 ;;
+      --budget-s "${BUDGET:-330}" ${SCALE_ARGS:-} 2>&1 | tee "$OUT/scale.log" | grep -v '^{"built"' | cut -c1-400 ;;
 esac
