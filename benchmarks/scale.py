@@ -462,8 +462,9 @@ def render(data: dict) -> str:
               "", "## Extrapolation", "",
               "From the measured 70B-shaped block at 512 × 2048: load, statistics, propagation and save scale with "
               "the block's weights, the solve with in² × out of each linear group; times the block count. The 8B "
-              "512 × 2048 figure scales the measured blocks to 32 and adds the measured fixed cost (load, embed, "
-              "write).", ""]
+              "512 × 2048 figure (and every 32-block figure) scales the measured blocks to 32, the writing phases "
+              "(encode, write, verify) by the artifact's bytes, and adds what does not grow with blocks (startup, "
+              "setup, load of the embedding, calibration, embed, exit).", ""]
     lines += table(["model", "blocks", "GPTQ W4 g128 at 512×2048"],
                    [["Llama-3-70B shape", "80", fmt(s.get("70b_s"), _minutes, "not measured")],
                     ["Llama-3-405B shape", "126", fmt(s.get("405b_s"), _minutes, "not measured")]])
