@@ -447,6 +447,25 @@ def render(data: dict) -> str:
     notes = data.get("notes", [])
     if notes:
         lines += ["", *(f"- {n}" for n in notes)]
+    cpu = data.get("cpu_fixed")
+    if cpu:
+        m, e = cpu["manifest"], cpu["early_export"]
+        lines += ["", "## Fixed per-run costs, before and now (CPU)", "",
+                  f"Measured {cpu['date']} on {cpu['machine']} by `benchmarks/fixed_costs.py`, with both code paths "
+                  "(they are both still in the code), on a machine shared with other work.", ""]
+        lines += table(["cost", "before", "now"], [
+            ["tokenizing 128 × 512 wiki calibration tokens (s)", f"{cpu['tokenize_cold_s']:.2f}",
+             f"{cpu['tokenize_cached_s']:.2f} (token cache)"],
+            [f"artifact of {m['weights_mb']} MB: shards + manifest + verification (s)",
+             f"{m['reread']['write_s']:.2f} + {m['reread']['manifest_s']:.2f} + {m['reread']['verify_s']:.2f}",
+             f"{m['as_written']['write_s']:.2f} + {m['as_written']['manifest_s']:.2f} + "
+             f"{m['as_written']['verify_s']:.2f} (hashed as written)"],
+            ["encoding the blocks after the engine, small bf16 Llama, 6 blocks (s)",
+             f"{e['after_engine']['encode_s']:.2f} (wall {e['after_engine']['wall_s']:.1f})",
+             f"{e['during_engine']['encode_s']:.2f} (wall {e['during_engine']['wall_s']:.1f}; encoded in the "
+             "checkpoint thread)"],
+            ["process exit after the imports of a run (s)", f"{cpu['exit_plain_s']:.2f}",
+             f"{cpu['exit_freeze_s']:.2f} (gc.freeze)"]])
     prof = next((r["profile"] for r in data["rows"] if "profile" in r), None)
     if prof:
         lines += ["", f"## Where one 8B-shaped block's time goes (block {prof['block']}, under torch.profiler)", "",
