@@ -123,8 +123,9 @@ class Trainer:
         teacher.eval()
         compiled = settings.compile and cuda
         if compiled:
+            mode = None if settings.compile_mode == "default" else settings.compile_mode
             for block in [*student_adapter.blocks(student), *teacher_adapter.blocks(teacher)]:
-                block.compile()
+                block.compile(mode=mode)
         self.teacher_hidden = teacher_adapter.text_config(teacher.config).hidden_size
         module = DistillModule(student, student_adapter, kl, settings.hidden_weight, self.teacher_hidden, self.dtype,
                                compiled)
