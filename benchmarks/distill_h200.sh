@@ -9,6 +9,9 @@
 #   .carry-distill/code/   compressor/, benchmarks/;  .carry-distill/whl/ (pydantic, compressed-tensors, gguf: not on the machine)
 #   call 1: part1/gguf.part1, tok/ (the reference tokenizer), wiki/ (the cached wiki asset, gzipped)
 #   call 2: part2/gguf.part2, austen/ (training novels and the held-out one, gzipped)
+# Knobs: TARGS (more throughput arguments, e.g. "--sweep --sweep-budget 120 --profile"), TTIMEOUT (its
+# limit, s), FSDP1=0 (skip the one-GPU FSDP attempt of call 1); QROWS (call 2: chosen quality rows, see
+# below), QARGS (more quality arguments, e.g. "--tokens 20M --compile"), BUDGET (quality seconds).
 set -u
 C=$PWD/.carry-distill
 GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
@@ -27,7 +30,7 @@ case "$1" in
   [ "${PARK_ONLY:-0}" = 1 ] && exit 0  # a second try: only park part 1 and the texts
   nvidia-smi --query-gpu=name,memory.used --format=csv
   step throughput + models
-  CUDA_VISIBLE_DEVICES=0 timeout 170 python3 $B/minitron.py throughput --device cuda --out $P --warmup 3 --steps 8 > $P/throughput.log 2>&1 &
+  CUDA_VISIBLE_DEVICES=0 timeout ${TTIMEOUT:-170} python3 $B/minitron.py throughput --device cuda --out $P --warmup 3 --steps 8 ${TARGS:-} > $P/throughput.log 2>&1 &
   if [ $NG -ge 2 ]; then  # one GPU (the one-GPU kind): only the throughput and the 1-GPU FSDP attempt
     CUDA_VISIBLE_DEVICES=1 timeout 170 python3 $B/multigpu.py make-models --out /tmp/multigpu/models --tokenizer /tmp/tok --layers ${LAYERS:-8} > $P/models.log 2>&1 &
   fi
@@ -36,7 +39,7 @@ case "$1" in
     for n in 1 2; do step ddp $n; timeout 100 torchrun --standalone --nproc-per-node $n $B/multigpu.py ddp --out $P > $P/ddp-$n.log 2>&1; done
     step curve; timeout 200 python3 $B/multigpu.py curve --out $P --curve-steps ${STEPS:-30} > $P/curve.log 2>&1
   fi
-  step fsdp 1; CUDA_VISIBLE_DEVICES=0 timeout 80 python3 $B/multigpu.py fsdp --out $P > $P/fsdp-1.log 2>&1
+  [ "${FSDP1:-1}" = 1 ] && step fsdp 1 && CUDA_VISIBLE_DEVICES=0 timeout 80 python3 $B/multigpu.py fsdp --out $P > $P/fsdp-1.log 2>&1
   [ $NG -ge 2 ] && step fsdp 2 && timeout 100 torchrun --standalone --nproc-per-node 2 $B/multigpu.py fsdp --out $P > $P/fsdp-2.log 2>&1
   step done ;;
 2)
@@ -47,11 +50,16 @@ case "$1" in
   cp $C/austen/* /tmp/austen/ && gunzip -f /tmp/austen/*.gz
   step convert; python3 -c "from compressor.models import assets; assets.fetch('smollm2-135m')" 2>&1 | tail -2
   i=0
-  for g in ${QGROUPS:-a b}; do  # one group per GPU (both on the one GPU of the one-GPU kind)
+  # QROWS="modegpt;modegpt:2M;minitron-70M-both": one process per ;-separated set of rows (--rows; after ':'
+  # the --generate-data tokens), side by side; else QGROUPS: one group per GPU (all on the one GPU of the one-GPU kind)
+  if [ -n "${QROWS:-}" ]; then SETS=$(echo "$QROWS" | tr ';' ' '); else SETS=${QGROUPS:-a b}; fi
+  for g in $SETS; do
+    sel="--group $g"
+    [ -n "${QROWS:-}" ] && sel="--rows ${g%%:*}" && [ "${g#*:}" != "$g" ] && sel="$sel --generate-data ${g#*:}"
     CUDA_VISIBLE_DEVICES=$((i % NG)) timeout $((${BUDGET:-280} + 40)) python3 $B/minitron.py quality \
-      --group $g --device cuda --austen /tmp/austen --out $P --work /tmp/work-$g --windows 64 \
+      $sel --device cuda --austen /tmp/austen --out $P --work /tmp/work-$i --windows 64 \
       --tokens-from $P/minitron_throughput_cuda.json --seconds-per-run ${SECONDS_PER_RUN:-20} --budget ${BUDGET:-280} \
-      ${QARGS:-} > $P/quality-$g.log 2>&1 &
+      ${QARGS:-} > $P/quality-$i.log 2>&1 &
     i=$((i + 1))
   done
   wait

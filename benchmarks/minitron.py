@@ -11,10 +11,12 @@ for `compress distill`'s step (fused chunked KL; with torch.compile), model FLOP
 the peak memory of `compress distill` on the reference pair.
 
     python benchmarks/minitron.py prepare --out DIR          # Austen splits for the carry folder
-    python benchmarks/minitron.py throughput --device cuda --out DIR
+    python benchmarks/minitron.py throughput --device cuda --out DIR [--sweep [B/CHUNK/MODE,...]] [--profile]
     python benchmarks/minitron.py quality --device cuda --tokens 4M --austen DIR --out DIR
+    python benchmarks/minitron.py quality --device cuda --rows modegpt,minitron-70M-both --tokens 20M
+        [--generate-data 2M] --compile --austen DIR --out DIR   # chosen rows only
     python benchmarks/minitron.py cpu --out DIR
-    python benchmarks/minitron.py merge DIR/*.json           # -> benchmarks/results/minitron.json, reports/minitron.md
+    python benchmarks/minitron.py merge DIR/*.json           # into benchmarks/results/minitron.json, reports/minitron.md
     python benchmarks/minitron.py --report-only              # reports/minitron.md from the results JSON
 
 Every part appends its rows to its own JSON file as they finish, so a run cut short keeps them.
@@ -270,7 +272,7 @@ def throughput(args) -> None:
                 student.train()
                 optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=cuda or None)
                 plain = plain_step_fn(teacher, student, optimizer)
-                step = lambda i: plain(ids)  # noqa: E731
+                step = lambda i, plain=plain, ids=ids: plain(ids)  # noqa: E731
             else:
                 trainer = trainer_for(teacher, student, device, batch, seq, compile_, chunk, mode)
                 step = trainer.step
@@ -290,7 +292,7 @@ def throughput(args) -> None:
             part.add({"method": f"kd-step:{name}", "config": config, "error": f"{type(exc).__name__}: {exc}"[:500]})
             traceback.print_exc()
         finally:
-            teacher = student = trainer = optimizer = step = plain = None  # noqa: F841
+            teacher = student = trainer = optimizer = step = None  # noqa: F841
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
@@ -363,13 +365,19 @@ def quality(args) -> None:
     aggregation = {"seq_agg": args.seq_agg, "batch_agg": args.batch_agg}
     settings = {"tokens": tokens, "seq_len": 512, "batch_size": args.batch, "lr": args.lr, "warmup": 0.05,
                 "eval_windows": 16, "save_every": 10_000, "compile": args.compile}
-    part = Part(args.out, "quality" if args.group == "all" else f"quality_{args.group}", device_name(device), {
+    generated = api_count(args.generate_data) if args.generate_data else 0
+    if generated:
+        settings["generate_data"] = generated
+    chosen = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else []
+    part_name = (f"quality_{'_'.join(chosen)}" if chosen else "quality" if args.group == "all"
+                 else f"quality_{args.group}") + (f"_gen{label(generated)}" if generated else "")
+    part = Part(args.out, part_name, device_name(device), {
         "protocol": {"eval_windows": args.windows, "window": 512, "texts": texts, "training_data": data,
                      "distill": settings, "calib_samples": args.samples, "sliced_calib_samples": args.sliced_samples,
                      "held_out_novel": HELD_OUT_NOVEL, "minitron_aggregation": aggregation}})
     base = {"model": MODEL, "method": "fp32", "config": {}, "params": api.inspect(MODEL)["params"],
             **evaluate_row(MODEL, texts, args.windows, device), "kl": 0.0, "kl_austen": 0.0}
-    if args.group in ("all", "a"):  # one base row in the merged results
+    if (args.group in ("all", "a") and not chosen) or "fp32" in chosen:  # one base row in the merged results
         part.add(base)
     big, small = (api_count(t) for t in args.targets.split(","))
     rows: dict[str, dict] = {}
@@ -389,7 +397,9 @@ def quality(args) -> None:
         before = rows.get(name, {})
         if "ppl" not in before:
             return
-        row = {"model": MODEL, "method": f"{before['method']}+kd", "config": {**before["config"], "tokens": tokens}}
+        row = {"model": MODEL, "method": f"{before['method']}+kd", "config": {**before["config"], "tokens": tokens,
+                                                                          **({"generate_data": generated}
+                                                                             if generated else {})}}
         result = run_safely(part, row, clock, lambda: distill_row(before["artifact"], work / f"{name}-kd", data,
                                                                   {**settings, "lr": lr}, args, texts),
                             need_s=args.distill_estimate_s)
@@ -404,6 +414,8 @@ def quality(args) -> None:
     groups = {"a": [(big, axis) for axis in AXES] + ["slicegpt"], "b": [(small, axis) for axis in AXES] + ["modegpt"],
               "c": ["slicegpt"], "d": ["modegpt"]}
     todo = groups["a"] + groups["b"] if args.group == "all" else groups[args.group]
+    if chosen:
+        todo = [row_item(r) for r in chosen if r != "fp32"]
     keys = []
     for item in todo:
         if isinstance(item, str):
@@ -417,9 +429,24 @@ def quality(args) -> None:
         distill(key, lr)
 
 
+def row_item(name: str):
+    """A --rows name: slicegpt, modegpt (25%), or minitron-<100M|70M|...>-<width|depth|both>."""
+    import re
+
+    if name in ("slicegpt", "modegpt"):
+        return name
+    match = re.fullmatch(r"minitron-(\d+[kM])-(width|depth|both)", name)
+    if not match:
+        raise SystemExit(f"unknown --rows entry {name!r}: use fp32, slicegpt, modegpt or minitron-<70M|100M>-"
+                         f"<width|depth|both>")
+    return api_count(match.group(1)), match.group(2)
+
+
 def distill_tokens(args) -> int:
-    """--tokens, or (with --tokens-from a throughput part) what the measured eager step reads in
-    --seconds-per-run, in whole millions, at most 20M."""
+    """--tokens when given, else (with --tokens-from a throughput part) what the measured eager
+    step reads in --seconds-per-run, in whole millions, at most 20M; else 4M."""
+    if args.tokens:
+        return api_count(args.tokens)
     path = Path(args.tokens_from) if args.tokens_from else None
     if path and path.is_file():
         rows = json.loads(path.read_text())["rows"]
@@ -427,7 +454,7 @@ def distill_tokens(args) -> int:
                      and "tokens_per_s" in r), None)
         if rate:
             return int(min(20e6, max(1e6, rate * args.seconds_per_run // 1e6 * 1e6)))
-    return api_count(args.tokens)
+    return api_count("4M")
 
 
 def probe_lr(part: Part, student: dict, work: Path, data: list[str], settings: dict, args, clock: Clock) -> float:
@@ -603,20 +630,28 @@ def aggregation(args) -> None:
 # ---------------------------------------------------------------- merge and report
 
 
-def merge(paths: list[str]) -> None:
-    """Join part files into results/minitron.json (rows skipped for time are left out; a row
-    measured twice with the same method and config keeps its later measurement) and render."""
-    rows, parts = [], {}
-    for path in paths:
-        data = json.loads(Path(path).read_text())
+def row_identity(row: dict) -> tuple:
+    return row.get("method"), json.dumps(row.get("config"), sort_keys=True), row.get("device")
+
+
+def merge(paths: list[str], fresh: bool = False) -> None:
+    """Join part files into results/minitron.json and render. The rows already there stay (unless
+    --fresh) except those a new part replaces: every row of a part with the same name (a re-run
+    part, e.g. a new throughput sweep, replaces all of its old rows) and every row with the same
+    method, config and device (a row measured again keeps its later measurement). Rows skipped
+    for time are left out."""
+    path = RESULTS / "minitron.json"
+    old = json.loads(path.read_text()) if path.is_file() and not fresh else {}
+    rows, parts = old.get("rows", []), old.get("parts", {})
+    for part_path in paths:
+        data = json.loads(Path(part_path).read_text())
         parts[data["part"]] = {k: v for k, v in data.items() if k != "rows"}
+        rows = [r for r in rows if r.get("part") != data["part"]]
         for row in data["rows"]:
             if "skipped" in row:
                 continue
             row = {"part": data["part"], **{k: v for k, v in row.items() if k != "artifact"}}
-            key = (row.get("method"), json.dumps(row.get("config"), sort_keys=True), row.get("device"))
-            rows = [r for r in rows if (r.get("method"), json.dumps(r.get("config"), sort_keys=True),
-                                        r.get("device")) != key]
+            rows = [r for r in rows if row_identity(r) != row_identity(row)]
             rows.append(row)
     quality_part = next((v for k, v in parts.items() if k.startswith("quality")), {})
     written = write_results("minitron", rows, quality_part.get("protocol", {}), {"parts": parts})
@@ -658,11 +693,14 @@ def targets(rows: list[dict]) -> list[str]:
                        f"{100 * best['recovery']:.0f}% of the perplexity gap recovered ({best['config']['axis']}; "
                        f"target at least {100 * need:.0f}%): {'met' if best['recovery'] >= need else 'missed'}.")
     base = next((r for r in rows if r.get("method") == "fp32"), None)
-    modegpt = _find(rows, "modegpt+kd")
+    modegpt = min((r for r in rows if r.get("method") == "modegpt+kd" and "ppl" in r and r["tokens"] <= 20_000_000),
+                  key=lambda r: r["ppl"], default=None)
     if base and modegpt:
         over = modegpt["ppl"] / base["ppl"] - 1
-        out.append(f"- MoDeGPT 25% + distillation ({modegpt['tokens'] / 1e6:.1f}M tokens): ppl {modegpt['ppl']:.2f} vs "
-                   f"base {base['ppl']:.2f}, {100 * over:.0f}% above (target within 10%): "
+        mix = f" + {modegpt['config']['generate_data'] / 1e6:.1f}M teacher-sampled" \
+            if modegpt["config"].get("generate_data") else ""
+        out.append(f"- MoDeGPT 25% + distillation ({modegpt['tokens'] / 1e6:.1f}M tokens{mix}): ppl "
+                   f"{modegpt['ppl']:.2f} vs base {base['ppl']:.2f}, {100 * over:.0f}% above (target within 10%): "
                    f"{'met' if over <= 0.1 else 'missed'}.")
     gpu = [r for r in rows if str(r.get("method", "")).startswith("kd-step:compress") and "mfu" in r
            and "H200" in str(r.get("device"))]
@@ -680,6 +718,17 @@ def targets(rows: list[dict]) -> list[str]:
     return out
 
 
+def other_parts(data: dict) -> dict:
+    """Distillation tokens per quality part after the first (whose settings the protocol gives)."""
+    out = {}
+    for name, part in list(data.get("parts", {}).items()):
+        distill = part.get("protocol", {}).get("distill", {})
+        if name.startswith("quality") and distill != (data.get("protocol") or {}).get("distill"):
+            out[name] = {"tokens": distill.get("tokens"), "compile": distill.get("compile"),
+                         **({"generate_data": distill["generate_data"]} if distill.get("generate_data") else {})}
+    return out
+
+
 def render(data: dict) -> str:
     rows = data["rows"]
     lines = ["# Minitron pruning and distillation", "",
@@ -692,9 +741,8 @@ def render(data: dict) -> str:
                   f"({protocol.get('eval_windows')} windows x 512 tokens each, no BOS); KL(base || model) per token. "
                   f"Training text: {', '.join(protocol.get('training_data', []))} (the other five novels); tokens per "
                   f"run in the table (repeated epochs count). Distillation settings of the first quality part: "
-                  f"{json.dumps(protocol.get('distill', {}))}; the SliceGPT and MoDeGPT parts used "
-                  f"{json.dumps({k: v.get('protocol', {}).get('distill', {}).get('tokens') for k, v in data.get('parts', {}).items() if k in ('quality_c', 'quality_d')})} "
-                  f"tokens with torch.compile.", ""]
+                  f"{json.dumps(protocol.get('distill', {}))}; the other quality parts' tokens (and teacher-sampled "
+                  f"tokens, --generate-data): {json.dumps(other_parts(data))}.", ""]
     found = targets(rows)
     if found:
         lines += ["## Targets", "", *found, ""]
@@ -767,7 +815,13 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/minitron-bench")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--austen", default="")
-    parser.add_argument("--tokens", default="4M")
+    parser.add_argument("--tokens", default="", help="distillation tokens per student (default: from --tokens-from, "
+                                                     "else 4M)")
+    parser.add_argument("--rows", default="", help="quality part: only these rows, e.g. modegpt,minitron-70M-both "
+                                                   "(fp32, slicegpt, modegpt, minitron-<size>-<axis>); overrides --group")
+    parser.add_argument("--generate-data", default="", help="quality part: tokens of teacher-sampled text added to "
+                                                            "the training mix, e.g. 2M")
+    parser.add_argument("--fresh", action="store_true", help="merge: start from the parts only, not the results file")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--batch", type=int, default=0)
     parser.add_argument("--windows", type=int, default=128)
@@ -820,7 +874,7 @@ def main() -> None:
     elif args.part == "aggregation":
         aggregation(args)
     elif args.part == "merge":
-        merge(args.paths)
+        merge(args.paths, args.fresh)
 
 
 if __name__ == "__main__":

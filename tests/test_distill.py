@@ -152,15 +152,18 @@ def test_sigkilled_distillation_resumes_with_the_same_loss_curve_and_bytes(teach
     assert files(out) == files(tmp_path / "clean")
 
 
+def _torchrun(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "--no-python", sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+
+
 def test_two_gloo_processes_match_one_and_resume_on_two(teacher, student, text_file, tmp_path):
     one = run(teacher, student, text_file, tmp_path / "one", batch_size=4)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     settings = json.dumps({**SETTINGS, "batch_size": 2})
     code = (f"import json; from compressor import api; api.distill({str(teacher)!r}, {str(student)!r}, "
             f"{str(text_file)!r}, {str(tmp_path / 'two')!r}, json.loads({settings!r}), eval_data={str(text_file)!r})")
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "--no-python", sys.executable, "-c", code],
-                         capture_output=True, text=True, env=env, timeout=600)
+    two = _torchrun(code)
     assert two.returncode == 0, two.stderr[-3000:]
     losses = json.loads((tmp_path / "two" / "build.json").read_text())["losses"]
     assert len(losses) == len(one["losses"])
@@ -170,17 +173,9 @@ def test_two_gloo_processes_match_one_and_resume_on_two(teacher, student, text_f
     for resume in (False, True):
         code = _KILL.format(teacher=str(teacher), student=str(student), data=str(text_file), out=str(tmp_path / "k"),
                             kill=not resume, resume=resume, settings=settings)
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                               "--no-python", sys.executable, "-c", code],
-                              capture_output=True, text=True, env=env, timeout=600)
+        proc = _torchrun(code)
         assert (proc.returncode == 0) == resume, proc.stderr[-3000:]
     assert json.loads((tmp_path / "k" / "build.json").read_text())["losses"] == losses
-
-
-def _torchrun(code: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "--no-python", sys.executable, "-c", code], capture_output=True, text=True,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
 
 
 def test_fsdp_on_two_gloo_processes_resumes_matches_one_and_saves_a_loadable_student(teacher, student, text_file,
