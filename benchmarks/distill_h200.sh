@@ -12,7 +12,18 @@
 # Knobs: TARGS (more throughput arguments, e.g. "--sweep --sweep-budget 120 --profile"), TTIMEOUT (its
 # limit, s), FSDP1=0 (skip the one-GPU FSDP attempt of call 1); QROWS (call 2: chosen quality rows, see
 # below), QARGS (more quality arguments, e.g. "--tokens 20M --compile"), BUDGET (quality seconds).
+# On the development machine, from this checkout's root: `bash benchmarks/distill_h200.sh prep 1|2 [DEST]` builds
+# the carry folder for call 1 or 2 (DEST: /work/main/.carry-distill) from this checkout and $REF (part1/, part2/,
+# whl/, texts/wiki/ as the earlier calls carried them; the Austen splits come from `minitron.py prepare`).
 set -u
+if [ "$1" = prep ]; then
+  W=$PWD REF=${REF:-/work/main/.carry-ref} D=${3:-/work/main/.carry-distill}
+  rm -rf $D && mkdir -p $D/code && cp -r $W/compressor $W/benchmarks $D/code/ && cp -r $REF/whl $D/whl || exit 1
+  find $D/code -name __pycache__ -prune -exec rm -rf {} +; rm -rf $D/code/benchmarks/results
+  if [ "$2" = 1 ]; then cp -r $REF/part1 $REF/texts/wiki $D/
+  else cp -r $REF/part2 $D/ && PYTHONPATH=$W python benchmarks/minitron.py prepare --out $D/austen && gzip $D/austen/*.jsonl; fi
+  du -sh $D; exit
+fi
 C=$PWD/.carry-distill
 GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
@@ -26,7 +37,8 @@ rm -rf /tmp/code && cp -r $C/code /tmp/code
 case "$1" in
 1)
   cp $C/part1/gguf.part1 /tmp/gguf.part1
-  mkdir -p /tmp/cc/data /tmp/tok && cp -r $C/wiki /tmp/cc/data/wiki && cp $C/tok/* /tmp/tok/ && gunzip -f /tmp/cc/data/wiki/*.gz /tmp/tok/*.gz
+  mkdir -p /tmp/cc/data /tmp/tok && cp -r $C/wiki /tmp/cc/data/wiki && gunzip -f /tmp/cc/data/wiki/*.gz
+  [ -d $C/tok ] && cp $C/tok/* /tmp/tok/ && gunzip -f /tmp/tok/*.gz  # the tokenizer: only the 2-GPU models need it
   [ "${PARK_ONLY:-0}" = 1 ] && exit 0  # a second try: only park part 1 and the texts
   nvidia-smi --query-gpu=name,memory.used --format=csv
   step throughput + models

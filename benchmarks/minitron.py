@@ -25,6 +25,7 @@ Every part appends its rows to its own JSON file as they finish, so a run cut sh
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -294,6 +295,7 @@ def throughput(args) -> None:
             traceback.print_exc()
         finally:
             teacher = student = trainer = optimizer = step = None  # noqa: F841
+            gc.collect()  # the accelerator and compiled graphs hold the models until collected
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
