@@ -126,6 +126,9 @@ def distill(teacher: str, student: str, data: list[str], out: str | Path, settin
                                                                 settings.seq_len, settings.seed))
     steps = check_data(windows, settings, accelerator.num_processes)
     sharded = fsdp_requested(accelerator, settings.fsdp)
+    if settings.fsdp and not sharded:
+        progress.log("--fsdp shards the student over several processes (accelerate launch / torchrun); "
+                     "this single process trains it whole")
     held_out = evaluation_set(eval_data, tokenizer, settings.eval_windows, settings.seq_len, text_field, progress.log)
     progress.log(f"distilling {student} from {teacher}: {steps} steps of "
                  f"{steps and settings.tokens // steps} tokens on {accelerator.num_processes} process(es)"
