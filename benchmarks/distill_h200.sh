@@ -24,7 +24,7 @@ if [ "$1" = prep ]; then
   else cp -r $REF/part2 $D/ && PYTHONPATH=$W python benchmarks/minitron.py prepare --out $D/austen && gzip $D/austen/*.jsonl; fi
   du -sh $D; exit
 fi
-C=$PWD/.carry-distill
+C=$PWD/${CARRY:-.carry-distill}  # CARRY: another carry folder (e.g. call 2's, prepared before call 1)
 GGUF_SHA=b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53
 export PYTHONUNBUFFERED=1 NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
 export COMPRESSOR_CACHE=/tmp/cc PYTHONPATH=/tmp/site:/tmp/code TOKENIZERS_PARALLELISM=false
