@@ -7,7 +7,11 @@
 #   call 2: bash benchmarks/reference_h200.sh join JOB...    carry .carry-ref/part2
 #   later:  bash benchmarks/reference_h200.sh JOB...         (the machine still warm)
 # JOB: mixed (issue 15: every build of benchmarks/mixed.py, four processes at once, then one
-# measuring pass), variants (issue 14: benchmarks/quantize_variants.py on wiki and Austen).
+# measuring pass), variants (issue 14: benchmarks/quantize_variants.py on wiki and Austen),
+# minitron_sweep (issue 16: the distillation step's configurations, needs no GGUF: fits `park`'s call;
+# SWEEP_S, SWEEP_BUDGET seconds, SWEEP=B/CHUNK/MODE,... else the default sweep), minitron_rows (issue 16:
+# chosen quality rows of benchmarks/minitron.py, one process per ;-separated set in ROWS, after ':' the
+# --generate-data tokens, e.g. ROWS="modegpt;minitron-70M-both;modegpt:2M"; ROWS_TOKENS, ROWS_S seconds).
 # .carry-ref/whl: pydantic (+3), compressed-tensors (+frozendict, loguru), gguf: not on the machine.
 # .carry-ref/texts: the cached wiki and austen text assets (compressor cache data/, gzipped).
 set -u
@@ -37,6 +41,22 @@ mixed() {
   (cd $w && tar czf "$OUT/mixed-records.tar.gz" $(ls */*.run.json *.run.json *.eval-*.json 2>/dev/null))
 }
 
+mixed_only() {  # the mixed rows alone (the uniform rows already measured): the pass, then the budgets in parallel
+  local w=/tmp/bench-mixed-only m="python3 benchmarks/mixed.py --device cuda --work /tmp/bench-mixed-only --uniform= --no-w3-point"
+  step mixed pass and 3.5 bits
+  bounded ${MIXED_PASS_S:-200} $m --targets 3.5 --build-only > $L/mixed-only-first.log 2>&1
+  step mixed budgets
+  for t in 2.5,3 3.25,${W3_BITS:-3.2969} 4; do
+    bounded ${MIXED_BUILD_S:-150} $m --targets $t --build-only --reuse > $L/mixed-only-$t.log 2>&1 &
+  done
+  wait
+  step mixed measure
+  bounded ${MIXED_MEASURE_S:-90} $m --targets 2.5,3,3.25,${W3_BITS:-3.2969},3.5,4 --reuse --skip-missing --assignments 0 \
+    > $L/mixed-only-measure.log 2>&1
+  tail -12 $L/mixed-only-measure.log
+  cp benchmarks/results/mixed.json "$OUT"/ 2>/dev/null
+}
+
 variants() {
   local w=/tmp/variants v="python3 benchmarks/quantize_variants.py --device cuda --work /tmp/variants --no-eval"
   step variants builds
@@ -56,6 +76,31 @@ variants() {
     --variants "$built" --texts wiki,austen > $L/variants-measure.log 2>&1
   tail -5 $L/variants-measure.log
   cp benchmarks/results/quantize_variants_cuda.json "$OUT"/ 2>/dev/null
+}
+
+minitron_sweep() {
+  step minitron sweep
+  bounded ${SWEEP_S:-140} python3 benchmarks/minitron.py throughput --device cuda --out /tmp/minitron --warmup 3 \
+    --steps 8 --sweep ${SWEEP:-} --sweep-budget ${SWEEP_BUDGET:-115} --profile > $L/minitron-sweep.log 2>&1
+  tail -3 $L/minitron-sweep.log
+  cp /tmp/minitron/minitron_throughput_cuda.json "$OUT"/ 2>/dev/null
+}
+
+minitron_rows() {
+  step minitron rows
+  python3 benchmarks/minitron.py prepare --out /tmp/austen > /dev/null || return
+  local i=0 sel g
+  for g in $(echo "${ROWS:-modegpt;minitron-70M-both}" | tr ';' ' '); do
+    sel="--rows ${g%%:*}"
+    [ "${g#*:}" != "$g" ] && sel="$sel --generate-data ${g#*:}"
+    bounded ${ROWS_S:-520} python3 benchmarks/minitron.py quality $sel --device cuda --austen /tmp/austen \
+      --out /tmp/minitron --work /tmp/minitron-work-$i --windows 64 --tokens ${ROWS_TOKENS:-20M} --compile \
+      --budget $((${ROWS_S:-520} - 40)) > $L/minitron-rows-$i.log 2>&1 &
+    i=$((i + 1))
+  done
+  wait
+  tail -2 $L/minitron-rows-*.log
+  cp /tmp/minitron/minitron_quality_*.json "$OUT"/ 2>/dev/null
 }
 
 [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site \
