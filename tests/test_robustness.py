@@ -348,8 +348,9 @@ def test_damaged_packing_metadata_is_one_line(tensors, small_artifacts, tmp_path
 @pytest.mark.parametrize("text, phrase", [(b"name: x\xff\nstages: []\n", "not UTF-8"),
                                           (b"a: &x [1]\nb: *x\n", "aliases"),
                                           (b"[" * 5000 + b"]" * 5000, "nested too deeply|not valid YAML"),
+                                          (b"stages: " + b"[" * 65 + b"]" * 65, r"nested too deeply \(more than 64"),
                                           (b"x: " + b"a" * (2 << 20), "more than a recipe can need")],
-                         ids=["utf8", "alias", "deep", "huge"])
+                         ids=["utf8", "alias", "deep", "deeper-than-a-recipe", "huge"])
 def test_damaged_recipe_is_one_line(text, phrase, tmp_path):
     from compressor.recipes import load_recipe
 
