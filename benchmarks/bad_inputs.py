@@ -41,7 +41,8 @@ class Workspace:
         self.recipe, self.recipe_unknown, self.recipe_bad_value = r / "ok.yaml", r / "unknown.yaml", r / "range.yaml"
         self.calib, self.out = r / "calib.txt", r / "out" / "x"
         # the scale work reads checkpoints lazily, shard by shard: one shard gone, one cut short
-        self.sharded, self.missing_shard, self.truncated_shard = r / "sharded", r / "missing-shard", r / "truncated-shard"
+        self.sharded, self.missing_shard = r / "sharded", r / "missing-shard"
+        self.truncated_shard = r / "truncated-shard"
         # mixed precision: a sensitivity pass, the same with its table damaged, and one of another model
         self.sens, self.sens_damaged, self.sens_other = r / "sens", r / "sens-damaged", r / "sens-other"
         os.environ["COMPRESSOR_CACHE"] = str(r / "cache")

@@ -51,6 +51,8 @@ class Command:
     # of the finished output that is already there must hold its final bytes
     in_place: bool = False
     scratch: Callable[["Workspace"], list[Path]] = lambda ws: []  # removed before every trial (caches)
+    # directories left out of every comparison: caches whose file names follow the output's path
+    caches: tuple[str, ...] = ()
     previous: str | None = None  # a command whose artifact is placed at the output first (--overwrite)
     # files left out of the byte comparison: build.json (when and how long) by default; None: those
     # that differ between two uninterrupted runs (measured: reports hold their own timings)
@@ -98,7 +100,7 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
                                             "--base", str(ws.model), *EVAL], needs=("rtn", "hqq"),
             run_directory=False, volatile=None),
     Command("recipe", "run", lambda ws: ["run", str(ws.recipe), str(ws.model), "--calib", str(ws.calib)],
-            run_directory=False, recipe=True, volatile=None),
+            run_directory=False, recipe=True, volatile=None, caches=(".eval-cache",)),
     # the scale work: a checkpoint in several safetensors shards read lazily, block by block (every
     # quantize row above without a pruner runs the lazy path too, from one file)
     Command("gptq-sharded", "quantize", lambda ws: ["quantize", str(ws.sharded), "-m", "gptq", "--group-size", "32",
@@ -145,12 +147,12 @@ def synthetic_wiki(articles: int) -> None:
 
 
 def snapshot(path: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
-    """Relative path → sha256 of every file under `path` (files named in `skip` aside)."""
+    """Relative path → sha256 of every file under `path` (files and directories named in `skip` aside)."""
     path = Path(path)
     if not path.exists():
         return {}
     return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(path.rglob("*")) if f.is_file() and f.name not in skip}
+            for f in sorted(path.rglob("*")) if f.is_file() and not set(f.relative_to(path).parts) & set(skip)}
 
 
 def strays(out: Path) -> list[str]:
@@ -171,7 +173,8 @@ class Workspace:
         self.calib = self.root / "calib.txt"
         self.recipe = self.root / "chain.yaml"
         self.cache = self.root / "cache"
-        self.runs = self.root / "runs"  # where trials write (one directory per campaign worker)
+        self.runs = self.root / "runs"  # where trials write
+        self.refs = self.root / "ref"  # the uninterrupted outputs (and their records, beside)
         self.references: dict[str, dict[str, str]] = {}
         self.volatile: dict[str, set[str]] = {}
         self.durations: dict[str, float] = {}
@@ -199,7 +202,13 @@ class Workspace:
         return self.runs / name
 
     def reference(self, name: str) -> Path:
-        return self.root / "ref" / name
+        return self.refs / name
+
+    def worker(self, index: int) -> None:
+        """Trials and references of their own for campaign worker `index` (outputs record paths,
+        such as a recipe stage's source, so a worker compares with references made where it runs)."""
+        self.runs, self.refs = self.root / f"runs-{index}", self.root / f"ref-{index}"
+        self.references, self.volatile, self.durations = {}, {}, {}
 
     def prepare(self, name: str) -> None:
         """The uninterrupted output of `name` (and of what it needs), run twice: the files that
@@ -209,7 +218,7 @@ class Workspace:
             self.prepare(need)
         if name in self.references:
             return
-        known = self.root / "references" / f"{name}.json"  # a workspace used before keeps its uninterrupted runs
+        known = self.refs / f"{name}.json"  # a workspace used before keeps its uninterrupted runs
         if known.is_file() and self.reference(name).is_dir():
             self.references[name], volatile, self.durations[name] = json.loads(known.read_text())
             self.volatile[name] = set(volatile)
@@ -222,11 +231,12 @@ class Workspace:
             for path in command.scratch(self):
                 _clear(path)
             started = time.perf_counter()
-            status, _ = run_command(self.argv(name, out, overwrite=False), self.root / "logs" / f"{name}-ref.log")
+            log = self.runs / "logs" / f"{name}-ref.log"
+            status, _ = run_command(self.argv(name, out, overwrite=False), log)
             if status != 0:
-                raise RuntimeError(f"{name} failed uninterrupted: see {self.root / 'logs' / f'{name}-ref.log'}")
+                raise RuntimeError(f"{name} failed uninterrupted: see {log}")
             self.durations[name] = min(self.durations.get(name, 1e9), time.perf_counter() - started)
-            snaps.append(snapshot(out))
+            snaps.append(snapshot(out, command.caches))
             if attempt == 0:
                 _clear(ref)
                 shutil.copytree(out, ref)
@@ -348,14 +358,14 @@ def trial(ws: Workspace, name: str, rng: random.Random, kills: int) -> Trial:
         if killed:
             result.kills += 1
             if command.in_place:
-                now = snapshot(out)
+                now = snapshot(out, command.caches)
                 wrong = sorted(k for k in now if k in reference and now[k] != reference[k])
                 if wrong:
                     result.lost += 1
                     result.problems.append(f"after kill {result.kills}: {wrong[:3]} in {out} hold bytes the "
                                            "finished pass does not")
             elif not command.recipe:
-                now = snapshot(out)
+                now = snapshot(out, command.caches)
                 if now != previous and {k: v for k, v in now.items() if k not in volatile} != reference:
                     result.lost += 1
                     result.problems.append(f"after kill {result.kills}: {out} is neither the previous nor the new "
@@ -366,7 +376,7 @@ def trial(ws: Workspace, name: str, rng: random.Random, kills: int) -> Trial:
                         continue
                     rel = stage + "/"
                     want = {k[len(rel):]: v for k, v in reference.items() if k.startswith(rel)}
-                    got = {k: v for k, v in snapshot(out / stage).items() if rel + k not in volatile}
+                    got = {k: v for k, v in snapshot(out / stage, command.caches).items() if rel + k not in volatile}
                     if got != want:
                         result.lost += 1
                         result.problems.append(f"after kill {result.kills}: stage {stage} is half-written")
@@ -374,7 +384,7 @@ def trial(ws: Workspace, name: str, rng: random.Random, kills: int) -> Trial:
         if status != 0:
             result.problems.append(f"run {attempts} exited {status}: see {log}")
             break
-        final = {k: v for k, v in snapshot(out).items() if k not in volatile}
+        final = {k: v for k, v in snapshot(out, command.caches).items() if k not in volatile}
         left = strays(out)
         result.recovered = final == reference and not left
         if final != reference:
@@ -382,24 +392,14 @@ def trial(ws: Workspace, name: str, rng: random.Random, kills: int) -> Trial:
             result.problems.append(f"resumed output differs from the uninterrupted one in {differ[:4]}")
         if left:
             result.problems.append(f"temporaries left beside the output: {left}")
+        if result.recovered and delay is not None and result.kills < kills and result.missed <= kills:
+            # the run outran its kill: once more (over the new artifact; a pass's directory from scratch)
+            if command.in_place:
+                _clear(out)
+            continue
         break
     result.wall_s = time.perf_counter() - started
     return result
-
-
-def _levels(names: list[str]) -> list[list[str]]:
-    """`names` and everything they read, in rounds: a command after the ones whose outputs it needs."""
-    level: dict[str, int] = {}
-
-    def of(name: str) -> int:
-        if name not in level:
-            c = COMMANDS[name]
-            level[name] = 1 + max((of(d) for d in c.needs + ((c.previous,) if c.previous else ())), default=-1)
-        return level[name]
-
-    for n in names:
-        of(n)
-    return [[n for n in level if level[n] == i] for i in range(max(level.values(), default=-1) + 1)]
 
 
 def _in_children(jobs: list[Callable[[], object]], root: Path) -> list:
@@ -426,21 +426,6 @@ def _in_children(jobs: list[Callable[[], object]], root: Path) -> list:
             raise RuntimeError(f"campaign worker {i} failed (exit {os.waitstatus_to_exitcode(status)})")
         results.append(json.loads((root / f".child-{i}.json").read_text()))
     return results
-
-
-def prepare(ws: Workspace, names: list[str], workers: int) -> None:
-    """Every uninterrupted reference, `workers` commands at a time (the same parallelism as the
-    trials, so that their lengths, which the kill delays are drawn over, are measured under it)."""
-    for level in _levels(names):
-        todo = [n for n in level if not (ws.root / "references" / f"{n}.json").is_file()]
-        for i in range(0, len(todo), workers):
-            batch = todo[i:i + workers]
-            if workers > 1 and len(batch) > 1:
-                _in_children([(lambda n: lambda: ws.prepare(n))(n) for n in batch], ws.root)
-            for n in batch:
-                ws.prepare(n)
-    for n in names:
-        ws.prepare(n)
 
 
 def _trials(ws: Workspace, names: list[str], kills_per_trial: int, trials: int, rng: random.Random,
@@ -483,16 +468,25 @@ def campaign(root: Path, names: list[str], kills_per_trial: int, trials: int, se
     every core kills and resumes."""
     ws = Workspace(root, layers)
     started = time.perf_counter()
-    prepare(ws, names, workers)
-    uninterrupted = {n: round(ws.durations[n], 2) for n in names}
     workers = max(1, workers)
     share = lambda total: None if total is None else -(-total // workers)  # noqa: E731
 
     def part(i: int) -> dict:
-        ws.runs = ws.root / f"runs-{i}"
-        order = names[i:] + names[:i]  # the workers start on different commands
-        return _trials(ws, order, kills_per_trial, share(trials), random.Random(seed * 1000 + i), budget_s, each,
+        if workers > 1:
+            ws.worker(i)
+        # the uninterrupted references first, timed under the same parallelism as the trials (the
+        # other workers make theirs at the same time): the kill delays are drawn over these lengths
+        for name in names:
+            ws.prepare(name)
+        uninterrupted = {n: ws.durations[n] for n in names}
+        start = i * len(names) // workers
+        order = names[start:] + names[:start]  # the workers start on different commands
+        rows = _trials(ws, order, kills_per_trial, share(trials), random.Random(seed * 1000 + i), budget_s, each,
                        share(stop_after_kills))
+        for name in names:
+            rows[name]["uninterrupted_s"] = uninterrupted[name]
+            rows[name]["volatile"] = sorted(ws.volatile[name])
+        return rows
 
     parts = [part(0)] if workers == 1 else _in_children([(lambda i: lambda: part(i))(i) for i in range(workers)],
                                                           ws.root)
@@ -504,6 +498,6 @@ def campaign(root: Path, names: list[str], kills_per_trial: int, trials: int, se
                 row[key] += other[name][key]
             row["problems"] += other[name]["problems"]
             row["delay_scale_s"] = max(row["delay_scale_s"], other[name]["delay_scale_s"])
-        row["volatile"] = sorted(ws.volatile[name])
-        row["uninterrupted_s"] = uninterrupted[name]
+            row["volatile"] = sorted(set(row["volatile"]) | set(other[name]["volatile"]))
+        row["uninterrupted_s"] = round(sum(p[name]["uninterrupted_s"] for p in parts) / len(parts), 2)
     return {"rows": [rows[n] for n in names], "wall_s": time.perf_counter() - started, "workers": workers}

@@ -314,7 +314,8 @@ def mutate_structured(data: bytes, kind: str, rng: random.Random) -> bytes | Non
         if kind == "yaml":
             import yaml
 
-            loader, dumper = getattr(yaml, "CSafeLoader", yaml.SafeLoader), getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+            loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+            dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
             out = yaml.dump(_mutate_tree(yaml.load(data, Loader=loader), rng), Dumper=dumper, allow_unicode=True)
             return out.encode()
         if kind == "safetensors":
@@ -427,10 +428,11 @@ class Memory:
         self.other = other_bytes
         self.works = _reset_peak()
         self.rss = 0
-        self.peak, self.peak_input, self.ratio, self.over, self.measured = 0, 0, 0.0, 0, 0
+        self.peak, self.peak_input, self.over, self.measured = 0, 0, 0, 0
 
     def before(self) -> None:
         if self.works:
+            _trim()  # memory freed by earlier inputs goes back to the system: reusing it would hide growth
             _reset_peak()
             self.rss = _status_kb("VmRSS") * 1024
 
@@ -442,13 +444,27 @@ class Memory:
         self.measured += 1
         if grown > self.peak:
             self.peak, self.peak_input = grown, given
-        self.ratio = max(self.ratio, grown / max(given, 1))
         self.over += grown > MEMORY_MULTIPLE * given + MEMORY_CONSTANT
 
     def summary(self) -> dict:
         return {"measured": self.measured, "peak_growth_bytes": self.peak, "input_bytes_at_peak": self.peak_input,
-                "max_growth_per_input_byte": round(self.ratio, 2), "over_bound": self.over,
+                "growth_per_input_byte_at_peak": round(self.peak / max(self.peak_input, 1), 2), "over_bound": self.over,
                 "bound": f"{MEMORY_MULTIPLE} x input bytes + {MEMORY_CONSTANT // 2 ** 20} MiB"}
+
+
+_LIBC: list = []
+
+
+def _trim() -> None:
+    """glibc's malloc_trim(0): free heap pages back to the system (a no-op elsewhere)."""
+    if not _LIBC:
+        import ctypes
+
+        try:
+            _LIBC.append(ctypes.CDLL("libc.so.6").malloc_trim)
+        except (OSError, AttributeError):
+            _LIBC.append(lambda _pad: 0)
+    _LIBC[0](0)
 
 
 def _reset_peak() -> bool:
@@ -542,7 +558,7 @@ def _merge_memory(a: dict | None, b: dict) -> dict:
         out["peak_growth_bytes"], out["input_bytes_at_peak"] = b["peak_growth_bytes"], b["input_bytes_at_peak"]
     out["measured"] = a["measured"] + b["measured"]
     out["over_bound"] = a["over_bound"] + b["over_bound"]
-    out["max_growth_per_input_byte"] = max(a["max_growth_per_input_byte"], b["max_growth_per_input_byte"])
+    out["growth_per_input_byte_at_peak"] = round(out["peak_growth_bytes"] / max(out["input_bytes_at_peak"], 1), 2)
     return out
 
 
