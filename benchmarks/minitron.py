@@ -11,10 +11,12 @@ for `compress distill`'s step (fused chunked KL; with torch.compile), model FLOP
 the peak memory of `compress distill` on the reference pair.
 
     python benchmarks/minitron.py prepare --out DIR          # Austen splits for the carry folder
-    python benchmarks/minitron.py throughput --device cuda --out DIR
+    python benchmarks/minitron.py throughput --device cuda --out DIR [--sweep [B/CHUNK/MODE,...]] [--profile]
     python benchmarks/minitron.py quality --device cuda --tokens 4M --austen DIR --out DIR
+    python benchmarks/minitron.py quality --device cuda --rows modegpt,minitron-70M-both --tokens 20M
+        [--generate-data 2M] --compile --austen DIR --out DIR   # chosen rows only
     python benchmarks/minitron.py cpu --out DIR
-    python benchmarks/minitron.py merge DIR/*.json           # -> benchmarks/results/minitron.json, reports/minitron.md
+    python benchmarks/minitron.py merge DIR/*.json           # into benchmarks/results/minitron.json, reports/minitron.md
     python benchmarks/minitron.py --report-only              # reports/minitron.md from the results JSON
 
 Every part appends its rows to its own JSON file as they finish, so a run cut short keeps them.
@@ -23,6 +25,7 @@ Every part appends its rows to its own JSON file as they finish, so a run cut sh
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -161,7 +164,8 @@ def time_steps(step, warmup: int, steps: int, device: str) -> float:
     return statistics.median(times)
 
 
-def trainer_for(teacher, student, device: str, batch: int, seq: int, compile_: bool):
+def trainer_for(teacher, student, device: str, batch: int, seq: int, compile_: bool, kl_chunk: int = 4096,
+                compile_mode: str = "default"):
     """The Trainer `compress distill` runs, on in-memory models and random tokens."""
     from compressor.distill.data import TrainingWindows
     from compressor.distill.settings import DistillSettings
@@ -169,8 +173,8 @@ def trainer_for(teacher, student, device: str, batch: int, seq: int, compile_: b
     from compressor.distill.run import make_accelerator
     from compressor.models.adapters import adapter_for
 
-    settings = DistillSettings(tokens=10**12, seq_len=seq, batch_size=batch, compile=compile_,
-                               precision="auto" if device.startswith("cuda") else "fp32")
+    settings = DistillSettings(tokens=10**12, seq_len=seq, batch_size=batch, compile=compile_, kl_chunk=kl_chunk,
+                               compile_mode=compile_mode, precision="auto" if device.startswith("cuda") else "fp32")
     windows = torch.randint(0, teacher.config.vocab_size, (max(4 * batch, 64), seq),
                             generator=torch.Generator().manual_seed(0))
     accelerator = make_accelerator(device, settings)
@@ -178,7 +182,59 @@ def trainer_for(teacher, student, device: str, batch: int, seq: int, compile_: b
                    TrainingWindows(windows, [], 0), settings, windows[:2])
 
 
+# The sweep of `compress distill` step configurations (--sweep), most promising first: (batch,
+# --kl-chunk, --compile-mode). Larger batches and KL chunks give the GEMMs more rows; max-autotune
+# tunes the GEMM kernels of the narrow (576-wide) blocks; reduce-overhead replays CUDA graphs.
+SWEEP = "64/4096/default,128/8192/default,128/8192/reduce-overhead,128/8192/max-autotune-no-cudagraphs," \
+        "128/16384/default,64/8192/default"
+
+
+def sweep_configs(text: str) -> list[tuple[int, int, str]]:
+    configs = []
+    for item in text.split(","):
+        batch, chunk, mode = item.strip().split("/")
+        configs.append((int(batch), int(chunk), mode))
+    return configs
+
+
+def kernel_breakdown(step, device: str, steps: int = 1) -> dict:
+    """Device time per step by kernel family (GEMM, attention, fused Triton, other) and the top
+    kernels, from torch.profiler over `steps` step(s) after the timed ones (warm)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            step(i)
+        torch.cuda.synchronize()
+    kernels = {}
+    for event in prof.key_averages():
+        ms = getattr(event, "self_device_time_total", getattr(event, "self_cuda_time_total", 0)) / 1000 / steps
+        if ms > 0:
+            kernels[event.key] = kernels.get(event.key, 0.0) + ms
+
+    def family(name: str) -> str:
+        low = name.lower()
+        if any(k in low for k in ("flash", "fmha", "attention", "attn")):
+            return "attention"
+        if any(k in low for k in ("gemm", "xmma", "cutlass", "nvjet", "sm90", "matmul", "triton_tem")):
+            return "gemm"
+        if low.startswith("triton"):
+            return "fused (triton)"
+        return "other"
+
+    families: dict[str, float] = {}
+    for name, ms in kernels.items():
+        families[family(name)] = families.get(family(name), 0.0) + ms
+    top = sorted(kernels.items(), key=lambda kv: -kv[1])[:10]
+    return {"device_ms_per_step": sum(kernels.values()), "by_family_ms": families,
+            "top_kernels_ms": [[name[:90], ms] for name, ms in top]}
+
+
 def throughput(args) -> None:
+    """The plain PyTorch step, then `compress distill`'s step: eager and compiled (default), or
+    every configuration of --sweep (each measured in this process after a dynamo reset, within
+    --sweep-budget seconds; the fastest is the headline row), with a profile of where the
+    device time goes."""
     from compressor.models.adapters import count_parameters
 
     device, cuda = args.device, args.device.startswith("cuda")
@@ -188,44 +244,78 @@ def throughput(args) -> None:
     peak = H200_BF16 if cuda else cpu_matmul_rate()
     part.note(peak_flops=peak, peak_note="H200 bf16 dense rate (issue)" if cuda else
               "measured fp32 matmul rate of this CPU (4096^3, median of 5)")
-    variants = [("plain", False)] + [("compress-distill", False)] + ([("compress-distill+compile", True)] if cuda and not args.no_compile else [])
-    for name, compile_ in variants:
+    # (name, batch, compile, kl_chunk, compile mode)
+    variants = [("plain", batch, False, 4096, "default")]
+    if args.sweep:
+        variants += [("compress-distill+compile", b, True, chunk, mode) for b, chunk, mode in sweep_configs(args.sweep)]
+    else:
+        variants += [("compress-distill", batch, False, args.kl_chunk, "default")]
+        if cuda and not args.no_compile:
+            variants.append(("compress-distill+compile", batch, True, args.kl_chunk, "default"))
+    clock = Clock(args.sweep_budget)
+    for name, batch, compile_, chunk, mode in variants:
+        config = {"batch": batch, "seq_len": seq, "precision": "bf16 autocast" if cuda else "fp32"}
+        if name != "plain":
+            config.update(kl_chunk=chunk, compile_mode=mode if compile_ else None)
+        if args.sweep and clock.left() < (args.sweep_estimate_s * (3 if "autotune" in mode else 1)):
+            part.add({"method": f"kd-step:{name}", "config": config, "skipped": f"sweep budget ({clock.left():.0f}s left)"})
+            continue
         started = time.perf_counter()
         try:
+            if cuda:
+                torch._dynamo.reset()
             teacher = synthetic_model(teacher_cfg, torch.bfloat16 if cuda else torch.float32).to(device)
             student = synthetic_model(student_cfg, torch.float32).to(device)
             flops = flops_per_token(count_parameters(teacher), count_parameters(student))
             ids = torch.randint(0, 49152, (batch, seq), device=device, generator=None)
+            config.update(student_params=count_parameters(student), teacher_params=count_parameters(teacher))
             if name == "plain":
                 student.train()
                 optimizer = torch.optim.AdamW(student.parameters(), lr=1e-4, fused=cuda or None)
-                step = plain_step_fn(teacher, student, optimizer)
-                seconds = time_steps(lambda i: step(ids), args.warmup, args.steps, device)
+                plain = plain_step_fn(teacher, student, optimizer)
+                step = lambda i, plain=plain, ids=ids: plain(ids)  # noqa: E731
             else:
-                trainer = trainer_for(teacher, student, device, batch, seq, compile_)
-                seconds = time_steps(trainer.step, args.warmup, args.steps, device)
+                trainer = trainer_for(teacher, student, device, batch, seq, compile_, chunk, mode)
+                step = trainer.step
+            seconds = time_steps(step, args.warmup, args.steps, device)
             rate = batch * seq / seconds
-            row = {"model": MODEL, "method": f"kd-step:{name}", "device": device_name(device),
-                   "config": {"batch": batch, "seq_len": seq, "precision": "bf16 autocast" if cuda else "fp32",
-                              "student_params": count_parameters(student), "teacher_params": count_parameters(teacher)},
+            row = {"model": MODEL, "method": f"kd-step:{name}", "device": device_name(device), "config": config,
                    "tokens_per_s": rate, "step_s": seconds, "mfu": rate * flops / peak,
-                   "flops_per_token": flops, "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None,
-                   "wall_s": time.perf_counter() - started}
+                   "flops_per_token": flops, "peak_memory_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else None}
+            if cuda and args.profile:
+                try:
+                    row["profile"] = kernel_breakdown(step, device)
+                except Exception as exc:  # the timing stands without it
+                    row["profile"] = {"error": f"{type(exc).__name__}: {exc}"[:200]}
+            row["wall_s"] = time.perf_counter() - started
             part.add(row)
+            rank_rows(part)
         except Exception as exc:  # record and go on: the other variants still measure
-            part.add({"method": f"kd-step:{name}", "error": f"{type(exc).__name__}: {exc}"[:500]})
+            part.add({"method": f"kd-step:{name}", "config": config, "error": f"{type(exc).__name__}: {exc}"[:500]})
             traceback.print_exc()
         finally:
-            teacher = student = trainer = optimizer = None  # noqa: F841
+            teacher = student = trainer = optimizer = step = None  # noqa: F841
+            gc.collect()  # the accelerator and compiled graphs hold the models until collected
             if cuda:
                 torch.cuda.empty_cache()
                 torch.cuda.reset_peak_memory_stats()
+
+
+def rank_rows(part: Part) -> None:
+    """Each row's speedup over the plain step and the fastest of ours marked best (after every
+    row: a run cut short by its time limit keeps them)."""
     plain = next((r for r in part.data["rows"] if r.get("method") == "kd-step:plain" and "tokens_per_s" in r), None)
-    if plain:
-        for row in part.data["rows"]:
-            if "tokens_per_s" in row:
-                row["speedup_vs_plain"] = row["tokens_per_s"] / plain["tokens_per_s"]
-        part.save()
+    measured = [r for r in part.data["rows"] if "tokens_per_s" in r]
+    for row in measured:
+        row.pop("best", None)
+        if plain:
+            row["speedup_vs_plain"] = row["tokens_per_s"] / plain["tokens_per_s"]
+    ours = [r for r in measured if r["method"] != "kd-step:plain"]
+    if ours:
+        best = max(ours, key=lambda r: r["tokens_per_s"])
+        best["best"] = True
+        part.note(best={"config": best["config"], "tokens_per_s": best["tokens_per_s"], "mfu": best["mfu"]})
+    part.save()
 
 
 def cpu_matmul_rate(n: int = 4096, repeats: int = 5) -> float:
@@ -284,13 +374,19 @@ def quality(args) -> None:
     aggregation = {"seq_agg": args.seq_agg, "batch_agg": args.batch_agg}
     settings = {"tokens": tokens, "seq_len": 512, "batch_size": args.batch, "lr": args.lr, "warmup": 0.05,
                 "eval_windows": 16, "save_every": 10_000, "compile": args.compile}
-    part = Part(args.out, "quality" if args.group == "all" else f"quality_{args.group}", device_name(device), {
+    generated = api_count(args.generate_data) if args.generate_data else 0
+    if generated:
+        settings["generate_data"] = generated
+    chosen = [r.strip() for r in args.rows.split(",") if r.strip()] if args.rows else []
+    part_name = (f"quality_{'_'.join(chosen)}" if chosen else "quality" if args.group == "all"
+                 else f"quality_{args.group}") + (f"_gen{label(generated)}" if generated else "")
+    part = Part(args.out, part_name, device_name(device), {
         "protocol": {"eval_windows": args.windows, "window": 512, "texts": texts, "training_data": data,
                      "distill": settings, "calib_samples": args.samples, "sliced_calib_samples": args.sliced_samples,
                      "held_out_novel": HELD_OUT_NOVEL, "minitron_aggregation": aggregation}})
     base = {"model": MODEL, "method": "fp32", "config": {}, "params": api.inspect(MODEL)["params"],
             **evaluate_row(MODEL, texts, args.windows, device), "kl": 0.0, "kl_austen": 0.0}
-    if args.group in ("all", "a"):  # one base row in the merged results
+    if (args.group in ("all", "a") and not chosen) or "fp32" in chosen:  # one base row in the merged results
         part.add(base)
     big, small = (api_count(t) for t in args.targets.split(","))
     rows: dict[str, dict] = {}
@@ -310,7 +406,9 @@ def quality(args) -> None:
         before = rows.get(name, {})
         if "ppl" not in before:
             return
-        row = {"model": MODEL, "method": f"{before['method']}+kd", "config": {**before["config"], "tokens": tokens}}
+        row = {"model": MODEL, "method": f"{before['method']}+kd", "config": {**before["config"], "tokens": tokens,
+                                                                          **({"generate_data": generated}
+                                                                             if generated else {})}}
         result = run_safely(part, row, clock, lambda: distill_row(before["artifact"], work / f"{name}-kd", data,
                                                                   {**settings, "lr": lr}, args, texts),
                             need_s=args.distill_estimate_s)
@@ -325,6 +423,8 @@ def quality(args) -> None:
     groups = {"a": [(big, axis) for axis in AXES] + ["slicegpt"], "b": [(small, axis) for axis in AXES] + ["modegpt"],
               "c": ["slicegpt"], "d": ["modegpt"]}
     todo = groups["a"] + groups["b"] if args.group == "all" else groups[args.group]
+    if chosen:
+        todo = [row_item(r) for r in chosen if r != "fp32"]
     keys = []
     for item in todo:
         if isinstance(item, str):
@@ -338,9 +438,24 @@ def quality(args) -> None:
         distill(key, lr)
 
 
+def row_item(name: str):
+    """A --rows name: slicegpt, modegpt (25%), or minitron-<100M|70M|...>-<width|depth|both>."""
+    import re
+
+    if name in ("slicegpt", "modegpt"):
+        return name
+    match = re.fullmatch(r"minitron-(\d+[kM])-(width|depth|both)", name)
+    if not match:
+        raise SystemExit(f"unknown --rows entry {name!r}: use fp32, slicegpt, modegpt or minitron-<70M|100M>-"
+                         f"<width|depth|both>")
+    return api_count(match.group(1)), match.group(2)
+
+
 def distill_tokens(args) -> int:
-    """--tokens, or (with --tokens-from a throughput part) what the measured eager step reads in
-    --seconds-per-run, in whole millions, at most 20M."""
+    """--tokens when given, else (with --tokens-from a throughput part) what the measured eager
+    step reads in --seconds-per-run, in whole millions, at most 20M; else 4M."""
+    if args.tokens:
+        return api_count(args.tokens)
     path = Path(args.tokens_from) if args.tokens_from else None
     if path and path.is_file():
         rows = json.loads(path.read_text())["rows"]
@@ -348,7 +463,7 @@ def distill_tokens(args) -> int:
                      and "tokens_per_s" in r), None)
         if rate:
             return int(min(20e6, max(1e6, rate * args.seconds_per_run // 1e6 * 1e6)))
-    return api_count(args.tokens)
+    return api_count("4M")
 
 
 def probe_lr(part: Part, student: dict, work: Path, data: list[str], settings: dict, args, clock: Clock) -> float:
@@ -524,20 +639,28 @@ def aggregation(args) -> None:
 # ---------------------------------------------------------------- merge and report
 
 
-def merge(paths: list[str]) -> None:
-    """Join part files into results/minitron.json (rows skipped for time are left out; a row
-    measured twice with the same method and config keeps its later measurement) and render."""
-    rows, parts = [], {}
-    for path in paths:
-        data = json.loads(Path(path).read_text())
+def row_identity(row: dict) -> tuple:
+    return row.get("method"), json.dumps(row.get("config"), sort_keys=True), row.get("device")
+
+
+def merge(paths: list[str], fresh: bool = False) -> None:
+    """Join part files into results/minitron.json and render. The rows already there stay (unless
+    --fresh) except those a new part replaces: every row of a part with the same name (a re-run
+    part, e.g. a new throughput sweep, replaces all of its old rows) and every row with the same
+    method, config and device (a row measured again keeps its later measurement). Rows skipped
+    for time are left out."""
+    path = RESULTS / "minitron.json"
+    old = json.loads(path.read_text()) if path.is_file() and not fresh else {}
+    rows, parts = old.get("rows", []), old.get("parts", {})
+    for part_path in paths:
+        data = json.loads(Path(part_path).read_text())
         parts[data["part"]] = {k: v for k, v in data.items() if k != "rows"}
+        rows = [r for r in rows if r.get("part") != data["part"]]
         for row in data["rows"]:
             if "skipped" in row:
                 continue
             row = {"part": data["part"], **{k: v for k, v in row.items() if k != "artifact"}}
-            key = (row.get("method"), json.dumps(row.get("config"), sort_keys=True), row.get("device"))
-            rows = [r for r in rows if (r.get("method"), json.dumps(r.get("config"), sort_keys=True),
-                                        r.get("device")) != key]
+            rows = [r for r in rows if row_identity(r) != row_identity(row)]
             rows.append(row)
     quality_part = next((v for k, v in parts.items() if k.startswith("quality")), {})
     written = write_results("minitron", rows, quality_part.get("protocol", {}), {"parts": parts})
@@ -579,11 +702,14 @@ def targets(rows: list[dict]) -> list[str]:
                        f"{100 * best['recovery']:.0f}% of the perplexity gap recovered ({best['config']['axis']}; "
                        f"target at least {100 * need:.0f}%): {'met' if best['recovery'] >= need else 'missed'}.")
     base = next((r for r in rows if r.get("method") == "fp32"), None)
-    modegpt = _find(rows, "modegpt+kd")
+    modegpt = min((r for r in rows if r.get("method") == "modegpt+kd" and "ppl" in r and r["tokens"] <= 20_000_000),
+                  key=lambda r: r["ppl"], default=None)
     if base and modegpt:
         over = modegpt["ppl"] / base["ppl"] - 1
-        out.append(f"- MoDeGPT 25% + distillation ({modegpt['tokens'] / 1e6:.1f}M tokens): ppl {modegpt['ppl']:.2f} vs "
-                   f"base {base['ppl']:.2f}, {100 * over:.0f}% above (target within 10%): "
+        mix = f" + {modegpt['config']['generate_data'] / 1e6:.1f}M teacher-sampled" \
+            if modegpt["config"].get("generate_data") else ""
+        out.append(f"- MoDeGPT 25% + distillation ({modegpt['tokens'] / 1e6:.1f}M tokens{mix}): ppl "
+                   f"{modegpt['ppl']:.2f} vs base {base['ppl']:.2f}, {100 * over:.0f}% above (target within 10%): "
                    f"{'met' if over <= 0.1 else 'missed'}.")
     gpu = [r for r in rows if str(r.get("method", "")).startswith("kd-step:compress") and "mfu" in r
            and "H200" in str(r.get("device"))]
@@ -601,6 +727,17 @@ def targets(rows: list[dict]) -> list[str]:
     return out
 
 
+def other_parts(data: dict) -> dict:
+    """Distillation tokens per quality part after the first (whose settings the protocol gives)."""
+    out = {}
+    for name, part in list(data.get("parts", {}).items()):
+        distill = part.get("protocol", {}).get("distill", {})
+        if name.startswith("quality") and distill != (data.get("protocol") or {}).get("distill"):
+            out[name] = {"tokens": distill.get("tokens"), "compile": distill.get("compile"),
+                         **({"generate_data": distill["generate_data"]} if distill.get("generate_data") else {})}
+    return out
+
+
 def render(data: dict) -> str:
     rows = data["rows"]
     lines = ["# Minitron pruning and distillation", "",
@@ -613,9 +750,8 @@ def render(data: dict) -> str:
                   f"({protocol.get('eval_windows')} windows x 512 tokens each, no BOS); KL(base || model) per token. "
                   f"Training text: {', '.join(protocol.get('training_data', []))} (the other five novels); tokens per "
                   f"run in the table (repeated epochs count). Distillation settings of the first quality part: "
-                  f"{json.dumps(protocol.get('distill', {}))}; the SliceGPT and MoDeGPT parts used "
-                  f"{json.dumps({k: v.get('protocol', {}).get('distill', {}).get('tokens') for k, v in data.get('parts', {}).items() if k in ('quality_c', 'quality_d')})} "
-                  f"tokens with torch.compile.", ""]
+                  f"{json.dumps(protocol.get('distill', {}))}; the other quality parts' tokens (and teacher-sampled "
+                  f"tokens, --generate-data): {json.dumps(other_parts(data))}.", ""]
     found = targets(rows)
     if found:
         lines += ["## Targets", "", *found, ""]
@@ -642,20 +778,35 @@ def render(data: dict) -> str:
     speed = [r for r in rows if str(r.get("method", "")).startswith("kd-step") or r.get("part") == "cpu"]
     if speed:
         lines += ["## Distillation throughput", "",
-                  "| step | device | batch x seq | tokens/s | MFU | vs plain | peak GPU GB | peak RSS MB |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| step | device | batch x seq | KL chunk | compile mode | tokens/s | MFU | vs plain | peak GPU GB | "
+                  "peak RSS MB |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
         for r in speed:
             c = r.get("config", {})
             if "error" in r:
                 what = r["error"][:80] or "the process was killed without output (out of memory on the CPU machine)"
-                lines.append(f"| {r['method']} | - | - | ({what}) | - | - | - | - |")
+                lines.append(f"| {r['method']} | - | {c.get('batch', '-')} x {c.get('seq_len', '-')} | "
+                             f"{fmt(c.get('kl_chunk'))} | {fmt(c.get('compile_mode'))} | ({what}) | - | - | - | - |")
                 continue
             lines.append("| " + " | ".join([
                 r["method"].removeprefix("kd-step:") + (" (gradient checkpointing)" if c.get("gradient_checkpointing")
-                                                          else ""),
-                r.get("device", ""), f"{c.get('batch')} x {c.get('seq_len')}", f"{r['tokens_per_s']:,.0f}",
+                                                          else "") + (" **(best)**" if r.get("best") else ""),
+                r.get("device", ""), f"{c.get('batch')} x {c.get('seq_len')}", fmt(c.get("kl_chunk")),
+                fmt(c.get("compile_mode")), f"{r['tokens_per_s']:,.0f}",
                 f"{100 * r['mfu']:.1f}%", fmt(r.get("speedup_vs_plain"), 2), fmt(r.get("peak_memory_gb"), 1),
                 fmt(r.get("peak_rss_mb"), 0)]) + " |")
+        profiled = [r for r in speed if isinstance(r.get("profile"), dict) and "by_family_ms" in r["profile"]]
+        if profiled:
+            lines += ["", "Device time per step by kernel family (torch.profiler, one warm step):", "",
+                      "| step | batch | KL chunk | compile mode | step ms | device ms | GEMM | attention | fused (triton) "
+                      "| other |", "|---|---|---|---|---|---|---|---|---|---|"]
+            for r in profiled:
+                c, prof = r["config"], r["profile"]
+                fam = prof["by_family_ms"]
+                lines.append("| " + " | ".join([
+                    r["method"].removeprefix("kd-step:"), fmt(c.get("batch")), fmt(c.get("kl_chunk")),
+                    fmt(c.get("compile_mode")), fmt(1000 * r["step_s"], 1), fmt(prof["device_ms_per_step"], 1),
+                    *(fmt(fam.get(k, 0.0), 1) for k in ("gemm", "attention", "fused (triton)", "other"))]) + " |")
         lines += ["", "MFU counts 2 x teacher + 6 x student parameters per token (embeddings included) over the "
                       "H200's 790 TFLOP/s bf16 rate on the GPU, and over this CPU's measured float32 matmul rate "
                       "on the CPU (CPU figures taken on a shared, loaded 2-core machine).", ""]
@@ -673,7 +824,13 @@ def main() -> None:
     parser.add_argument("--work", default="/tmp/minitron-bench")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--austen", default="")
-    parser.add_argument("--tokens", default="4M")
+    parser.add_argument("--tokens", default="", help="distillation tokens per student (default: from --tokens-from, "
+                                                     "else 4M)")
+    parser.add_argument("--rows", default="", help="quality part: only these rows, e.g. modegpt,minitron-70M-both "
+                                                   "(fp32, slicegpt, modegpt, minitron-<size>-<axis>); overrides --group")
+    parser.add_argument("--generate-data", default="", help="quality part: tokens of teacher-sampled text added to "
+                                                            "the training mix, e.g. 2M")
+    parser.add_argument("--fresh", action="store_true", help="merge: start from the parts only, not the results file")
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--batch", type=int, default=0)
     parser.add_argument("--windows", type=int, default=128)
@@ -694,6 +851,13 @@ def main() -> None:
     parser.add_argument("--batch-agg", default="l2")
     parser.add_argument("--compile", action="store_true")
     parser.add_argument("--no-compile", action="store_true")
+    parser.add_argument("--sweep", nargs="?", const=SWEEP, default="",
+                        help="throughput part: measure these step configurations BATCH/KL_CHUNK/COMPILE_MODE,... "
+                             "(no value: the default sweep)")
+    parser.add_argument("--sweep-budget", type=float, default=1e9, help="seconds the throughput part may take")
+    parser.add_argument("--sweep-estimate-s", type=float, default=15,
+                        help="seconds one compiled configuration needs (x3 with max-autotune)")
+    parser.add_argument("--profile", action="store_true", help="throughput part: device time by kernel family")
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--cpu-steps", type=int, default=3)
@@ -719,7 +883,7 @@ def main() -> None:
     elif args.part == "aggregation":
         aggregation(args)
     elif args.part == "merge":
-        merge(args.paths)
+        merge(args.paths, args.fresh)
 
 
 if __name__ == "__main__":

@@ -152,15 +152,18 @@ def test_sigkilled_distillation_resumes_with_the_same_loss_curve_and_bytes(teach
     assert files(out) == files(tmp_path / "clean")
 
 
+def _torchrun(code: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "--no-python", sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+
+
 def test_two_gloo_processes_match_one_and_resume_on_two(teacher, student, text_file, tmp_path):
     one = run(teacher, student, text_file, tmp_path / "one", batch_size=4)
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
     settings = json.dumps({**SETTINGS, "batch_size": 2})
     code = (f"import json; from compressor import api; api.distill({str(teacher)!r}, {str(student)!r}, "
             f"{str(text_file)!r}, {str(tmp_path / 'two')!r}, json.loads({settings!r}), eval_data={str(text_file)!r})")
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                          "--no-python", sys.executable, "-c", code],
-                         capture_output=True, text=True, env=env, timeout=600)
+    two = _torchrun(code)
     assert two.returncode == 0, two.stderr[-3000:]
     losses = json.loads((tmp_path / "two" / "build.json").read_text())["losses"]
     assert len(losses) == len(one["losses"])
@@ -170,11 +173,35 @@ def test_two_gloo_processes_match_one_and_resume_on_two(teacher, student, text_f
     for resume in (False, True):
         code = _KILL.format(teacher=str(teacher), student=str(student), data=str(text_file), out=str(tmp_path / "k"),
                             kill=not resume, resume=resume, settings=settings)
-        proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                               "--no-python", sys.executable, "-c", code],
-                              capture_output=True, text=True, env=env, timeout=600)
+        proc = _torchrun(code)
         assert (proc.returncode == 0) == resume, proc.stderr[-3000:]
     assert json.loads((tmp_path / "k" / "build.json").read_text())["losses"] == losses
+
+
+def test_fsdp_on_two_gloo_processes_resumes_matches_one_and_saves_a_loadable_student(teacher, student, text_file,
+                                                                                      tmp_path):
+    """The student sharded over 2 processes (FSDP2, gradient checkpointing on), SIGKILLed after its
+    step-8 checkpoint (gathered full tensors) and resumed sharded: the loss curve and the trained
+    weights of one unsharded process, written as an ordinary artifact plain transformers loads."""
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    one = run(teacher, student, text_file, tmp_path / "one")
+    settings = {**SETTINGS, "batch_size": 2, "fsdp": True, "gradient_checkpointing": True}
+    for resume in (False, True):
+        proc = _torchrun(_KILL.format(teacher=str(teacher), student=str(student), data=str(text_file),
+                                      out=str(tmp_path / "two"), kill=not resume, resume=resume, settings=settings))
+        assert (proc.returncode == 0) == resume, proc.stderr[-3000:]
+    build = json.loads((tmp_path / "two" / "build.json").read_text())
+    assert build["fsdp"] and build["processes"] == 2
+    assert len(build["losses"]) == len(one["losses"])
+    assert max(abs(a - b) for a, b in zip(build["losses"], one["losses"])) < 1e-4 * max(one["losses"])
+    assert abs(build["evals"][-1]["ppl"] - one["eval"]["ppl"]) < 1e-3 * one["eval"]["ppl"]
+    sharded, plain = (load_file(str(d / "model.safetensors")) for d in (tmp_path / "two", tmp_path / "one"))
+    assert sharded.keys() == plain.keys()
+    assert max(float((sharded[k] - plain[k]).abs().max()) for k in plain) < 1e-4
+    assert api.verify(tmp_path / "two")["ok"]
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "two").config.hidden_size == 48
 
 
 @pytest.mark.parametrize("method, options", [("slicegpt", {"sparsity": 0.25}), ("modegpt", {"sparsity": 0.25})])

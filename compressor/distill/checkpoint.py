@@ -24,20 +24,19 @@ def checkpoint_dir(out: Path) -> Path:
     return Path(out).with_name(f".{Path(out).name}.distill")
 
 
-def optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], list[dict]]:
-    """An optimizer's state as flat tensors and its param groups as JSON-able dicts."""
-    state = optimizer.state_dict()
+def optimizer_tensors(state: dict) -> tuple[dict[str, torch.Tensor], list[dict]]:
+    """An optimizer state dict's tensors, flat, and its param groups as JSON-able dicts."""
     tensors = {f"{index}.{key}": value.detach().cpu().contiguous()
                for index, entries in state["state"].items() for key, value in entries.items()}
     return tensors, state["param_groups"]
 
 
-def load_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], groups: list[dict]) -> None:
+def optimizer_state(tensors: dict[str, torch.Tensor], groups: list[dict]) -> dict:
     state: dict[int, dict[str, torch.Tensor]] = {}
     for name, value in tensors.items():
         index, key = name.split(".", 1)
         state.setdefault(int(index), {})[key] = value
-    optimizer.load_state_dict({"state": state, "param_groups": groups})
+    return {"state": state, "param_groups": groups}
 
 
 def rng_tensors() -> dict[str, torch.Tensor]:
@@ -62,7 +61,8 @@ class TrainingCheckpoint:
     def exists(self) -> bool:
         return (self.path / STATE).is_file()
 
-    def save(self, state: dict[str, Any], model: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer) -> None:
+    def save(self, state: dict[str, Any], model: dict[str, torch.Tensor], optimizer: dict) -> None:
+        """`optimizer`: an optimizer state dict with full tensors."""
         tensors, groups = optimizer_tensors(optimizer)
         self.root.mkdir(parents=True, exist_ok=True)
         with atomic_dir(self.path, overwrite=True) as tmp:
@@ -81,9 +81,9 @@ class TrainingCheckpoint:
                 "rerun with the original settings, or pass --restart to discard it")
         return state
 
-    def load(self, optimizer: torch.optim.Optimizer) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-        """(state, model tensors); the optimizer and the RNGs are restored in place."""
+    def load(self) -> tuple[dict[str, Any], dict[str, torch.Tensor], dict]:
+        """(state, model tensors, optimizer state dict); the RNGs are restored in place."""
         state = self.state()
-        load_optimizer(optimizer, read_tensors(self.path / OPTIMIZER), state["param_groups"])
+        optimizer = optimizer_state(read_tensors(self.path / OPTIMIZER), state["param_groups"])
         restore_rng(read_tensors(self.path / RNG))
-        return state, read_tensors(self.path / MODEL)
+        return state, read_tensors(self.path / MODEL), optimizer

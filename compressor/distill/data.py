@@ -83,7 +83,7 @@ def _stream(path: Path, tokenizer, text_field: str) -> torch.Tensor:
 
 
 SAMPLE_TOP_K = 50  # teacher samples: top-k sampling at temperature 1
-SAMPLE_BATCH = 16
+SAMPLE_BATCH = {"cpu": 16, "cuda": 512}  # sequences sampled at once (a GPU is idle below hundreds)
 
 
 @torch.no_grad()
@@ -102,8 +102,9 @@ def teacher_samples(model: torch.nn.Module, bos: int, tokens: int, seq_len: int,
     out = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed * 7919 + 17)
-        for start in range(0, count, SAMPLE_BATCH):
-            rows = torch.full((min(SAMPLE_BATCH, count - start), 1), bos, dtype=torch.long, device=device)
+        batch = SAMPLE_BATCH.get(device.type, SAMPLE_BATCH["cpu"])
+        for start in range(0, count, batch):
+            rows = torch.full((min(batch, count - start), 1), bos, dtype=torch.long, device=device)
             out.append(model.generate(rows, attention_mask=torch.ones_like(rows), generation_config=config).cpu())
     return torch.cat(out)
 

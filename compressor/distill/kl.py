@@ -39,8 +39,10 @@ def _capped(z: torch.Tensor, cap: float | None) -> tuple[torch.Tensor, torch.Ten
 
 
 def kl_chunk(zs: torch.Tensor, zt: torch.Tensor, temperature: float, top_k: int, student_cap: float | None,
-             teacher_cap: float | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(sum over the chunk's tokens of T^2 KL, dKL/dz_s per token) for raw logits [c, V]."""
+             teacher_cap: float | None, grad_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sum over the chunk's tokens of T^2 KL, dKL/dz_s per token in `grad_dtype`) for raw logits
+    [c, V]. The gradient leaves in the dtype of the GEMMs that consume it, so the compiled form
+    writes it once (no separate cast pass over [c, V])."""
     zs, dcap = _capped(zs.float(), student_cap)
     zt, _ = _capped(zt.float(), teacher_cap)
     log_ps = F.log_softmax(zs / temperature, dim=-1)
@@ -58,7 +60,7 @@ def kl_chunk(zs: torch.Tensor, zt: torch.Tensor, temperature: float, top_k: int,
     grad = grad * temperature
     if dcap is not None:
         grad = grad * dcap
-    return (temperature ** 2) * kl.sum(), grad
+    return (temperature ** 2) * kl.sum(), grad.to(grad_dtype)
 
 
 _COMPILED: dict[str, object] = {}
@@ -90,9 +92,8 @@ class FusedLinearKL(torch.autograd.Function):
                 z_t = ht[start:start + settings.chunk].to(dtype) @ wt_c.T
             z_s = h_s.detach() @ ws_c.T
             kl, grad = fn(z_s, z_t, settings.temperature, settings.top_k, settings.student_softcap,
-                          settings.teacher_softcap)
+                          settings.teacher_softcap, dtype)
             total += kl
-            grad = grad.to(dtype)
             if grad_hs is not None:
                 grad_hs[start:start + settings.chunk] = grad @ ws_c
             if grad_ws is not None:

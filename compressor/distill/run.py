@@ -19,6 +19,7 @@ from compressor.devices import check_device
 from compressor.distill.checkpoint import TrainingCheckpoint, checkpoint_dir
 from compressor.distill.data import TrainingWindows, teacher_samples, training_windows, with_teacher_samples
 from compressor.distill.settings import DistillSettings
+from compressor.distill.sharding import fsdp_requested
 from compressor.distill.trainer import Trainer
 from compressor.errors import CompressorError
 from compressor.formats import artifact as artifacts
@@ -126,13 +127,18 @@ def distill(teacher: str, student: str, data: list[str], out: str | Path, settin
         windows = with_teacher_samples(windows, teacher_samples(teacher_model.model, bos, settings.generate_data,
                                                                 settings.seq_len, settings.seed))
     steps = check_data(windows, settings, accelerator.num_processes)
+    sharded = fsdp_requested(accelerator, settings.fsdp)
+    if settings.fsdp and not sharded:
+        progress.log("--fsdp shards the student over several processes (accelerate launch / torchrun); "
+                     "this single process trains it whole")
     held_out = evaluation_set(eval_data, tokenizer, settings.eval_windows, settings.seq_len, text_field, progress.log)
     progress.log(f"distilling {student} from {teacher}: {steps} steps of "
-                 f"{steps and settings.tokens // steps} tokens on {accelerator.num_processes} process(es), "
+                 f"{steps and settings.tokens // steps} tokens on {accelerator.num_processes} process(es)"
+                 f"{' (FSDP)' if sharded else ''}, "
                  f"{windows.tokens} tokens of text ({windows.tokens and settings.tokens / windows.tokens:.1f} epochs)")
     run = TrainingCheckpoint(out, fingerprint(
         __version__, teacher_model.source_hash, student_model.source_hash, windows.sha256, settings.fingerprinted(),
-        accelerator.num_processes, accelerator.device.type))
+        accelerator.num_processes, accelerator.device.type, sharded))
     if resume:
         run.state()  # a resume with other settings is refused before the models move
     elif restart and accelerator.is_main_process:
@@ -140,10 +146,11 @@ def distill(teacher: str, student: str, data: list[str], out: str | Path, settin
     accelerator.wait_for_everyone()
 
     trainer = Trainer(accelerator, teacher_model.model, teacher_model.adapter, student_model.model,
-                      student_model.adapter, windows, settings, held_out.input_ids)
+                      student_model.adapter, windows, settings, held_out.input_ids, sharded)
     start = 0
     if resume:
-        state, tensors = run.load(trainer.optimizer)
+        state, tensors, optimizer = run.load()
+        trainer.load_optimizer_state(optimizer)
         trainer.load_model_state(tensors)
         start = state["step"]
         trainer.history.losses, trainer.history.evals = state["losses"], state["evals"]
@@ -152,13 +159,14 @@ def distill(teacher: str, student: str, data: list[str], out: str | Path, settin
         trainer.evaluate(0, progress)
 
     def save(step: int) -> None:
+        model, optimizer = trainer.model_state(), trainer.optimizer_state()  # every process: sharded ones gather
         if accelerator.is_main_process:
-            run.save({"step": step, "losses": trainer.history.losses, "evals": trainer.history.evals},
-                     trainer.model_state(), trainer.optimizer)
+            run.save({"step": step, "losses": trainer.history.losses, "evals": trainer.history.evals}, model, optimizer)
         accelerator.wait_for_everyone()
 
     trainer.train(start, save, progress)
     final = trainer.evaluate(steps, progress)
+    tensors = trainer.student_state()  # every process: sharded ones gather
     result = {"output": str(out), "steps": steps, "tokens": steps * trainer.tokens_per_step,
               "rank": accelerator.process_index, "world_size": accelerator.num_processes}
     if accelerator.is_main_process:
@@ -167,12 +175,12 @@ def distill(teacher: str, student: str, data: list[str], out: str | Path, settin
         metrics = {"params": count_parameters(trainer.unwrapped.student), "tokens": result["tokens"], "steps": steps,
                    "loss": trainer.history.losses[-1], "eval": {k: final[k] for k in ("ppl", "kl")},
                    "eval_before": {k: trainer.history.evals[0][k] for k in ("ppl", "kl")}}
-        write_student(out, student_model, trainer, overwrite=overwrite, method={
+        write_student(out, student_model, trainer, tensors, overwrite=overwrite, method={
             "name": "distill", "config": settings.model_dump(), "teacher": {"ref": teacher, "sha256":
                                                                            teacher_model.source_hash}},
             data=windows.describe() | {"eval": held_out.describe()}, metrics=metrics,
             build={"wall_s": time.perf_counter() - started, "train_s": train_s, "tokens_per_s": rate,
-                   "device": str(accelerator.device), "processes": accelerator.num_processes,
+                   "device": str(accelerator.device), "processes": accelerator.num_processes, "fsdp": sharded,
                    "peak_rss_mb": peak_rss_mb(), "losses": trainer.history.losses, "evals": trainer.history.evals})
         shutil.rmtree(saved, ignore_errors=True)
         result.update(metrics, tokens_per_s=rate, wall_s=time.perf_counter() - started, peak_rss_mb=peak_rss_mb(),
@@ -181,15 +189,15 @@ def distill(teacher: str, student: str, data: list[str], out: str | Path, settin
     return result
 
 
-def write_student(out: Path, student: LoadedModel, trainer: Trainer, *, overwrite: bool, method: dict, data: dict,
-                  metrics: dict, build: dict) -> Path:
+def write_student(out: Path, student: LoadedModel, trainer: Trainer, state: dict[str, torch.Tensor], *,
+                  overwrite: bool, method: dict, data: dict, metrics: dict, build: dict) -> Path:
     """The student's own config (a sliced artifact stays the registered sliced class) with the
-    trained weights in the dtype it was stored in."""
+    trained weights (`state`: full tensors) in the dtype it was stored in."""
     model, adapter = trainer.unwrapped.student, student.adapter
     source_config = student.path / "config.json" if student.path.is_dir() else None
     config = json.loads(source_config.read_text()) if source_config else model.config.to_dict()
     config["dtype"] = str(student.stored_dtype).removeprefix("torch.")
-    state = model.state_dict()
+    state = dict(state)
     for name in adapter.tied_weight_names(model):
         state.pop(name, None)
     keep = student.stored_dtype

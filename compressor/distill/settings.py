@@ -37,6 +37,11 @@ class DistillSettings(BaseModel):
     precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="bf16 autocast (auto: on GPUs) or fp32")
     gradient_checkpointing: bool = Field(False, description="recompute block activations in the backward pass")
     compile: bool = Field(False, description="torch.compile each decoder block and the KL (GPUs)")
+    compile_mode: Literal["default", "max-autotune-no-cudagraphs", "max-autotune", "reduce-overhead"] = Field(
+        "default", description="torch.compile mode of the decoder blocks with --compile (max-autotune*: tuned "
+                               "GEMM kernels, longer compile; reduce-overhead/max-autotune: CUDA graphs)")
+    fsdp: bool = Field(False, description="shard the student, its gradients and optimizer state over the processes "
+                                          "(FSDP2; also on under accelerate launch --use_fsdp) instead of DDP")
     eval_every: int = Field(0, ge=0, description="steps between held-out evaluations (0: before and after only)")
     eval_windows: int = Field(32, ge=1, description="held-out windows of --seq-len tokens per evaluation")
     save_every: int = Field(200, ge=1, description="steps between checkpoints")

@@ -1,5 +1,6 @@
 """The distillation loop on accelerate: the same code runs on a CPU, one GPU, or several processes
-(`accelerate launch` / `torchrun`: DDP, every process reads its own part of each batch).
+(`accelerate launch` / `torchrun`: DDP, every process reads its own part of each batch; with
+`--fsdp` the student is fully sharded instead, see distill.sharding).
 
 Each micro-batch: the teacher's final hidden states (no gradient, bf16 weights on GPUs), the
 student's, and the fused chunked KL between their logits (distill.kl) plus, optionally, an MSE
@@ -23,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from compressor.distill.data import TrainingWindows
 from compressor.distill.kl import KLSettings, chunked_metrics, fused_kl
 from compressor.distill.settings import DistillSettings
+from compressor.distill.sharding import gathered, local_like, reshard_after_forward, shard, storage_key
 from compressor.models.adapters import Adapter
 
 
@@ -70,7 +72,15 @@ class DistillModule(nn.Module):
         if self.projection is not None and width == teacher_hidden:
             nn.init.eye_(self.projection.weight)
 
-    def forward(self, ids: torch.Tensor, teacher_hidden: torch.Tensor, teacher_head: torch.Tensor):
+    def forward(self, ids: torch.Tensor, teacher_hidden: torch.Tensor, teacher_head: torch.Tensor,
+                metrics: KLSettings | None = None):
+        """(loss, KL, MSE) of a training batch; with `metrics`, (summed NLL of the next tokens,
+        summed KL) of a held-out batch whose teacher states drop the last position. Evaluation
+        goes through forward too, so a sharded student gathers its weights the same way."""
+        if metrics is not None:
+            hs = final_hidden(self.student, self.adapter, ids)[:, :-1].flatten(0, 1)
+            return chunked_metrics(hs, self.adapter.head(self.student).weight, teacher_hidden, teacher_head,
+                                   ids[:, 1:].flatten(), metrics, self.dtype)
         hs = final_hidden(self.student, self.adapter, ids).flatten(0, 1)
         ht = teacher_hidden.flatten(0, 1)
         with torch.autocast(hs.device.type, enabled=False):
@@ -93,8 +103,9 @@ class History:
 
 class Trainer:
     def __init__(self, accelerator, teacher: nn.Module, teacher_adapter: Adapter, student: nn.Module,
-                 student_adapter: Adapter, data: TrainingWindows, settings: DistillSettings, eval_ids: torch.Tensor):
-        self.accelerator, self.settings, self.data = accelerator, settings, data
+                 student_adapter: Adapter, data: TrainingWindows, settings: DistillSettings, eval_ids: torch.Tensor,
+                 sharded: bool = False):
+        self.accelerator, self.settings, self.data, self.sharded = accelerator, settings, data, sharded
         self.teacher, self.teacher_adapter = teacher, teacher_adapter
         self.student_adapter = student_adapter
         device = accelerator.device
@@ -112,14 +123,17 @@ class Trainer:
         teacher.eval()
         compiled = settings.compile and cuda
         if compiled:
+            mode = None if settings.compile_mode == "default" else settings.compile_mode
             for block in [*student_adapter.blocks(student), *teacher_adapter.blocks(teacher)]:
-                block.compile()
+                block.compile(mode=mode)
         self.teacher_hidden = teacher_adapter.text_config(teacher.config).hidden_size
         module = DistillModule(student, student_adapter, kl, settings.hidden_weight, self.teacher_hidden, self.dtype,
                                compiled)
+        if sharded:  # in place, before the optimizer sees the (now sharded) parameters
+            shard(module, student_adapter.blocks(student), device, reshard_after_forward(accelerator))
         optimizer = torch.optim.AdamW(module.parameters(), lr=settings.lr, betas=(0.9, 0.95), eps=1e-8,
                                       weight_decay=settings.weight_decay, fused=cuda or None)
-        self.module, self.optimizer = accelerator.prepare(module, optimizer)
+        self.module, self.optimizer = (module, optimizer) if sharded else accelerator.prepare(module, optimizer)
         self.teacher = teacher.to(device)
         self.eval_ids = eval_ids
         self._eval_teacher: list[torch.Tensor] | None = None
@@ -151,12 +165,14 @@ class Trainer:
             with torch.no_grad():
                 teacher_hidden = final_hidden(self.teacher, self.teacher_adapter, ids)
             last = micro == s.grad_accum - 1
-            with acc.no_sync(self.module) if not last else nullcontext(), acc.autocast():
+            if self.sharded:  # reduce-scatter the gradients once, after the last micro-batch
+                self.module.set_requires_gradient_sync(last)
+            with acc.no_sync(self.module) if not last and not self.sharded else nullcontext(), acc.autocast():
                 loss, kl, _ = self.module(ids, teacher_hidden, self.teacher_head())
                 acc.backward(loss / s.grad_accum)
             total += loss.detach() / s.grad_accum
-        if s.clip:
-            acc.clip_grad_norm_(self.module.parameters(), s.clip)
+        if s.clip:  # sharded gradients: torch's norm over all shards
+            (torch.nn.utils.clip_grad_norm_ if self.sharded else acc.clip_grad_norm_)(self.module.parameters(), s.clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return float(acc.reduce(total, reduction="mean"))
@@ -188,10 +204,11 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self, step: int, progress) -> dict[str, Any]:
         """Held-out perplexity of the student and its KL to the teacher (the first process
-        computes, the others wait); the teacher's hidden states are computed once."""
+        computes and the others wait; a sharded student needs every process, so all compute);
+        the teacher's hidden states are computed once."""
         acc = self.accelerator
         result: dict[str, Any] = {}
-        if acc.is_main_process:
+        if acc.is_main_process or self.sharded:
             module = self.unwrapped
             module.eval()
             batches = [self.eval_ids[i:i + EVAL_BATCH].to(acc.device) for i in range(0, len(self.eval_ids), EVAL_BATCH)]
@@ -201,27 +218,56 @@ class Trainer:
             nll = kl = 0.0
             with acc.autocast():
                 for ids, teacher in zip(batches, self._eval_teacher):
-                    hs = final_hidden(module.student, module.adapter, ids)[:, :-1].flatten(0, 1)
-                    n, k = chunked_metrics(hs, module.adapter.head(module.student).weight, teacher,
-                                           self.teacher_head(), ids[:, 1:].flatten(), self.eval_kl, self.dtype)
+                    n, k = module(ids, teacher, self.teacher_head(), metrics=self.eval_kl)
                     nll, kl = nll + n, kl + k
+            if self.sharded:
+                module.reshard()  # the root stays gathered after a forward without backward
             module.train()
             tokens = self.eval_ids[:, 1:].numel()
             result = {"step": step, "tokens": step * self.tokens_per_step, "ppl": math.exp(nll / tokens),
                       "kl": kl / tokens}
-            self.history.evals.append(result)
-            progress.log(f"eval at step {step}: ppl {result['ppl']:.3f}  KL to teacher {result['kl']:.4f}")
+            if acc.is_main_process:
+                self.history.evals.append(result)
+                progress.log(f"eval at step {step}: ppl {result['ppl']:.3f}  KL to teacher {result['kl']:.4f}")
         acc.wait_for_everyone()
         return result
 
     def model_state(self) -> dict[str, torch.Tensor]:
-        """Everything trainable (student and projection) for checkpoints, tied weights once."""
-        return unique_state(self.unwrapped)
+        """Everything trainable (student and projection) for checkpoints, tied weights once, as
+        full tensors on the first process (every process must call it: sharded ones gather)."""
+        return gathered(unique_state(self.unwrapped), self.accelerator.is_main_process)
+
+    def student_state(self) -> dict[str, torch.Tensor]:
+        """The student's full state dict, tied weights included (every process calls it; the
+        first one gets the tensors)."""
+        state = self.unwrapped.student.state_dict()
+        full = gathered(unique_state(self.unwrapped.student), self.accelerator.is_main_process)
+        if not full:
+            return {}
+        keys = {name: storage_key(t) for name, t in state.items()}
+        by_key = {keys[name]: tensor for name, tensor in full.items()}
+        return {name: by_key[key] for name, key in keys.items()}
+
+    def optimizer_state(self) -> dict:
+        """The optimizer's state dict with full tensors (a collective when sharded)."""
+        state = self.optimizer.state_dict()
+        keep = self.accelerator.is_main_process
+        full = {index: gathered(entries, keep) for index, entries in state["state"].items()}
+        return {"state": full, "param_groups": state["param_groups"]}
+
+    def load_optimizer_state(self, state: dict) -> None:
+        """A full-tensor optimizer state dict; each process keeps its shards."""
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        local = {index: {key: local_like(value, params[int(index)]) if value.dim() else value
+                         for key, value in entries.items()} for index, entries in state["state"].items()}
+        self.optimizer.load_state_dict({"state": local, "param_groups": state["param_groups"]})
 
     def load_model_state(self, tensors: dict[str, torch.Tensor]) -> None:
         module = self.unwrapped
+        current = module.state_dict()
+        tensors = {k: local_like(v, current[k]) if k in current else v for k, v in tensors.items()}
         missing, unexpected = module.load_state_dict(tensors, strict=False)
-        aliases = set(module.state_dict()) - set(unique_state(module))
+        aliases = set(current) - set(unique_state(module))
         if set(missing) - aliases or unexpected:
             raise RuntimeError(f"checkpoint does not match the student (missing {missing[:3]}, "
                                f"unexpected {unexpected[:3]})")
@@ -231,7 +277,7 @@ def unique_state(module: nn.Module) -> dict[str, torch.Tensor]:
     """A state dict without the aliases of tied weights (safetensors stores each storage once)."""
     seen, state = set(), {}
     for name, tensor in module.state_dict().items():
-        key = (tensor.data_ptr(), tensor.shape)
+        key = storage_key(tensor)
         if key not in seen:
             seen.add(key)
             state[name] = tensor
