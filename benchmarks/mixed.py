@@ -191,11 +191,9 @@ def score_correlation(model: str, sensitivity: Path, assignments: int, windows: 
 
 def merge(args, rows: list[dict], note: str | None = None) -> None:
     """Write `rows` into mixed.json: they replace the rows of the same model and method, the others stay
-    (the score check and the CPU timing rows are measured in their own runs)."""
+    (the uniform rows, the mixed rows, the score check and the CPU timing can be measured in runs of their own)."""
     data = read_results(NAME) if (RESULTS / f"{NAME}.json").is_file() else {"rows": [], "device": args.device}
     produced = {(r["model"], r["method"]) for r in rows}
-    if any(r["method"] in ("rtn", "gptq", "awq+gptq", "mixed") for r in rows):
-        produced |= {(args.model, m) for m in ("fp32", "rtn", "gptq", "awq+gptq", "mixed")}
     kept = [r for r in data["rows"] if (r["model"], r["method"]) not in produced]
     write_results(NAME, kept + rows, {"eval_windows": args.windows, "window": 512, **CALIB},
                   {"device": data.get("device", args.device) if note is None else args.device,
@@ -271,7 +269,8 @@ def run(args) -> None:
                      "size_bytes": sum(f.stat().st_size for f in (work / name).glob("*.safetensors")),
                      "ppl": m["ppl"], "ppl_increase_pct": 100 * (m["ppl"] / base["ppl"] - 1), "kl": m["kl"],
                      "wall_s": timing["wall_s"], "cpu_s": timing["cpu_s"], "peak_rss_mb": timing["peak_rss_mb"],
-                     "load_average": timing["load_average"], **({"resumed": True} if timing.get("resumed") else {}),
+                     "load_average": timing["load_average"], "device": args.device,
+                     **({"resumed": True} if timing.get("resumed") else {}),
                      **({"search": _search(timing)} if timing.get("mixed") else {})})
     if args.assignments:
         rows.append(scores_row(args, work))

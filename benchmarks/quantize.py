@@ -157,6 +157,8 @@ def gpu_rows(path: Path, device: str = "cuda", set_name: str | None = None) -> l
             ood = r["austen_base_ppl"]
             row.update(austen_ppl=r["austen_ppl"], austen_kl=r["austen_kl"],
                        austen_increase_pct=100 * (r["austen_ppl"] / ood - 1))
+            if rtn and rtn is not r and "austen_ppl" in rtn:
+                row["austen_fraction_of_rtn_increase"] = (r["austen_ppl"] - ood) / (rtn["austen_ppl"] - ood)
             hqq = rows.get(f"hqq-w{bits}")
             if hqq and hqq is not r and "austen_ppl" in hqq:
                 row["austen_fraction_of_hqq_increase"] = (r["austen_ppl"] - ood) / (hqq["austen_ppl"] - ood)
@@ -206,9 +208,17 @@ def render(data: dict) -> str:
                   "device lent for this session measured the rest of the grid (`python benchmarks/quantize_variants.py "
                   "--device cuda`, same model, data, windows and calibration; its own fp32 row). Wall times here are "
                   "GPU runs, not the CPU target.", ""]
-        lines += table(["row", "method", "bits/weight", "ppl", "increase", "of RTN", "KL", "wall (GPU)"], [[
+        if any("austen_ppl" in r for r in gpu):
+            lines += ["Out of domain beside it: Austen's held-out novel (`--texts wiki,austen`); `of HQQ` and `of "
+                      "RTN` = the row's perplexity increase as a fraction of calibration-free HQQ's or RTN's at the "
+                      "same bits on that text. Rows without Austen figures come from an earlier run of the script.", ""]
+        lines += table(["row", "method", "bits/weight", "ppl", "increase", "of RTN", "KL", "Austen ppl", "increase",
+                        "of RTN", "of HQQ", "wall (GPU)"], [[
             r["row"], r["method"], str(r["bits_per_weight"]), f"{r['ppl']:.3f}", fmt(r.get("ppl_increase_pct"), _pct),
             fmt(r.get("fraction_of_rtn_increase"), lambda v: f"{100 * v:.1f}%"), f"{r['kl']:.4f}",
+            fmt(r.get("austen_ppl"), "{:.3f}"), fmt(r.get("austen_increase_pct"), _pct),
+            fmt(r.get("austen_fraction_of_rtn_increase"), lambda v: f"{100 * v:.1f}%"),
+            fmt(r.get("austen_fraction_of_hqq_increase"), lambda v: f"{100 * v:.1f}%"),
             fmt(r.get("wall_s"), "{:.0f} s")] for r in gpu])
     if reduced:
         p = reduced[0]["protocol"]

@@ -99,7 +99,19 @@ def main() -> None:
                  (f"{text}_base_ppl", results[text]["base"]["ppl"]))}}
             for name, info in built.items()]
     protocol = {"eval_windows": args.windows, "window": 512, "calib_samples": args.samples, "calib_len": 512}
+    rows += earlier_rows(path, {row["variant"] for row in rows}, protocol)
     print(f"wrote {write_results('quantize_variants', rows, protocol, {'device': args.device}, path=path)}")
+
+
+def earlier_rows(path: Path, measured: set[str], protocol: dict) -> list[dict]:
+    """The rows of the results file this run replaces whose variants it did not measure (same protocol only)."""
+    if not path.is_file():
+        return []
+    data = json.loads(path.read_text())
+    if data.get("protocol") != protocol:
+        return []
+    when = data.get("date", "an earlier run")
+    return [{**row, "measured": row.get("measured", when)} for row in data["rows"] if row["variant"] not in measured]
 
 
 if __name__ == "__main__":

@@ -41,6 +41,22 @@ mixed() {
   (cd $w && tar czf "$OUT/mixed-records.tar.gz" $(ls */*.run.json *.run.json *.eval-*.json 2>/dev/null))
 }
 
+mixed_only() {  # the mixed rows alone (the uniform rows already measured): the pass, then the budgets in parallel
+  local w=/tmp/bench-mixed-only m="python3 benchmarks/mixed.py --device cuda --work /tmp/bench-mixed-only --uniform= --no-w3-point"
+  step mixed pass and 3.5 bits
+  bounded ${MIXED_PASS_S:-200} $m --targets 3.5 --build-only > $L/mixed-only-first.log 2>&1
+  step mixed budgets
+  for t in 2.5,3 3.25,${W3_BITS:-3.2969} 4; do
+    bounded ${MIXED_BUILD_S:-150} $m --targets $t --build-only --reuse > $L/mixed-only-$t.log 2>&1 &
+  done
+  wait
+  step mixed measure
+  bounded ${MIXED_MEASURE_S:-90} $m --targets 2.5,3,3.25,${W3_BITS:-3.2969},3.5,4 --reuse --skip-missing --assignments 0 \
+    > $L/mixed-only-measure.log 2>&1
+  tail -12 $L/mixed-only-measure.log
+  cp benchmarks/results/mixed.json "$OUT"/ 2>/dev/null
+}
+
 variants() {
   local w=/tmp/variants v="python3 benchmarks/quantize_variants.py --device cuda --work /tmp/variants --no-eval"
   step variants builds

@@ -262,3 +262,23 @@ def test_bad_input_is_one_line_before_any_work(teacher, student, text_file, tmp_
     wide = make_llama(tmp_path / "wide", layers=1, hidden=96)
     assert_cli_error(_cli(teacher, wide, text_file, out, "--hidden-weight", "1"), "hidden-state loss needs")
     assert not out.exists()
+
+
+def test_compiling_a_modegpt_student_allows_one_variant_per_block_width(teacher, text_file, tmp_path):
+    """Sliced blocks differ in width; with dynamo's default limit of 8 variants the later blocks of a
+    30-block student would run uncompiled (the 20M-token MoDeGPT run on the H200 hit it)."""
+    from compressor.distill.trainer import allow_block_shapes
+
+    pruned = tmp_path / "modegpt"
+    api.prune(str(teacher), "modegpt", pruned, None, {"sparsity": 0.25}, calib=str(text_file), samples=16, seq_len=32)
+    loaded = api.load(str(pruned))
+    blocks = list(loaded.adapter.blocks(loaded.model))
+    shapes = {tuple(p.shape for p in b.parameters()) for b in blocks}
+    assert len(shapes) > 1  # MoDeGPT keeps a different number of neurons per block
+    before = torch._dynamo.config.recompile_limit
+    try:
+        torch._dynamo.config.recompile_limit = 8
+        assert allow_block_shapes(blocks) == len(shapes) + 8
+        assert torch._dynamo.config.recompile_limit == len(shapes) + 8
+    finally:
+        torch._dynamo.config.recompile_limit = before

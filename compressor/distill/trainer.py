@@ -124,7 +124,9 @@ class Trainer:
         compiled = settings.compile and cuda
         if compiled:
             mode = None if settings.compile_mode == "default" else settings.compile_mode
-            for block in [*student_adapter.blocks(student), *teacher_adapter.blocks(teacher)]:
+            blocks = [*student_adapter.blocks(student), *teacher_adapter.blocks(teacher)]
+            allow_block_shapes(blocks)
+            for block in blocks:
                 block.compile(mode=mode)
         self.teacher_hidden = teacher_adapter.text_config(teacher.config).hidden_size
         module = DistillModule(student, student_adapter, kl, settings.hidden_weight, self.teacher_hidden, self.dtype,
@@ -282,3 +284,16 @@ def unique_state(module: nn.Module) -> dict[str, torch.Tensor]:
             seen.add(key)
             state[name] = tensor
     return state
+
+
+def allow_block_shapes(blocks: list[torch.nn.Module]) -> int:
+    """Raise dynamo's recompile limit to the blocks' distinct shapes (plus its default headroom).
+
+    Every block shares one forward's code, so each distinct block shape is one more compiled variant:
+    sliced students (SliceGPT, MoDeGPT) have a width per block, past the default limit of 8, after
+    which dynamo stops compiling those blocks and every step re-checks guards in eager mode."""
+    limit = len({tuple(p.shape for p in b.parameters()) for b in blocks}) + 8
+    for option in ("recompile_limit", "accumulated_recompile_limit"):
+        if hasattr(torch._dynamo.config, option):
+            setattr(torch._dynamo.config, option, max(getattr(torch._dynamo.config, option), limit))
+    return limit

@@ -113,7 +113,7 @@ def measure(model: nn.Module, adapter: Adapter, hidden: torch.Tensor, block_kwar
 def mean_cosine(a: torch.Tensor, b: torch.Tensor, chunk: int = 8) -> float:
     total, count = 0.0, 0
     for start in range(0, a.shape[0], chunk):
-        cos = F.cosine_similarity(a[start:start + chunk].double(), b[start:start + chunk].double(), dim=-1)
+        cos = F.cosine_similarity(a[start:start + chunk].double(), b[start:start + chunk].to(a.device).double(), dim=-1)
         total += float(cos.sum())
         count += cos.numel()
     return total / count

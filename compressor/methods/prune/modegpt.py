@@ -268,7 +268,7 @@ class MoDeGPT(Pruner):
         with progress.task("modegpt: layer importance", total=len(blocks)) as bar:
             for index, layer in enumerate(blocks):
                 out = run(layer, hidden, block_kwargs[index])
-                cos = torch.nn.functional.cosine_similarity(hidden.float(), out.float(), dim=-1)
+                cos = torch.nn.functional.cosine_similarity(hidden.float(), out.to(hidden.device).float(), dim=-1)
                 scores.append(float(1 - cos.mean()))
                 hidden = out
                 bar.advance()

@@ -264,8 +264,8 @@ def gptq_quantize_rows(w: torch.Tensor, h: torch.Tensor, blocks: list[tuple[int,
     else:
         parts = [_GroupParams(part, perm, cfg, h_diag) for part, (_, cfg) in zip(torch.split(w, rows), blocks)]
         params = _StackedParams(parts)
-        qmin = torch.cat([torch.full((r,), p.scheme.qmin, dtype=torch.float32) for r, p in zip(rows, parts)])
-        qmax = torch.cat([torch.full((r,), p.scheme.qmax, dtype=torch.float32) for r, p in zip(rows, parts)])
+        qmin, qmax = (torch.cat([torch.full((r,), getattr(p.scheme, bound), dtype=torch.float32, device=w.device)
+                                 for r, p in zip(rows, parts)]) for bound in ("qmin", "qmax"))
     w, h = w[:, perm], h[perm][:, perm]
     hinv, damp = inverse_hessian_cholesky(h, config.damp, name)
     codes = _sweep(w, hinv.float(), params, perm, qmin, qmax, config.block_size)

@@ -20,7 +20,7 @@ EIGEN_FLOOR = 1e-6  # eigenvalues below this fraction of the largest are treated
 @torch.no_grad()
 def eigen_lowrank(error: torch.Tensor, h: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B [out, r], A [r, in]) in bfloat16 with B A ≈ `error` [out, in] in the H-weighted norm."""
-    h64 = h.double()
+    h64 = h.to(error.device).double()
     eigenvalues, vectors = torch.linalg.eigh((h64 + h64.T) / 2)
     floor = eigenvalues.max().clamp_min(0) * EIGEN_FLOOR
     keep = eigenvalues > floor

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
 import json
 from pathlib import Path
 from typing import Callable, Literal
@@ -94,7 +96,8 @@ def _quantize_rows(config: CandidateConfig, weights: list[torch.Tensor], formats
     does them all in one sweep."""
     if (quantizer or config.base) == "gptq" and hessian is not None:
         blocks = [(w.shape[0], config.gptq(f)) for w, f in zip(weights, formats)]
-        with one_thread():  # many small and medium operations (see gptq.one_thread)
+        # On the CPU: many small and medium operations (see util.one_thread); on a GPU it runs where it is.
+        with one_thread() if hessian.device.type == "cpu" else nullcontext():
             records, _ = gptq_quantize_rows(torch.cat(weights), hessian, blocks, name)
         return records
     schemes = [f.scheme(config.sym, config.scale_dtype) for f in formats]
@@ -143,9 +146,9 @@ class Sensitivity(Method):
 
     def on_group(self, ctx: BlockContext, group: LinearGroup, linears: dict[str, nn.Linear]) -> dict[str, Record]:
         stats = self.stats[group.name]
-        hessian = stats["hessian"].cpu()
+        hessian = stats["hessian"]  # every candidate is rounded and scored on the block's device
         names = list(linears)
-        weights = {n: linears[n].weight.data.float().cpu() for n in names}
+        weights = {n: linears[n].weight.data.float().to(hessian.device) for n in names}
         formats = formats_for(linears[names[0]].in_features, self.config.formats())
         quantized = [f for f in formats if not f.kept]
         few = too_few_tokens(ctx, group, linears, stats)
@@ -274,7 +277,8 @@ class MixedPrecision(Method):
             hessian = None
             if self.needs_calibration:
                 stats = ctx.group_stats(group, {"hessian"})
-                hessian = None if too_few_tokens(ctx, group, linears, stats) else stats["hessian"].cpu()
+                hessian = None if too_few_tokens(ctx, group, linears, stats) else stats["hessian"]
+                weights = {n: w.to(stats["hessian"].device) for n, w in weights.items()}
             records = {n: kept_record(weights[n]) for n, f in formats.items() if f.kept}
             rounded = [n for n, f in formats.items() if not f.kept]
             if rounded:
