@@ -278,8 +278,9 @@ def test_cli_sensitivity_quantize_and_inspect(sensitivity, tiny_llama, text_file
 
 
 def test_a_build_killed_after_the_search_resumes_to_the_same_artifact(sensitivity, tiny_llama, calib, tmp_path):
-    """Found by the kill campaign: a build killed after the search left its run directory beside the
-    output, and the rerun was refused with advice (--resume) that --mixed refused as well."""
+    """Found while adding mixed precision to the kill campaign: a build killed after the search left
+    its run directory beside the output, and the rerun was refused with advice (--resume) that
+    --mixed refused as well."""
     options = {"act_order": True, "sensitivity": str(sensitivity[0]), **PROBE, "target_bits": 3.5}
     clean = tmp_path / "clean"
     api.quantize(str(tiny_llama), "gptq", clean, options, mixed=True, **calib)
