@@ -11,6 +11,7 @@ benchmarks/robustness.py counts them.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -39,6 +40,11 @@ class Workspace:
         self.artifact, self.packed = r / "w4", r / "packed"
         self.recipe, self.recipe_unknown, self.recipe_bad_value = r / "ok.yaml", r / "unknown.yaml", r / "range.yaml"
         self.calib, self.out = r / "calib.txt", r / "out" / "x"
+        # the scale work reads checkpoints lazily, shard by shard: one shard gone, one cut short
+        self.sharded, self.missing_shard = r / "sharded", r / "missing-shard"
+        self.truncated_shard = r / "truncated-shard"
+        # mixed precision: a sensitivity pass, the same with its table damaged, and one of another model
+        self.sens, self.sens_damaged, self.sens_other = r / "sens", r / "sens-damaged", r / "sens-other"
         os.environ["COMPRESSOR_CACHE"] = str(r / "cache")
         from compressor.cli import _quiet_libraries
 
@@ -82,7 +88,34 @@ class Workspace:
         self.recipe.write_text(good)
         self.recipe_unknown.write_text(good.replace("method: rtn", "method: rtn, colour: blue"))
         self.recipe_bad_value.write_text(good.replace("group_size: 16", "bits: 99"))
+        self._build_scale_and_mixed()
         (self.root / "ready").write_text("")
+
+    def _build_scale_and_mixed(self) -> None:
+        from conftest import make_llama
+        from transformers import AutoModelForCausalLM
+
+        from compressor import api
+
+        AutoModelForCausalLM.from_pretrained(self.model).save_pretrained(self.sharded, max_shard_size="20KB")
+        for f in self.model.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens")):
+                shutil.copy(f, self.sharded / f.name)
+        index = json.loads((self.sharded / "model.safetensors.index.json").read_text())["weight_map"]
+        shard = index["model.layers.1.mlp.down_proj.weight"]  # a shard of the last block's, named in the index
+        assert len(set(index.values())) > 2, index
+        for path in (self.missing_shard, self.truncated_shard):
+            shutil.copytree(self.sharded, path)
+        (self.missing_shard / shard).unlink()
+        cut = self.truncated_shard / shard
+        cut.write_bytes(cut.read_bytes()[:-64])  # its last tensor's bytes cut short
+        probe = {"probe_samples": 2, "probe_len": 16}
+        api.sensitivity(str(self.model), "rtn", self.sens, probe, calib=str(self.calib), samples=4, seq_len=32)
+        other = make_llama(self.root / "other-model", layers=1, hidden=32, intermediate=64, seed=3)
+        api.sensitivity(str(other), "rtn", self.sens_other, probe, calib=str(self.calib), samples=4, seq_len=32)
+        shutil.copytree(self.sens, self.sens_damaged)
+        table = self.sens_damaged / "sensitivity.json"
+        table.write_text(table.read_text()[: table.stat().st_size // 2])
 
     def snapshot(self) -> dict[str, str]:
         return {str(f.relative_to(self.root)): hashlib.sha256(f.read_bytes()).hexdigest()
@@ -120,6 +153,27 @@ def _r(candidate: str, *extra, base: str = "model") -> Callable[[Workspace], lis
 
 def _run(recipe: str, model: str = "model", *extra) -> Callable[[Workspace], list]:
     return lambda ws: ["run", getattr(ws, recipe), getattr(ws, model), "-o", ws.out, "--calib", ws.calib, *extra]
+
+
+def _d(*extra, teacher: str = "model", student: str = "model", data: str = "calib") -> Callable[[Workspace], list]:
+    return lambda ws: ["distill", "--teacher", getattr(ws, teacher), "--student", getattr(ws, student), "--data",
+                       getattr(ws, data), "--eval-data", ws.calib, "-o", ws.out, "--seq-len", "32", "--batch-size", "4",
+                       "--eval-windows", "4", "--tokens", "512", *extra]
+
+
+def _mixed(*extra, sens: str | None = None) -> Callable[[Workspace], list]:
+    return lambda ws: ["quantize", ws.model, "-o", ws.out, "-m", "rtn", "--mixed", "--calib", ws.calib, *CAL,
+                       "--probe-samples", "2", "--probe-len", "16", "--verify-windows", "2",
+                       *(["--sensitivity", getattr(ws, sens)] if sens else []), *extra]
+
+
+def _s(model_attr: str, *extra) -> Callable[[Workspace], list]:
+    return lambda ws: ["sensitivity", getattr(ws, model_attr), "-m", "rtn", "-o", ws.out, "--calib", ws.calib, *CAL,
+                       "--probe-samples", "2", "--probe-len", "16", *extra]
+
+
+def _minitron(model_attr: str, *extra) -> Callable[[Workspace], list]:
+    return _p(model_attr, "-m", "minitron", *extra)
 
 
 BAD_MODELS = {"missing": "missing", "empty": "empty_dir", "wrong-type": "text", "dir-vs-file": "empty_file",
@@ -196,6 +250,55 @@ CELLS: list[Cell] = [
     Cell("run", "mismatched-tokenizer", _run("recipe", "big_tok")),
     Cell("run", "contradictory", _run("recipe", "model", "--resume", "--restart")),
     Cell("run", "output-is-file", lambda ws: ["run", ws.recipe, ws.model, "-o", ws.text]),
+    # prune --method minitron: targets
+    Cell("prune", "out-of-range", _minitron("model", "--target-params", "10M")),
+    Cell("prune", "out-of-range", _minitron("model", "--hidden", "128")),
+    Cell("prune", "out-of-range", _minitron("model", "--target-params", "1k", "--axis", "depth")),
+    Cell("prune", "wrong-type", _minitron("model", "--target-params", "100x")),
+    Cell("prune", "contradictory", _minitron("model", "--heads", "3")),
+    Cell("prune", "contradictory", _minitron("model")),  # no target
+    Cell("prune", "nan-weights", _minitron("nan", "--ffn", "48")),
+    Cell("prune", "mismatched-tokenizer", _minitron("big_tok", "--ffn", "48")),
+    # distill: teacher, student, data and settings
+    *[Cell("distill", f"student-{bad}", _d(student=attr)) for bad, attr in BAD_MODELS.items()],
+    *[Cell("distill", f"teacher-{bad}", _d(teacher=attr)) for bad, attr in BAD_MODELS.items()],
+    Cell("distill", "nan-weights", _d(student="nan")),
+    Cell("distill", "inf-weights", _d(teacher="inf")),
+    Cell("distill", "mismatched-tokenizer", _d(student="big_tok")),
+    Cell("distill", "wrong-type", _d(student="artifact")),  # a quantized student
+    Cell("distill", "wrong-type", _d("--tokens", "lots")),
+    Cell("distill", "out-of-range", _d("--temperature", "0")),
+    Cell("distill", "out-of-range", _d("--tokens", "10")),
+    Cell("distill", "out-of-range", _d("--lr", "-1")),
+    Cell("distill", "contradictory", _d("--resume", "--restart")),
+    Cell("distill", "contradictory", _d("--resume")),  # nothing to resume
+    Cell("distill", "data-missing", _d(data="missing")),
+    Cell("distill", "data-empty", _d(data="empty_file")),
+    Cell("distill", "data-dir-vs-file", _d(data="empty_dir")),
+    Cell("distill", "output-is-file", lambda ws: [*_d()(ws), "-o", ws.text]),  # the last -o counts
+    # mixed precision: quantize --mixed and sensitivity
+    Cell("quantize", "contradictory", _mixed("--target-bits", "3.5", "--max-kl", "0.1")),
+    Cell("quantize", "contradictory", _mixed("--target-bits", "3.5", "--bits", "4")),
+    Cell("quantize", "contradictory", lambda ws: ["quantize", ws.model, "-o", ws.out, "--target-bits", "3.5"]),
+    Cell("quantize", "contradictory", _mixed()),  # no budget
+    Cell("quantize", "contradictory", lambda ws: [*_mixed("--target-bits", "3")(ws), "-m", "hqq"]),
+    Cell("quantize", "out-of-range", _mixed("--target-bits", "1")),
+    Cell("quantize", "out-of-range", _mixed("--max-kl", "-1")),
+    Cell("quantize", "sensitivity-wrong-type", _mixed("--target-bits", "3.5", sens="text")),
+    Cell("quantize", "sensitivity-damaged", _mixed("--target-bits", "3.5", sens="sens_damaged")),
+    Cell("quantize", "sensitivity-foreign-dir", _mixed("--target-bits", "3.5", sens="artifact")),
+    Cell("quantize", "sensitivity-other-model", _mixed("--target-bits", "3.5", sens="sens_other")),
+    *[Cell("sensitivity", bad, _s(attr)) for bad, attr in BAD_MODELS.items()],
+    Cell("sensitivity", "nan-weights", _s("nan")),
+    Cell("sensitivity", "mismatched-tokenizer", _s("big_tok")),
+    Cell("sensitivity", "contradictory", _s("model", "--target-bits", "3")),
+    Cell("sensitivity", "out-of-range", _s("model", "--probe-samples", "0")),
+    Cell("sensitivity", "out-of-range", _s("model", "--candidate-bits", "9")),
+    Cell("sensitivity", "output-is-file", lambda ws: ["sensitivity", ws.model, "-o", ws.text]),
+    # the scale work: lazily read checkpoints with a shard missing or cut short
+    Cell("quantize", "missing-shard", _q("missing_shard")),
+    Cell("quantize", "truncated-shard", _q("truncated_shard")),
+    Cell("quantize", "truncated-shard", _q("truncated_shard", "-m", "gptq")),
     # inspect / verify / bench
     *[Cell("inspect", bad, (lambda a: lambda ws: ["inspect", getattr(ws, a)])(attr))
       for bad, attr in BAD_MODELS.items() if bad != "wrong-architecture"],  # inspect describes any architecture

@@ -10,7 +10,9 @@ artifact, byte for byte, or the complete new one (never a half-written one and n
 checked at the end: the output is byte-identical to an uninterrupted run's (files that differ
 between two uninterrupted runs, such as build timings, aside) and no temporary is left.
 
-A new command is one entry of `COMMANDS` (distill, mixed precision: add their lines when they land).
+The kill delays are drawn over the uninterrupted runs' lengths measured in the same sitting and
+under the same parallelism (`workers` processes at once, one command each), so that kills land in
+the work whatever the machine's speed. A new command is one entry of `COMMANDS`.
 """
 
 from __future__ import annotations
@@ -43,6 +45,14 @@ class Command:
     needs: tuple[str, ...] = ()  # other commands whose (uninterrupted) outputs this one reads
     run_directory: bool = True  # keeps per-block checkpoints: continue with --resume
     recipe: bool = False  # a recipe run: continue with --resume while its state file exists
+    # the file whose presence means "continue with --resume" (default: the run directory's state)
+    state: Callable[[Path], Path] | None = None
+    # the output is itself a resumable run directory (a sensitivity pass): after a kill, every file
+    # of the finished output that is already there must hold its final bytes
+    in_place: bool = False
+    scratch: Callable[["Workspace"], list[Path]] = lambda ws: []  # removed before every trial (caches)
+    # directories left out of every comparison: caches whose file names follow the output's path
+    caches: tuple[str, ...] = ()
     previous: str | None = None  # a command whose artifact is placed at the output first (--overwrite)
     # files left out of the byte comparison: build.json (when and how long) by default; None: those
     # that differ between two uninterrupted runs (measured: reports hold their own timings)
@@ -55,6 +65,21 @@ def _quantize(method: str, *options: str) -> Callable[["Workspace"], list[str]]:
 
 def _prune(method: str) -> Callable[["Workspace"], list[str]]:
     return lambda ws: ["prune", str(ws.model), "-m", method, "--sparsity", "0.25", "--calib", str(ws.calib), *CALIB]
+
+
+PROBE = ["--probe-samples", "4", "--probe-len", "32"]
+# distillation: 24 steps of 4 x 32 tokens, a checkpoint every 2 steps
+DISTILL = ["--data", "{calib}", "--eval-data", "{calib}", "--seq-len", "32", "--batch-size", "4", "--eval-windows", "4",
+           "--tokens", str(24 * 4 * 32), "--save-every", "2"]
+
+
+def _distill(ws: "Workspace") -> list[str]:
+    return ["distill", "--teacher", str(ws.model), "--student", str(ws.reference("minitron")),
+            *[a.format(calib=ws.calib) for a in DISTILL]]
+
+
+def _sensitivity_cache(ws: "Workspace") -> list[Path]:
+    return [ws.runs / "mixed.sensitivity"]
 
 
 COMMANDS: dict[str, Command] = {c.name: c for c in [
@@ -75,7 +100,23 @@ COMMANDS: dict[str, Command] = {c.name: c for c in [
                                             "--base", str(ws.model), *EVAL], needs=("rtn", "hqq"),
             run_directory=False, volatile=None),
     Command("recipe", "run", lambda ws: ["run", str(ws.recipe), str(ws.model), "--calib", str(ws.calib)],
-            run_directory=False, recipe=True, volatile=None),
+            run_directory=False, recipe=True, volatile=None, caches=(".eval-cache",)),
+    # the scale work: a checkpoint in several safetensors shards read lazily, block by block (every
+    # quantize row above without a pruner runs the lazy path too, from one file)
+    Command("gptq-sharded", "quantize", lambda ws: ["quantize", str(ws.sharded), "-m", "gptq", "--group-size", "32",
+                                                    "--calib", str(ws.calib), *CALIB], previous="rtn"),
+    Command("minitron", "prune", lambda ws: ["prune", str(ws.model), "-m", "minitron", "--ffn", "96", "--layers", "2",
+                                             "--calib", str(ws.calib), *CALIB], previous="rtn"),
+    Command("distill", "distill", _distill, needs=("minitron",), previous="rtn", volatile=None,
+            state=lambda out: out.with_name(f".{out.name}.distill") / "latest" / "state.json"),
+    Command("sensitivity", "sensitivity", lambda ws: ["sensitivity", str(ws.model), "-m", "gptq",
+                                                      *PROBE, "--calib", str(ws.calib), *CALIB],
+            run_directory=False, in_place=True, volatile=None),
+    # a mixed-precision search and build with its own sensitivity pass (the cache removed first)
+    Command("mixed", "quantize", lambda ws: ["quantize", str(ws.model), "-m", "gptq", "--mixed", "--target-bits", "3.5",
+                                             "--sensitivity", str(_sensitivity_cache(ws)[0]), *PROBE,
+                                             "--verify-windows", "4", "--calib", str(ws.calib), *CALIB],
+            previous="rtn", volatile=None, scratch=_sensitivity_cache),
 ]}
 
 RECIPE = """name: chain
@@ -106,19 +147,19 @@ def synthetic_wiki(articles: int) -> None:
 
 
 def snapshot(path: Path, skip: tuple[str, ...] = ()) -> dict[str, str]:
-    """Relative path → sha256 of every file under `path` (files named in `skip` aside)."""
+    """Relative path → sha256 of every file under `path` (files and directories named in `skip` aside)."""
     path = Path(path)
     if not path.exists():
         return {}
     return {str(f.relative_to(path)): hashlib.sha256(f.read_bytes()).hexdigest()
-            for f in sorted(path.rglob("*")) if f.is_file() and f.name not in skip}
+            for f in sorted(path.rglob("*")) if f.is_file() and not set(f.relative_to(path).parts) & set(skip)}
 
 
 def strays(out: Path) -> list[str]:
     """Temporaries beside an output (a finished run leaves none)."""
     parent = out.parent
     return sorted(p.name for p in parent.iterdir() if p.name.startswith((f"{out.name}.tmp-", f"{out.name}.old-",
-                                                                        f".{out.name}.run")))
+                                                                        f".{out.name}.run", f".{out.name}.distill")))
 
 
 class Workspace:
@@ -128,9 +169,12 @@ class Workspace:
     def __init__(self, root: Path, layers: int = 3):
         self.root = Path(root)
         self.model = self.root / "model"
+        self.sharded = self.root / "model-sharded"
         self.calib = self.root / "calib.txt"
         self.recipe = self.root / "chain.yaml"
         self.cache = self.root / "cache"
+        self.runs = self.root / "runs"  # where trials write
+        self.refs = self.root / "ref"  # the uninterrupted outputs (and their records, beside)
         self.references: dict[str, dict[str, str]] = {}
         self.volatile: dict[str, set[str]] = {}
         self.durations: dict[str, float] = {}
@@ -144,15 +188,27 @@ class Workspace:
 
         self.root.mkdir(parents=True, exist_ok=True)
         make_llama(self.model, layers=layers)
+        from transformers import AutoModelForCausalLM
+
+        AutoModelForCausalLM.from_pretrained(self.model).save_pretrained(self.sharded, max_shard_size="40KB")
+        for f in self.model.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens")):
+                shutil.copy(f, self.sharded / f.name)
         self.calib.write_text(make_text(20000, seed=7))
         self.recipe.write_text(RECIPE)
         synthetic_wiki(40)
 
     def output(self, name: str) -> Path:
-        return self.root / "runs" / name
+        return self.runs / name
 
     def reference(self, name: str) -> Path:
-        return self.root / "ref" / name
+        return self.refs / name
+
+    def worker(self, index: int) -> None:
+        """Trials and references of their own for campaign worker `index` (outputs record paths,
+        such as a recipe stage's source, so a worker compares with references made where it runs)."""
+        self.runs, self.refs = self.root / f"runs-{index}", self.root / f"ref-{index}"
+        self.references, self.volatile, self.durations = {}, {}, {}
 
     def prepare(self, name: str) -> None:
         """The uninterrupted output of `name` (and of what it needs), run twice: the files that
@@ -162,10 +218,9 @@ class Workspace:
             self.prepare(need)
         if name in self.references:
             return
-        known = self.root / "references.json"  # a workspace used before keeps its uninterrupted runs
-        saved = json.loads(known.read_text()) if known.is_file() else {}
-        if name in saved and self.reference(name).is_dir():
-            self.references[name], volatile, self.durations[name] = saved[name]
+        known = self.refs / f"{name}.json"  # a workspace used before keeps its uninterrupted runs
+        if known.is_file() and self.reference(name).is_dir():
+            self.references[name], volatile, self.durations[name] = json.loads(known.read_text())
             self.volatile[name] = set(volatile)
             return
         ref = self.reference(name)
@@ -173,12 +228,15 @@ class Workspace:
         for attempt in range(2 if command.volatile is None else 1):
             out = self.output(name)
             _clear(out)
+            for path in command.scratch(self):
+                _clear(path)
             started = time.perf_counter()
-            status, _ = run_command(self.argv(name, out, overwrite=False), self.root / "logs" / f"{name}-ref.log")
+            log = self.runs / "logs" / f"{name}-ref.log"
+            status, _ = run_command(self.argv(name, out, overwrite=False), log)
             if status != 0:
-                raise RuntimeError(f"{name} failed uninterrupted: see {self.root / 'logs' / f'{name}-ref.log'}")
+                raise RuntimeError(f"{name} failed uninterrupted: see {log}")
             self.durations[name] = min(self.durations.get(name, 1e9), time.perf_counter() - started)
-            snaps.append(snapshot(out))
+            snaps.append(snapshot(out, command.caches))
             if attempt == 0:
                 _clear(ref)
                 shutil.copytree(out, ref)
@@ -188,8 +246,8 @@ class Workspace:
         else:
             self.volatile[name] = {k for k in snaps[0] if Path(k).name in command.volatile}
         self.references[name] = {k: v for k, v in snaps[0].items() if k not in self.volatile[name]}
-        saved[name] = [self.references[name], sorted(self.volatile[name]), self.durations[name]]
-        known.write_text(json.dumps(saved))
+        known.parent.mkdir(parents=True, exist_ok=True)
+        known.write_text(json.dumps([self.references[name], sorted(self.volatile[name]), self.durations[name]]))
 
     def argv(self, name: str, out: Path, overwrite: bool, resume: bool = False) -> list[str]:
         args = [*COMMANDS[name].args(self), "-o", str(out)]
@@ -245,14 +303,36 @@ def run_command(argv: list[str], log: Path, kill_after: float | None = None) -> 
 
 # ---------------------------------------------------------------- one trial
 
+def resumable(command: Command, out: Path) -> bool:
+    """Whether a killed run of `command` left state that the next run continues with --resume."""
+    if command.state is not None:
+        return command.state(out).is_file()
+    if command.recipe:
+        return (out / "recipe-run.json").is_file()
+    return command.run_directory and (out.parent / f".{out.name}.run" / "run.json").is_file()
+
+
 @dataclass
 class Trial:
     command: str
     kills: int = 0  # runs killed while working
     recovered: bool = False  # finished and byte-identical to the uninterrupted run
     lost: int = 0  # checks that found the previous artifact damaged or a half-written output
+    missed: int = 0  # runs that finished before their kill came (the delay outlasted the run)
     problems: list[str] = field(default_factory=list)
     wall_s: float = 0.0
+
+
+def _start(ws: Workspace, command: Command, out: Path) -> dict[str, str]:
+    """A trial's starting state: the previous artifact at the output name (if the command replaces
+    one) and no caches; returns the previous artifact's snapshot."""
+    _clear(out)
+    for path in command.scratch(ws):
+        _clear(path)
+    if not command.previous:
+        return {}
+    shutil.copytree(ws.reference(command.previous), out)
+    return snapshot(out)
 
 
 def trial(ws: Workspace, name: str, rng: random.Random, kills: int) -> Trial:
@@ -261,27 +341,38 @@ def trial(ws: Workspace, name: str, rng: random.Random, kills: int) -> Trial:
     command = COMMANDS[name]
     ws.prepare(name)
     out = ws.output(name)
-    _clear(out)
-    previous: dict[str, str] = {}
-    if command.previous:
-        shutil.copytree(ws.reference(command.previous), out)
-        previous = snapshot(out)
+    previous = _start(ws, command, out)
     reference, volatile = ws.references[name], ws.volatile[name]
     result = Trial(name)
-    log = ws.root / "logs" / f"{name}.log"
+    log = ws.runs / "logs" / f"{name}.log"
     attempts = 0
     started = time.perf_counter()
     while True:
         attempts += 1
-        resume = (command.run_directory and (out.parent / f".{out.name}.run" / "run.json").is_file()
-                  or command.recipe and (out / "recipe-run.json").is_file())
-        argv = ws.argv(name, out, overwrite=True, resume=resume)  # a kill may come after the output was written
+        resume = resumable(command, out)
+        # --overwrite: a kill may come after the output was written (a pass's own directory is resumed as it is)
+        argv = ws.argv(name, out, overwrite=not command.in_place, resume=resume)
         delay = rng.uniform(0.0, ws.durations[name]) if result.kills < kills else None
+        ran = time.perf_counter()
         status, killed = run_command(argv, log, kill_after=delay)
+        if not killed and status == 0:
+            # The delays follow the machine: a run from scratch that finished is the new length (the
+            # load of a shared machine changes within a sitting); a resumed one is a lower bound.
+            length = time.perf_counter() - ran
+            ws.durations[name] = length if not resume else max(ws.durations[name], length)
+            result.missed += delay is not None
         if killed:
             result.kills += 1
-            if not command.recipe:
-                now = snapshot(out)
+            if command.in_place:
+                now = snapshot(out, command.caches)
+                # run.json, the run directory's state, is rewritten (atomically) as blocks finish
+                wrong = sorted(k for k in now if k in reference and now[k] != reference[k] and k != "run.json")
+                if wrong:
+                    result.lost += 1
+                    result.problems.append(f"after kill {result.kills}: {wrong[:3]} in {out} hold bytes the "
+                                           "finished pass does not")
+            elif not command.recipe:
+                now = snapshot(out, command.caches)
                 if now != previous and {k: v for k, v in now.items() if k not in volatile} != reference:
                     result.lost += 1
                     result.problems.append(f"after kill {result.kills}: {out} is neither the previous nor the new "
@@ -292,7 +383,7 @@ def trial(ws: Workspace, name: str, rng: random.Random, kills: int) -> Trial:
                         continue
                     rel = stage + "/"
                     want = {k[len(rel):]: v for k, v in reference.items() if k.startswith(rel)}
-                    got = {k: v for k, v in snapshot(out / stage).items() if rel + k not in volatile}
+                    got = {k: v for k, v in snapshot(out / stage, command.caches).items() if rel + k not in volatile}
                     if got != want:
                         result.lost += 1
                         result.problems.append(f"after kill {result.kills}: stage {stage} is half-written")
@@ -300,7 +391,7 @@ def trial(ws: Workspace, name: str, rng: random.Random, kills: int) -> Trial:
         if status != 0:
             result.problems.append(f"run {attempts} exited {status}: see {log}")
             break
-        final = {k: v for k, v in snapshot(out).items() if k not in volatile}
+        final = {k: v for k, v in snapshot(out, command.caches).items() if k not in volatile}
         left = strays(out)
         result.recovered = final == reference and not left
         if final != reference:
@@ -308,23 +399,45 @@ def trial(ws: Workspace, name: str, rng: random.Random, kills: int) -> Trial:
             result.problems.append(f"resumed output differs from the uninterrupted one in {differ[:4]}")
         if left:
             result.problems.append(f"temporaries left beside the output: {left}")
+        if result.recovered and delay is not None and result.kills < kills and result.missed <= kills:
+            _start(ws, command, out)  # the run outran its kill: the trial once more from its start
+            continue
         break
     result.wall_s = time.perf_counter() - started
     return result
 
 
-def campaign(root: Path, names: list[str], kills_per_trial: int, trials: int, seed: int = 0,
-             budget_s: float | None = None, each: Callable[[Trial], None] | None = None,
-             stop_after_kills: int | None = None, layers: int = 3) -> dict:
-    """Trials round-robin over `names` (at most `trials`, or until `budget_s` runs out or
-    `stop_after_kills` kills are in); per command: kills, trials recovered, lost checks."""
-    ws = Workspace(root, layers)
-    rng = random.Random(seed)
+def _in_children(jobs: list[Callable[[], object]], root: Path) -> list:
+    """Run each job in a forked child at once; their (JSON) results in order."""
+    pids = []
+    for i, job in enumerate(jobs):
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                (root / f".child-{i}.json").write_text(json.dumps(job()))
+                code = 0
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        pids.append(pid)
+    results = []
+    for i, pid in enumerate(pids):
+        _, status = os.waitpid(pid, 0)
+        if os.waitstatus_to_exitcode(status) != 0:
+            raise RuntimeError(f"campaign worker {i} failed (exit {os.waitstatus_to_exitcode(status)})")
+        results.append(json.loads((root / f".child-{i}.json").read_text()))
+    return results
+
+
+def _trials(ws: Workspace, names: list[str], kills_per_trial: int, trials: int, rng: random.Random,
+            budget_s: float | None, each: Callable[[Trial], None] | None, stop_after_kills: int | None) -> dict:
     started = time.perf_counter()
     rows: dict[str, dict] = {n: {"command": n, "stage": COMMANDS[n].stage, "trials": 0, "runs": 0, "recovered": 0,
-                                 "lost": 0, "problems": []} for n in names}
-    for name in names:
-        ws.prepare(name)
+                                 "lost": 0, "missed": 0, "problems": [], "wall_s": 0.0} for n in names}
     for i in range(trials):
         if budget_s is not None and time.perf_counter() - started > budget_s:
             break
@@ -332,19 +445,64 @@ def campaign(root: Path, names: list[str], kills_per_trial: int, trials: int, se
             break
         # every command in turn first, then the one that has had the least time: equal time per
         # command, so quick commands take more kills than slow ones
-        name = names[i] if i < len(names) else min(names, key=lambda n: rows[n].get("wall_s", 0.0))
+        name = names[i] if i < len(names) else min(names, key=lambda n: rows[n]["wall_s"])
         t = trial(ws, name, rng, kills_per_trial)
         row = rows[name]
         row["trials"] += 1
         row["runs"] += t.kills
         row["recovered"] += t.kills if t.recovered else 0
         row["lost"] += t.lost
+        row["missed"] += t.missed
         row["problems"] += t.problems
-        row["wall_s"] = row.get("wall_s", 0.0) + t.wall_s
+        row["wall_s"] += t.wall_s
         if each:
             each(t)
     for name in names:
-        rows[name]["volatile"] = sorted(ws.volatile[name])
-        rows[name]["uninterrupted_s"] = round(ws.durations[name], 2)
-        rows[name].setdefault("wall_s", 0.0)
-    return {"rows": list(rows.values()), "wall_s": time.perf_counter() - started}
+        rows[name]["delay_scale_s"] = round(ws.durations[name], 2)
+    return rows
+
+
+def campaign(root: Path, names: list[str], kills_per_trial: int, trials: int, seed: int = 0,
+             budget_s: float | None = None, each: Callable[[Trial], None] | None = None,
+             stop_after_kills: int | None = None, layers: int = 3, workers: int = 1) -> dict:
+    """Trials round-robin over `names` (at most `trials`, or until `budget_s` runs out or
+    `stop_after_kills` kills are in); per command: kills, trials recovered, lost checks.
+
+    With `workers` > 1 that many processes run trials side by side, each over every command in
+    a directory of its own (`runs-I/`), with its share of the kills and of the trials, so that
+    every core kills and resumes."""
+    ws = Workspace(root, layers)
+    started = time.perf_counter()
+    workers = max(1, workers)
+    share = lambda total: None if total is None else -(-total // workers)  # noqa: E731
+
+    def part(i: int) -> dict:
+        if workers > 1:
+            ws.worker(i)
+        # the uninterrupted references first, timed under the same parallelism as the trials (the
+        # other workers make theirs at the same time): the kill delays are drawn over these lengths
+        for name in names:
+            ws.prepare(name)
+        uninterrupted = {n: ws.durations[n] for n in names}
+        start = i * len(names) // workers
+        order = names[start:] + names[:start]  # the workers start on different commands
+        rows = _trials(ws, order, kills_per_trial, share(trials), random.Random(seed * 1000 + i), budget_s, each,
+                       share(stop_after_kills))
+        for name in names:
+            rows[name]["uninterrupted_s"] = uninterrupted[name]
+            rows[name]["volatile"] = sorted(ws.volatile[name])
+        return rows
+
+    parts = [part(0)] if workers == 1 else _in_children([(lambda i: lambda: part(i))(i) for i in range(workers)],
+                                                          ws.root)
+    rows = {}
+    for name in names:
+        row = rows[name] = {**parts[0][name]}
+        for other in parts[1:]:
+            for key in ("trials", "runs", "recovered", "lost", "missed", "wall_s"):
+                row[key] += other[name][key]
+            row["problems"] += other[name]["problems"]
+            row["delay_scale_s"] = max(row["delay_scale_s"], other[name]["delay_scale_s"])
+            row["volatile"] = sorted(set(row["volatile"]) | set(other[name]["volatile"]))
+        row["uninterrupted_s"] = round(sum(p[name]["uninterrupted_s"] for p in parts) / len(parts), 2)
+    return {"rows": [rows[n] for n in names], "wall_s": time.perf_counter() - started, "workers": workers}

@@ -11,7 +11,10 @@ path, a deep nesting, a wrong type). Every input must end in the reader's result
 Inputs run in a worker process with an address-space limit (`memory_mb` above what the worker
 holds at start), so a forged size or count that makes a reader allocate without bound fails
 as a MemoryError (counted as a crash) rather than taking the machine down; a worker that dies
-is restarted, and the input that killed it is kept.
+is restarted, and the input that killed it is kept. The worker reads one input after another
+(no process per input) under a per-input timer (SIGALRM), and measures each input's peak memory:
+the peak resident size is reset before the input (/proc/self/clear_refs) and read after it, and
+the growth is compared with the size of the files the reader was given.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ def _tiny_model(scratch: Path) -> Path:
         sys.path.insert(0, str(ROOT / "tests"))
         from conftest import make_llama
 
-        make_llama(model, layers=2, hidden=32, intermediate=64)
+        make_llama(model, layers=1, hidden=32, intermediate=64)
     return model
 
 
@@ -311,7 +314,9 @@ def mutate_structured(data: bytes, kind: str, rng: random.Random) -> bytes | Non
         if kind == "yaml":
             import yaml
 
-            out = yaml.safe_dump(_mutate_tree(yaml.safe_load(data), rng), allow_unicode=True)
+            loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+            dumper = getattr(yaml, "CSafeDumper", yaml.SafeDumper)
+            out = yaml.dump(_mutate_tree(yaml.load(data, Loader=loader), rng), Dumper=dumper, allow_unicode=True)
             return out.encode()
         if kind == "safetensors":
             (n,) = struct.unpack("<Q", data[:8])
@@ -352,6 +357,7 @@ def run_reader(reader: Reader, work: Path, inputs: int, seed: int, timeout_s: fl
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
     signal.signal(signal.SIGALRM, _alarm)
     counts = {"inputs": 0, "errors": 0, "ok": 0, "crashes": 0, "hangs": 0, "multiline": 0, "retried": 0}
+    memory = Memory(_tree_bytes(seeds_dir) - len(original))
     examples: list[dict] = []
     started = time.perf_counter()
     try:
@@ -364,7 +370,9 @@ def run_reader(reader: Reader, work: Path, inputs: int, seed: int, timeout_s: fl
             if data is None:
                 data = mutate_bytes(original if rng.random() < 0.7 else rng.choice(pool), rng, pool)
             (case / target).write_bytes(data)
+            memory.before()
             outcome, error = _attempt(reader, case, timeout_s)
+            memory.after(len(data))
             if outcome == "hangs":  # on a loaded machine a stall is not a hang: once more, given 12x the time
                 counts["retried"] += 1
                 outcome, error = _attempt(reader, case, 12 * timeout_s)
@@ -382,6 +390,7 @@ def run_reader(reader: Reader, work: Path, inputs: int, seed: int, timeout_s: fl
     finally:
         resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
     counts["wall_s"] = time.perf_counter() - started
+    counts["memory"] = memory.summary()
     counts["examples"] = examples
     counts["memory_limit_mb"] = memory_mb
     counts["input_bytes"] = len(original)
@@ -404,6 +413,86 @@ def _attempt(reader: Reader, case: Path, timeout_s: float) -> tuple[str, str]:
         return "crashes", traceback.format_exc(limit=-4)
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
+
+
+# An input may make a reader grow by at most this multiple of the bytes it was given, plus a
+# constant for the interpreter's own bookkeeping (parsed JSON objects, small arrays, page granularity).
+MEMORY_MULTIPLE, MEMORY_CONSTANT = 8, 8 * 2 ** 20
+
+
+class Memory:
+    """Each input's peak memory growth against the bytes the reader was given (the mutated file
+    and the unchanged files beside it)."""
+
+    def __init__(self, other_bytes: int):
+        self.other = other_bytes
+        self.works = _reset_peak()
+        self.rss = 0
+        self.peak, self.peak_input, self.over, self.measured = 0, 0, 0, 0
+
+    def before(self) -> None:
+        if self.works:
+            _trim()  # memory freed by earlier inputs goes back to the system: reusing it would hide growth
+            _reset_peak()
+            self.rss = _status_kb("VmRSS") * 1024
+
+    def after(self, size: int) -> None:
+        if not self.works:
+            return
+        grown = max(0, _status_kb("VmHWM") * 1024 - self.rss)
+        given = size + self.other
+        self.measured += 1
+        if grown > self.peak:
+            self.peak, self.peak_input = grown, given
+        self.over += grown > MEMORY_MULTIPLE * given + MEMORY_CONSTANT
+
+    def summary(self) -> dict:
+        return {"measured": self.measured, "peak_growth_bytes": self.peak, "input_bytes_at_peak": self.peak_input,
+                "growth_per_input_byte_at_peak": round(self.peak / max(self.peak_input, 1), 2), "over_bound": self.over,
+                "bound": f"{MEMORY_MULTIPLE} x input bytes + {MEMORY_CONSTANT // 2 ** 20} MiB"}
+
+
+_LIBC: list = []
+
+
+def _trim() -> None:
+    """glibc's malloc_trim(0): free heap pages back to the system (a no-op elsewhere)."""
+    if not _LIBC:
+        import ctypes
+
+        try:
+            _LIBC.append(ctypes.CDLL("libc.so.6").malloc_trim)
+        except (OSError, AttributeError):
+            _LIBC.append(lambda _pad: 0)
+    _LIBC[0](0)
+
+
+def _reset_peak() -> bool:
+    """Reset this process's peak resident size to its current one (Linux 4.0+)."""
+    try:
+        fd = os.open("/proc/self/clear_refs", os.O_WRONLY)
+        try:
+            os.write(fd, b"5")
+        finally:
+            os.close(fd)
+        return True
+    except OSError:
+        return False
+
+
+_STATUS: list[int] = []  # /proc/self/status kept open: re-read from offset 0 for each input
+
+
+def _status_kb(field: str) -> int:
+    if not _STATUS:
+        _STATUS.append(os.open("/proc/self/status", os.O_RDONLY))
+    text = os.pread(_STATUS[0], 1 << 16, 0)
+    at = text.find(field.encode() + b":")
+    return int(text[at + len(field) + 1:text.index(b"\n", at)].split()[0]) if at >= 0 else 0
+
+
+def _tree_bytes(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def _vm_bytes() -> int:
@@ -456,8 +545,21 @@ def campaign(name: str, work: Path, inputs: int, seconds: float | None = None, s
         total["examples"] += part["examples"][:20 - len(total["examples"])]
         total["memory_limit_mb"] = part["memory_limit_mb"]
         total["input_bytes"] = part["input_bytes"]
+        total["memory"] = _merge_memory(total.get("memory"), part["memory"])
     total["wall_s"] = time.perf_counter() - started
     return total
+
+
+def _merge_memory(a: dict | None, b: dict) -> dict:
+    if a is None:
+        return b
+    out = dict(a)
+    if b["peak_growth_bytes"] > a["peak_growth_bytes"]:
+        out["peak_growth_bytes"], out["input_bytes_at_peak"] = b["peak_growth_bytes"], b["input_bytes_at_peak"]
+    out["measured"] = a["measured"] + b["measured"]
+    out["over_bound"] = a["over_bound"] + b["over_bound"]
+    out["growth_per_input_byte_at_peak"] = round(out["peak_growth_bytes"] / max(out["input_bytes_at_peak"], 1), 2)
+    return out
 
 
 if __name__ == "__main__":

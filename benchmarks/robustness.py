@@ -1,9 +1,13 @@
 """Robustness figures: kill-and-resume campaign, fuzzed readers, the bad-input matrix.
 
     python benchmarks/robustness.py                       # all three campaigns (long)
-    python benchmarks/robustness.py --only kill --kills 200
-    python benchmarks/robustness.py --only fuzz --fuzz-inputs 100000 --fuzz-seconds 600
+    python benchmarks/robustness.py --only kill --kills 240           # ~10 min on 2 idle cores
+    python benchmarks/robustness.py --only fuzz --fuzz-inputs 100000  # ~15-20 min on 2 idle cores
+    python benchmarks/robustness.py --only bad-input                  # ~3 min
     python benchmarks/robustness.py --report-only         # reports/robustness.md from the results
+
+`--workers N` (default: one per core) runs N processes at once: kill-campaign workers each take
+every command in a directory of their own, fuzzing runs N readers side by side.
 
 Each part replaces its own rows of results/robustness.json and keeps the others, so the parts can
 be run (and re-run) one at a time. The campaigns themselves live in faults.py (kills), fuzz.py
@@ -51,41 +55,62 @@ def _load_note() -> str:
             "wall times and rates are not those of an idle machine")
 
 
-def run_kills(work: Path, kills: int, per_trial: int, budget_s: float | None, seed: int) -> list[dict]:
+def run_kills(work: Path, kills: int, per_trial: int, budget_s: float | None, seed: int, workers: int,
+              names: list[str] | None = None) -> tuple[list[dict], dict]:
     import faults
 
-    names = list(faults.COMMANDS)
+    names = names or list(faults.COMMANDS)
     done = {"kills": 0}
 
-    def each(t):
+    def each(t):  # called in each worker process: the totals are per worker
         done["kills"] += t.kills
-        print(f"{t.command}: {t.kills} kills, recovered={t.recovered}, lost={t.lost} {t.problems or ''}"
-              f" (total {done['kills']})", flush=True)
+        print(f"[{os.getpid()}] {t.command}: {t.kills} kills, recovered={t.recovered}, lost={t.lost} "
+              f"{t.problems or ''} (this worker: {done['kills']}) {time.strftime('%H:%M:%S')}", flush=True)
 
     # trials round-robin until the kills are in (or the time is up)
     trials = max(len(names), kills // max(per_trial // 2, 1) + len(names))
     result = faults.campaign(work, names, per_trial, trials, seed=seed, budget_s=budget_s, each=each,
-                             stop_after_kills=kills)
-    return [{"method": "kill", "stage": f"{r['stage']}:{r['command']}", "runs": r["runs"], "recovered": r["recovered"],
-             "lost": r["lost"], "trials": r["trials"], "problems": r["problems"][:5], "volatile": r["volatile"],
-             "uninterrupted_s": r["uninterrupted_s"], "wall_s": round(r["wall_s"], 1)} for r in result["rows"]]
+                             stop_after_kills=kills, workers=workers)
+    rows = [{"method": "kill", "stage": f"{r['stage']}:{r['command']}", "runs": r["runs"], "recovered": r["recovered"],
+             "lost": r["lost"], "missed": r["missed"], "trials": r["trials"], "problems": r["problems"][:5],
+             "volatile": r["volatile"], "uninterrupted_s": r["uninterrupted_s"], "wall_s": round(r["wall_s"], 1)}
+            for r in result["rows"]]
+    return rows, {"campaign_wall_s": round(result["wall_s"], 1), "workers": result["workers"]}
 
 
-def run_fuzz(work: Path, readers: list[str], inputs: int, seconds: float | None, seed: int) -> list[dict]:
+def run_fuzz(work: Path, readers: list[str], inputs: int, seconds: float | None, seed: int,
+             workers: int = 1) -> tuple[list[dict], dict]:
+    """Each reader fuzzed in its own worker process, `workers` readers at a time."""
+    from concurrent.futures import ThreadPoolExecutor
+
     import fuzz
 
-    rows = []
-    for name in readers:
-        r = fuzz.campaign(name, work / name, inputs, seconds=seconds, seed=seed)
-        row = {"method": f"fuzz:{name}", "inputs": r["inputs"], "crashes": r["crashes"], "hangs": r["hangs"],
-               "multiline": r["multiline"], "errors": r["errors"], "accepted": r["ok"],
-               "worker_deaths": r["worker_deaths"], "retried_stalls": r.get("retried", 0), "input_bytes": r.get("input_bytes"),
-               "memory_limit_mb": r.get("memory_limit_mb"), "timeout_s": 5.0, "wall_s": round(r["wall_s"], 1),
-               "inputs_per_s": round(r["inputs"] / r["wall_s"], 1) if r["wall_s"] else None,
-               "examples": [e.get("error", "")[-300:] for e in r["examples"][:3]]}
-        print(json.dumps({k: v for k, v in row.items() if k != "examples"}), flush=True)
-        rows.append(row)
-    return rows
+    started = time.perf_counter()
+    for name in readers:  # the seed files first, one reader at a time (readers share the files they copy)
+        seeds = work / name / "seed"
+        seeds.mkdir(parents=True, exist_ok=True)
+        fuzz.READERS[name].seed(seeds)
+    # the slowest readers first (measured: a compressed-tensors artifact decodes every tensor, a recipe
+    # is validated), so that the last ones to run are short
+    slow = ["compressed-tensors", "recipe", "compressed-tensors-weights", "manifest", "checkpoint"]
+    order = sorted(readers, key=lambda n: slow.index(n) if n in slow else len(slow))
+    with ThreadPoolExecutor(max(1, workers)) as pool:  # each thread waits on one reader's worker process
+        done = dict(zip(order, pool.map(lambda name: _fuzz_row(fuzz, name, work, inputs, seconds, seed), order)))
+    rows = [done[name] for name in readers]
+    return rows, {"campaign_wall_s": round(time.perf_counter() - started, 1), "workers": max(1, workers)}
+
+
+def _fuzz_row(fuzz, name: str, work: Path, inputs: int, seconds: float | None, seed: int) -> dict:
+    r = fuzz.campaign(name, work / name, inputs, seconds=seconds, seed=seed)
+    row = {"method": f"fuzz:{name}", "inputs": r["inputs"], "crashes": r["crashes"], "hangs": r["hangs"],
+           "multiline": r["multiline"], "errors": r["errors"], "accepted": r["ok"],
+           "worker_deaths": r["worker_deaths"], "retried_stalls": r.get("retried", 0),
+           "input_bytes": r.get("input_bytes"),
+           "memory_limit_mb": r.get("memory_limit_mb"), "timeout_s": 5.0, "wall_s": round(r["wall_s"], 1),
+           "inputs_per_s": round(r["inputs"] / r["wall_s"], 1) if r["wall_s"] else None,
+           "memory": r.get("memory"), "examples": [e.get("error", "")[-300:] for e in r["examples"][:3]]}
+    print(json.dumps({k: v for k, v in row.items() if k != "examples"}), flush=True)
+    return row
 
 
 def run_bad_inputs(work: Path) -> list[dict]:
@@ -118,19 +143,31 @@ def render(data: dict) -> str:
     total_runs = sum(r["runs"] for r in kills)
     total_lost = sum(r["lost"] for r in kills)
     total_recovered = sum(r["recovered"] for r in kills)
+    protocol = data.get("protocol", {}).get("kill", {})
     out += ["## Kill and resume", "",
             "Each run is a real `compress` process SIGKILLed after a random delay drawn over the length of an "
-            "uninterrupted run, on a tiny random model, over a previous artifact at the output name where the command "
-            "replaces one. After every kill the output name must hold the previous artifact or the complete new one "
-            "(byte for byte); the run is then continued (`--resume` where the command keeps checkpoints) until it "
-            "finishes, and the result must be byte-identical to an uninterrupted run's (files that differ between "
-            "two uninterrupted runs aside, listed as volatile) with no temporary left.", ""]
-    out += table(["command", "kills", "recovered", "lost", "trials", "uninterrupted s", "volatile files", "wall s"],
-                 [[f"`{r['stage']}`", str(r["runs"]), str(r["recovered"]), str(r["lost"]), str(r["trials"]),
-                   fmt(r["uninterrupted_s"], "{:.1f}"), _files(r["volatile"]), fmt(r["wall_s"], "{:.0f}")]
-                  for r in kills] or [["(not run yet)", *[""] * 7]])
-    out += ["", f"**Total: {total_runs} kills, {total_recovered} recovered byte-identical, {total_lost} lost** "
-            f"(target ≥ {KILL_TARGET} kills, 0 lost: {_met(total_runs >= KILL_TARGET and total_lost == 0)}).", ""]
+            "uninterrupted run (measured in the same sitting, with the same number of runs side by side, and "
+            "updated by every run that finishes), on a tiny random model, over a previous artifact at the output "
+            "name where the command replaces one. After every kill the output name must hold the previous artifact "
+            "or the complete new one (byte for byte; a sensitivity pass, whose directory is its own checkpoint, "
+            "must hold only files with their final bytes); the run is then continued (`--resume` where the command "
+            "keeps checkpoints) until it finishes, and the result must be byte-identical to an uninterrupted run's "
+            "(files that differ between two uninterrupted runs aside, listed as volatile) with no temporary left. "
+            "`gptq-sharded` reads a checkpoint of several safetensors shards lazily, block by block (the scale "
+            "work's path; the other quantize rows without a pruner take it too, from one file); `mixed` runs its "
+            "own sensitivity pass, search and build; `distill` trains the `minitron` row's student. Missed: runs "
+            "that finished before their kill came.", ""]
+    out += table(["command", "kills", "recovered", "lost", "missed", "trials", "uninterrupted s", "volatile files",
+                  "trial s"],
+                 [[f"`{r['stage']}`", str(r["runs"]), str(r["recovered"]), str(r["lost"]),
+                   fmt(r.get("missed"), "{}", "-"), str(r["trials"]), fmt(r["uninterrupted_s"], "{:.1f}"),
+                   _files(r["volatile"]), fmt(r["wall_s"], "{:.0f}")]
+                  for r in kills] or [["(not run yet)", *[""] * 8]])
+    campaign = (f" in {protocol['campaign_wall_s']:.0f} s of wall time with {protocol['workers']} worker processes"
+                if "campaign_wall_s" in protocol else "")
+    met = _met(total_runs >= KILL_TARGET and total_lost == 0)
+    out += ["", f"**Total: {total_runs} kills, {total_recovered} recovered byte-identical, {total_lost} lost**"
+            f"{campaign} (target ≥ {KILL_TARGET} kills, 0 lost: {met}).", ""]
     problems = [p for r in kills for p in r.get("problems", [])]
     if problems:
         out += ["Problems found:", "", *[f"- {p}" for p in problems], ""]
@@ -142,14 +179,23 @@ def render(data: dict) -> str:
             "(MemoryError included); an input past the timeout is read once more with 60 s (the machine is shared "
             "and loaded: a stall is not a hang) and is a hang if it times out again (rows with `-` under stalls "
             "retried were measured without that second try: there every stall counts as a hang); a worker death "
-            "is an interpreter crash. Memory is bounded by the address-space limit; it is not measured per input.", ""]
+            "is an interpreter crash. Each input's memory is measured too: the worker's peak resident size is "
+            "reset before the input and read after it, and the growth compared with the bytes of the files the "
+            "reader was given (the mutated file and those beside it); over bound counts inputs that grew the "
+            "worker by more than the bound shown (rows with `-` were measured before memory was).", ""]
     out += table(["reader", "inputs", "inputs/s", "one-line errors", "read fine", "crashes", "hangs",
-                  "stalls retried", "worker deaths", "seed bytes", "memory limit", "wall s"],
+                  "stalls retried", "worker deaths", "seed bytes", "memory limit", "peak growth",
+                  "at input of", "peak / its input", "over bound", "wall s"],
                  [[f"`{r['method'][5:]}`", str(r["inputs"]), fmt(r["inputs_per_s"], "{:.0f}"), str(r["errors"]),
                    str(r["accepted"]), str(r["crashes"]), str(r["hangs"]), fmt(r.get("retried_stalls"), "{}", "-"),
                    str(r["worker_deaths"]), str(r["input_bytes"]), f"+{r['memory_limit_mb']} MiB",
-                   fmt(r["wall_s"], "{:.0f}")]
-                  for r in fuzzed] or [["(not run yet)", *[""] * 11]])
+                   *_memory(r.get("memory")), fmt(r["wall_s"], "{:.0f}")]
+                  for r in fuzzed] or [["(not run yet)", *[""] * 15]])
+    bounds = {r["memory"]["bound"] for r in fuzzed if r.get("memory")}
+    if bounds:
+        over = sum(r["memory"]["over_bound"] for r in fuzzed if r.get("memory"))
+        out += ["", f"Memory bound per input: {', '.join(sorted(bounds))}; inputs over it: {over} "
+                f"({_met(over == 0)})."]
     if fuzzed:
         least = min(r["inputs"] for r in fuzzed)
         clean = all(r["crashes"] == r["hangs"] == r["multiline"] == 0 for r in fuzzed)
@@ -178,6 +224,13 @@ def render(data: dict) -> str:
     return "\n".join(out).rstrip() + "\n"
 
 
+def _memory(m: dict | None) -> list[str]:
+    if not m:
+        return ["-"] * 4
+    return [f"{m['peak_growth_bytes'] / 2 ** 20:.1f} MiB", f"{m['input_bytes_at_peak'] / 1024:.0f} KiB",
+            f"{m['growth_per_input_byte_at_peak']:.2f}", str(m["over_bound"])]
+
+
 def _files(names: list[str]) -> str:
     return ", ".join(names) if len(names) <= 3 else f"{len(names)} files ({', '.join(sorted({Path(n).name.split('.')[-1] for n in names}))})"
 
@@ -192,6 +245,9 @@ def main() -> None:
     parser.add_argument("--kills", type=int, default=KILL_TARGET, help="kills to inject in all")
     parser.add_argument("--kills-per-trial", type=int, default=4)
     parser.add_argument("--kill-seconds", type=float, default=None, help="stop the kill campaign after this long")
+    parser.add_argument("--commands", default=None, help="comma-separated kill-campaign commands (default: all)")
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="processes at once (kill campaign: commands shared out; fuzzing: readers)")
     parser.add_argument("--fuzz-inputs", type=int, default=FUZZ_TARGET, help="inputs per reader")
     parser.add_argument("--fuzz-seconds", type=float, default=None, help="time per reader")
     parser.add_argument("--readers", default=None, help="comma-separated readers (default: all)")
@@ -208,17 +264,18 @@ def main() -> None:
                                                else None))
     data = _load()
     if "kill" in parts:
-        rows = run_kills(work / "kill", args.kills, args.kills_per_trial, args.kill_seconds, args.seed)
+        rows, totals = run_kills(work / "kill", args.kills, args.kills_per_trial, args.kill_seconds, args.seed,
+                                 args.workers, args.commands.split(",") if args.commands else None)
         _save(data, "kill", rows, {"kills": args.kills, "kills_per_trial": args.kills_per_trial, "seed": args.seed,
-                                   "model": "random llama, 3 blocks, hidden 64"})
+                                   "model": "random llama, 3 blocks, hidden 64", **totals})
     if "fuzz" in parts:
         readers = args.readers.split(",") if args.readers else list(fuzz.READERS)
-        rows = run_fuzz(work / "fuzz", readers, args.fuzz_inputs, args.fuzz_seconds, args.seed)
+        rows, totals = run_fuzz(work / "fuzz", readers, args.fuzz_inputs, args.fuzz_seconds, args.seed, args.workers)
         if args.readers:  # keep the other readers' rows
             rows += [r for r in data.get("rows", []) if r["method"].startswith("fuzz:")
                      and r["method"][5:] not in readers]
         _save(data, "fuzz", rows, {"inputs_per_reader": args.fuzz_inputs, "seconds_per_reader": args.fuzz_seconds,
-                                   "seed": args.seed})
+                                   "seed": args.seed, **totals})
     if "bad-input" in parts:
         _save(data, "bad-input", run_bad_inputs(work / "bad-input"), {})
     print(f"wrote {write_report(NAME, render(data))}")

@@ -29,7 +29,8 @@ from compressor.methods.composition import build_methods, method_names
 from compressor.methods.composition import describe as describe_methods
 from compressor.models import assets
 from compressor.models.adapters import adapter_for_config, count_parameters
-from compressor.models.loading import LoadedModel, load_model, quick_identity, resolve_model_path, source_bytes
+from compressor.models.loading import (LoadedModel, check_finite, load_model, quick_identity, resolve_model_path,
+                                      source_bytes)
 from compressor.outputs import check_output, is_safe_name, writes_output
 from compressor.pipeline.checkpoint import RunDirectory
 from compressor.pipeline.distributed import World
@@ -151,18 +152,18 @@ def compress(model: str, methods: str | list[str] | list[Method], out: str | Pat
     if planless is not None:  # a mixed-precision budget: search a plan, then come back here to build it
         from compressor.mixed.driver import Calibration, quantize_mixed
 
-        if resume or restart:
-            raise CompressorError("--resume and --restart do not apply to a mixed-precision search",
-                                  "rerun it: the sensitivity pass resumes from its cache by itself")
+        # The sensitivity pass resumes from its own directory by itself; --resume / --restart are
+        # about the build after the search (its run directory beside the output), checked before the pass.
         check_output(out, overwrite=overwrite, sources=[resolve_model_path(model, progress.log)])
+        _check_run_state(out, resume, restart)
         return quantize_mixed(model, chain, out, calib=Calibration(calib, samples, seq_len, seed, text_field,
                                                                    chat_template, batch_size),
                               device=device, dtype=dtype, hessian_dtype=hessian_dtype, overwrite=overwrite,
+                              resume=resume, restart=restart,
                               allow_pickle=allow_pickle, verify=verify, progress=progress, load=load, build=compress)
     prunes = any(m.produces == "structure" for m in chain)
     if resume and restart:
-        raise CompressorError("--resume and --restart contradict each other",
-                              "pass --resume to continue the interrupted run or --restart to discard it")
+        _check_run_state(out, resume, restart)
     if batch_size < 1:
         raise CompressorError(f"batch size must be at least 1 (got {batch_size})", "raise --batch-size")
     if samples < 1 or seq_len < 1:  # checked whether or not a method calibrates: a wrong setting is never ignored
@@ -179,13 +180,7 @@ def compress(model: str, methods: str | list[str] | list[Method], out: str | Pat
     # per-block slicing can add shortcut matrices, so a sliced model may outgrow its source.
     check_output(out, overwrite=overwrite, sources=[source],
                  needs_bytes=source_bytes(source) * (2 if prunes else 3) // (1 if prunes else 2))
-    run_path = run_directory_for(out)
-    interrupted = (run_path / "run.json").is_file()
-    if resume and not interrupted:
-        raise CompressorError(f"no interrupted run to resume at {run_path}", "drop --resume to start a new run")
-    if interrupted and not (resume or restart):
-        raise CompressorError(f"an interrupted run of this output exists at {run_path}",
-                              "pass --resume to continue it or --restart to discard it")
+    run_path = _check_run_state(out, resume, restart)
 
     # Without a pruner (which edits the whole model) the blocks stay on disk until the engine reads
     # them: host memory holds one block, the embedding and the head, whatever the model's size.
@@ -270,6 +265,21 @@ def compress(model: str, methods: str | list[str] | list[Method], out: str | Pat
     if prunes:
         result.update({"model_type": config["model_type"], "slice_s": engine_s})
     return result
+
+
+def _check_run_state(out: Path, resume: bool, restart: bool) -> Path:
+    """The run directory beside `out`, after checking --resume / --restart against it."""
+    if resume and restart:
+        raise CompressorError("--resume and --restart contradict each other",
+                              "pass --resume to continue the interrupted run or --restart to discard it")
+    run_path = run_directory_for(out)
+    interrupted = (run_path / "run.json").is_file()
+    if resume and not interrupted:
+        raise CompressorError(f"no interrupted run to resume at {run_path}", "drop --resume to start a new run")
+    if interrupted and not (resume or restart):
+        raise CompressorError(f"an interrupted run of this output exists at {run_path}",
+                              "pass --resume to continue it or --restart to discard it")
+    return run_path
 
 
 def quantize(model: str, method: str, out: str | Path, options: dict[str, Any] | None = None, mixed: bool = False,
@@ -526,7 +536,7 @@ def evaluate(model: str, base: str | None = None, data: str = "wiki", windows: i
                             warn=progress.warn) if base else None)
     for loaded, ref in ((candidate, model), (reference, base)):
         if loaded is not None:
-            _check_finite(loaded.model, ref)
+            check_finite(loaded.model, ref)
     tokenizer = candidate.tokenizer or (reference.tokenizer if reference else None)
     if reference is not None and candidate.model.config.vocab_size != reference.model.config.vocab_size:
         raise CompressorError(
@@ -548,14 +558,6 @@ def evaluate(model: str, base: str | None = None, data: str = "wiki", windows: i
     if reference is not None:
         out.update({"kl": row["kl"], "base_ppl": results["base"]["ppl"]})
     return out
-
-
-def _check_finite(model: torch.nn.Module, ref: str) -> None:
-    """A model with NaN or Inf weights evaluates to NaN: refused, naming the tensor."""
-    for name, param in model.named_parameters():
-        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
-            raise CompressorError(f"{ref}: {name} has NaN or Inf in its weights",
-                                  "the checkpoint is damaged: re-export or re-download it")
 
 
 def evaluate_tasks(model: str, tasks: list[str], *, limit: float | None = None, num_fewshot: int | None = None,

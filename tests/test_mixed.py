@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import signal
 
 import numpy as np
 import pytest
@@ -17,7 +18,7 @@ from compressor.formats import compressed_tensors
 from compressor.methods.quant.candidates import KEEP, Format, parse_format
 from compressor.methods.quant.gptq import GPTQConfig, gptq_quantize, gptq_quantize_rows
 from compressor.mixed import driver, knapsack
-from helpers import assert_cli_error, cli
+from helpers import api_in_subprocess, artifact_files, assert_cli_error, cli
 
 PROBE = {"probe_samples": 4, "probe_len": 32, "verify_windows": 4}
 
@@ -274,3 +275,21 @@ def test_cli_sensitivity_quantize_and_inspect(sensitivity, tiny_llama, text_file
     assert json.loads(built.stdout)["bits_per_weight"] <= 3.25
     inspected = cli("inspect", tmp_path / "q")
     assert inspected.exit_code == 0 and "bits/group size per linear" in inspected.stdout
+
+
+def test_a_build_killed_after_the_search_resumes_to_the_same_artifact(sensitivity, tiny_llama, calib, tmp_path):
+    """Found while adding mixed precision to the kill campaign: a build killed after the search left
+    its run directory beside the output, and the rerun was refused with advice (--resume) that
+    --mixed refused as well."""
+    options = {"act_order": True, "sensitivity": str(sensitivity[0]), **PROBE, "target_bits": 3.5}
+    clean = tmp_path / "clean"
+    api.quantize(str(tiny_llama), "gptq", clean, options, mixed=True, **calib)
+    out = tmp_path / "q"
+    killed = api_in_subprocess("quantize", str(tiny_llama), "gptq", out, options, mixed=True, kill_after=0, **calib)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    assert api.run_directory_for(out).is_dir() and not out.exists()
+    with pytest.raises(CompressorError, match="pass --resume to continue it or --restart"):
+        api.quantize(str(tiny_llama), "gptq", out, options, mixed=True, **calib)
+    api.quantize(str(tiny_llama), "gptq", out, options, mixed=True, resume=True, **calib)
+    assert artifact_files(out) == artifact_files(clean)
+    assert not api.run_directory_for(out).exists()

@@ -226,6 +226,23 @@ def test_fuzzed_reader_fails_only_with_one_line_errors(reader, tmp_path, monkeyp
     counts = fuzz.run_reader(fuzz.READERS[reader], work, inputs=150, seed=3, timeout_s=10.0, memory_mb=1024)
     assert counts["inputs"] == 150
     assert counts["crashes"] == counts["hangs"] == counts["multiline"] == 0, counts["examples"][:3]
+    memory = counts["memory"]  # every input's peak growth, against the bytes the reader was given
+    assert memory["measured"] in (0, 150) and memory["over_bound"] == 0, memory
+
+
+def test_memory_per_input_sees_an_allocation_and_its_size():
+    """The fuzzer's per-input memory measure catches what a reader allocates (and not what came before)."""
+    memory = fuzz.Memory(other_bytes=0)
+    if not memory.works:
+        pytest.skip("no /proc/self/clear_refs here")
+    block = bytearray(64 * 2 ** 20)  # allocated before the input: not the input's
+    memory.before()
+    grown = bytearray(32 * 2 ** 20)
+    memory.after(1000)
+    del block, grown
+    summary = memory.summary()
+    assert 30 * 2 ** 20 < summary["peak_growth_bytes"] < 40 * 2 ** 20, summary
+    assert summary["over_bound"] == 1 and summary["input_bytes_at_peak"] == 1000
 
 
 _FUZZ_ROOT: list[str] = []
@@ -348,8 +365,9 @@ def test_damaged_packing_metadata_is_one_line(tensors, small_artifacts, tmp_path
 @pytest.mark.parametrize("text, phrase", [(b"name: x\xff\nstages: []\n", "not UTF-8"),
                                           (b"a: &x [1]\nb: *x\n", "aliases"),
                                           (b"[" * 5000 + b"]" * 5000, "nested too deeply|not valid YAML"),
+                                          (b"stages: " + b"[" * 65 + b"]" * 65, r"nested too deeply \(more than 64"),
                                           (b"x: " + b"a" * (2 << 20), "more than a recipe can need")],
-                         ids=["utf8", "alias", "deep", "huge"])
+                         ids=["utf8", "alias", "deep", "deeper-than-a-recipe", "huge"])
 def test_damaged_recipe_is_one_line(text, phrase, tmp_path):
     from compressor.recipes import load_recipe
 

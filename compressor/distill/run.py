@@ -24,7 +24,7 @@ from compressor.distill.trainer import Trainer
 from compressor.errors import CompressorError
 from compressor.formats import artifact as artifacts
 from compressor.models.adapters import count_parameters
-from compressor.models.loading import LoadedModel, resolve_model_path, source_bytes
+from compressor.models.loading import LoadedModel, check_finite, resolve_model_path, source_bytes
 from compressor.outputs import check_output
 from compressor.progress import Progress
 
@@ -38,8 +38,10 @@ def make_accelerator(device: str, settings: DistillSettings):
 
 
 def check_pair(teacher: LoadedModel, student: LoadedModel, settings: DistillSettings) -> None:
-    """The student can learn from this teacher: one vocabulary; for the hidden-state loss, a
-    narrower or equal model of the same family."""
+    """The student can learn from this teacher: finite weights, one vocabulary; for the hidden-state
+    loss, a narrower or equal model of the same family."""
+    check_finite(teacher.model, f"the teacher {teacher.name}")
+    check_finite(student.model, f"the student {student.name}")
     tv, sv = teacher.model.config.vocab_size, student.model.config.vocab_size
     if tv != sv:
         raise CompressorError(f"the teacher's vocabulary ({tv} tokens) differs from the student's ({sv})",

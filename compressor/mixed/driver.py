@@ -25,8 +25,8 @@ from compressor.mixed import interactions as inter
 from compressor.mixed import search
 from compressor.mixed.predict import Plan, Predictor
 from compressor.mixed.probes import KLProbe
-from compressor.mixed.sensitivity import (CandidateWeights, SensitivityTable, candidate_source, default_directory,
-                                          finished, run_pass, sensitivity_fingerprint)
+from compressor.mixed.sensitivity import (CandidateWeights, SensitivityTable, candidate_source, check_directory,
+                                          default_directory, finished, run_pass, sensitivity_fingerprint)
 from compressor.models.loading import LoadedModel
 from compressor.pipeline.progress import Progress
 
@@ -211,15 +211,19 @@ def choose(table: SensitivityTable, predictor: Predictor, config: MixedConfig,
 
 def quantize_mixed(model: str, chain: list[Method], out: Path, *, calib: Calibration, device: str,
                    dtype: torch.dtype, hessian_dtype: torch.dtype, overwrite: bool, allow_pickle: bool, verify: bool,
-                   progress: Progress, load: Callable[..., LoadedModel], build: Callable[..., dict]) -> dict:
+                   progress: Progress, load: Callable[..., LoadedModel], build: Callable[..., dict],
+                   resume: bool = False, restart: bool = False) -> dict:
     """`compress quantize --mixed`: search a plan for the budget and build it with `build` (api.compress);
-    `load` is api.load."""
+    `load` is api.load; `resume` / `restart` continue or discard an interrupted build (the search is
+    deterministic, so it finds the same plan again from the cached pass)."""
     started = time.perf_counter()
     mixer: MixedPrecision = chain[-1]
     config: MixedConfig = mixer.config
     transforms = chain[:-1]
     if config.budget() is None:
         raise CompressorError("--mixed needs a budget", "pass --target-bits, --max-kl or --max-ppl-increase")
+    if config.sensitivity:
+        check_directory(Path(config.sensitivity))
     loaded = load(model, dtype=dtype, allow_pickle=allow_pickle, progress=progress, verify=verify)
     if config.target_bits is not None:  # known from the shapes alone: before the pass
         search.check_target(config.target_bits, _cheapest_bits(loaded, config))
@@ -257,7 +261,8 @@ def quantize_mixed(model: str, chain: list[Method], out: Path, *, calib: Calibra
     result = build(model, chain, out, calib=calib.data, samples=calib.samples, seq_len=calib.seq_len,
                    seed=calib.seed, text_field=calib.text_field, chat_template=calib.chat_template, device=device,
                    batch_size=calib.batch_size, dtype=dtype, hessian_dtype=hessian_dtype, overwrite=overwrite,
-                   allow_pickle=allow_pickle, verify=verify, progress=progress, extra_metrics=metrics)
+                   allow_pickle=allow_pickle, verify=verify, progress=progress, extra_metrics=metrics,
+                   resume=resume, restart=restart)
     timings = {"search_s": search_s, **table.timings, "total_s": time.perf_counter() - started}
     return {**result, "timings": timings}
 

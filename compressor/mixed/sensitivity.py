@@ -91,6 +91,19 @@ def sensitivity_fingerprint(loaded: LoadedModel, transforms: list[Method], confi
                        batch_size, torch.device(device).type)
 
 
+def check_directory(directory: Path) -> None:
+    """A --sensitivity directory is new, or one a sensitivity pass wrote: never a file, and never a
+    directory of other files (a model, an artifact) that the pass would write its blocks into."""
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise CompressorError(f"--sensitivity {directory} is a file, not a directory",
+                              "pass a new directory, or one that `compress sensitivity` wrote")
+    if directory.is_dir() and any(directory.iterdir()) and not any(
+            (directory / name).is_file() for name in (TABLE, "run.json")):
+        raise CompressorError(f"--sensitivity {directory} holds files that no sensitivity pass wrote",
+                              "pass a new directory, or one that `compress sensitivity` wrote")
+
+
 def default_directory(key: str) -> Path:
     return cache_dir() / "sensitivity" / key[:20]
 

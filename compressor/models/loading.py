@@ -204,6 +204,14 @@ def build_model(config, state_dict: dict[str, torch.Tensor], dtype: torch.dtype)
     return model
 
 
+def check_finite(model: nn.Module, ref: str) -> None:
+    """A model with NaN or Inf weights evaluates (and trains) to NaN: refused, naming the tensor."""
+    for name, param in model.named_parameters():
+        if param.is_floating_point() and not bool(torch.isfinite(param).all()):
+            raise CompressorError(f"{ref}: {name} has NaN or Inf in its weights",
+                                  "the checkpoint is damaged: re-export or re-download it")
+
+
 def load_model(
     ref: str | Path,
     dtype: torch.dtype = torch.float32,

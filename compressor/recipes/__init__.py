@@ -171,6 +171,9 @@ def shipped() -> dict[str, Path]:
 
 
 MAX_RECIPE_BYTES = 1 << 20
+MAX_RECIPE_DEPTH = 64  # nested mappings and lists; shipped recipes use 4
+# libyaml's parser where PyYAML was built with it (several times faster than the pure-Python one)
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
 def recipe_path(ref: str | Path) -> Path:
@@ -195,10 +198,8 @@ def load_recipe(ref: str | Path) -> Recipe:
     except UnicodeDecodeError:
         raise CompressorError(f"recipe {path} is not UTF-8 text", "save the recipe as UTF-8 YAML") from None
     try:
-        if any(isinstance(event, yaml.AliasEvent) for event in yaml.parse(text)):
-            raise CompressorError(f"recipe {path} uses YAML aliases (*name)", "write each setting out in full")
-        raw = yaml.safe_load(text)
-        tree = yaml.compose(text)
+        _check_events(text, path)  # before building anything: aliases and nesting depth from the event stream
+        raw = yaml.load(text, Loader=_LOADER)
     except RecursionError:
         raise CompressorError(f"recipe {path} is nested too deeply", "fix the YAML structure") from None
     except yaml.YAMLError as exc:
@@ -211,10 +212,26 @@ def load_recipe(ref: str | Path) -> Recipe:
         err = exc.errors()[0]
         loc = [p for p in err["loc"] if not (isinstance(p, str) and p.startswith("function-"))]
         field = ".".join(str(p) for p in loc) or "recipe"
-        line = _line_of(tree, loc)
+        line = _line_of(yaml.compose(text, Loader=_LOADER), loc)
         where = f" (line {line})" if line else ""
         raise CompressorError(f"recipe {path}{where}: {field}: {err['msg']}",
                               f"see the shipped recipes in {SHIPPED} for the recipe keys") from None
+
+
+def _check_events(text: str, path: Path) -> None:
+    """Refuse YAML aliases (a billion laughs) and nesting deeper than any recipe needs, reading the
+    parser's events one at a time (no recursion, nothing built)."""
+    depth = 0
+    for event in yaml.parse(text, Loader=_LOADER):
+        if isinstance(event, yaml.AliasEvent):
+            raise CompressorError(f"recipe {path} uses YAML aliases (*name)", "write each setting out in full")
+        if isinstance(event, (yaml.MappingStartEvent, yaml.SequenceStartEvent)):
+            depth += 1
+            if depth > MAX_RECIPE_DEPTH:
+                raise CompressorError(f"recipe {path} is nested too deeply (more than {MAX_RECIPE_DEPTH} levels)",
+                                      "fix the YAML structure")
+        elif isinstance(event, (yaml.MappingEndEvent, yaml.SequenceEndEvent)):
+            depth -= 1
 
 
 def _line_of(node, loc: list) -> int | None:
