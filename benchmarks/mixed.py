@@ -189,15 +189,18 @@ def score_correlation(model: str, sensitivity: Path, assignments: int, windows: 
             "assignments": rows, "eval_windows": windows}
 
 
-def merge(args, rows: list[dict], note: str | None = None) -> None:
+def merge(args, rows: list[dict]) -> None:
     """Write `rows` into mixed.json: they replace the rows of the same model and method, the others stay
-    (the uniform rows, the mixed rows, the score check and the CPU timing can be measured in runs of their own)."""
-    data = read_results(NAME) if (RESULTS / f"{NAME}.json").is_file() else {"rows": [], "device": args.device}
+    (the uniform rows, the mixed rows, the score check and the CPU timing can be measured in runs of their own).
+    Every row names the device that measured it, so rows of a GPU run and of a CPU run can stand together."""
+    data = read_results(NAME) if (RESULTS / f"{NAME}.json").is_file() else {"rows": []}
     produced = {(r["model"], r["method"]) for r in rows}
-    kept = [r for r in data["rows"] if (r["model"], r["method"]) not in produced]
-    write_results(NAME, kept + rows, {"eval_windows": args.windows, "window": 512, **CALIB},
-                  {"device": data.get("device", args.device) if note is None else args.device,
-                   "note": data.get("note", "") if note is None else note})
+    kept = [{**r, "device": r.get("device", data.get("device"))} for r in data["rows"]
+            if (r["model"], r["method"]) not in produced]
+    fresh = [{**r, "device": r.get("device", "cpu" if r["method"] == "mixed-scores" else args.device)} for r in rows]
+    devices = sorted({r["device"] for r in kept + fresh if r.get("device")})
+    write_results(NAME, kept + fresh, {"eval_windows": args.windows, "window": 512, **CALIB},
+                  {"device": ", ".join(devices), "note": _note(devices, args.windows)})
 
 
 def scores_row(args, work: Path) -> dict:
@@ -231,10 +234,12 @@ def scores(args, work: Path) -> dict:
     return json.loads(kept.read_text())
 
 
-def _note(args) -> str:
-    where = LOAD_NOTE if args.device == "cpu" else f"builds and evaluations on {args.device}; the score check on the CPU"
-    fewer = f"; perplexity and KL on {args.windows} windows instead of the protocol's 64" if args.windows < 64 else ""
-    return where + fewer
+def _note(devices: list[str], windows: int) -> str:
+    where = ["each row names the device that built and measured it"]
+    if "cpu" in devices:
+        where.append(LOAD_NOTE)
+    fewer = f"; perplexity and KL on {windows} windows instead of the protocol's 64" if windows < 64 else ""
+    return "; ".join(where) + fewer
 
 
 def _w3_bits(work: Path) -> float | None:
@@ -274,7 +279,7 @@ def run(args) -> None:
                      **({"search": _search(timing)} if timing.get("mixed") else {})})
     if args.assignments:
         rows.append(scores_row(args, work))
-    merge(args, rows, _note(args))
+    merge(args, rows)
     print_table([r for r in rows if r["model"] == args.model and r["method"] != "mixed-scores"],
                 ["row", "bits_per_weight", "ppl", "kl", "wall_s"], f"mixed precision, {args.model}")
 
@@ -352,10 +357,11 @@ def render(data: dict) -> str:
     for model in dict.fromkeys(r["model"] for r in data["rows"]):
         rows = [r for r in data["rows"] if r["model"] == model]
         lines += [f"## {model}", ""]
-        lines += table(["row", "method", "bits/weight", "size", "ppl", "increase", "KL", "wall", "CPU", "load",
-                        "peak RSS"], [[
+        lines += table(["row", "method", "device", "bits/weight", "size", "ppl", "increase", "KL", "wall", "CPU",
+                        "load", "peak RSS"], [[
                             _label(r), r["method"] + (f" on {r['config']['base_method']}" if r["method"] == "mixed"
                                                       else ""),
+                            fmt(r.get("device")),
                             f"{r['bits_per_weight']:.3f}", fmt(r.get("size_bytes"), lambda v: f"{v / 1e6:.1f} MB"),
                             f"{r['ppl']:.3f}", fmt(r.get("ppl_increase_pct"), "{:+.1f}%"), f"{r['kl']:.4f}",
                             fmt(r.get("wall_s"), "{:.0f} s") + (" (resumed)" if r.get("resumed") else ""),
