@@ -466,9 +466,6 @@ def main() -> None:
         if args.cpu_timing:
             merge(args, timing_rows(args))
         if args.scores_only:
-            timed = Path(args.work) / f"{Path(args.model).name}-cpu-timing"
-            if not (work / f"sensitivity-{args.bases[0]}").is_dir() and (timed / f"sensitivity-{args.bases[0]}").is_dir():
-                work = timed  # the sensitivities of the CPU timing run
             merge(args, [scores_row(args, work)])
         if args.cpu_timing or args.scores_only:
             write_report(NAME, render(read_results(NAME)))
