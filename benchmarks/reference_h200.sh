@@ -6,6 +6,7 @@
 #   call 1: bash benchmarks/reference_h200.sh park           carry .carry-ref/whl .carry-ref/part1 .carry-ref/texts
 #   call 2: bash benchmarks/reference_h200.sh join JOB...    carry .carry-ref/part2
 #   later:  bash benchmarks/reference_h200.sh JOB...         (the machine still warm)
+#   PARALLEL=1 runs the named jobs at once (one GPU shared: timings then include the others' load).
 # JOB: mixed (issue 15: every build of benchmarks/mixed.py, four processes at once, then one
 # measuring pass), variants (issue 14: benchmarks/quantize_variants.py on wiki and Austen),
 # minitron_sweep (issue 16: the distillation step's configurations, needs no GGUF: fits `park`'s call;
@@ -119,6 +120,12 @@ join)
   step convert; python3 -c "from compressor.models import assets; assets.fetch('smollm2-135m')" 2>&1 | tail -2
   shift ;;
 esac
-for job in "$@"; do "$job"; done
+if [ -n "${PARALLEL:-}" ]; then  # the jobs side by side (each one's timings then include the others' load)
+  for job in "$@"; do "$job" > $L/job-$job.out 2>&1 & done
+  wait
+  for job in "$@"; do cat $L/job-$job.out; done
+else
+  for job in "$@"; do "$job"; done
+fi
 tar czf "$OUT/logs.tar.gz" -C $L . 2>/dev/null
 step done

@@ -31,10 +31,10 @@ prepare)
   du -sh "$D" ;;
 run)
   C=$PWD/.carry-scale2
-  export PYTHONUNBUFFERED=1 COMPRESSOR_CACHE=/tmp/cc PYTHONPATH=/tmp/site:/tmp/code SCALE_TOKENIZER=$C/tokenizer
+  export PYTHONUNBUFFERED=1 COMPRESSOR_CACHE=/tmp/cc PYTHONPATH=/tmp/site-scale:/tmp/code SCALE_TOKENIZER=$C/tokenizer
   rm -rf /tmp/code /tmp/cc /tmp/scale && cp -r "$C/code" /tmp/code && cp -r "$C/cache" /tmp/cc
-  [ -d /tmp/site ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
-      --target /tmp/site "$C"/whl/*.whl || exit 3
+  [ -d /tmp/site-scale ] || python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+      --target /tmp/site-scale "$C"/whl/*.whl || exit 3
   nvidia-smi --query-gpu=name,memory.used --format=csv,noheader
   cd /tmp/code && python3 benchmarks/scale.py --device cuda --work /tmp/scale --results "$OUT/scale.json" \
       --budget-s "${BUDGET:-330}" ${SCALE_ARGS:-} 2>&1 | tee "$OUT/scale.log" | grep -v '^{"built"' | cut -c1-400 ;;
