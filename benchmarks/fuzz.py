@@ -193,8 +193,7 @@ def _read_checkpoint(d: Path):
     from compressor.pipeline.checkpoint import RunDirectory
 
     run = RunDirectory(d / "run", "fingerprint", 3)
-    done = run.completed()
-    run.check(done, needs_inputs=True)
+    done = run.resume_point(run.completed(), needs_inputs=True)
     return [run.load_block(i) for i in range(done)], run.load_carry(done - 1) if done else None
 
 

@@ -540,7 +540,10 @@ def prune_sliced(out: Path, method: str, args, texts) -> dict:
 def distill_row(student: str, out: Path, data: list[str], settings: dict, args, texts) -> dict:
     from compressor import api
 
-    result = api.distill(MODEL, student, data, out, settings, device=args.device, overwrite=True)
+    from compressor.progress import LineProgress
+
+    result = api.distill(MODEL, student, data, out, settings, device=args.device, overwrite=True,
+                         progress=LineProgress(interval=30))  # the GPU call's log shows where its time goes
     return {"artifact": str(out), "params": result["params"], "tokens": result["tokens"], "steps": result["steps"],
             "distill_s": result["wall_s"], "tokens_per_s": result["tokens_per_s"],
             "train_loss_first": result["losses"][0], "train_loss_last": result["losses"][-1],

@@ -95,7 +95,7 @@ minitron_rows() {
     sel="--rows ${g%%:*}"
     [ "${g#*:}" != "$g" ] && sel="$sel --generate-data ${g#*:}"
     bounded ${ROWS_S:-520} python3 benchmarks/minitron.py quality $sel --device cuda --austen /tmp/austen \
-      --out /tmp/minitron --work /tmp/minitron-work-$i --windows 64 --tokens ${ROWS_TOKENS:-20M} --compile \
+      --out /tmp/minitron --work /tmp/minitron-work-$i --windows 64 --tokens ${ROWS_TOKENS:-20M} ${ROWS_COMPILE---compile} \
       --budget $((${ROWS_S:-520} - 40)) > $L/minitron-rows-$i.log 2>&1 &
     i=$((i + 1))
   done

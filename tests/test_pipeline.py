@@ -56,19 +56,25 @@ def test_deterministic_artifact_bytes(tiny_llama, text_file, tmp_path):
     assert artifact_files(tmp_path / "a") == artifact_files(tmp_path / "b")
 
 
-def test_failure_midway_then_resume_is_identical(tiny_llama, text_file, tmp_path, monkeypatch):
-    _quantize(tiny_llama, tmp_path / "clean", text_file)
-    calls = {"n": 0}
+def _failing_at(call: int):
+    """StatsRTN.on_group raising at its `call`-th call."""
     original = recording_method.StatsRTN.on_group
+    calls = {"n": 0}
 
     def flaky(self, *args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 6:  # second group of the second block
+        if calls["n"] == call:
             raise RuntimeError("injected fault")
         return original(self, *args, **kwargs)
 
+    return flaky
+
+
+def test_failure_midway_then_resume_is_identical(tiny_llama, text_file, tmp_path, monkeypatch):
+    _quantize(tiny_llama, tmp_path / "clean", text_file)
+    original = recording_method.StatsRTN.on_group
     out = tmp_path / "resumed"
-    monkeypatch.setattr(recording_method.StatsRTN, "on_group", flaky)
+    monkeypatch.setattr(recording_method.StatsRTN, "on_group", _failing_at(6))  # second group of the second block
     with pytest.raises(RuntimeError, match="injected fault"):
         _quantize(tiny_llama, out, text_file)
     assert not out.exists()
@@ -80,6 +86,51 @@ def test_failure_midway_then_resume_is_identical(tiny_llama, text_file, tmp_path
     _quantize(tiny_llama, out, text_file, resume=True)
     assert artifact_files(out) == artifact_files(tmp_path / "clean")
     assert not run_dir.exists()
+
+
+def test_inputs_checkpointed_now_and_then_resume_from_the_last_saved(tiny_llama, text_file, tmp_path, monkeypatch):
+    """Past InputsSchedule.SMALL_BYTES the inputs are saved only now and then: a resume starts at the
+    last block whose inputs were saved, computes the later finished blocks again, and gives the same bytes."""
+    from compressor.pipeline.checkpoint import InputsSchedule
+    from compressor.progress import Progress
+
+    _quantize(tiny_llama, tmp_path / "clean", text_file)
+    monkeypatch.setattr(InputsSchedule, "SMALL_BYTES", 0)
+    monkeypatch.setattr(InputsSchedule, "RATIO", 1e9)  # only the first block's successor's inputs are saved
+    original = recording_method.StatsRTN.on_group
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(recording_method.StatsRTN, "on_group", _failing_at(10))  # second group of the third block
+    with pytest.raises(RuntimeError, match="injected fault"):
+        _quantize(tiny_llama, out, text_file)
+    run_dir = api.run_directory_for(out)
+    assert sorted(p.name for p in run_dir.glob("[bi]*.safetensors")) == [
+        "block-0000.safetensors", "block-0001.safetensors", "inputs-0001.safetensors"]
+    monkeypatch.setattr(recording_method.StatsRTN, "on_group", original)
+    logged = []
+
+    class Recording(Progress):
+        def log(self, message):
+            logged.append(message)
+
+    _quantize(tiny_llama, out, text_file, resume=True, progress=Recording())
+    assert any("resuming after block 1/3" in m for m in logged), logged
+    assert any("block 2 computed again (the inputs of block 2 are the last ones saved)" in m for m in logged), logged
+    assert artifact_files(out) == artifact_files(tmp_path / "clean")
+
+
+def test_inputs_schedule_saves_once_the_blocks_outweigh_the_last_save():
+    from compressor.pipeline.checkpoint import InputsSchedule
+
+    big = InputsSchedule.SMALL_BYTES + 1
+    schedule = InputsSchedule(every_block=False)
+    assert schedule.due(big)  # the first save measures what one costs
+    schedule.saved(2.0)
+    assert not schedule.due(big)
+    assert schedule.due(InputsSchedule.SMALL_BYTES)  # small inputs go with every block
+    schedule.since -= InputsSchedule.RATIO * 2.0
+    assert schedule.due(big)
+    assert not schedule.due(big)
+    assert InputsSchedule(every_block=True).due(big) and all(InputsSchedule(True).due(big) for _ in range(3))
 
 
 def _run_script(tiny_llama, text_file, out, resume, kill_after=None):

@@ -17,6 +17,7 @@ import torch
 
 from compressor.calib.data import resolve_data, tensor_hash, token_stream
 from compressor.errors import CompressorError
+from compressor.progress import Progress
 
 
 @dataclass
@@ -87,7 +88,8 @@ SAMPLE_BATCH = {"cpu": 16, "cuda": 512}  # sequences sampled at once (a GPU is i
 
 
 @torch.no_grad()
-def teacher_samples(model: torch.nn.Module, bos: int, tokens: int, seq_len: int, seed: int) -> torch.Tensor:
+def teacher_samples(model: torch.nn.Module, bos: int, tokens: int, seq_len: int, seed: int,
+                    progress: Progress | None = None) -> torch.Tensor:
     """About `tokens` tokens of text sampled from the teacher (`--generate-data`), as windows of
     `seq_len` that each start at BOS: top-k sampling (transformers' generate) under a seed of its
     own, so the same teacher, device and seed give the same windows (a resumed run reads the same data)."""
@@ -103,9 +105,11 @@ def teacher_samples(model: torch.nn.Module, bos: int, tokens: int, seq_len: int,
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed * 7919 + 17)
         batch = SAMPLE_BATCH.get(device.type, SAMPLE_BATCH["cpu"])
-        for start in range(0, count, batch):
-            rows = torch.full((min(batch, count - start), 1), bos, dtype=torch.long, device=device)
-            out.append(model.generate(rows, attention_mask=torch.ones_like(rows), generation_config=config).cpu())
+        with (progress or Progress()).task("sampling teacher text: batches", total=-(-count // batch)) as bar:
+            for start in range(0, count, batch):
+                rows = torch.full((min(batch, count - start), 1), bos, dtype=torch.long, device=device)
+                out.append(model.generate(rows, attention_mask=torch.ones_like(rows), generation_config=config).cpu())
+                bar.advance()
     return torch.cat(out)
 
 

@@ -125,7 +125,7 @@ def distill(teacher: str, student: str, data: list[str], out: str | Path, settin
         progress.log(f"sampling {settings.generate_data} tokens of text from the teacher")
         teacher_model.model.to(accelerator.device)
         windows = with_teacher_samples(windows, teacher_samples(teacher_model.model, bos, settings.generate_data,
-                                                                settings.seq_len, settings.seed))
+                                                                settings.seq_len, settings.seed, progress))
     steps = check_data(windows, settings, accelerator.num_processes)
     sharded = fsdp_requested(accelerator, settings.fsdp)
     if settings.fsdp and not sharded:

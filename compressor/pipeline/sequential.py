@@ -5,8 +5,9 @@ Embed the calibration set once (only if a method wants it), then for each block:
 the compute device, let every method see it (on_block_start), then each of its linear groups in
 execution order (on_group; statistics are gathered when a method asks, with every earlier
 group final), propagate the block's outputs to the next block, move it back and checkpoint it
-with the methods' records, metadata and carried state. A killed run resumes from the last
-finished block and gives the same bytes as an uninterrupted one.
+with the methods' records, metadata and carried state (the next block's inputs now and then:
+checkpoint.InputsSchedule). A killed run resumes after the last block whose inputs were saved and
+gives the same bytes as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from compressor.errors import CompressorError
 from compressor.methods.base import Method, Record
 from compressor.models.adapters import Adapter
 from compressor.models.lazy import release
-from compressor.pipeline.checkpoint import DamagedCheckpoint, RunDirectory
+from compressor.pipeline.checkpoint import DamagedCheckpoint, InputsSchedule, RunDirectory
 from compressor.pipeline.context import BlockSession, Calibration, ModelSession
 from compressor.pipeline.distributed import World
 from compressor.pipeline.passes import (BlockRunner, capture_block_kwargs, capture_inputs, check_stored_weights,
@@ -111,6 +112,8 @@ class SequentialPipeline:
         self.activations = "cpu"
         self.embed_s = 0.0
         self.window: list[float | None] = [None, None]
+        self.inputs_schedule = InputsSchedule(every_block=world.size > 1)
+        self.inputs_saved_at: int | None = None  # the block whose inputs are the run's latest checkpoint
         if self.needs_calibration and calibration is None:
             raise ValueError(f"{', '.join(m.name for m in methods)} needs calibration data")
 
@@ -173,6 +176,7 @@ class SequentialPipeline:
                 saved = self.run.load_inputs(start)
                 if saved is None:
                     raise RuntimeError(f"run directory lacks the inputs of block {start}")
+                self.inputs_saved_at = start
                 hidden, fp_hidden = (None if v is None else v.to(home) for v in (saved["hidden"], saved.get("fp_hidden")))
 
         writer = CheckpointWriter(background=self.world.size == 1)
@@ -199,11 +203,15 @@ class SequentialPipeline:
         """Blocks to skip on resume: those recorded, if every file a resume reads is intact; after
         damage none (the run is recomputed from its first block, which gives the same result)."""
         try:
-            start = self.run.completed()
-            self.run.check(start, self.needs_calibration)
+            completed = self.run.completed()
+            start = self.run.resume_point(completed, self.needs_calibration)
         except DamagedCheckpoint as damage:
             self.progress.warn(f"{damage.message}: recomputing from the first block")
             return 0
+        if start < completed:
+            why = f"the inputs of block {start + 1} are the last ones saved" if start else "no block inputs were saved"
+            again = f"block {completed}" if start + 1 == completed else f"blocks {start + 1}-{completed}"
+            self.progress.log(f"{again} computed again ({why})")
         return start
 
     def _plan_activations(self, first: nn.Module, tokens: int) -> torch.device:
@@ -254,17 +262,25 @@ class SequentialPipeline:
                 params = block.state_dict()
             carries = [m.carry() for m in self.methods]
             meta = ctx.meta
+            save_inputs = next_hidden is not None and self.inputs_schedule.due(
+                sum(t.numel() * t.element_size() for t in (next_hidden, fp_next) if t is not None))
+            older_inputs = self.inputs_saved_at
+            if save_inputs:
+                self.inputs_saved_at = index + 1
 
             def save() -> None:
-                if next_hidden is not None:
+                if save_inputs:
+                    began = time.perf_counter()
                     self.run.save_inputs(index + 1, next_hidden, fp_next)
+                    self.inputs_schedule.saved(time.perf_counter() - began)
                 self.world.barrier()  # every process's inputs are saved before the block counts as done
                 if self.world.is_main:
                     self.run.save_block(index, params, records, meta, carries)
                     if self.on_block_saved is not None:
                         self.on_block_saved(index, params, records)
                 self.world.barrier()
-                self.run.drop_inputs(index)
+                if save_inputs and older_inputs is not None:
+                    self.run.drop_inputs(older_inputs)
 
             writer.submit(save)
         self.block_meta.append(meta)
