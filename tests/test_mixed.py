@@ -123,6 +123,7 @@ def test_sensitivity_pass_writes_scores_heatmap_and_probes(sensitivity, tiny_lla
     probes = table["interactions"]
     assert len(probes["single"]) == 3 and len(probes["pair"]) == 2 and all(g > 0 for g in probes["gains"])
     assert len(result["top"]) == 10 and result["augmented"] and result["notes"] == []
+    assert not list(out.glob("inputs-*")), "the kept directory holds no calibration activations"
 
 
 def test_budget_build_loads_in_our_reader_and_transformers(sensitivity, tiny_llama, calib, tmp_path):

@@ -279,7 +279,7 @@ class SequentialPipeline:
                     if self.on_block_saved is not None:
                         self.on_block_saved(index, params, records)
                 self.world.barrier()
-                if save_inputs and older_inputs is not None:
+                if older_inputs is not None and (save_inputs or last):  # a kept directory (sensitivities) ends clean
                     self.run.drop_inputs(older_inputs)
 
             writer.submit(save)
