@@ -118,6 +118,19 @@ def test_inputs_checkpointed_now_and_then_resume_from_the_last_saved(tiny_llama,
     assert artifact_files(out) == artifact_files(tmp_path / "clean")
 
 
+def test_a_run_starting_again_drops_the_inputs_an_earlier_attempt_left(tmp_path):
+    from compressor.pipeline.checkpoint import RunDirectory
+
+    run = RunDirectory(tmp_path / "run", "key", 4)
+    run.start()
+    for index in (1, 3):
+        run.save_inputs(index, torch.ones(2, 3) * index)
+    (tmp_path / "run" / "notes.txt").write_text("not ours to delete")
+    run.drop_other_inputs(1)
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == ["inputs-0001.safetensors", "notes.txt", "run.json"]
+    assert torch.equal(run.load_inputs(1)["hidden"], torch.ones(2, 3))
+
+
 def test_inputs_schedule_saves_once_the_blocks_outweigh_the_last_save():
     from compressor.pipeline.checkpoint import InputsSchedule
 

@@ -118,6 +118,13 @@ class RunDirectory:
     def drop_inputs(self, index: int) -> None:
         self.hidden_file(index).unlink(missing_ok=True)
 
+    def drop_other_inputs(self, keep: int) -> None:
+        """This process's inputs files but block `keep`'s: those an earlier attempt left past the point
+        a run starts from again (so a kept directory never ends with stale activations)."""
+        for index in range(self.num_blocks + 1):
+            if index != keep:
+                self.drop_inputs(index)
+
     def load_block(self, index: int) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]],
                                                  dict[str, Any]]:
         """(parameters, records, metadata) of a finished block."""

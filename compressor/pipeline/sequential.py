@@ -135,6 +135,8 @@ class SequentialPipeline:
             self.lazy.prefetch(self.adapter.block_prefix(self.model, start), self.device.type == "cuda")
         if not start and self.world.is_main:
             self.run.start()
+        if self.run.path.is_dir():
+            self.run.drop_other_inputs(start)
         self.world.barrier()
 
         block_kwargs, hidden, first_sample, ids = None, None, 0, None
