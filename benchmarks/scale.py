@@ -535,7 +535,8 @@ def main() -> None:
     cpu_fixed = json.loads(committed.read_text()).get("cpu_fixed") if committed.is_file() else None
 
     def save():
-        data = {"gpu": gpu, "summary": summarize(rows), "targets": TARGETS, "notes": notes,
+        data = {"device": args.device if args.device == "cpu" else f"{args.device} ({gpu})", "gpu": gpu,
+                "summary": summarize(rows), "targets": TARGETS, "notes": notes,
                 **({"cpu_fixed": cpu_fixed} if cpu_fixed else {})}
         write_results(NAME, rows, {"calibration": f"wiki, seed 0, {n}×{l}; {args.calib_large}, seed 0, {n2}×{l2}",
                                    "weights": "random bf16, std 0.02", "vocab": VOCAB,
