@@ -248,6 +248,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 from compressor.pipeline import sequential
 
+CUPTI_MARKERS = {"Command Buffer Full", "Activity Buffer Request", "Lazy Function Loading"}
 out, block_index = sys.argv[1], int(sys.argv[2])
 original = sequential.SequentialPipeline._block
 
@@ -265,7 +266,11 @@ def profiled(self, blocks, index, *args, **kwargs):
     wall = time.perf_counter() - started
     events = prof.key_averages()
     device = lambda e: getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) / 1e6
-    kernels = sorted(((e.key, device(e), e.count) for e in events if device(e) > 0), key=lambda k: -k[1])
+    # Only device-side activity (kernels, copies, memsets): the host ops that launched them carry the
+    # same time again, and CUPTI's markers ("Command Buffer Full") are host stalls, not device work.
+    on_device = lambda e: "CUDA" in str(getattr(e, "device_type", "")) and e.key not in CUPTI_MARKERS
+    kernels = sorted(((e.key, device(e), e.count) for e in events if on_device(e) and device(e) > 0),
+                     key=lambda k: -k[1])
     cpu = sorted(((e.key, e.self_cpu_time_total / 1e6, e.count) for e in events), key=lambda k: -k[1])
     json.dump({"block": index, "wall_s": wall, "device_busy_s": sum(k[1] for k in kernels),
                "kernels": kernels[:20], "cpu": cpu[:20]},
