@@ -9,7 +9,7 @@
 #   PARALLEL=1 runs the named jobs at once (one GPU shared: timings then include the others' load).
 # JOB: mixed (issue 15: every build of benchmarks/mixed.py, four processes at once, then one
 # measuring pass), variants (issue 14: benchmarks/quantize_variants.py on wiki and Austen),
-# minitron_sweep (issue 16: the distillation step's configurations, needs no GGUF: fits `park`'s call;
+# variants_only (the variants named in ONLY="a,b;c", one build process per ;-set), minitron_sweep (issue 16: the distillation step's configurations, needs no GGUF: fits `park`'s call;
 # SWEEP_S, SWEEP_BUDGET seconds, SWEEP=B/CHUNK/MODE,... else the default sweep), minitron_rows (issue 16:
 # chosen quality rows of benchmarks/minitron.py, one process per ;-separated set in ROWS, after ':' the
 # --generate-data tokens, e.g. ROWS="modegpt;minitron-70M-both;modegpt:2M"; ROWS_TOKENS, ROWS_S seconds).
@@ -75,6 +75,21 @@ variants() {
   built=$(cd $w && ls *.json 2>/dev/null | sed 's/\.json$//' | paste -sd,)
   bounded ${VARIANTS_MEASURE_S:-240} python3 benchmarks/quantize_variants.py --device cuda --work $w --reuse \
     --variants "$built" --texts wiki,austen > $L/variants-measure.log 2>&1
+  tail -5 $L/variants-measure.log
+  cp benchmarks/results/quantize_variants_cuda.json "$OUT"/ 2>/dev/null
+}
+
+variants_only() {  # chosen variants of benchmarks/quantize_variants.py: ONLY="a,b;c,d" (one build process per ;-set)
+  local w=/tmp/variants v="python3 benchmarks/quantize_variants.py --device cuda --work /tmp/variants --no-eval" i=0 set
+  step variants builds: ${ONLY:?ONLY=variants}
+  for set in $(echo "$ONLY" | tr ';' ' '); do
+    bounded ${VARIANTS_BUILD_S:-300} $v --variants "$set" --results /tmp/vo$i.json > $L/variants-only-$i.log 2>&1 &
+    i=$((i + 1))
+  done
+  wait
+  step variants measure
+  bounded ${VARIANTS_MEASURE_S:-240} python3 benchmarks/quantize_variants.py --device cuda --work $w --reuse \
+    --variants "$(echo "$ONLY" | tr ';' ',')" --texts wiki,austen > $L/variants-measure.log 2>&1
   tail -5 $L/variants-measure.log
   cp benchmarks/results/quantize_variants_cuda.json "$OUT"/ 2>/dev/null
 }

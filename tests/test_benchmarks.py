@@ -16,7 +16,7 @@ from benchmarks.common import REPORTS, read_results  # noqa: E402
 # report name (results/<name>.json → reports/<name>.md): the module whose render() makes it
 RENDERERS = {"quantize": "quantize", "scale": "scale", "slicing": "slicing", "spine": "spine",
              "lossless": "lossless_report", "kernels": "kernels_report", "engine": "engine", "minitron": "minitron",
-             "multigpu": "multigpu", "mixed": "mixed", "robustness": "robustness"}
+             "multigpu": "multigpu", "mixed": "mixed", "robustness": "robustness", "fp8_split": "fp8_split"}
 
 
 # reports/index.md is `compress publish`'s, held to its results by tests/test_report.py.

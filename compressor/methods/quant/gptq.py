@@ -402,7 +402,7 @@ class GPTQ(Method):
         for name, linear in linears.items():
             linear.weight.data = dequantize_record(records[name], linear.weight.dtype).to(linear.weight.device)
         if self.config.lowrank:
-            records = self._compensated(stacked, records, stats["hessian"].cpu(), names, linears, cross)
+            records = self._compensated(stacked, records, stats["hessian"].to(device), names, linears, cross)
         return records
 
     def _compensated(self, stacked: torch.Tensor, records: dict[str, Record], h: torch.Tensor, names: list[str],
