@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
+from baselines import BASELINES  # noqa: E402
 from common import RESULTS, evaluate, write_results  # noqa: E402
 
 W4 = {"bits": 4, "group_size": 64, "sym": False}
@@ -60,7 +61,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--samples", type=int, default=128, help="calibration windows of 512 tokens")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"of {', '.join([*VARIANTS, *BASELINES])}")
     parser.add_argument("--work", default="out/variants")
     parser.add_argument("--results", default=None)
     parser.add_argument("--reuse", action="store_true", help="keep artifacts built by an earlier (or parallel) run")
@@ -70,6 +71,14 @@ def main() -> None:
     path = Path(args.results or RESULTS / f"quantize_variants_{args.device.split(':')[0]}.json")
     built = {}
     for name in args.variants.split(","):
+        if name in BASELINES:
+            info = Path(args.work) / f"{name}.json"
+            if not (args.reuse and info.is_file()):
+                started = time.perf_counter()
+                record = BASELINES[name][2](args.model, Path(args.work) / name, **BASELINES[name][1], device=args.device)
+                info.write_text(json.dumps({**record, "wall_s": round(time.perf_counter() - started, 1)}))
+            built[name] = json.loads(info.read_text())
+            continue
         method, options, *settings = VARIANTS[name]
         settings = {k: parse_dtype(v) if k == "keep_dtype" else v for k, v in (settings[0] if settings else {}).items()}
         info = Path(args.work) / f"{name}.json"
@@ -84,15 +93,15 @@ def main() -> None:
         info.write_text(json.dumps(built[name]))
         print(json.dumps({name: built[name]}), flush=True)
     if args.no_eval:  # sizes only
-        rows = [{"variant": name, "method": VARIANTS[name][0], "config": VARIANTS[name][1], **info,
-                 **(VARIANTS[name][2] if len(VARIANTS[name]) > 2 else {})} for name, info in built.items()]
+        rows = [{"variant": name, "method": spec(name)[0], "config": spec(name)[1], **info,
+                 **(spec(name)[2] if len(spec(name)) > 2 else {})} for name, info in built.items()]
         print(f"wrote {write_results('quantize_variants', rows, {'calib_samples': args.samples}, path=path)}")
         return
     texts = args.texts.split(",")
     results = {text: evaluate(args.model, {name: Path(args.work) / name for name in built}, args.windows,
                               device=args.device, text=text) for text in texts}
     wiki = results[texts[0]]
-    rows = [{"variant": name, "method": VARIANTS[name][0], "config": VARIANTS[name][1], "ppl": wiki[name]["ppl"],
+    rows = [{"variant": name, "method": spec(name)[0], "config": spec(name)[1], "ppl": wiki[name]["ppl"],
              "kl": wiki[name]["kl"], "base_ppl": wiki["base"]["ppl"], **info,
              **{key: value for text in texts[1:] for key, value in (
                  (f"{text}_ppl", results[text][name]["ppl"]), (f"{text}_kl", results[text][name]["kl"]),
@@ -101,6 +110,11 @@ def main() -> None:
     protocol = {"eval_windows": args.windows, "window": 512, "calib_samples": args.samples, "calib_len": 512}
     rows += earlier_rows(path, {row["variant"] for row in rows}, protocol)
     print(f"wrote {write_results('quantize_variants', rows, protocol, {'device': args.device}, path=path)}")
+
+
+def spec(name: str) -> tuple:
+    """(method, options[, settings]) of a variant or a baseline."""
+    return VARIANTS[name] if name in VARIANTS else BASELINES[name][:2]
 
 
 def earlier_rows(path: Path, measured: set[str], protocol: dict) -> list[dict]:
