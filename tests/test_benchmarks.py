@@ -69,3 +69,38 @@ def test_minitron_merge_replaces_a_rerun_part_and_rows_of_the_same_identity(tmp_
     assert set(data["parts"]) == {"throughput_cuda", "quality_d", "quality_modegpt"}
     assert "MoDeGPT 25% + distillation (20.0M tokens): ppl 10.50 vs base 10.00, 5% above (target within 10%): met" \
         in (tmp_path / "minitron.md").read_text()
+
+
+def test_hqq_baseline_refines_its_zero_points_and_the_stronger_hqq_is_the_yardstick(tmp_path):
+    """The published-HQQ baseline ends no worse than its min-max start (float16 zero points, codes
+    0..15), and the out-of-domain ratio is taken against whichever HQQ did better on Austen."""
+    import torch
+    from baselines import hqq_float_zero
+    from quantize import gpu_rows
+
+    torch.manual_seed(0)
+    w = torch.randn(32, 128) * torch.rand(32, 1)
+    w[0, 3] = 4.0  # an outlier the lp error tolerates
+    g = w.reshape(32, 2, 64)
+    lo, hi = g.amin(-1, keepdim=True), g.amax(-1, keepdim=True)
+    inverse = (15 / (hi - lo)).half().float()
+    zero = (-lo * inverse).half().float()
+    minmax = ((torch.round(g * inverse + zero).clamp(0, 15) - zero) / inverse).reshape(32, 128)
+    refined = hqq_float_zero(w)
+    assert (w - refined).abs().mean() <= (w - minmax).abs().mean()
+    assert not torch.equal(refined, minmax)
+
+    def row(name, method, ppl, austen):
+        return {"variant": name, "method": method, "config": {"bits": 4}, "bits_per_weight": 4.3, "ppl": ppl,
+                "kl": 0.1, "wall_s": 1.0, "base_ppl": 10.0, "austen_ppl": austen, "austen_kl": 0.1,
+                "austen_base_ppl": 20.0}
+
+    import json
+
+    path = tmp_path / "variants.json"
+    path.write_text(json.dumps({"rows": [row("gptq-w4", "gptq", 11.0, 22.0), row("hqq-w4", "hqq", 14.0, 26.0),
+                                         row("hqq-float-w4", "hqq-float", 13.0, 24.0)]}))
+    gptq = next(r for r in gpu_rows(path) if r["row"] == "gptq-w4")
+    assert gptq["hqq_baseline"] == "hqq-float-w4"
+    assert gptq["austen_fraction_of_hqq_increase"] == pytest.approx(2.0 / 4.0)
+    assert gptq["fraction_of_hqq_increase"] == pytest.approx(1.0 / 3.0)
