@@ -29,11 +29,12 @@ from common import fmt, report_cli, table, write_report, write_results  # noqa: 
 
 NAME = "fp8_split"
 GROUP = 64
-FP8_MAX = 448.0
 
 
 def _e4m3(x: torch.Tensor) -> torch.Tensor:
-    return x.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).to(x.dtype)
+    from compressor.methods.quant.fp8 import fp8_codes
+
+    return fp8_codes(x).to(x.dtype)
 
 
 def weights_channel(w: torch.Tensor) -> torch.Tensor:
@@ -44,6 +45,8 @@ def weights_channel(w: torch.Tensor) -> torch.Tensor:
 
 
 def weights_group(w: torch.Tensor) -> torch.Tensor:
+    from compressor.methods.quant.fp8 import FP8_MAX
+
     out, cols = w.shape
     g = w.float().reshape(out, cols // GROUP, GROUP)
     scale = (g.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(torch.finfo(torch.float32).tiny)
@@ -57,6 +60,8 @@ def inputs_token(x: torch.Tensor) -> torch.Tensor:
 
 
 def inputs_group(x: torch.Tensor) -> torch.Tensor:
+    from compressor.methods.quant.fp8 import FP8_MAX
+
     g = x.reshape(*x.shape[:-1], x.shape[-1] // GROUP, GROUP)
     scale = (g.abs().amax(-1, keepdim=True) / FP8_MAX).clamp_min(torch.finfo(x.dtype).eps)
     return (_e4m3(g / scale) * scale).reshape(x.shape)

@@ -73,6 +73,9 @@ def main() -> None:
     parser.add_argument("--no-eval", action="store_true", help="only build the artifacts (evaluate later with --reuse)")
     parser.add_argument("--texts", default="wiki", help="held-out texts, comma-separated (wiki, austen)")
     args = parser.parse_args()
+    unknown = [n for n in args.variants.split(",") if n not in VARIANTS and n not in BASELINES]
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]}: use one of {', '.join([*VARIANTS, *BASELINES])}")
     path = Path(args.results or RESULTS / f"quantize_variants_{args.device.split(':')[0]}.json")
     built = {}
     for name in args.variants.split(","):
