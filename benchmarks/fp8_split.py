@@ -111,6 +111,22 @@ def measure(args: argparse.Namespace) -> list[dict]:
     return [rows["fp32"], *(rows[name] for name in VARIANTS)]
 
 
+ROUNDING = {"fp32": (None, None), "weights": ("channel", None), "activations": (None, "token"),
+            "both": ("channel", "token"), "both-act-g64": ("channel", f"group{GROUP}"), "both-w-g64": (f"group{GROUP}", "token")}
+
+
+def shaped(data: dict, args: argparse.Namespace | None = None) -> dict:
+    """The rows in the results shape of ../shared/BENCHMARKS.md: model, method, config (which
+    rounding, with what scales), ppl and kl of the first text beside the per-text fields."""
+    text = data["protocol"]["texts"][0]
+    model = getattr(args, "model", None) or data.get("model", "smollm2-135m")
+    for r in data["rows"]:
+        weights, inputs = ROUNDING[r["variant"]]
+        r.update(model=model, method="fp32" if r["variant"] == "fp32" else "fp8",
+                 config={"weights": weights, "inputs": inputs}, ppl=r[f"{text}_ppl"], kl=r.get(f"{text}_kl", 0.0))
+    return data
+
+
 def render(data: dict) -> str:
     texts = data["protocol"]["texts"]
     base = data["rows"][0]
@@ -145,11 +161,12 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--windows", type=int, default=64)
     parser.add_argument("--texts", default="wiki,austen")
-    args = report_cli(parser, NAME, render)
+    args = report_cli(parser, NAME, render, refresh=shaped)
     if args is None:
         return
     rows = measure(args)
     protocol = {"eval_windows": args.windows, "window": 512, "texts": args.texts.split(",")}
+    rows = shaped({"protocol": protocol, "rows": rows}, args)["rows"]
     path = write_results(NAME, rows, protocol, {"device": args.device})
     print(f"wrote {path}")
     print(f"wrote {write_report(NAME, render(json.loads(path.read_text())))}")
