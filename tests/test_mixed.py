@@ -194,6 +194,39 @@ def test_a_perplexity_budget_is_met_as_measured(sensitivity, tiny_llama, calib, 
     assert result["rounds"][-1]["measured_ppl_increase"] == result["measured"]["ppl_increase"]
 
 
+def test_a_bits_budget_is_measured_beside_uniform_and_the_prediction_recalibrated(sensitivity, tiny_llama, calib,
+                                                                                  tmp_path, monkeypatch):
+    """2-bit linears that cost far more than predicted (as on gemma3-270m; here the measurement adds
+    a fixed KL per 2-bit linear): the plan measures worse than the calibration expects, the 2-bit
+    scores are scaled up to match and the plan re-solved with fewer of them; what is kept is the best
+    plan measured, never worse than the best uniform format within the budget."""
+    honest = driver.Verifier.__call__
+
+    def costly_two_bits(self, plan):
+        measured = dict(honest(self, plan))
+        measured["kl"] += 1e-4 * sum(f.startswith("int2") for f in plan.values())
+        return measured
+
+    monkeypatch.setattr(driver.Verifier, "__call__", costly_two_bits)
+    result = _mixed(tiny_llama, tmp_path / "q", calib, sensitivity[0], target_bits=3.3, max_rounds=4)
+    mixed = result["mixed"]
+    uniform, first, second, *_ = mixed["rounds"]
+    assert (uniform["round"], uniform["uniform"]) == (0, "int3-g64")
+    assert first["scale_by_bits"] == {} and second["scale_by_bits"][2] > 2
+    assert first["measured_kl"] > 2 * first["predicted_kl"] * uniform["measured_kl"] / uniform["predicted_kl"]
+    assert second["measured_kl"] < first["measured_kl"]
+    kept = min(mixed["rounds"], key=lambda r: r["measured_kl"])
+    assert mixed["measured"]["kl"] == kept["measured_kl"] <= uniform["measured_kl"]
+    assert mixed["bits_per_weight"] == pytest.approx(kept["bits_per_weight"]) and mixed["bits_per_weight"] <= 3.3
+
+    def two_bit(r):
+        return sum(n for f, n in r["formats"].items() if f.startswith("int2"))
+
+    assert two_bit(second) < two_bit(first)
+    plan = json.loads((tmp_path / "q" / "manifest.json").read_text())["method"]["config"]["plan"]
+    assert sum(f.startswith("int2") for f in plan.values()) == two_bit(kept)
+
+
 def test_a_budget_every_linear_can_keep_builds_uniform_16_bit(sensitivity, tiny_llama, calib, tmp_path):
     result = _mixed(tiny_llama, tmp_path / "q", calib, sensitivity[0], target_bits=16)["mixed"]
     assert result["uniform"] == "fp16"

@@ -19,7 +19,7 @@ import torch
 from compressor.calib.data import TokenSet, calibration_holdout, calibration_set
 from compressor.errors import CompressorError
 from compressor.methods.base import Method
-from compressor.methods.quant.candidates import formats_for, unusable_group_sizes
+from compressor.methods.quant.candidates import formats_for, parse_format, unusable_group_sizes
 from compressor.methods.quant.mixed import CandidateConfig, MixedConfig, MixedPrecision
 from compressor.mixed import interactions as inter
 from compressor.mixed import search
@@ -34,6 +34,7 @@ PROBE_TOKENS_PER_BATCH = 1024  # bounds the [batch, length, vocab] log-probabili
 TIGHTEN = 0.95  # a missed measured budget is retried at this fraction of what the measurement allows
 MAX_STEP = 20  # one round tightens the predicted KL at most this many times
 TOP_LAYERS = 10
+CALIBRATED = 0.05  # a plan measured within this fraction of its calibrated prediction ends the re-solving
 
 
 @dataclass
@@ -180,13 +181,68 @@ def _next_allowance(history: list[tuple[float, float]], goal: float) -> float:
     return min(max(allowed, predicted / MAX_STEP), predicted * TIGHTEN)
 
 
+def _verified_for_bits(table: SensitivityTable, predictor: Predictor, target: float, max_rounds: int,
+                       measure: Callable[[Plan], dict], progress: Progress) -> tuple[search.Choice, dict, list[dict]]:
+    """The plan for a bits budget, measured beside the best uniform format within the budget.
+
+    The uniform plan's measured / predicted KL calibrates the prediction. When a mixed plan measures
+    worse (or better) than that calibration expects, the bit widths below the uniform's take the
+    difference (their scores are scaled to match) and the plan is re-solved, up to `max_rounds`
+    plans. The best measured plan is kept, so a bits budget never ends worse than uniform precision.
+    """
+    tried: list[tuple[search.Choice, dict]] = []
+    rounds: list[dict] = []
+    uniform = search.uniform_within(table, predictor, target)
+    calibration = 1.0
+    if uniform is not None:
+        measured = measure(uniform.plan)
+        tried.append((uniform, measured))
+        calibration = measured["kl"] / max(uniform.predicted_kl, 1e-12)
+        rounds.append({"round": 0, "uniform": uniform.uniform, "formats": uniform.counts(),
+                       "bits_per_weight": uniform.bits_per_weight,
+                       "predicted_kl": uniform.predicted_kl, "measured_kl": measured["kl"],
+                       "measured_ppl_increase": measured["ppl_increase"]})
+        progress.log(f"uniform {uniform.uniform}: {uniform.bits_per_weight:.3f} bits, predicted KL "
+                     f"{uniform.predicted_kl:.4g}, measured KL {measured['kl']:.4g}")
+    floor = parse_format(uniform.uniform).bits if uniform is not None else None
+    factors: dict[int, float] = {}
+    for number in range(max_rounds):
+        calibrated = Predictor(search.scaled(table, factors), predictor.interactions)
+        choice = search.for_bits(calibrated.table, calibrated, target)
+        if any(choice.plan == plan.plan for plan, _ in tried):
+            break
+        measured = measure(choice.plan)
+        tried.append((choice, measured))
+        rounds.append({"round": number + 1, "formats": choice.counts(), "bits_per_weight": choice.bits_per_weight,
+                       "scale_by_bits": dict(factors),
+                       "predicted_kl": choice.predicted_kl, "measured_kl": measured["kl"],
+                       "measured_ppl_increase": measured["ppl_increase"]})
+        progress.log(f"round {number + 1}: {choice.bits_per_weight:.3f} bits, predicted KL {choice.predicted_kl:.4g}, "
+                     f"measured KL {measured['kl']:.4g}, perplexity +{measured['ppl_increase']:.2f}%")
+        families = calibrated.family_losses(choice.plan)
+        blamed = [b for b in families if b < floor] if floor is not None else [min(families)]
+        blamed_loss = sum(families[b] for b in blamed)
+        if not blamed_loss:
+            break
+        coupling = choice.predicted_kl / sum(families.values())
+        factor = (measured["kl"] / calibration / coupling - (sum(families.values()) - blamed_loss)) / blamed_loss
+        factor = min(max(factor, 1 / MAX_STEP), MAX_STEP)
+        if abs(factor - 1) < CALIBRATED:
+            break
+        for b in blamed:
+            factors[b] = factors.get(b, 1.0) * factor
+    best, measured = min(tried, key=lambda pair: pair[1]["kl"])
+    if best is uniform and len(tried) > 1:
+        progress.log(f"uniform {uniform.uniform} measured better than every mixed plan tried; keeping it")
+    return best, measured, rounds
+
+
 def choose(table: SensitivityTable, predictor: Predictor, config: MixedConfig,
            measure: Callable[[Plan], dict], progress: Progress) -> tuple[search.Choice, dict, list[dict]]:
     """The plan for the config's budget, its measurement, and every round tried."""
     budget, limit = config.budget()
     if budget == "target_bits":
-        choice = search.for_bits(table, predictor, limit)
-        return choice, measure(choice.plan), []
+        return _verified_for_bits(table, predictor, limit, config.max_rounds, measure, progress)
     # A KL budget steers the predicted KL; a perplexity budget starts from KL ≈ ΔNLL = log(1 + P).
     target = limit if budget == "max_kl" else math.log1p(limit / 100)
     allowed = target

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 
+from compressor.methods.quant.candidates import parse_format
 from compressor.mixed.interactions import Interactions
 from compressor.mixed.sensitivity import LinearScores, SensitivityTable
 
@@ -34,6 +35,14 @@ class Predictor:
         for l in self.table.linears:
             per_block[l.block] += self.weights[l.name] * l.scores[plan[l.name]]
         return per_block
+
+    def family_losses(self, plan: Plan) -> dict[int, float]:
+        """Σ of gain-corrected, Fisher-weighted scores per bit width (16: kept) in the plan."""
+        gains, out = self.gains(), {}
+        for l in self.table.linears:
+            bits = parse_format(plan[l.name]).bits
+            out[bits] = out.get(bits, 0.0) + gains[l.block] * self.weights[l.name] * l.scores[plan[l.name]]
+        return out
 
     def block_errors(self, plan: Plan) -> list[float]:
         """E_b = gain_b · Σ of block b's weighted scores: its predicted share of the output KL, alone."""

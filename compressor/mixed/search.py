@@ -4,11 +4,12 @@ and re-solved until the plan stops improving (a few rounds, deterministic)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
 from compressor.errors import CompressorError
+from compressor.methods.quant.candidates import parse_format
 from compressor.mixed import knapsack
 from compressor.mixed.predict import Plan, Predictor
 from compressor.mixed.sensitivity import SensitivityTable
@@ -45,6 +46,13 @@ def bits_range(table: SensitivityTable) -> tuple[float, float]:
     low = sum(min(l.bits.values()) * l.params for l in table.linears) / params
     high = sum(max(l.bits.values()) * l.params for l in table.linears) / params
     return low, high
+
+
+def scaled(table: SensitivityTable, factors: dict[int, float]) -> SensitivityTable:
+    """The table with each format's scores multiplied by its bit width's factor (1 when absent)."""
+    linears = [replace(l, scores={f: s * factors.get(parse_format(f).bits, 1.0) for f, s in l.scores.items()})
+               for l in table.linears]
+    return replace(table, linears=linears)
 
 
 def describe(table: SensitivityTable, predictor: Predictor, plan: Plan) -> Choice:
@@ -97,6 +105,15 @@ def for_bits(table: SensitivityTable, predictor: Predictor, target_bits: float) 
         return describe(table, predictor, {l.name: min(l.scores, key=l.scores.get) for l in table.linears})
     budget = target_bits * sum(l.params for l in table.linears)
     return _iterate(table, predictor, lambda items: knapsack.solve(items, budget), lambda c: c.predicted_kl)
+
+
+def uniform_within(table: SensitivityTable, predictor: Predictor, target_bits: float) -> Choice | None:
+    """The uniform plan (every linear in one format) that spends the most bits within the budget
+    (not the least predicted loss: the prediction is what this plan is there to check)."""
+    shared = set.intersection(*(set(l.scores) for l in table.linears))
+    plans = [describe(table, predictor, {l.name: f for l in table.linears}) for f in sorted(shared)]
+    return max((c for c in plans if c.bits_per_weight <= target_bits + 1e-9),
+               key=lambda c: (c.bits_per_weight, -c.predicted_kl), default=None)
 
 
 def for_loss(table: SensitivityTable, predictor: Predictor, max_kl: float) -> Choice:
