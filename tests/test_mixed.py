@@ -80,6 +80,33 @@ def test_one_sweep_for_several_formats_equals_separate_sweeps():
         assert torch.equal(alone["zero_point"], record["zero_point"])
 
 
+def test_candidates_split_across_cpu_threads_equal_one_sweep():
+    from compressor.methods.quant.mixed import CandidateConfig, _in_threads, _quantize_rows
+
+    torch.manual_seed(0)
+    x = torch.randn(512, 64) * torch.rand(64) * 3
+    h = x.T @ x / 512
+    weights = [torch.randn(48, 64), torch.randn(16, 64)]
+    config = CandidateConfig(sym=False, act_order=True)
+    pairs = [(w, f) for f in (Format(2, 32), Format(3, 64), Format(4, 32), Format(8, 64)) for w in weights]
+    threads = []
+
+    def work(chunk):
+        threads.append(torch.get_num_threads())
+        return _quantize_rows(config, [w for w, _ in chunk], [f for _, f in chunk], h, "x")
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        split = _in_threads(work, pairs, h.device)
+    finally:
+        torch.set_num_threads(before)
+    assert threads == [1, 1, 1] and len(split) == len(pairs)
+    for one, other in zip(_quantize_rows(config, [w for w, _ in pairs], [f for _, f in pairs], h, "x"), split):
+        assert torch.equal(one["qweight"], other["qweight"]) and torch.equal(one["zero_point"], other["zero_point"])
+        torch.testing.assert_close(one["scale"].float(), other["scale"].float(), rtol=1e-3, atol=0)
+
+
 # ---------------------------------------------------------------- the knapsack
 
 def test_the_programme_is_exact_and_the_relaxation_feasible():

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 
 import json
@@ -104,6 +105,26 @@ def _quantize_rows(config: CandidateConfig, weights: list[torch.Tensor], formats
     return [make_record(w, *compute_qparams(w, s), s) for w, s in zip(weights, schemes)]
 
 
+def _in_threads(work: Callable[[list], list], items: list, device: torch.device) -> list:
+    """work(items) on a GPU; on the CPU split across torch's threads, each running single-threaded
+    (the sweep is many small steps that one thread does best: see util.one_thread). Rows are
+    independent given the Hessian, so the results are one call's (up to float summation order)."""
+    threads = min(torch.get_num_threads(), len(items))
+    if device.type != "cpu" or threads < 2:
+        return work(items)
+    def single(chunk: list) -> list:
+        with one_thread():
+            return work(chunk)
+
+    chunks = [items[i::threads] for i in range(threads)]
+    with ThreadPoolExecutor(threads, thread_name_prefix="candidates") as pool:
+        done = list(pool.map(single, chunks))
+    out: list = [None] * len(items)
+    for i, chunk in enumerate(done):
+        out[i::threads] = chunk
+    return out
+
+
 def kept_record(w: torch.Tensor) -> Record:
     return {"weight": w.to(torch.float16)}
 
@@ -152,15 +173,23 @@ class Sensitivity(Method):
         formats = formats_for(linears[names[0]].in_features, self.config.formats())
         quantized = [f for f in formats if not f.kept]
         few = too_few_tokens(ctx, group, linears, stats)
-        pairs = [(n, f) for f in quantized for n in names]
+        pairs = [(n, f) for f in quantized for n in names] + [(n, KEEP) for n in names if KEEP in formats]
         scorer = self.config.base if self.config.score_with == "base" else self.config.score_with
-        records = dict(zip(pairs, _quantize_rows(self.config, [weights[n] for n, _ in pairs],
-                                                 [f for _, f in pairs], None if few else hessian,
-                                                 f"{ctx.prefix}{group.name}", scorer)))
-        records.update({(n, KEEP): kept_record(weights[n]) for n in names if KEEP in formats})
+
+        def candidates(chunk: list[tuple[str, Format]]) -> list[tuple[Record, float]]:
+            rounded = [(n, f) for n, f in chunk if not f.kept]
+            records = dict(zip(rounded, _quantize_rows(self.config, [weights[n] for n, _ in rounded],
+                                                       [f for _, f in rounded], None if few else hessian,
+                                                       f"{ctx.prefix}{group.name}", scorer))) if rounded else {}
+            records.update({(n, f): kept_record(weights[n]) for n, f in chunk if f.kept})
+            return [(records[n, f], loss_estimate(restored(records[n, f], torch.float32) - weights[n], hessian))
+                    for n, f in chunk]
+
+        scored = dict(zip(pairs, _in_threads(candidates, pairs, hessian.device)))
+        records = {pair: record for pair, (record, _) in scored.items()}
         scores = ctx.meta.setdefault("sensitivity", {})
-        for (n, f), record in records.items():
-            scores.setdefault(n, {})[f.name] = loss_estimate(restored(record, torch.float32) - weights[n], hessian)
+        for (n, f), (_, score) in scored.items():
+            scores.setdefault(n, {})[f.name] = score
         # The kept weights are the block's own parameters (saved with it): no need to store them twice.
         return {f"{n}{CANDIDATE_SEPARATOR}{f.name}": r for (n, f), r in records.items() if not f.kept}
 
