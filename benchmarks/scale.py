@@ -167,6 +167,9 @@ def run_ours(model: Path, out: Path, run: str, samples: int, seq_len: int, devic
     typical = blocks[:-1] or blocks  # the last block has no successor to propagate to
     per_block = {k: round(sum(b.get(k, 0.0) for b in typical) / len(typical), 3)
                  for k in ("load", "stats", "solve", "propagate", "save")}
+    checkpoint = build.get("checkpoint_s") or []  # the checkpoint thread's parts, beside the blocks
+    thread_per_block = {k: round(sum(b.get(k, 0.0) for b in checkpoint) / len(checkpoint), 3)
+                        for k in dict.fromkeys(k for b in checkpoint for k in b)} if checkpoint else None
     window = build.get("blocks_window") or [None, None]
     phases = result.get("phases_s") or {**build["phases_s"], **({"write": result["write_s"]} if "write_s" in result else {})}
     if "startup" in phases:  # what the process spent outside the phases it timed (its exit, mostly)
@@ -174,6 +177,7 @@ def run_ours(model: Path, out: Path, run: str, samples: int, seq_len: int, devic
     row = {"run": run, "samples": samples, "seq_len": seq_len, "calib": calib, "wall_s": round(wall, 1),
            "phases_s": {k: round(v, 2) for k, v in phases.items()},
            "blocks": len(blocks), "per_block_s": per_block, "block_s": round(sum(per_block.values()), 3),
+           **({"checkpoint_thread_per_block_s": thread_per_block} if thread_per_block else {}),
            "block_loop_s": round(window[1] - window[0], 1) if window[0] else None,
            "gpu_busy_blocks": gpu.mean(*window), "gpu_busy_all": gpu.mean(),
            "peak_rss_gb": round(result["peak_rss_mb"] / 1024, 2),
@@ -440,6 +444,9 @@ def render(data: dict) -> str:
         phases = r.get("phases_s", {})
         split = (f"load {per['load']:.2f} · stats {per['stats']:.2f} · solve {per['solve']:.2f} · "
                  f"propagate {per['propagate']:.2f} · save {per['save']:.2f}") if per else ""
+        thread = r.get("checkpoint_thread_per_block_s")
+        if thread:  # beside the block, not part of its sum
+            split += " (checkpoint thread: " + " · ".join(f"{k} {v:.2f}" for k, v in thread.items()) + ")"
         rows.append([
             r["shape"], r["run"], f"{r['samples']}×{r['seq_len']}" if r.get("samples") else "",
             f"{r.get('layers', '')}", fmt(r.get("wall_s"), "{:.1f}"),

@@ -251,7 +251,8 @@ def compress(model: str, methods: str | list[str] | list[Method], out: str | Pat
         overwrite=overwrite, build={"wall_s": time.perf_counter() - started, "engine_s": engine_s, "device": device,
                                     "processes": world.size, "peak_rss_mb": peak_rss_mb(),
                                     "phases_s": {**phases, "embed": pipeline.embed_s},
-                                    "blocks_s": pipeline.block_times, "batch_size": pipeline.batch_size,
+                                    "blocks_s": pipeline.block_times, "checkpoint_s": pipeline.checkpoint_times,
+                                    "batch_size": pipeline.batch_size,
                                     "activations": pipeline.activations, "blocks_window": pipeline.window,
                                     **device_peak(device), **({"spec": spec} if spec else {})},
         timings=writer_phases)

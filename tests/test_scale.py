@@ -210,7 +210,7 @@ def test_hashes_written_with_the_bytes_match_a_second_read(tmp_path, monkeypatch
 
 def test_quantize_records_its_phases(tmp_path):
     """build.json and the result split the wall time: startup (imports), load, calibration,
-    engine, encode, write (shards, manifest) and verify."""
+    engine, encode, write (shards, manifest) and verify; and the checkpoint thread's parts."""
     from compressor import api
     from conftest import make_llama, make_text
 
@@ -220,6 +220,8 @@ def test_quantize_records_its_phases(tmp_path):
     result = api.quantize(str(model), "gptq", tmp_path / "out", {"bits": 4, "group_size": 32}, calib=str(text),
                           samples=4, seq_len=32)
     build = json.loads((tmp_path / "out" / "build.json").read_text())
+    # The checkpoint thread's share, per block: the block file and the early export (a lazy run).
+    assert len(build["checkpoint_s"]) == 2 and all({"block_file", "export"} <= set(b) for b in build["checkpoint_s"])
     for phases in (result["phases_s"], build["phases_s"]):
         assert {"startup", "setup", "load", "calibration", "prepare", "engine", "embed", "encode", "write",
                 "verify"} <= set(phases)

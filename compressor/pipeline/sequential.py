@@ -30,7 +30,7 @@ from compressor.pipeline.distributed import World
 from compressor.pipeline.passes import (BlockRunner, capture_block_kwargs, capture_inputs, check_stored_weights,
                                        check_weights)
 from compressor.pipeline.progress import Progress
-from compressor.pipeline.resources import PhaseClock, activation_bytes, plan_activations
+from compressor.pipeline.resources import HostCopier, PhaseClock, activation_bytes, plan_activations
 from compressor.util import release_memory
 
 ORDER = {"structure": 0, "transform": 1, "weights": 2}
@@ -109,6 +109,8 @@ class SequentialPipeline:
         self.lazy = lazy  # models.lazy.LazyWeights: blocks read from the checkpoint one at a time
         self.clock = PhaseClock(self.device)
         self.block_times: list[dict[str, float]] = []  # per block: seconds per phase
+        self.host_copies = HostCopier(self.device)
+        self.checkpoint_times: list[dict[str, float]] = []  # per block: seconds per part, in the checkpoint thread
         self.activations = "cpu"
         self.embed_s = 0.0
         self.window: list[float | None] = [None, None]
@@ -262,7 +264,7 @@ class SequentialPipeline:
             else:
                 block.to("cpu")
                 params = block.state_dict()
-            carries = [m.carry() for m in self.methods]
+            (params, records, carries), on_host = self.host_copies((params, records, [m.carry() for m in self.methods]))
             meta = ctx.meta
             save_inputs = next_hidden is not None and self.inputs_schedule.due(
                 sum(t.numel() * t.element_size() for t in (next_hidden, fp_next) if t is not None))
@@ -271,18 +273,28 @@ class SequentialPipeline:
                 self.inputs_saved_at = index + 1
 
             def save() -> None:
+                parts, began = {}, time.perf_counter()
+                if on_host is not None:
+                    on_host.synchronize()
+                    parts["to_host"] = time.perf_counter() - began
                 if save_inputs:
                     began = time.perf_counter()
                     self.run.save_inputs(index + 1, next_hidden, fp_next)
-                    self.inputs_schedule.saved(time.perf_counter() - began)
+                    parts["inputs"] = time.perf_counter() - began
+                    self.inputs_schedule.saved(parts["inputs"])
                 self.world.barrier()  # every process's inputs are saved before the block counts as done
                 if self.world.is_main:
+                    began = time.perf_counter()
                     self.run.save_block(index, params, records, meta, carries)
+                    parts["block_file"] = time.perf_counter() - began
                     if self.on_block_saved is not None:
+                        began = time.perf_counter()
                         self.on_block_saved(index, params, records)
+                        parts["export"] = time.perf_counter() - began
                 self.world.barrier()
                 if older_inputs is not None and (save_inputs or last):  # a kept directory (sensitivities) ends clean
                     self.run.drop_inputs(older_inputs)
+                self.checkpoint_times.append(parts)
 
             writer.submit(save)
         self.block_meta.append(meta)
