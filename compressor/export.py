@@ -100,8 +100,8 @@ def _encode_block(loaded: LoadedModel, writer, position: int, params: dict, reco
 
 
 class EarlyExport:
-    """Blocks encoded and spilled while the engine runs (the engine's checkpoint thread calls
-    `block` once a block's checkpoint is saved), so the export after the last block only
+    """Blocks encoded and spilled while the engine runs (the engine calls `block` beside the
+    writing of each block's checkpoint), so the export after the last block only
     collects them. Only blocks encoded by this process are used: a resumed run re-encodes the
     earlier ones from their checked checkpoints, and the quantizer's export settings must be the
     same at the end as when the blocks were encoded."""

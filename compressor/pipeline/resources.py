@@ -127,6 +127,16 @@ class HostCopier:
             ready.record(self.stream)
         return copied, ready
 
+    @contextmanager
+    def side(self) -> Iterator[None]:
+        """Copies made in this block (by this thread) go on the side stream, after what was queued
+        when the last copies were taken: a large pageable copy then no longer stalls the compute."""
+        if self.stream is None:
+            yield
+            return
+        with torch.cuda.stream(self.stream):
+            yield
+
     def _map(self, value: Any) -> Any:
         if isinstance(value, dict):
             return {k: self._map(v) for k, v in value.items()}

@@ -61,7 +61,18 @@ class CheckpointWriter:
 
     def __init__(self, background: bool):
         self.pool = ThreadPoolExecutor(1, thread_name_prefix="checkpoint") if background else None
+        # A second thread for work of the same block that needs no order with its checkpoint (the
+        # early export), so the two writes overlap.
+        self.beside_pool = ThreadPoolExecutor(1, thread_name_prefix="export") if background else None
         self.pending: Future | None = None
+
+    def beside(self, job: Callable[[], float]) -> Callable[[], float]:
+        """Start `job` beside the checkpoint (in the foreground without a background thread);
+        returns what waits for it and gives its result."""
+        if self.beside_pool is None:
+            value = job()
+            return lambda: value
+        return self.beside_pool.submit(job).result
 
     def submit(self, job: Callable[[], None]) -> None:
         self.wait()
@@ -79,8 +90,9 @@ class CheckpointWriter:
         try:
             self.wait()
         finally:
-            if self.pool is not None:
-                self.pool.shutdown(wait=True)
+            for pool in (self.pool, self.beside_pool):
+                if pool is not None:
+                    pool.shutdown(wait=True)
 
 
 class SequentialPipeline:
@@ -90,8 +102,9 @@ class SequentialPipeline:
                  world: World = World(), lazy=None,
                  on_block_saved: Callable[[int, dict[str, torch.Tensor], dict[str, Record]], None] | None = None):
         check_order(methods)
-        # Called in the checkpoint thread with a block's parameters and records once its checkpoint
-        # is saved (the export encodes the block there while the next one computes).
+        # Called beside the checkpoint thread with a block's parameters and records, while its
+        # checkpoint is written (the export encodes the block there while the next one computes);
+        # the block counts as done once both are.
         self.on_block_saved = on_block_saved
         self.model = model
         self.adapter = adapter
@@ -272,14 +285,21 @@ class SequentialPipeline:
             if save_inputs:
                 self.inputs_saved_at = index + 1
 
+            def export() -> float:
+                began = time.perf_counter()
+                self.on_block_saved(index, params, records)
+                return time.perf_counter() - began
+
             def save() -> None:
                 parts, began = {}, time.perf_counter()
                 if on_host is not None:
                     on_host.synchronize()
                     parts["to_host"] = time.perf_counter() - began
+                exported = writer.beside(export) if self.world.is_main and self.on_block_saved is not None else None
                 if save_inputs:
                     began = time.perf_counter()
-                    self.run.save_inputs(index + 1, next_hidden, fp_next)
+                    with self.host_copies.side():
+                        self.run.save_inputs(index + 1, next_hidden, fp_next)
                     parts["inputs"] = time.perf_counter() - began
                     self.inputs_schedule.saved(parts["inputs"])
                 self.world.barrier()  # every process's inputs are saved before the block counts as done
@@ -287,10 +307,8 @@ class SequentialPipeline:
                     began = time.perf_counter()
                     self.run.save_block(index, params, records, meta, carries)
                     parts["block_file"] = time.perf_counter() - began
-                    if self.on_block_saved is not None:
-                        began = time.perf_counter()
-                        self.on_block_saved(index, params, records)
-                        parts["export"] = time.perf_counter() - began
+                if exported is not None:
+                    parts["export"] = exported()
                 self.world.barrier()
                 if older_inputs is not None and (save_inputs or last):  # a kept directory (sensitivities) ends clean
                     self.run.drop_inputs(older_inputs)
