@@ -352,6 +352,22 @@ def scaled_to_32(row: dict, shape: str = "8b") -> float:
     return fixed + row["block_s"] * 32 + writing * grow
 
 
+def merge_rows(data: dict, args) -> dict:
+    """The committed results with the rows of `args.merge` in place of the same runs; the summary is
+    recomputed and a note says which rows come from which call."""
+    if not args.merge:
+        return data
+    fresh = json.loads(Path(args.merge).read_text())
+    key = lambda r: (r.get("shape"), r.get("run"), r.get("samples"), r.get("seq_len"))  # noqa: E731
+    replacing = {key(r): r for r in fresh["rows"]}
+    rows = [replacing.pop(key(r), r) for r in data["rows"]] + list(replacing.values())
+    runs = ", ".join(f"{r['shape']} {r['run']}" + (f" {r['samples']}×{r['seq_len']}" if r.get("samples") else "")
+                     for r in fresh["rows"])
+    note = (f"Rows re-measured on {fresh['date'][:10]} ({fresh['device']}) and merged here by `scale.py "
+            f"--report-only --merge`: {runs}. The other rows are from the call of {data['date'][:10]}.")
+    return {**data, "rows": rows, "summary": summarize(rows), "notes": [*data.get("notes", []), note]}
+
+
 def summarize(rows: list[dict]) -> dict:
     ok = [r for r in rows if "error" not in r]
     sizes = sorted({r["samples"] for r in ok if r.get("samples") and r["shape"] == "8b"})
@@ -519,7 +535,10 @@ def main() -> None:
                         help="skip a stage (recorded as skipped) when its estimated time would pass this many seconds "
                              "since the start (one device call's limit)")
     parser.add_argument("--results", default=None, help="where to write the results JSON")
-    args = report_cli(parser, NAME, render)
+    parser.add_argument("--merge", default=None,
+                        help="with --report-only: the rows of another scale.json (a call that ran some stages) "
+                             "replace the committed rows of the same shape, run and calibration")
+    args = report_cli(parser, NAME, render, refresh=merge_rows)
     if args is None:
         return
     from compressor.models import assets
