@@ -116,6 +116,23 @@ def test_block_by_block_write_equals_the_whole_write(tmp_path):
             assert (whole / name).read_bytes() == (blocks / name).read_bytes(), name
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_host_copies_are_pinned_and_equal_once_ready():
+    from compressor.pipeline.resources import HostCopier
+
+    device = torch.device("cuda", 0)
+    source = torch.randn(512, 256, device=device)
+    tree = ({"a": source, "b": source.T.to(torch.int8)}, [{"c": source[:, 3]}, None], "name")
+    copied, ready = HostCopier(device)(tree)
+    ready.synchronize()
+    (params, (carry, nothing), name) = copied
+    assert nothing is None and name == "name"
+    for host, expected in ((params["a"], source), (params["b"], source.T.to(torch.int8)), (carry["c"], source[:, 3])):
+        assert host.device.type == "cpu" and host.is_pinned() and torch.equal(host, expected.cpu())
+    on_cpu, no_event = HostCopier(torch.device("cpu"))(tree)
+    assert on_cpu is tree and no_event is None
+
+
 def test_activations_stay_on_the_gpu_when_they_fit_and_are_offloaded_otherwise():
     gpu = torch.device("cuda", 0)
     need = activation_bytes(512 * 2048, 4096, 14336, 2, float_path=False)

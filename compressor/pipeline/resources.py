@@ -140,8 +140,8 @@ class HostCopier:
     def _map(self, value: Any) -> Any:
         if isinstance(value, dict):
             return {k: self._map(v) for k, v in value.items()}
-        if isinstance(value, list):
-            return [self._map(v) for v in value]
+        if isinstance(value, (list, tuple)):
+            return type(value)(self._map(v) for v in value)
         if not isinstance(value, torch.Tensor) or not value.is_cuda:
             return value
         host = torch.empty(value.shape, dtype=value.dtype, pin_memory=True)
