@@ -190,13 +190,16 @@ def score_correlation(model: str, sensitivity: Path, assignments: int, windows: 
 
 
 def merge(args, rows: list[dict]) -> None:
-    """Write `rows` into mixed.json: they replace the rows of the same model and method, the others stay
-    (the uniform rows, the mixed rows, the score check and the CPU timing can be measured in runs of their own).
+    """Write `rows` into mixed.json: they replace the rows of the same model, method and base method, the
+    others stay (the uniform rows, the mixed rows of each base, the score check and the CPU timing can be
+    measured in runs of their own).
     Every row names the device that measured it, so rows of a GPU run and of a CPU run can stand together."""
     data = read_results(NAME) if (RESULTS / f"{NAME}.json").is_file() else {"rows": []}
-    produced = {(r["model"], r["method"]) for r in rows}
-    kept = [{**r, "device": r.get("device", data.get("device"))} for r in data["rows"]
-            if (r["model"], r["method"]) not in produced]
+    def key(r: dict) -> tuple:
+        return r["model"], r["method"], r.get("config", {}).get("base_method")
+
+    produced = {key(r) for r in rows}
+    kept = [{**r, "device": r.get("device", data.get("device"))} for r in data["rows"] if key(r) not in produced]
     fresh = [{**r, "device": r.get("device", "cpu" if r["method"] == "mixed-scores" else args.device)} for r in rows]
     devices = sorted({r["device"] for r in kept + fresh if r.get("device")})
     write_results(NAME, kept + fresh, {"eval_windows": args.windows, "window": 512, **CALIB},
