@@ -255,7 +255,8 @@ def _search(timing: dict) -> dict:
     mixed, timings = timing["mixed"], timing.get("timings") or {}
     return {"predicted_kl": mixed["predicted_kl"], "verify_kl": mixed["measured"]["kl"],
             "verify_ppl_increase": mixed["measured"]["ppl_increase"], "formats": mixed["formats"],
-            "timings": {k: round(v, 1) for k, v in timings.items()}, "ran_pass": timing.get("ran_pass", False)}
+            "timings": {k: round(v, 1) for k, v in timings.items()}, "ran_pass": timing.get("ran_pass", False),
+            "rounds": mixed.get("rounds", [])}
 
 
 def run(args) -> None:
@@ -388,6 +389,18 @@ def render(data: dict) -> str:
                 _label(r), ", ".join(f"{f} {n}" for f, n in r["search"]["formats"].items()),
                 f"{r['search']['predicted_kl']:.4f}", f"{r['search']['verify_kl']:.4f}",
                 f"{r['search']['verify_ppl_increase']:+.1f}%"] for r in mixed])
+        searched = [(r, x) for r in mixed for x in r["search"].get("rounds", [])]
+        if searched:
+            lines += ["", "Plans the search measured on held-out calibration text (round 0: the uniform format that "
+                          "spends the most bits within the budget; later rounds re-solve with the bit widths below "
+                          "it rescaled by the measurement; the plan of least measured KL is built):", ""]
+            lines += table(["row", "round", "plan", "bits/weight", "predicted KL", "verify KL", "verify ppl",
+                            "score scale"], [[
+                                _label(r), str(x["round"]), x.get("uniform") or "mixed", f"{x['bits_per_weight']:.3f}",
+                                f"{x['predicted_kl']:.4f}", f"{x['measured_kl']:.4f}",
+                                f"{x['measured_ppl_increase']:+.1f}%",
+                                ", ".join(f"int{b} ×{v:.3g}" for b, v in x.get("scale_by_bits", {}).items())]
+                                for r, x in searched])
         checked = targets(rows)
         if checked:
             lines += ["", "Targets:", "", *checked]
