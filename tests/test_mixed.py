@@ -254,6 +254,21 @@ def test_a_bits_budget_is_measured_beside_uniform_and_the_prediction_recalibrate
     assert sum(f.startswith("int2") for f in plan.values()) == two_bit(kept)
 
 
+def test_a_plan_measuring_better_than_predicted_ends_the_bits_search(sensitivity, tiny_llama, calib, tmp_path,
+                                                                    monkeypatch):
+    honest = driver.Verifier.__call__
+
+    def mixed_plans_measure_better(self, plan):
+        measured = dict(honest(self, plan))
+        measured["kl"] *= 1.0 if len(set(plan.values())) == 1 else 0.5
+        return measured
+
+    monkeypatch.setattr(driver.Verifier, "__call__", mixed_plans_measure_better)
+    mixed = _mixed(tiny_llama, tmp_path / "q", calib, sensitivity[0], target_bits=3.3, max_rounds=4)["mixed"]
+    assert [r["round"] for r in mixed["rounds"]] == [0, 1]
+    assert mixed["measured"]["kl"] == mixed["rounds"][1]["measured_kl"]
+
+
 def test_a_budget_every_linear_can_keep_builds_uniform_16_bit(sensitivity, tiny_llama, calib, tmp_path):
     result = _mixed(tiny_llama, tmp_path / "q", calib, sensitivity[0], target_bits=16)["mixed"]
     assert result["uniform"] == "fp16"

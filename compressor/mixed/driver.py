@@ -34,7 +34,7 @@ PROBE_TOKENS_PER_BATCH = 1024  # bounds the [batch, length, vocab] log-probabili
 TIGHTEN = 0.95  # a missed measured budget is retried at this fraction of what the measurement allows
 MAX_STEP = 20  # one round tightens the predicted KL at most this many times
 TOP_LAYERS = 10
-CALIBRATED = 0.05  # a plan measured within this fraction of its calibrated prediction ends the re-solving
+CALIBRATED = 0.05  # a plan measured at most this fraction above its calibrated prediction ends the re-solving
 
 
 @dataclass
@@ -186,9 +186,11 @@ def _verified_for_bits(table: SensitivityTable, predictor: Predictor, target: fl
     """The plan for a bits budget, measured beside the best uniform format within the budget.
 
     The uniform plan's measured / predicted KL calibrates the prediction. When a mixed plan measures
-    worse (or better) than that calibration expects, the bit widths below the uniform's take the
-    difference (their scores are scaled to match) and the plan is re-solved, up to `max_rounds`
-    plans. The best measured plan is kept, so a bits budget never ends worse than uniform precision.
+    worse than that calibration expects, the bit widths below the uniform's take the difference
+    (their scores are scaled up to match) and the plan is re-solved, up to `max_rounds` plans. A plan
+    measuring as expected or better ends the search: the prediction holds (scaling scores down on
+    that evidence chased cheaper plans that measured worse). The best measured plan is kept, so a
+    bits budget never ends worse than uniform precision.
     """
     tried: list[tuple[search.Choice, dict]] = []
     rounds: list[dict] = []
@@ -226,9 +228,9 @@ def _verified_for_bits(table: SensitivityTable, predictor: Predictor, target: fl
             break
         coupling = choice.predicted_kl / sum(families.values())
         factor = (measured["kl"] / calibration / coupling - (sum(families.values()) - blamed_loss)) / blamed_loss
-        factor = min(max(factor, 1 / MAX_STEP), MAX_STEP)
-        if abs(factor - 1) < CALIBRATED:
+        if factor < 1 + CALIBRATED:
             break
+        factor = min(factor, MAX_STEP)
         for b in blamed:
             factors[b] = factors.get(b, 1.0) * factor
     best, measured = min(tried, key=lambda pair: pair[1]["kl"])
