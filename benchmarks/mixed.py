@@ -322,6 +322,14 @@ def targets(rows: list[dict]) -> list[str]:
                        f"bits): perplexity increase {r['ppl'] - fp32['ppl']:.3f} = {100 * share:.0f}% of uniform W3 "
                        f"GPTQ's {gptq3['ppl'] - fp32['ppl']:.3f}: target at most 70%: "
                        f"**{'met' if share <= 0.70 else 'missed'}**")
+    uniform = [r for r in rows if r["method"] in ("rtn", "gptq", "awq+gptq")]
+    if mixed and uniform:
+        # Pareto: a mixed point is dominated when a uniform row has no more bits and no higher perplexity.
+        dominated = [(m, u) for m in mixed for u in uniform
+                     if u["bits_per_weight"] <= m["bits_per_weight"] + 1e-3 and u["ppl"] <= m["ppl"]]
+        out.append("- mixed points dominated by a uniform row (no more bits, no higher perplexity): "
+                   + (", ".join(f"{_label(m)} by {_label(u)}" for m, u in dominated) or "none")
+                   + f": the mixed points dominate: **{'missed' if dominated else 'met'}**")
     scores = _row(rows, "mixed-scores")
     if scores:
         better = scores["spearman_augmented"] > scores["spearman_plain"]

@@ -117,7 +117,7 @@ class HostCopier:
         self.stream = torch.cuda.Stream(device) if device.type == "cuda" else None
         self.device = device
 
-    def __call__(self, tree: Any) -> tuple[Any, "torch.cuda.Event | None"]:
+    def __call__(self, tree: Any) -> tuple[Any, torch.cuda.Event | None]:
         if self.stream is None:
             return tree, None
         self.stream.wait_stream(torch.cuda.current_stream(self.device))

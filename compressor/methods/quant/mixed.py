@@ -112,6 +112,7 @@ def _in_threads(work: Callable[[list], list], items: list, device: torch.device)
     threads = min(torch.get_num_threads(), len(items))
     if device.type != "cpu" or threads < 2:
         return work(items)
+
     def single(chunk: list) -> list:
         with one_thread():
             return work(chunk)
