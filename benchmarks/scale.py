@@ -357,7 +357,14 @@ def merge_rows(data: dict, args) -> dict:
     recomputed and a note says which rows come from which call."""
     if not args.merge:
         return data
-    fresh = json.loads(Path(args.merge).read_text())
+    try:
+        fresh = json.loads(Path(args.merge).read_text())
+        if not all(isinstance(r, dict) and "run" in r for r in fresh["rows"]) or "date" not in fresh:
+            raise ValueError
+    except (OSError, ValueError, KeyError, TypeError):
+        print(f"error: --merge {args.merge} is not a scale.json a call of this script wrote; pass the $OUT/scale.json "
+              "the device call returned", file=sys.stderr)
+        raise SystemExit(2) from None
     key = lambda r: (r.get("shape"), r.get("run"), r.get("samples"), r.get("seq_len"))  # noqa: E731
     replacing = {key(r): r for r in fresh["rows"]}
     rows = [replacing.pop(key(r), r) for r in data["rows"]] + list(replacing.values())

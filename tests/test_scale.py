@@ -282,3 +282,16 @@ def test_stored_weights_are_checked_in_chunks(tmp_path):
     lazy = LazyWeights([tmp_path / "w.safetensors"], torch.bfloat16)
     assert lazy.finite("a", chunk=1000) and lazy.finite("c", chunk=8)
     assert not lazy.finite("b", chunk=1000) and not lazy.finite("b")
+
+
+def test_merge_refuses_a_file_no_scale_call_wrote(tmp_path):
+    repo = Path(__file__).resolve().parents[1]
+    results = repo / "benchmarks" / "results" / "scale.json"
+    before = results.read_bytes()
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"rows": [1]}')
+    for path in (bad, tmp_path / "missing.json"):
+        done = subprocess.run([sys.executable, "benchmarks/scale.py", "--report-only", "--merge", str(path)],
+                              cwd=repo, capture_output=True, text=True)
+        assert done.returncode == 2 and "is not a scale.json" in done.stderr and len(done.stderr.splitlines()) == 1
+    assert results.read_bytes() == before
